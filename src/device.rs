@@ -1,0 +1,76 @@
+//! `--device auto|cpu|cuda[:N]|metal[:N]`: picks the compute device. `auto` takes CUDA, then
+//! Metal, when tern was built with that feature and a device answers; otherwise the CPU.
+
+use crate::error::{Error, Result};
+use candle_core::Device;
+
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((k, n)) => {
+            let n: usize = n.parse().map_err(|_| {
+                Error::Msg(format!("device '{spec}': ordinal '{n}' is not a number"))
+            })?;
+            (k.to_string(), n)
+        }
+        None => (spec.clone(), 0),
+    };
+    match kind.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(Error::Msg(
+                    "device 'cuda': this tern was built without the `cuda` feature \
+                     (rebuild with `cargo build --release --features cuda`)"
+                        .into(),
+                ));
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        "metal" => {
+            if !candle_core::utils::metal_is_available() {
+                return Err(Error::Msg(
+                    "device 'metal': this tern was built without the `metal` feature".into(),
+                ));
+            }
+            Ok(Device::new_metal(ordinal)?)
+        }
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            if candle_core::utils::metal_is_available() {
+                if let Ok(d) = Device::new_metal(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+        other => Err(Error::Msg(format!(
+            "device '{other}': expected one of auto, cpu, cuda[:N], metal[:N]"
+        ))),
+    }
+}
+
+pub fn device_name(d: &Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn parses_cpu_and_rejects_garbage() {
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(parse_device("auto").is_ok());
+        let e = parse_device("tpu").unwrap_err().to_string();
+        assert!(e.contains("expected one of"), "{e}");
+        assert!(parse_device("cuda:x").is_err());
+    }
+}

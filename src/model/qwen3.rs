@@ -1,0 +1,385 @@
+//! Qwen3 decoder, written from the architecture (not candle-transformers' inference-only model):
+//!
+//! ```text
+//! ids -> embed -> N x [ x += attn(rms(x)); x += mlp(rms(x)) ] -> rms -> lm_head (tied or not)
+//! attn: q,k,v proj -> per-head RMSNorm on q and k -> RoPE -> causal GQA softmax -> o proj
+//! mlp:  down(silu(gate(x)) * up(x))
+//! ```
+//!
+//! Every projection, the embedding and the LM head are ternary layers; RMSNorm weights stay f32.
+//! All ops here are plain differentiable candle ops (see shared/REFERENCE.md for the fused candle
+//! ops that silently drop gradients: none of them is used here).
+//!
+//! GQA without copying K/V: the `g = heads / kv_heads` query heads that share a KV head are
+//! folded into the row dimension (`[B, kv, g*T, hd]`), so one batched GEMM per KV head does it.
+
+use super::config::Qwen3Config;
+use super::params::{self, Params};
+use crate::error::Result;
+use crate::ternary::{layers::linear, QuantConfig, TernaryEmbedding, TernaryLinear};
+use candle_core::{DType, Device, Tensor, D};
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let r = (ms + self.eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_mul(&r)?.broadcast_mul(&self.weight)?)
+    }
+
+    fn detached(&self) -> Self {
+        Self { weight: self.weight.detach(), eps: self.eps }
+    }
+}
+
+/// Rotary position embedding (the half-split "rotate_half" form Qwen uses).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64) -> Self {
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// cos and sin tables `[T, head_dim]` for the given absolute positions.
+    pub fn cos_sin(&self, positions: &[u32], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half * 2);
+        let mut sin = Vec::with_capacity(positions.len() * half * 2);
+        for &p in positions {
+            // Angle in f32 like the HF reference, then cos/sin in f64 and rounded once.
+            let ang: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(ang.iter().map(|a| (*a as f64).cos() as f32));
+                sin.extend(ang.iter().map(|a| (*a as f64).sin() as f32));
+            }
+        }
+        let shape = (positions.len(), half * 2);
+        Ok((
+            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` for `x: [B, H, T, hd]`, cos/sin broadcastable to it.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// Additive causal mask `[T, past + T]`: query i (at position past + i) sees keys 0..=past + i.
+pub fn causal_mask(t: usize, past: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let tk = past + t;
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..tk).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(data, (t, tk), device)?.to_dtype(dtype)?)
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: TernaryLinear,
+    k: TernaryLinear,
+    v: TernaryLinear,
+    o: TernaryLinear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Per-layer K/V of everything decoded so far: `[B, kv_heads, T_past, head_dim]`, detached.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers] }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops everything after the first `len` positions (rollback).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for slot in self.layers.iter_mut() {
+            if let Some((k, v)) = slot {
+                if len < k.dim(2)? {
+                    *slot = Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        quant: &QuantConfig,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = self.q_norm.forward(&self.q.forward(x, quant)?.reshape((b, t, nh, hd))?)?;
+        let k = self.k_norm.forward(&self.k.forward(x, quant)?.reshape((b, t, nkv, hd))?)?;
+        let q = apply_rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let mut k = apply_rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let mut v = heads(self.v.forward(x, quant)?, nkv)?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.detach(), v.detach()));
+        }
+        let o = attention(&q, &k, &v, mask, nkv)?;
+        let o = o.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.o.forward(&o, quant)
+    }
+
+    fn freeze(&self, quant: &QuantConfig) -> Result<Self> {
+        Ok(Self {
+            q: self.q.freeze(quant)?,
+            k: self.k.freeze(quant)?,
+            v: self.v.freeze(quant)?,
+            o: self.o.freeze(quant)?,
+            q_norm: self.q_norm.detached(),
+            k_norm: self.k_norm.detached(),
+            ..*self
+        })
+    }
+}
+
+/// Plain (reference) scaled-dot-product attention with GQA folding.
+/// q: `[B, H, T, hd]`, k/v: `[B, KV, Tk, hd]`, mask broadcastable to `[B, KV, H/KV, T, Tk]`.
+/// Returns `[B, H, T, hd]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, kv_heads: usize) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let tk = k.dim(2)?;
+    let g = nh / kv_heads;
+    let q = q.reshape((b, kv_heads, g * t, hd))?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = match mask {
+        Some(m) => scores.reshape((b, kv_heads, g, t, tk))?.broadcast_add(m)?.reshape((b, kv_heads, g * t, tk))?,
+        None => scores,
+    };
+    let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    Ok(p.matmul(v)?.reshape((b, nh, t, hd))?)
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: TernaryLinear,
+    up: TernaryLinear,
+    down: TernaryLinear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
+        let h = (self.gate.forward(x, quant)?.silu()? * self.up.forward(x, quant)?)?;
+        self.down.forward(&h, quant)
+    }
+    fn freeze(&self, quant: &QuantConfig) -> Result<Self> {
+        Ok(Self { gate: self.gate.freeze(quant)?, up: self.up.freeze(quant)?, down: self.down.freeze(quant)? })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Qwen3 {
+    pub cfg: Qwen3Config,
+    pub quant: QuantConfig,
+    embed: TernaryEmbedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Option<TernaryLinear>,
+    rope: Rope,
+}
+
+impl Qwen3 {
+    /// Builds the model over `params` (sharing their storage: optimizer updates are seen).
+    pub fn new(cfg: &Qwen3Config, quant: QuantConfig, params: &Params) -> Result<Self> {
+        quant.validate()?;
+        let eps = cfg.rms_norm_eps;
+        let norm = |n: String| -> Result<RmsNorm> { Ok(RmsNorm::new(params.tensor(&n)?, eps)) };
+        let lin = |n: String| -> Result<TernaryLinear> { Ok(TernaryLinear::new(params.tensor(&n)?)) };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let n = |s: &str| params::layer_name(i, s);
+            layers.push(Layer {
+                input_norm: norm(n("input_layernorm.weight"))?,
+                post_norm: norm(n("post_attention_layernorm.weight"))?,
+                attn: Attention {
+                    q: lin(n("self_attn.q_proj.weight"))?,
+                    k: lin(n("self_attn.k_proj.weight"))?,
+                    v: lin(n("self_attn.v_proj.weight"))?,
+                    o: lin(n("self_attn.o_proj.weight"))?,
+                    q_norm: norm(n("self_attn.q_norm.weight"))?,
+                    k_norm: norm(n("self_attn.k_norm.weight"))?,
+                    heads: cfg.num_attention_heads,
+                    kv_heads: cfg.kv_heads(),
+                    head_dim: cfg.head_dim(),
+                },
+                mlp: Mlp {
+                    gate: lin(n("mlp.gate_proj.weight"))?,
+                    up: lin(n("mlp.up_proj.weight"))?,
+                    down: lin(n("mlp.down_proj.weight"))?,
+                },
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(lin(params::LM_HEAD.into())?) };
+        Ok(Self {
+            cfg: cfg.clone(),
+            quant,
+            embed: TernaryEmbedding::new(params.tensor(params::EMBED)?),
+            layers,
+            norm: norm(params::FINAL_NORM.into())?,
+            lm_head,
+            rope: Rope::new(cfg.head_dim(), cfg.rope_theta),
+        })
+    }
+
+    /// An inference copy: weights detached and projected once (no per-token re-projection, no
+    /// autograd graph kept alive by the KV cache). Runs with the projection already applied.
+    pub fn freeze(&self) -> Result<Self> {
+        let q = &self.quant;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    input_norm: l.input_norm.detached(),
+                    post_norm: l.post_norm.detached(),
+                    attn: l.attn.freeze(q)?,
+                    mlp: l.mlp.freeze(q)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            quant: QuantConfig { ternary: false, ..self.quant },
+            embed: self.embed.freeze(q)?,
+            layers,
+            norm: self.norm.detached(),
+            lm_head: self.lm_head.as_ref().map(|h| h.freeze(q)).transpose()?,
+            rope: self.rope.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.weight.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.weight.dtype()
+    }
+
+    /// The LM head weight `[vocab, hidden]` as the forward uses it (projected when ternary).
+    pub fn head_weight(&self) -> Result<Tensor> {
+        match &self.lm_head {
+            Some(h) => crate::ternary::projection::effective_weight(&h.weight, &self.quant),
+            None => self.embed.effective_weight(&self.quant),
+        }
+    }
+
+    /// Training forward: final-norm hidden states for every position `[B, T, H]` and the LM head
+    /// weight to score them with (separate so the loss can be computed in chunks).
+    pub fn forward_hidden(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (_, t) = ids.dims2()?;
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let mask = if t > 1 { Some(causal_mask(t, 0, self.dtype(), self.device())?) } else { None };
+        let emb_w = self.embed.effective_weight(&self.quant)?;
+        let x = TernaryEmbedding::lookup(&emb_w, ids)?;
+        let h = self.run_layers(x, &positions, mask.as_ref(), None)?;
+        let head = match &self.lm_head {
+            Some(hd) => crate::ternary::projection::effective_weight(&hd.weight, &self.quant)?,
+            None => emb_w,
+        };
+        Ok((h, head))
+    }
+
+    /// Logits for every position `[B, T, vocab]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (h, head) = self.forward_hidden(ids)?;
+        linear(&h, &head)
+    }
+
+    /// Incremental decoding: runs `ids: [B, T]` after what `cache` holds, appends their K/V and
+    /// returns logits `[B, T, vocab]`. Use on a `freeze()`d model.
+    pub fn forward_cached(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let past = cache.len();
+        let positions: Vec<u32> = (past as u32..(past + t) as u32).collect();
+        let mask = if t > 1 { Some(causal_mask(t, past, self.dtype(), self.device())?) } else { None };
+        let emb_w = self.embed.effective_weight(&self.quant)?;
+        let x = TernaryEmbedding::lookup(&emb_w, ids)?;
+        let h = self.run_layers(x, &positions, mask.as_ref(), Some(cache))?;
+        linear(&h, &self.head_weight()?)
+    }
+
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        positions: &[u32],
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (cos, sin) = self.rope.cos_sin(positions, x.dtype(), x.device())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let a = layer.attn.forward(&layer.input_norm.forward(&x)?, &cos, &sin, mask, slot, &self.quant)?;
+            x = (x + a)?;
+            let m = layer.mlp.forward(&layer.post_norm.forward(&x)?, &self.quant)?;
+            x = (x + m)?;
+        }
+        self.norm.forward(&x)
+    }
+}
