@@ -85,8 +85,10 @@ impl Qwen3Config {
         if v.get("use_sliding_window").and_then(|x| x.as_bool()) == Some(true) {
             return Err(Error::model_config(origin, "use_sliding_window = true is not supported"));
         }
-        let cfg: Self = serde_json::from_value(v)
-            .map_err(|e| Error::model_config(origin, format!("invalid config.json: {e}")))?;
+        let cfg: Self = serde_path_to_error::deserialize(v).map_err(|e| {
+            let key = e.path().to_string();
+            Error::model_config(origin, format!("key '{key}': {}", e.into_inner()))
+        })?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
