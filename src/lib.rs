@@ -9,11 +9,21 @@
 //! - [`device`]: `--device auto|cpu|cuda|metal`.
 //! - [`mem`]: resident-memory readings for benchmarks.
 
+pub mod config;
+pub mod data;
+pub mod decode;
 pub mod device;
 pub mod error;
+pub mod eval;
+pub mod export;
 pub mod hub;
+pub mod kernels;
 pub mod mem;
 pub mod model;
+pub mod plot;
+pub mod runtime;
 pub mod ternary;
+pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,8 +1,16 @@
 //! The `tern` command line. Subcommands grow as the issues land; each one that exists works.
 
+// Candle allocates and frees large tensors every op; the system allocator returns them to the OS
+// (mmap/munmap) and page-faults them back in, which cost more CPU time than the math itself.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tern::model::{params::Params, Qwen3, Qwen3Config};
 use tern::ternary::{QuantConfig, ScaleRule};
@@ -16,6 +24,124 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Train (or fine-tune) a ternary Qwen3 model from a TOML config.
+    Train {
+        /// The TOML config (see configs/).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config value: --set section.key=value (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue from the newest checkpoint in DIR (default: the config's train.out_dir).
+        #[arg(long, num_args = 0..=1, default_missing_value = "")]
+        resume: Option<String>,
+        /// No progress bar (log lines only).
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Held-out perplexity of a model on a text file.
+    Eval {
+        /// tern checkpoint dir, HF-layout dir or hub id.
+        #[arg(long)]
+        model: String,
+        /// UTF-8 text file to score.
+        #[arg(long)]
+        data: PathBuf,
+        /// Context (window) length in tokens.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Sliding-window stride (< ctx): every token scored once with up to ctx-1 of context.
+        #[arg(long)]
+        stride: Option<usize>,
+        /// `plain` (every token of non-overlapping windows) or `llama` (llama-perplexity).
+        #[arg(long, default_value = "plain")]
+        scheme: String,
+        /// `all` the file, or the `val` part `tern train` held out (needs the checkpoint's
+        /// train_config.toml or --config).
+        #[arg(long, default_value = "all")]
+        split: String,
+        /// Training config whose [data] split to reproduce with --split val.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Windows per forward.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// `ternary` (default) or `full` precision.
+        #[arg(long, default_value = "ternary")]
+        precision: String,
+        /// tokenizer.json (default: the model's own).
+        #[arg(long)]
+        tokenizer: Option<String>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Generate text (greedy by default; llama-cli sampling flags).
+    Generate {
+        /// tern checkpoint dir, HF-layout dir or hub id.
+        #[arg(long)]
+        model: String,
+        /// A prompt (repeatable: several prompts run as one batch).
+        #[arg(long = "prompt", short = 'p')]
+        prompts: Vec<String>,
+        /// A file whose whole text is one prompt (repeatable).
+        #[arg(long = "prompt-file", short = 'f')]
+        prompt_files: Vec<PathBuf>,
+        /// Tokens to generate per prompt.
+        #[arg(short = 'n', long = "max-tokens", default_value_t = 128)]
+        max_tokens: usize,
+        /// Temperature; 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temp: f64,
+        /// Keep the k most likely tokens (0 = all).
+        #[arg(long = "top-k", default_value_t = 40)]
+        top_k: usize,
+        /// Nucleus sampling: smallest set with cumulative probability >= p (1 = off).
+        #[arg(long = "top-p", default_value_t = 0.95)]
+        top_p: f64,
+        /// Drop tokens with probability < min_p * p(most likely) (0 = off).
+        #[arg(long = "min-p", default_value_t = 0.05)]
+        min_p: f64,
+        /// Sampling seed (prompt i uses seed + i).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop when the generated text contains this string (repeatable); it is not printed.
+        #[arg(long)]
+        stop: Vec<String>,
+        #[arg(long, default_value = "ternary")]
+        precision: String,
+        #[arg(long)]
+        tokenizer: Option<String>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Export a checkpoint to GGUF (packed Q2_0 by default) for llama.cpp.
+    Export {
+        /// tern checkpoint dir, HF-layout dir or hub id.
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// q2_0 (ggml type 42), pq2_0 (PrismML type 142), f16 or f32.
+        #[arg(long, default_value = "q2_0")]
+        format: String,
+        #[arg(long, default_value = "ternary")]
+        precision: String,
+    },
+    /// Check that a model's weights are ternary: a checkpoint's projection, or a GGUF's blocks
+    /// (against the source checkpoint with --source). Exit 0 only when everything holds.
+    Verify {
+        /// Checkpoint dir / hub id, or a .gguf file.
+        #[arg(long)]
+        model: String,
+        /// For a GGUF: the checkpoint it was exported from.
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks (figures for NOTES.md).
     Bench {
         #[command(subcommand)]
@@ -130,21 +256,288 @@ fn bench_step(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn cmd_eval(
+    model: &str,
+    data: &std::path::Path,
+    ctx: usize,
+    stride: Option<usize>,
+    scheme: &str,
+    split: &str,
+    config: Option<PathBuf>,
+    batch: usize,
+    precision: &str,
+    tokenizer: Option<String>,
+    device: &str,
+    json: bool,
+) -> Result<i32> {
+    use tern::eval::{perplexity, plan, score, Scheme};
+    let scheme: Scheme = scheme.parse()?;
+    let device = tern::device::parse_device(device)?;
+    let loaded = tern::runtime::load_for_inference(model, precision.parse()?, &device)?;
+    let tok = match tokenizer {
+        Some(spec) => tern::tokenizer::Tokenizer::load(&spec, &tern::hub::HubOptions::from_env())?,
+        None => loaded
+            .tokenizer
+            .with_context(|| format!("model '{model}' has no tokenizer.json; pass --tokenizer"))?,
+    };
+    let tokens = match split {
+        "all" => tern::data::tokenize(&tok, &tern::data::read_text(data)?)?,
+        "val" => {
+            let cfg = match config {
+                Some(p) => tern::config::TrainConfig::load(&p, &[])?,
+                None => loaded.train_config.clone().with_context(|| {
+                    format!("--split val: model '{model}' has no train_config.toml; pass --config")
+                })?,
+            };
+            tern::data::load_split(data, &tok, cfg.data.val_fraction, cfg.data.seq_len)?.val
+        }
+        o => anyhow::bail!("--split: expected 'all' or 'val', found '{o}'"),
+    };
+    let windows = plan(tokens.len(), ctx, stride, scheme)?;
+    let t0 = Instant::now();
+    let nll = score(&loaded.model, &tokens, &windows, batch)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let p = perplexity(&nll);
+    let tps = p.tokens as f64 / secs.max(1e-9);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"ppl": p.ppl, "ppl_stderr": p.ppl_stderr, "nll": p.nll, "tokens": p.tokens, "tokens_per_sec": tps})
+        );
+    } else {
+        println!("PPL = {:.4} +/- {:.4}", p.ppl, p.ppl_stderr);
+        println!("{} tokens scored in {} windows, mean NLL {:.6}, {:.1} tokens/s", p.tokens, windows.len(), p.nll, tps);
+    }
+    Ok(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_generate(
+    model: &str,
+    mut prompts: Vec<String>,
+    prompt_files: Vec<PathBuf>,
+    max_tokens: usize,
+    sampler: tern::decode::sampler::SamplerConfig,
+    stop: Vec<String>,
+    precision: &str,
+    tokenizer: Option<String>,
+    device: &str,
+) -> Result<i32> {
+    use std::io::Write;
+    use tern::decode::generate::{generate_batch, GenerateConfig};
+    sampler.validate()?;
+    for f in prompt_files {
+        prompts.push(std::fs::read_to_string(&f).with_context(|| format!("--prompt-file {}", f.display()))?);
+    }
+    anyhow::ensure!(!prompts.is_empty(), "give at least one --prompt or --prompt-file");
+    let device = tern::device::parse_device(device)?;
+    let loaded = tern::runtime::load_for_inference(model, precision.parse()?, &device)?;
+    let tok = match tokenizer {
+        Some(spec) => tern::tokenizer::Tokenizer::load(&spec, &tern::hub::HubOptions::from_env())?,
+        None => loaded.tokenizer.with_context(|| format!("model '{model}' has no tokenizer.json; pass --tokenizer"))?,
+    };
+    let ids = prompts.iter().map(|p| tok.encode(p)).collect::<tern::Result<Vec<_>>>()?;
+    let mut eos = tok.eos_ids();
+    eos.extend(loaded.model.cfg.eos_ids());
+    let cfg = GenerateConfig { max_new: max_tokens, sampler, eos };
+    let stream = prompts.len() == 1;
+    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut printed = 0usize;
+    if stream {
+        print!("{}", prompts[0]);
+    }
+    let t0 = Instant::now();
+    let results = generate_batch(&loaded.model, &ids, &cfg, |row, t| {
+        generated[row].push(t);
+        let text = tok.decode(&generated[row]).unwrap_or_default();
+        let hit = stop.iter().filter_map(|s| text.find(s.as_str())).min();
+        if stream {
+            // Print what is final: up to a stop string, holding back a possible partial one.
+            let hold = stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+            let upto = hit.unwrap_or(text.len().saturating_sub(hold));
+            let upto = (0..=upto).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            if upto > printed {
+                print!("{}", &text[printed..upto]);
+                let _ = std::io::stdout().flush();
+                printed = upto;
+            }
+        }
+        hit.is_some()
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    let n_new: usize = results.iter().map(|r| r.0.len()).sum();
+    for (i, (toks, finish)) in results.iter().enumerate() {
+        let text = tok.decode(toks)?;
+        let cut = stop.iter().filter_map(|s| text.find(s.as_str())).min().unwrap_or(text.len());
+        if stream {
+            if cut > printed {
+                print!("{}", &text[printed..cut]);
+            }
+            println!();
+        } else {
+            println!("=== prompt {} ({finish:?}) ===\n{}{}", i + 1, prompts[i], &text[..cut]);
+        }
+    }
+    eprintln!("{n_new} tokens in {secs:.2} s ({:.1} tokens/s, prefill included)", n_new as f64 / secs.max(1e-9));
+    Ok(0)
+}
+
+fn load_latents(spec: &str) -> Result<tern::model::Checkpoint> {
+    let dir = tern::hub::resolve_model_dir(spec, &tern::hub::HubOptions::from_env())?;
+    Ok(tern::model::load_checkpoint(&dir, DType::F32, &candle_core::Device::Cpu)?)
+}
+
+fn cmd_export(model: &str, out: &std::path::Path, format: &str, precision: &str) -> Result<i32> {
+    let format: tern::export::Format = format.parse()?;
+    let precision: tern::runtime::Precision = precision.parse()?;
+    let ck = load_latents(model)?;
+    let quant = QuantConfig {
+        ternary: precision == tern::runtime::Precision::Ternary,
+        ..ck.quant.unwrap_or_default()
+    };
+    let name = ck.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "tern".into());
+    let r = tern::export::export_gguf(&ck.config, &quant, &ck.params, ck.tokenizer.as_deref(), format, &name, out)?;
+    println!("wrote {} ({} bytes, {:.2} MiB)", out.display(), r.bytes, r.bytes as f64 / (1u64 << 20) as f64);
+    println!(
+        "{} weights, {:.3} bits per weight, {:.3}x the size of the same model as F16 GGUF ({} bytes)",
+        r.weights, r.bits_per_weight, r.ratio_to_f16, r.f16_bytes
+    );
+    Ok(0)
+}
+
+fn cmd_verify(model: &str, source: Option<String>, json: bool) -> Result<i32> {
+    let mut rows: Vec<(String, usize, [f64; 3], f64, Vec<String>)> = Vec::new();
+    if model.to_ascii_lowercase().ends_with(".gguf") {
+        let file = tern::export::gguf::GgufFile::read(std::path::Path::new(model))?;
+        let src = source.as_deref().map(load_latents).transpose()?;
+        let q = src.as_ref().map(|c| c.quant.unwrap_or_default());
+        let checks = tern::export::verify_gguf(&file, src.as_ref().map(|c| &c.params).zip(q.as_ref()))?;
+        anyhow::ensure!(!checks.is_empty(), "{model}: no Q2_0/PQ2_0 tensors to verify");
+        for c in checks {
+            rows.push((c.name, c.groups, c.shares, 0.0, c.problems));
+        }
+    } else {
+        anyhow::ensure!(source.is_none(), "--source applies to a .gguf --model only");
+        let ck = load_latents(model)?;
+        let q = ck.quant.unwrap_or_default();
+        let (_, per) = tern::train::trainer::verify_model(&ck.params, &q)?;
+        for (name, r) in per {
+            let problems = if r.ok() { vec![] } else { vec![format!("{} groups are not {{-s, 0, +s}}", r.bad_groups)] };
+            rows.push((name, r.groups, r.shares(), r.max_deviation, problems));
+        }
+    }
+    let failed = rows.iter().filter(|r| !r.4.is_empty()).count();
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|r| serde_json::json!({"tensor": r.0, "groups": r.1, "share_minus1": r.2[0], "share_zero": r.2[1],
+                "share_plus1": r.2[2], "max_deviation": r.3, "problems": r.4}))
+            .collect();
+        println!("{}", serde_json::json!({"ok": failed == 0, "tensors": v}));
+    } else {
+        println!("{:<44} {:>9} {:>7} {:>7} {:>7} {:>10}  status", "tensor", "groups", "-1", "0", "+1", "max dev");
+        for r in &rows {
+            println!(
+                "{:<44} {:>9} {:>7.4} {:>7.4} {:>7.4} {:>10.2e}  {}",
+                r.0, r.1, r.2[0], r.2[1], r.2[2], r.3,
+                if r.4.is_empty() { "ok".to_string() } else { format!("FAIL: {}", r.4.join("; ")) }
+            );
+        }
+        println!("{} tensors checked, {failed} failed", rows.len());
+    }
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// Exit code of a run stopped by Ctrl-C (128 + SIGINT), after its checkpoint is saved.
+const EXIT_INTERRUPTED: i32 = 130;
+
+fn cmd_train(config: PathBuf, set: Vec<String>, resume: Option<String>, quiet: bool) -> Result<i32> {
+    let cfg = tern::config::TrainConfig::load(&config, &set)?;
+    let interrupt = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupt.clone();
+        ctrlc::set_handler(move || {
+            if flag.swap(true, Ordering::SeqCst) {
+                eprintln!("second Ctrl-C: exiting without a checkpoint");
+                std::process::exit(EXIT_INTERRUPTED);
+            }
+            eprintln!("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit now)");
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let resume = resume.map(|r| if r.is_empty() { cfg.train.out_dir.clone() } else { PathBuf::from(r) });
+    let opts = tern::train::TrainOptions {
+        resume,
+        interrupt,
+        progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ..Default::default()
+    };
+    let out = tern::train::train(&cfg, opts)?;
+    print_summary(&out.summary);
+    if out.interrupted {
+        eprintln!("interrupted at step {}; resume with --resume", out.last_step);
+        return Ok(EXIT_INTERRUPTED);
+    }
+    Ok(0)
+}
+
+fn print_summary(s: &serde_json::Value) {
+    let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).map(|v| format!("{v:.4}")).unwrap_or("-".into());
+    println!("steps {} | tokens seen {} | {} tokens/s | wall {} s", s["steps"], s["tokens_seen"], f("tokens_per_sec"), f("elapsed_s"));
+    println!("train loss {} -> {} (mean of last 10: {})", f("train_loss_first"), f("train_loss_last"), f("train_loss_last10_mean"));
+    println!("val loss {} -> {} | val PPL {} -> {}", f("val_loss_first"), f("val_loss"), f("val_ppl_first"), f("val_ppl"));
+    let t = &s["ternary_check"];
+    println!(
+        "ternary check: {} ({} groups, {} bad) | share -1 {:.3}, 0 {:.3}, +1 {:.3}",
+        if t["ok"].as_bool() == Some(true) { "ok" } else { "FAILED" },
+        t["groups"], t["bad_groups"],
+        t["share_minus1"].as_f64().unwrap_or(0.0), t["share_zero"].as_f64().unwrap_or(0.0), t["share_plus1"].as_f64().unwrap_or(0.0)
+    );
+    if let Some(samples) = s["samples"].as_array() {
+        for x in samples {
+            println!("sample: {}{}", x["prompt"].as_str().unwrap_or(""), x["text"].as_str().unwrap_or(""));
+        }
+    }
+    println!("checkpoint: {}", s["checkpoint"].as_str().unwrap_or("-"));
+}
+
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     let res = match cli.cmd {
+        Cmd::Train { config, set, resume, quiet } => cmd_train(config, set, resume, quiet),
+        Cmd::Generate {
+            model, prompts, prompt_files, max_tokens, temp, top_k, top_p, min_p, seed, stop, precision, tokenizer, device,
+        } => cmd_generate(
+            &model,
+            prompts,
+            prompt_files,
+            max_tokens,
+            tern::decode::sampler::SamplerConfig { temp, top_k, top_p, min_p, seed },
+            stop,
+            &precision,
+            tokenizer,
+            &device,
+        ),
+        Cmd::Export { model, out, format, precision } => cmd_export(&model, &out, &format, &precision),
+        Cmd::Verify { model, source, json } => cmd_verify(&model, source, json),
+        Cmd::Eval { model, data, ctx, stride, scheme, split, config, batch, precision, tokenizer, device, json } => {
+            cmd_eval(&model, &data, ctx, stride, &scheme, &split, config, batch, &precision, tokenizer, &device, json)
+        }
         Cmd::Bench { what } => match what {
             BenchCmd::Step { arch, batch, seq, steps, precision, group_size, scale, device, seed } => {
-                bench_step(&arch, batch, seq, steps, &precision, group_size, &scale, &device, seed)
+                bench_step(&arch, batch, seq, steps, &precision, group_size, &scale, &device, seed).map(|_| 0)
             }
         },
     };
-    if let Err(e) = res {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match res {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }

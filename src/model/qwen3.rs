@@ -365,14 +365,67 @@ impl Qwen3 {
         linear(&h, &self.head_weight()?)
     }
 
+    /// Incremental decoding of a batch of left-padded rows: row b starts with `pad[b]` padding
+    /// positions (in `ids` at prefill, and so in the cache). Each row gets its own positions
+    /// (0 at its first real token) and never attends to its padding, so its logits equal those of
+    /// the row run alone. Returns logits `[B, T, vocab]`.
+    pub fn forward_cached_padded(&self, ids: &Tensor, pad: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if pad.len() != b {
+            return Err(crate::Error::Msg(format!("forward_cached_padded: {} pad entries for {b} rows", pad.len())));
+        }
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let past = cache.len();
+        let tk = past + t;
+        let mut positions = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * t * tk);
+        for &p in pad {
+            for i in 0..t {
+                let q = past + i;
+                positions.push(q.saturating_sub(p) as u32);
+                // A padding query sees only itself (its output is never used; this avoids a row
+                // of all -inf). A real query sees its row's real tokens up to itself.
+                mask.extend((0..tk).map(|j| {
+                    let visible = if q < p { j == q } else { j >= p && j <= q };
+                    if visible { 0f32 } else { f32::NEG_INFINITY }
+                }));
+            }
+        }
+        let (dt, dev) = (self.dtype(), self.device().clone());
+        let hd = self.cfg.head_dim();
+        let (cos, sin) = self.rope.cos_sin(&positions, dt, &dev)?;
+        let (cos, sin) = (cos.reshape((b, 1, t, hd))?, sin.reshape((b, 1, t, hd))?);
+        let mask = Tensor::from_vec(mask, (b, 1, 1, t, tk), &dev)?.to_dtype(dt)?;
+        let emb_w = self.embed.effective_weight(&self.quant)?;
+        let x = TernaryEmbedding::lookup(&emb_w, ids)?;
+        let h = self.run_layers_with(x, &cos, &sin, Some(&mask), Some(cache))?;
+        linear(&h, &self.head_weight()?)
+    }
+
     fn run_layers(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         positions: &[u32],
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (cos, sin) = self.rope.cos_sin(positions, x.dtype(), x.device())?;
+        self.run_layers_with(x, &cos, &sin, mask, cache)
+    }
+
+    /// The decoder stack with explicit RoPE tables (`[T, hd]`, or `[B, 1, T, hd]` for per-row
+    /// positions) and an additive mask broadcastable to `[B, KV, H/KV, T, Tk]`.
+    pub fn run_layers_with(
+        &self,
+        mut x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
         mask: Option<&Tensor>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (cos, sin) = self.rope.cos_sin(positions, x.dtype(), x.device())?;
+        let (cos, sin) = (cos.clone(), sin.clone());
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let a = layer.attn.forward(&layer.input_norm.forward(&x)?, &cos, &sin, mask, slot, &self.quant)?;

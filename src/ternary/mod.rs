@@ -8,6 +8,7 @@
 //! same layout as GGUF Q2_0 blocks, so export is a re-encoding and never a re-quantization.
 
 pub mod layers;
+pub mod verify;
 pub mod projection;
 
 pub use layers::{TernaryEmbedding, TernaryLinear};

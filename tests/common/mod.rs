@@ -44,3 +44,92 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// A word-level tokenizer.json over `words` (id = position; "[UNK]" first), whitespace split.
+pub fn write_word_tokenizer(path: &Path, words: &[&str]) {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), 0.into());
+    for (i, w) in words.iter().enumerate() {
+        vocab.insert(w.to_string(), (i + 1).into());
+    }
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(path, serde_json::to_string(&json).unwrap()).unwrap();
+}
+
+pub const WORDS: [&str; 24] = [
+    "the", "a", "compiler", "translates", "program", "into", "machine", "code", "stack", "holds",
+    "values", "queue", "orders", "jobs", "kernel", "schedules", "processes", "network", "carries",
+    "packets", "cache", "stores", "data", ".",
+];
+
+/// A corpus with learnable structure: subject-verb-object sentences from fixed triples, so a
+/// small model's loss drops quickly. Deterministic.
+pub fn write_corpus(path: &Path, sentences: usize) {
+    let triples = [
+        ("compiler", "translates", "program"),
+        ("stack", "holds", "values"),
+        ("queue", "orders", "jobs"),
+        ("kernel", "schedules", "processes"),
+        ("network", "carries", "packets"),
+        ("cache", "stores", "data"),
+    ];
+    let mut text = String::new();
+    for i in 0..sentences {
+        let (s, v, o) = triples[(i * 7 + i / 3) % triples.len()];
+        let art = if i % 2 == 0 { "the" } else { "a" };
+        text.push_str(&format!("{art} {s} {v} the {o} into machine code .\n"));
+        if i % 10 == 9 {
+            text.push('\n');
+        }
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// A tiny training config over a fresh corpus and tokenizer in `dir`.
+pub fn tiny_train_config(dir: &Path) -> String {
+    write_word_tokenizer(&dir.join("tok.json"), &WORDS);
+    write_corpus(&dir.join("train.txt"), 400);
+    format!(
+        r#"
+[model]
+source = "scratch"
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+head_dim = 8
+vocab_size = 32
+max_position_embeddings = 64
+group_size = 16
+
+[data]
+train_file = "{d}/train.txt"
+tokenizer = "{d}/tok.json"
+seq_len = 16
+val_fraction = 0.1
+
+[train]
+steps = 30
+batch_size = 4
+lr = 1e-2
+warmup_steps = 3
+device = "cpu"
+out_dir = "{d}/run"
+
+[eval]
+every = 10
+batches = 2
+
+[checkpoint]
+every = 10
+keep = 2
+"#,
+        d = dir.display()
+    )
+}

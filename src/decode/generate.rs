@@ -1,0 +1,80 @@
+//! Batched generation: prompts of different lengths are left-padded into one batch, prefilled
+//! in one forward and decoded one token per step with the KV cache. Each row has its own
+//! positions and never sees its padding, so every output equals running its prompt alone.
+
+use super::sampler::{Sampler, SamplerConfig};
+use crate::error::{Error, Result};
+use crate::model::{KvCache, Qwen3};
+use candle_core::Tensor;
+
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    pub max_new: usize,
+    pub sampler: SamplerConfig,
+    pub eos: Vec<u32>,
+}
+
+/// Why a row stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Eos,
+    Length,
+    Stop,
+}
+
+/// Generates for every prompt; `on_token(row, token)` is called as tokens arrive and may return
+/// true to stop that row (stop strings). Returns the new tokens of each row and why it stopped.
+/// Row r samples with seed `sampler.seed + r`.
+pub fn generate_batch(
+    model: &Qwen3,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    mut on_token: impl FnMut(usize, u32) -> bool,
+) -> Result<Vec<(Vec<u32>, Finish)>> {
+    if prompts.is_empty() {
+        return Ok(vec![]);
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(Error::Msg(format!("prompt {} is empty after tokenization", i + 1)));
+    }
+    let vocab = model.cfg.vocab_size as u32;
+    if let Some(bad) = prompts.iter().flatten().find(|&&t| t >= vocab) {
+        return Err(Error::Msg(format!("token id {bad} is outside the model's vocabulary ({vocab})")));
+    }
+    let b = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let flat: Vec<u32> = prompts.iter().zip(&pad).flat_map(|(p, &n)| std::iter::repeat_n(0u32, n).chain(p.iter().copied())).collect();
+    let mut samplers: Vec<Sampler> = (0..b)
+        .map(|r| Sampler::new(SamplerConfig { seed: cfg.sampler.seed.wrapping_add(r as u64), ..cfg.sampler }))
+        .collect();
+    let mut out: Vec<(Vec<u32>, Option<Finish>)> = vec![(Vec::new(), None); b];
+    let mut cache = KvCache::new(model.cfg.num_hidden_layers);
+    let mut logits = model.forward_cached_padded(&Tensor::from_vec(flat, (b, longest), model.device())?, &pad, &mut cache)?;
+    for step in 0..cfg.max_new {
+        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?.to_dtype(candle_core::DType::F32)?;
+        let rows = last.to_vec2::<f32>()?;
+        let mut next = Vec::with_capacity(b);
+        for (r, row) in rows.iter().enumerate() {
+            if out[r].1.is_some() {
+                next.push(cfg.eos.first().copied().unwrap_or(0));
+                continue;
+            }
+            let tok = samplers[r].sample(row);
+            out[r].0.push(tok);
+            if cfg.eos.contains(&tok) {
+                out[r].1 = Some(Finish::Eos);
+            } else if on_token(r, tok) {
+                out[r].1 = Some(Finish::Stop);
+            } else if step + 1 == cfg.max_new {
+                out[r].1 = Some(Finish::Length);
+            }
+            next.push(tok);
+        }
+        if out.iter().all(|o| o.1.is_some()) {
+            break;
+        }
+        logits = model.forward_cached_padded(&Tensor::from_vec(next, (b, 1), model.device())?, &pad, &mut cache)?;
+    }
+    Ok(out.into_iter().map(|(t, f)| (t, f.unwrap_or(Finish::Length))).collect())
+}

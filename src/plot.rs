@@ -1,0 +1,88 @@
+//! `loss.png`: train and validation loss against step, redrawn at each evaluation.
+//!
+//! Text needs a TrueType font: tern uses `$TERN_FONT` or the first of a few common system fonts
+//! (DejaVu, Liberation, Noto). Without one the curves are drawn with no labels and a warning is
+//! logged once (no font is bundled).
+
+use crate::error::{Error, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+
+const FONT_PATHS: [&str; 5] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
+    "/Library/Fonts/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+/// Registers a system font for plotters once; false when none is available.
+fn font_available() -> bool {
+    static FONT: OnceLock<bool> = OnceLock::new();
+    *FONT.get_or_init(|| {
+        let candidates = std::env::var("TERN_FONT").into_iter().chain(FONT_PATHS.iter().map(|s| s.to_string()));
+        for path in candidates {
+            if let Ok(bytes) = std::fs::read(&path) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        tracing::warn!("no TrueType font found (set TERN_FONT=path.ttf): loss.png is drawn without labels");
+        false
+    })
+}
+
+/// Draws train (every step) and validation losses to `path` (PNG), atomically.
+pub fn plot_losses(path: &Path, train: &[(usize, f64)], val: &[(usize, f64)]) -> Result<()> {
+    let finite = |v: &[(usize, f64)]| v.iter().copied().filter(|p| p.1.is_finite()).collect::<Vec<_>>();
+    let (train, val) = (finite(train), finite(val));
+    if train.is_empty() && val.is_empty() {
+        return Ok(());
+    }
+    let all = train.iter().chain(val.iter());
+    let max_step = all.clone().map(|p| p.0).max().unwrap_or(1).max(1);
+    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| (l.min(p.1), h.max(p.1)));
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let tmp = path.with_extension("png.tmp.png");
+    let text = font_available();
+    {
+        let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
+        let e = |x: String| Error::Msg(format!("drawing {}: {x}", path.display()));
+        root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(20).x_label_area_size(if text { 40 } else { 5 }).y_label_area_size(if text { 60 } else { 5 });
+        if text {
+            builder.caption("tern: loss", ("sans-serif", 22));
+        }
+        let mut chart =
+            builder.build_cartesian_2d(0usize..max_step, (lo - pad)..(hi + pad)).map_err(|x| e(x.to_string()))?;
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_desc("step").y_desc("cross-entropy (nats)");
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(|x| e(x.to_string()))?;
+        let train_series = chart.draw_series(LineSeries::new(train.iter().copied(), &BLUE)).map_err(|x| e(x.to_string()))?;
+        if text {
+            train_series.label("train").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        }
+        let val_series = chart
+            .draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)))
+            .map_err(|x| e(x.to_string()))?;
+        if text {
+            val_series.label("validation").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|x| e(x.to_string()))?;
+        }
+        root.present().map_err(|x| e(x.to_string()))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|x| Error::io(path, x))
+}

@@ -1,0 +1,54 @@
+//! Loading a model for inference (eval, generate): a tern checkpoint directory, an HF-layout
+//! directory or a hub id, in ternary or full precision, frozen (projected once, detached).
+
+use crate::config::TrainConfig;
+use crate::error::{Error, Result};
+use crate::hub::{resolve_model_dir, HubOptions};
+use crate::model::{load_checkpoint, Qwen3};
+use crate::ternary::QuantConfig;
+use crate::tokenizer::Tokenizer;
+use crate::train::checkpoint::CONFIG_COPY;
+use candle_core::{DType, Device};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Ternary,
+    Full,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "ternary" => Ok(Precision::Ternary),
+            "full" => Ok(Precision::Full),
+            o => Err(Error::Msg(format!("--precision: expected 'ternary' or 'full', found '{o}'"))),
+        }
+    }
+}
+
+pub struct LoadedModel {
+    pub model: Qwen3,
+    pub quant: QuantConfig,
+    pub tokenizer: Option<Tokenizer>,
+    pub dir: PathBuf,
+    /// The training config saved beside a tern checkpoint (train_config.toml), if any.
+    pub train_config: Option<TrainConfig>,
+}
+
+pub fn load_for_inference(spec: &str, precision: Precision, device: &Device) -> Result<LoadedModel> {
+    if spec.to_ascii_lowercase().ends_with(".gguf") {
+        return Err(Error::Msg(format!(
+            "model '{spec}': loading GGUF files is not built yet; give a checkpoint directory or a hub id"
+        )));
+    }
+    let dir = resolve_model_dir(spec, &HubOptions::from_env())?;
+    let ck = load_checkpoint(&dir, DType::F32, device)?;
+    let quant = QuantConfig { ternary: precision == Precision::Ternary, ..ck.quant.unwrap_or_default() };
+    let model = Qwen3::new(&ck.config, quant, &ck.params)?.freeze()?;
+    let tokenizer = ck.tokenizer.as_deref().map(Tokenizer::from_file).transpose()?;
+    let cfg_path = dir.join(CONFIG_COPY);
+    let train_config = if cfg_path.is_file() { Some(TrainConfig::load(&cfg_path, &[])?) } else { None };
+    Ok(LoadedModel { model, quant, tokenizer, dir, train_config })
+}

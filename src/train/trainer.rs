@@ -1,0 +1,478 @@
+//! The training loop, nanoGPT-style: one function you can read top to bottom.
+//!
+//! per step: lambda (STE ramp) and lr from the schedule -> grad_accum_steps micro-batches of
+//! forward + cross-entropy + backward, gradients summed -> global grad norm (logged before
+//! clipping) -> NaN/Inf guard (skip the update; stop after 5 in a row) -> clip -> AdamW ->
+//! metrics -> periodic eval and checkpoint -> Ctrl-C check.
+
+use super::checkpoint::{self, CheckpointParts, RunState};
+use super::optim::{accumulate, clip, global_norm, AdamW, AdamWConfig, Grads};
+use super::schedule::{lr_at, ramp_at};
+use crate::config::TrainConfig;
+use crate::data::{load_split, Batcher};
+use crate::device::parse_device;
+use crate::error::{Error, Result};
+use crate::hub::{resolve_model_dir, HubOptions};
+use crate::kernels::cross_entropy::{default_chunk, lm_head_cross_entropy};
+use crate::model::params::{is_norm, Params};
+use crate::model::{load_checkpoint, Qwen3, Qwen3Config};
+use crate::ternary::projection::effective_weight;
+use crate::ternary::verify::{verify_projected, TernaryReport};
+use crate::tokenizer::Tokenizer;
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Non-finite updates in a row after which the run stops.
+pub const MAX_BAD_STEPS: usize = 5;
+
+/// Prompts of the samples printed at the end of a run.
+pub const SAMPLE_PROMPTS: [&str; 3] = ["A compiler is", "The Internet", "In computer science, a stack"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub tokens_per_sec: f64,
+    pub elapsed_s: f64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+}
+
+pub struct TrainOptions {
+    /// Resume from the newest checkpoint under this out_dir (or this checkpoint directory).
+    pub resume: Option<PathBuf>,
+    /// Set by Ctrl-C: finish the current step, save a checkpoint, return `interrupted`.
+    pub interrupt: Arc<AtomicBool>,
+    /// Called after every step; `Control::Stop` ends the run like an interrupt.
+    pub on_step: Option<Box<dyn FnMut(&StepMetrics) -> Control>>,
+    pub progress: bool,
+    /// Generate the end-of-run samples (needs the tokenizer's decoder).
+    pub samples: bool,
+    /// Fault injection for tests of the NaN guard: the loss of these steps is made NaN.
+    pub fault_nan_steps: BTreeSet<usize>,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            resume: None,
+            interrupt: Arc::new(AtomicBool::new(false)),
+            on_step: None,
+            progress: false,
+            samples: true,
+            fault_nan_steps: BTreeSet::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct TrainOutcome {
+    pub last_step: usize,
+    /// (step, loss) of every step this invocation ran.
+    pub losses: Vec<(usize, f64)>,
+    pub val_loss: f64,
+    pub val_ppl: f64,
+    pub interrupted: bool,
+    pub checkpoint: PathBuf,
+    pub summary: serde_json::Value,
+}
+
+/// Mean cross-entropy of next-token prediction over windows `[B, T+1]`, with the LM head fused
+/// into a chunked loss (the full `[B*T, vocab]` logits never exist).
+fn window_loss(model: &Qwen3, windows: &Tensor) -> Result<Tensor> {
+    let (inp, tgt) = split_window(windows)?;
+    let (h, head) = model.forward_hidden(&inp)?;
+    lm_head_cross_entropy(&h.flatten_to(1)?, &head, &tgt, default_chunk(model.cfg.vocab_size))
+}
+
+fn split_window(windows: &Tensor) -> Result<(Tensor, Tensor)> {
+    let t = windows.dim(1)? - 1;
+    Ok((windows.narrow(1, 0, t)?, windows.narrow(1, 1, t)?.flatten_all()?))
+}
+
+/// Mean NLL of the validation tokens under `windows` (the plain scheme of `tern eval` with
+/// ctx = seq_len + 1), on a frozen (graph-free) copy of the model.
+pub fn evaluate(model: &Qwen3, val: &[u32], windows: &[crate::eval::Window], batch: usize) -> Result<f64> {
+    let nll = crate::eval::score(&model.freeze()?, val, windows, batch)?;
+    Ok(crate::eval::perplexity(&nll).nll)
+}
+
+/// Verifies the projection of every ternary weight (what export writes).
+pub fn verify_model(params: &Params, quant: &crate::ternary::QuantConfig) -> Result<(TernaryReport, Vec<(String, TernaryReport)>)> {
+    let mut total = TernaryReport::default();
+    let mut per = Vec::new();
+    let q = crate::ternary::QuantConfig { ternary: true, ramp: 1.0, ..*quant };
+    for (name, var) in params.iter() {
+        if is_norm(name) {
+            continue;
+        }
+        let w = effective_weight(&var.as_tensor().detach(), &q)?;
+        let r = verify_projected(&w, q.group_size)?;
+        total.merge(&r);
+        per.push((name.clone(), r));
+    }
+    Ok((total, per))
+}
+
+struct Metrics {
+    file: std::fs::File,
+}
+
+impl Metrics {
+    /// Opens out_dir/metrics.jsonl; on resume, drops records after the resumed step.
+    fn open(out_dir: &Path, keep_up_to: Option<usize>) -> Result<Self> {
+        let path = out_dir.join("metrics.jsonl");
+        let kept: Vec<String> = match keep_up_to {
+            Some(step) => std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                        .is_some_and(|s| s as usize <= step)
+                })
+                .map(str::to_string)
+                .collect(),
+            None => vec![],
+        };
+        let mut file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+        for l in kept {
+            writeln!(file, "{l}").map_err(|e| Error::io(&path, e))?;
+        }
+        Ok(Self { file })
+    }
+
+    fn write(&mut self, v: &serde_json::Value) {
+        // Metrics are best effort: a full disk must not kill a training run.
+        let _ = writeln!(self.file, "{v}");
+        let _ = self.file.flush();
+    }
+}
+
+/// Records of metrics.jsonl: (step, loss) pairs and (step, val_loss) pairs.
+pub fn read_metrics(out_dir: &Path) -> (Vec<(usize, f64)>, Vec<(usize, f64)>) {
+    let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap_or_default();
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        let step = v.get("step").and_then(|s| s.as_u64()).unwrap_or(0) as usize;
+        if let Some(l) = v.get("loss").and_then(|x| x.as_f64()) {
+            train.push((step, l));
+        }
+        if let Some(l) = v.get("val_loss").and_then(|x| x.as_f64()) {
+            val.push((step, l));
+        }
+    }
+    (train, val)
+}
+
+/// Where the model comes from at the start of a run.
+fn initial_params(cfg: &TrainConfig, device: &Device) -> Result<(Qwen3Config, Params)> {
+    let m = &cfg.model;
+    if m.is_scratch() {
+        let arch = m.scratch_config();
+        let params = Params::scratch(&arch, cfg.train.seed, DType::F32, device)?;
+        return Ok((arch, params));
+    }
+    let dir = resolve_model_dir(&m.source, &HubOptions::from_env())?;
+    let ck = load_checkpoint(&dir, DType::F32, device)?;
+    Ok((ck.config, ck.params))
+}
+
+fn resume_dir(path: &Path) -> Result<PathBuf> {
+    if path.join(checkpoint::STATE_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    checkpoint::latest(path)?.ok_or_else(|| {
+        Error::Msg(format!("--resume: no complete checkpoint under {}", checkpoint::checkpoints_dir(path).display()))
+    })
+}
+
+pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> {
+    let t = &cfg.train;
+    let out_dir = t.out_dir.clone();
+    std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    let device = parse_device(&t.device)?;
+    let hub = HubOptions::from_env();
+    let tok = Tokenizer::load(&cfg.data.tokenizer, &hub)?;
+
+    // Model, optimizer and position: fresh or from a checkpoint.
+    let adam_cfg = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+    let resumed = opts.resume.as_deref().map(resume_dir).transpose()?;
+    let (arch, params, mut opt, mut state) = match &resumed {
+        Some(dir) => {
+            let st = checkpoint::read_state(dir)?;
+            let ck = load_checkpoint(dir, DType::F32, &device)?;
+            let opt = AdamW::load(adam_cfg, st.adam_t, &dir.join(checkpoint::OPTIMIZER_FILE), &ck.params, &device)?;
+            tracing::info!("resuming from {} (step {})", dir.display(), st.step);
+            (ck.config, ck.params, opt, st)
+        }
+        None => {
+            let (arch, params) = initial_params(cfg, &device)?;
+            let st = RunState {
+                format: 1,
+                step: 0,
+                data: Default::default(),
+                data_seed: cfg.data.seed,
+                adam_t: 0,
+                tokens_seen: 0,
+                bad_steps_in_a_row: 0,
+                skipped_steps: 0,
+                elapsed_s: 0.0,
+            };
+            (arch, params, AdamW::new(adam_cfg), st)
+        }
+    };
+    let tok_max = tok.vocab_size();
+    if tok_max > arch.vocab_size {
+        return Err(Error::Msg(format!(
+            "tokenizer {} has {tok_max} tokens but the model's vocab_size is {}",
+            tok.path.display(),
+            arch.vocab_size
+        )));
+    }
+    let mut model = Qwen3::new(&arch, cfg.model.quant(), &params)?;
+
+    let split = load_split(&cfg.data.train_file, &tok, cfg.data.val_fraction, cfg.data.seq_len)?;
+    // Validation = `tern eval --split val --ctx <seq_len+1>` (all of it when eval.batches = 0).
+    let all_val = crate::eval::plan(split.val.len(), cfg.data.seq_len + 1, None, crate::eval::Scheme::Plain)?;
+    let n_val = if cfg.eval.batches == 0 { all_val.len() } else { (cfg.eval.batches * t.batch_size).min(all_val.len()) };
+    let val = &all_val[..n_val];
+    let mut batcher = Batcher::new(cfg.data.seq_len, cfg.data.seed);
+    batcher.pos = state.data;
+    let tokens_per_step = (t.batch_size * cfg.data.seq_len * t.grad_accum_steps) as u64;
+    tracing::info!(
+        "{} params ({}), {} train / {} val tokens, {} tokens per step",
+        params.num_elements(),
+        if cfg.model.ternary { "ternary" } else { "full precision" },
+        split.train.len(),
+        split.val.len(),
+        tokens_per_step
+    );
+
+    let mut metrics = Metrics::open(&out_dir, resumed.as_ref().map(|_| state.step))?;
+    let eval_and_log = |model: &Qwen3, step: usize, metrics: &mut Metrics| -> Result<(f64, f64)> {
+        let loss = evaluate(model, &split.val, val, t.batch_size)?;
+        let ppl = loss.exp();
+        metrics.write(&json!({"step": step, "val_loss": loss, "val_ppl": ppl}));
+        let (train_curve, val_curve) = read_metrics(&out_dir);
+        if let Err(e) = crate::plot::plot_losses(&out_dir.join("loss.png"), &train_curve, &val_curve) {
+            tracing::warn!("loss.png not drawn: {e}");
+        }
+        Ok((loss, ppl))
+    };
+    let mut last_val = if resumed.is_none() { Some(eval_and_log(&model, 0, &mut metrics)?) } else { None };
+
+    let pb = progress_bar(opts.progress, t.steps, state.step);
+    let save = |state: &RunState, opt: &AdamW, model: &Qwen3| -> Result<PathBuf> {
+        let parts = CheckpointParts {
+            model_cfg: &arch,
+            quant: &model.quant,
+            params: &params,
+            tokenizer: Some(&tok.path),
+            opt,
+            train_cfg: cfg,
+            state,
+        };
+        let dir = checkpoint::save(&out_dir, &parts)?;
+        checkpoint::prune(&out_dir, cfg.checkpoint.keep)?;
+        Ok(dir)
+    };
+
+    let run_start = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    let mut losses = Vec::new();
+    let mut interrupted = false;
+    let mut last_ckpt = None;
+    while state.step < t.steps {
+        let step = state.step + 1;
+        let step_start = Instant::now();
+        model.quant.ramp = ramp_at(step, t.ste_ramp_steps);
+        let lr = lr_at(step, t);
+
+        let mut grads = Grads::new();
+        let mut loss_sum = 0f64;
+        for _ in 0..t.grad_accum_steps {
+            let flat = batcher.next_batch(&split.train, t.batch_size);
+            let ids = Tensor::from_vec(flat, (t.batch_size, cfg.data.seq_len + 1), &device)?;
+            let mut loss = (window_loss(&model, &ids)? / t.grad_accum_steps as f64)?;
+            if opts.fault_nan_steps.contains(&step) {
+                loss = (loss * f64::NAN)?;
+            }
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            accumulate(&mut grads, &params, &loss.backward()?)?;
+        }
+        let grad_norm = global_norm(&grads)?;
+        let finite = loss_sum.is_finite() && grad_norm.is_finite();
+        if finite {
+            clip(&mut grads, grad_norm, t.max_grad_norm)?;
+            opt.step(&params, &grads, lr)?;
+            state.bad_steps_in_a_row = 0;
+        } else {
+            state.bad_steps_in_a_row += 1;
+            state.skipped_steps += 1;
+            say(&pb, format!("step {step}: non-finite loss or gradient (loss {loss_sum}, grad norm {grad_norm}); update skipped"));
+        }
+        drop(grads);
+        state.step = step;
+        state.tokens_seen += tokens_per_step;
+        state.data = batcher.pos;
+        state.adam_t = opt.t;
+        state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
+        let dt = step_start.elapsed().as_secs_f64();
+        let m = StepMetrics {
+            step,
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            tokens: state.tokens_seen,
+            tokens_per_sec: tokens_per_step as f64 / dt,
+            elapsed_s: state.elapsed_s,
+            skipped: !finite,
+        };
+        metrics.write(&serde_json::to_value(&m).expect("metrics serialize"));
+        losses.push((step, loss_sum));
+        pb.set_position(step as u64);
+        let line = format!("loss {loss_sum:.4} lr {lr:.2e} gnorm {grad_norm:.3} {:.0} tok/s", m.tokens_per_sec);
+        if pb.is_hidden() {
+            if step % 10 == 0 || step == 1 {
+                tracing::info!("step {step}/{}: {line}", t.steps);
+            }
+        } else {
+            pb.set_message(line);
+        }
+
+        if state.bad_steps_in_a_row >= MAX_BAD_STEPS {
+            let dir = save(&state, &opt, &model)?;
+            pb.abandon();
+            return Err(Error::Msg(format!(
+                "stopping: {MAX_BAD_STEPS} steps in a row had a non-finite loss or gradient (last at step {step}); \
+                 checkpoint saved at {} (try a lower train.lr or train.max_grad_norm, then --resume)",
+                dir.display()
+            )));
+        }
+        if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < t.steps {
+            let (vl, vp) = eval_and_log(&model, step, &mut metrics)?;
+            say(&pb, format!("step {step}: val loss {vl:.4}, val PPL {vp:.2}"));
+            last_val = Some((vl, vp));
+        }
+        if cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0 {
+            last_ckpt = Some(save(&state, &opt, &model)?);
+        }
+        let stop_requested = opts.on_step.as_mut().map(|f| f(&m)) == Some(Control::Stop);
+        if stop_requested || opts.interrupt.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+    }
+    pb.finish_and_clear();
+
+    // End of run (or interruption): evaluate, save, verify, sample, summarize.
+    let (val_loss, val_ppl) = if interrupted {
+        last_val.unwrap_or((f64::NAN, f64::NAN))
+    } else {
+        let v = eval_and_log(&model, state.step, &mut metrics)?;
+        last_val = Some(v);
+        v
+    };
+    let ckpt = match (&last_ckpt, interrupted) {
+        (Some(dir), _) if dir.ends_with(format!("step-{:08}", state.step)) => dir.clone(),
+        _ => save(&state, &opt, &model)?,
+    };
+    let (report, _) = verify_model(&params, &model.quant)?;
+    let samples = if opts.samples && !interrupted { samples(&model, &tok)? } else { vec![] };
+    let summary = summarize(cfg, &state, &out_dir, val_loss, val_ppl, &report, &samples, &ckpt);
+    crate::model::io::write_atomic(&out_dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("json").as_bytes())?;
+    let _ = last_val;
+    Ok(TrainOutcome { last_step: state.step, losses, val_loss, val_ppl, interrupted, checkpoint: ckpt, summary })
+}
+
+fn samples(model: &Qwen3, tok: &Tokenizer) -> Result<Vec<(String, String)>> {
+    let frozen = model.freeze()?;
+    let mut eos = tok.eos_ids();
+    eos.extend(model.cfg.eos_ids());
+    let prompts = SAMPLE_PROMPTS.iter().map(|p| tok.encode(p)).collect::<Result<Vec<_>>>()?;
+    let greedy = crate::decode::sampler::SamplerConfig { temp: 0.0, ..Default::default() };
+    let cfg = crate::decode::generate::GenerateConfig { max_new: 40, sampler: greedy, eos };
+    let out = crate::decode::generate::generate_batch(&frozen, &prompts, &cfg, |_, _| false)?;
+    SAMPLE_PROMPTS.iter().zip(out).map(|(p, (ids, _))| Ok((p.to_string(), tok.decode(&ids)?))).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summarize(
+    cfg: &TrainConfig,
+    state: &RunState,
+    out_dir: &Path,
+    val_loss: f64,
+    val_ppl: f64,
+    report: &TernaryReport,
+    samples: &[(String, String)],
+    ckpt: &Path,
+) -> serde_json::Value {
+    let (train, val) = read_metrics(out_dir);
+    let tail: Vec<f64> = train.iter().rev().take(10).map(|x| x.1).collect();
+    let shares = report.shares();
+    json!({
+        "steps": state.step,
+        "tokens_seen": state.tokens_seen,
+        "skipped_steps": state.skipped_steps,
+        "ternary": cfg.model.ternary,
+        "train_loss_first": train.first().map(|x| x.1),
+        "train_loss_last": train.last().map(|x| x.1),
+        "train_loss_last10_mean": if tail.is_empty() { None } else { Some(tail.iter().sum::<f64>() / tail.len() as f64) },
+        "val_loss_first": val.first().map(|x| x.1),
+        "val_ppl_first": val.first().map(|x| x.1.exp()),
+        "val_loss": val_loss,
+        "val_ppl": val_ppl,
+        "elapsed_s": state.elapsed_s,
+        "tokens_per_sec": state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
+        "peak_rss_gib": crate::mem::peak_rss_bytes().map(crate::mem::gib),
+        "ternary_check": {
+            "groups": report.groups,
+            "bad_groups": report.bad_groups,
+            "ok": report.ok(),
+            "share_minus1": shares[0],
+            "share_zero": shares[1],
+            "share_plus1": shares[2],
+        },
+        "samples": samples.iter().map(|(p, t)| json!({"prompt": p, "text": t})).collect::<Vec<_>>(),
+        "checkpoint": ckpt.display().to_string(),
+    })
+}
+
+/// A line for the user: above the progress bar, or in the log when there is none.
+fn say(pb: &indicatif::ProgressBar, msg: String) {
+    if pb.is_hidden() {
+        tracing::info!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}
+
+fn progress_bar(show: bool, steps: usize, start: usize) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(steps as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} ETA {eta}]")
+            .expect("valid template"),
+    );
+    pb.set_position(start as u64);
+    pb
+}

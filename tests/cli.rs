@@ -1,0 +1,106 @@
+//! The `tern` binary as a user runs it: clear errors with non-zero exits, Ctrl-C saves a
+//! checkpoint and exits 130, and a hub id loads offline from the HF_HOME cache.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tern(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tern"));
+    c.args(args).env("RUST_LOG", "warn");
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write_cfg(dir: &Path, extra: &str) -> String {
+    let p = dir.join("cfg.toml");
+    std::fs::write(&p, format!("{}{extra}", tiny_train_config(dir))).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn config_errors_exit_nonzero_with_a_clear_message() {
+    let d = tempfile::tempdir().unwrap();
+    let o = tern(&["train", "--config", "/nonexistent/cfg.toml"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("/nonexistent/cfg.toml"), "{}", stderr(&o));
+
+    let cfg = write_cfg(d.path(), "");
+    std::fs::write(d.path().join("bad.toml"), "[train]\nsteps = 3\nlearning_rate = 0.1\n").unwrap();
+    let o = tern(&["train", "--config", &d.path().join("bad.toml").display().to_string()], &[]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(e.contains("bad.toml") && e.contains("learning_rate") && e.contains("line 3"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+
+    let o = tern(&["train", "--config", &cfg, "--set", "train.batch_size=0"], &[]);
+    assert!(stderr(&o).contains("train.batch_size") && o.status.code() == Some(1), "{}", stderr(&o));
+    let o = tern(&["train", "--config", &cfg, "--set", "data.train_file=/nope.txt"], &[]);
+    assert!(stderr(&o).contains("/nope.txt") && stderr(&o).contains("not found"), "{}", stderr(&o));
+    let o = tern(&["train", "--config", &cfg, "--resume", &d.path().join("empty").display().to_string()], &[]);
+    assert!(stderr(&o).contains("no complete checkpoint") && o.status.code() == Some(1), "{}", stderr(&o));
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_130_then_resume_finishes() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_cfg(d.path(), "");
+    let child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["train", "--config", &cfg, "--set", "train.steps=100000", "--set", "checkpoint.every=0", "--quiet"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = d.path().join("run/metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).unwrap_or_default().lines().count() < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let ckpts = tern::train::checkpoint::list(&d.path().join("run")).unwrap();
+    assert_eq!(ckpts.len(), 1, "one checkpoint saved on Ctrl-C");
+    let stopped_at = ckpts[0].0;
+    let o = tern(&["train", "--config", &cfg, "--set", &format!("train.steps={}", stopped_at + 2), "--resume"], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("steps {}", stopped_at + 2)));
+}
+
+#[test]
+fn hub_id_trains_offline_from_the_hf_home_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let home = d.path().join("hf");
+    let repo = home.join("hub/models--tern-test--tiny");
+    let sha = "89abcdef0123456789abcdef0123456789abcdef";
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), sha).unwrap();
+    copy_dir(&fixtures_dir().join("tied_gqa2"), &repo.join("snapshots").join(sha));
+    let base = tiny_train_config(d.path());
+    // Drop the scratch architecture keys: the checkpoint's config.json defines the model.
+    let model_end = base.find("[data]").unwrap();
+    let text = format!("[model]\nsource = \"tern-test/tiny\"\ngroup_size = 64\n\n{}", &base[model_end..]);
+    let cfg = d.path().join("hub.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let env = [("HF_HOME", home.to_str().unwrap()), ("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", "")];
+    let o = tern(&["train", "--config", cfg.to_str().unwrap(), "--set", "train.steps=2", "--set", "eval.every=0"], &env);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = tern(
+        &["train", "--config", cfg.to_str().unwrap(), "--set", "model.source=tern-test/absent", "--set", "train.steps=1"],
+        &env,
+    );
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("tern-test/absent"), "{e}");
+}

@@ -1,0 +1,171 @@
+//! GGUF export: codes and scales round-trip bit-exactly, verification catches tampering, and
+//! corrupted files are clear errors (never a panic or a giant allocation).
+
+mod common;
+use common::*;
+
+use candle_core::{DType, Device};
+use half::f16;
+use std::path::Path;
+use tern::export::gguf::{GgufFile, Value};
+use tern::export::q2::{unpack_row, Packing};
+use tern::export::{export_gguf, gguf_name, verify_gguf, Format};
+use tern::model::{load_checkpoint, params::is_norm, Checkpoint};
+use tern::ternary::projection::codes_and_scales;
+use tern::ternary::QuantConfig;
+
+/// A minimal BPE tokenizer.json (what export reads: vocab, merges, added tokens).
+fn bpe_tokenizer(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("tokenizer.json");
+    let json = serde_json::json!({
+        "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]},
+        "added_tokens": [{"id": 3, "content": "<|endoftext|>", "special": true}]
+    });
+    std::fs::write(&p, json.to_string()).unwrap();
+    p
+}
+
+fn fixture() -> Checkpoint {
+    load_checkpoint(&fixtures_dir().join("tied_gqa2"), DType::F32, &Device::Cpu).unwrap()
+}
+
+fn export(ck: &Checkpoint, q: &QuantConfig, f: Format, dir: &Path) -> std::path::PathBuf {
+    let out = dir.join("m.gguf");
+    let tok = bpe_tokenizer(dir);
+    export_gguf(&ck.config, q, &ck.params, Some(&tok), f, "test", &out).unwrap();
+    out
+}
+
+#[test]
+fn packed_codes_and_scales_round_trip_bit_exactly() {
+    let ck = fixture();
+    for (format, packing) in [(Format::Q2_0, Packing::Q2_0), (Format::PQ2_0, Packing::PQ2_0)] {
+        let d = tempfile::tempdir().unwrap();
+        let q = QuantConfig::default();
+        let file = GgufFile::read(&export(&ck, &q, format, d.path())).unwrap();
+        assert_eq!(file.get("general.architecture").unwrap().as_str(), Some("qwen3"));
+        assert_eq!(file.get("qwen3.attention.head_count_kv").unwrap().as_u64(), Some(2));
+        assert_eq!(file.get("tokenizer.ggml.pre").unwrap().as_str(), Some("qwen2"));
+        match file.get("tokenizer.ggml.tokens").unwrap() {
+            Value::Array(8, v) => assert_eq!(v.len(), ck.config.vocab_size), // padded with [PADn]
+            other => panic!("{other:?}"),
+        }
+        assert!(file.tensor("output.weight").is_none(), "tied head is not written");
+        for (hf, var) in ck.params.iter() {
+            let t = file.tensor(&gguf_name(hf).unwrap()).unwrap();
+            if is_norm(hf) {
+                assert_eq!(t.ggml_type, 0);
+                continue;
+            }
+            assert_eq!(t.ggml_type, packing.ggml_type());
+            let (rows, cols) = t.rows_cols();
+            assert_eq!(var.as_tensor().dims(), &[rows, cols]);
+            let (codes, scales) = codes_and_scales(var.as_tensor(), 128, q.scale).unwrap();
+            let (codes, scales) = (codes.to_vec2::<f32>().unwrap(), scales.to_vec2::<f32>().unwrap());
+            let data = file.data(t);
+            for r in 0..rows {
+                let (c, s) = unpack_row(&data[r * packing.row_bytes(cols)..], cols, packing);
+                let want: Vec<i8> = codes[r].iter().map(|&x| x as i8).collect();
+                assert_eq!(c, want, "{hf} row {r}");
+                for (b, &d) in s.iter().enumerate() {
+                    assert_eq!(d.to_bits(), f16::from_f32(scales[r][b * packing.block() / 128]).to_f32().to_bits());
+                }
+            }
+        }
+        let checks = verify_gguf(&file, Some((&ck.params, &q))).unwrap();
+        assert!(checks.iter().all(|c| c.problems.is_empty()), "{checks:?}");
+    }
+}
+
+#[test]
+fn f16_export_holds_the_projected_weights_and_sizes_add_up() {
+    let ck = fixture();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("f16.gguf");
+    let r16 = export_gguf(&ck.config, &QuantConfig::default(), &ck.params, None, Format::F16, "t", &out).unwrap();
+    assert_eq!(r16.bytes, std::fs::metadata(&out).unwrap().len());
+    assert_eq!(r16.bytes, r16.f16_bytes, "the f16 size formula matches a real f16 file");
+    let rq = export_gguf(&ck.config, &QuantConfig::default(), &ck.params, None, Format::Q2_0, "t", &d.path().join("q.gguf")).unwrap();
+    assert!(rq.ratio_to_f16 < 0.25 && rq.bits_per_weight < 4.0, "{rq:?}");
+    let err = export_gguf(&ck.config, &QuantConfig { group_size: 32, ..Default::default() }, &ck.params, None, Format::Q2_0, "t", &d.path().join("x.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("group size 32"), "{err}");
+}
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tern")).args(args).output().unwrap()
+}
+
+#[test]
+fn verify_passes_clean_files_and_fails_tampered_ones() {
+    let ck = fixture();
+    let d = tempfile::tempdir().unwrap();
+    let path = export(&ck, &QuantConfig::default(), Format::Q2_0, d.path());
+    let src = fixtures_dir().join("tied_gqa2");
+    let o = cli(&["verify", "--model", path.to_str().unwrap(), "--source", src.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = cli(&["verify", "--model", src.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+
+    let file = GgufFile::read(&path).unwrap();
+    let t = file.tensor("blk.0.attn_q.weight").unwrap();
+    let at = file.data_offset + t.offset as usize;
+    // (1) a code set to 3 (+2): fails even without the source.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at + 2] = 0xFF;
+    let bad = d.path().join("bad_code.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let o = cli(&["verify", "--model", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("not ternary"));
+    // (2) a scale changed: fails against the source.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[at] ^= 0x01;
+    let bad = d.path().join("bad_scale.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let o = cli(&["verify", "--model", bad.to_str().unwrap(), "--source", src.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("scale"), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+fn parse_err(bytes: Vec<u8>) -> String {
+    match GgufFile::parse(Path::new("x.gguf"), bytes) {
+        Ok(_) => panic!("corrupted file parsed"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn corrupted_gguf_files_are_clear_errors() {
+    let ck = fixture();
+    let d = tempfile::tempdir().unwrap();
+    let good = std::fs::read(export(&ck, &QuantConfig::default(), Format::Q2_0, d.path())).unwrap();
+    assert!(parse_err(b"GGU".to_vec()).contains("too short"));
+    let mut b = good.clone();
+    b[0] = b'X';
+    assert!(parse_err(b).contains("bad magic"));
+    let mut b = good.clone();
+    b[4..8].copy_from_slice(&7u32.to_le_bytes());
+    assert!(parse_err(b).contains("version 7"));
+    let mut b = good.clone();
+    b[8..16].copy_from_slice(&(1u64 << 60).to_le_bytes()); // tensor count
+    assert!(parse_err(b).contains("tensor count"));
+    let mut b = good.clone();
+    b[16..24].copy_from_slice(&u64::MAX.to_le_bytes()); // metadata count
+    assert!(parse_err(b).contains("metadata count"));
+    let e = parse_err(good[..good.len() - 100].to_vec());
+    assert!(e.contains("runs past the end") && e.contains("truncated"), "{e}");
+    // A tensor type id tern does not know: find the first tensor info's type field.
+    let file = GgufFile::parse(Path::new("x"), good.clone()).unwrap();
+    let first = &file.tensors[0];
+    let name_at = good.windows(first.name.len()).position(|w| w == first.name.as_bytes()).unwrap();
+    let type_at = name_at + first.name.len() + 4 + 8 * first.dims.len();
+    let mut b = good.clone();
+    b[type_at..type_at + 4].copy_from_slice(&77u32.to_le_bytes());
+    assert!(parse_err(b).contains("unsupported type id 77"));
+    // A string length that points past the end.
+    let mut b = good;
+    b[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    assert!(parse_err(b).contains("cannot fit"));
+}
