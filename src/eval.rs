@@ -12,7 +12,6 @@
 //! PPL = exp(mean NLL); its error is exp(mean) * stderr(NLL), as llama.cpp prints it.
 
 use crate::error::{Error, Result};
-use crate::kernels::cross_entropy::{default_chunk, lm_head_token_nll};
 use crate::model::Qwen3;
 use candle_core::Tensor;
 
@@ -103,8 +102,8 @@ pub fn score(model: &Qwen3, tokens: &[u32], windows: &[Window], batch: usize) ->
         let ids = Tensor::from_vec(flat, (group.len(), len), model.device())?;
         let inp = ids.narrow(1, 0, len - 1)?;
         let tgt = ids.narrow(1, 1, len - 1)?.flatten_all()?;
-        let (h, head) = model.forward_hidden(&inp)?;
-        let nll = lm_head_token_nll(&h.flatten_to(1)?, &head, &tgt, default_chunk(model.cfg.vocab_size))?;
+        let h = model.hidden(&inp)?;
+        let nll = model.token_nll(&h.flatten_to(1)?, &tgt)?;
         for (g, w) in group.iter().enumerate() {
             // Row p predicts the token at window position p + 1.
             let row = &nll[g * (len - 1)..(g + 1) * (len - 1)];

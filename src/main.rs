@@ -41,9 +41,8 @@ enum Cmd {
     },
     /// Held-out perplexity of a model on a text file.
     Eval {
-        /// tern checkpoint dir, HF-layout dir or hub id.
-        #[arg(long)]
-        model: String,
+        #[command(flatten)]
+        m: ModelArgs,
         /// UTF-8 text file to score.
         #[arg(long)]
         data: PathBuf,
@@ -66,23 +65,14 @@ enum Cmd {
         /// Windows per forward.
         #[arg(long, default_value_t = 4)]
         batch: usize,
-        /// `ternary` (default) or `full` precision.
-        #[arg(long, default_value = "ternary")]
-        precision: String,
-        /// tokenizer.json (default: the model's own).
-        #[arg(long)]
-        tokenizer: Option<String>,
-        #[arg(long, default_value = "auto")]
-        device: String,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Generate text (greedy by default; llama-cli sampling flags).
     Generate {
-        /// tern checkpoint dir, HF-layout dir or hub id.
-        #[arg(long)]
-        model: String,
+        #[command(flatten)]
+        m: ModelArgs,
         /// A prompt (repeatable: several prompts run as one batch).
         #[arg(long = "prompt", short = 'p')]
         prompts: Vec<String>,
@@ -110,12 +100,6 @@ enum Cmd {
         /// Stop when the generated text contains this string (repeatable); it is not printed.
         #[arg(long)]
         stop: Vec<String>,
-        #[arg(long, default_value = "ternary")]
-        precision: String,
-        #[arg(long)]
-        tokenizer: Option<String>,
-        #[arg(long, default_value = "auto")]
-        device: String,
     },
     /// Export a checkpoint to GGUF (packed Q2_0 by default) for llama.cpp.
     Export {
@@ -149,8 +133,58 @@ enum Cmd {
     },
 }
 
+/// How eval and generate find their model and tokenizer.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// tern checkpoint dir, HF-layout dir, hub id, or an exported .gguf (CPU, packed).
+    #[arg(long)]
+    model: String,
+    /// `ternary` (default) or `full` precision (checkpoints).
+    #[arg(long, default_value = "ternary")]
+    precision: String,
+    /// tokenizer.json path or hub id (default: the model's own).
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// auto | cpu | cuda[:N] | metal[:N]
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<(tern::runtime::LoadedModel, tern::tokenizer::Tokenizer)> {
+        let mut device = tern::device::parse_device(&self.device)?;
+        if self.model.to_ascii_lowercase().ends_with(".gguf") && self.device == "auto" {
+            device = candle_core::Device::Cpu; // packed GGUF inference runs on the CPU
+        }
+        let mut loaded = tern::runtime::load_for_inference(&self.model, self.precision.parse()?, &device)?;
+        let tok = match &self.tokenizer {
+            Some(spec) => tern::tokenizer::Tokenizer::load(spec, &tern::hub::HubOptions::from_env())?,
+            None => loaded
+                .tokenizer
+                .take()
+                .with_context(|| format!("model '{}' has no tokenizer.json beside it; pass --tokenizer", self.model))?,
+        };
+        Ok((loaded, tok))
+    }
+}
+
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Decode speed: tokens/s of greedy generation from a checkpoint (dense f32 weights,
+    /// projected once) and from its packed GGUF export (2-bit codes multiplied directly).
+    Decode {
+        /// A tern checkpoint dir (dense).
+        #[arg(long)]
+        model: String,
+        /// Its .gguf export (packed).
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// Prompt length in tokens (synthetic ids).
+        #[arg(long, default_value_t = 32)]
+        prompt: usize,
+        #[arg(short = 'n', long, default_value_t = 64)]
+        tokens: usize,
+    },
     /// One training step (forward + loss + backward) at a given architecture, scratch init:
     /// prints wall time per phase and peak resident memory.
     Step {
@@ -258,7 +292,7 @@ fn bench_step(
 
 #[allow(clippy::too_many_arguments)]
 fn cmd_eval(
-    model: &str,
+    m: &ModelArgs,
     data: &std::path::Path,
     ctx: usize,
     stride: Option<usize>,
@@ -266,21 +300,12 @@ fn cmd_eval(
     split: &str,
     config: Option<PathBuf>,
     batch: usize,
-    precision: &str,
-    tokenizer: Option<String>,
-    device: &str,
     json: bool,
 ) -> Result<i32> {
     use tern::eval::{perplexity, plan, score, Scheme};
     let scheme: Scheme = scheme.parse()?;
-    let device = tern::device::parse_device(device)?;
-    let loaded = tern::runtime::load_for_inference(model, precision.parse()?, &device)?;
-    let tok = match tokenizer {
-        Some(spec) => tern::tokenizer::Tokenizer::load(&spec, &tern::hub::HubOptions::from_env())?,
-        None => loaded
-            .tokenizer
-            .with_context(|| format!("model '{model}' has no tokenizer.json; pass --tokenizer"))?,
-    };
+    let model = &m.model;
+    let (loaded, tok) = m.load()?;
     let tokens = match split {
         "all" => tern::data::tokenize(&tok, &tern::data::read_text(data)?)?,
         "val" => {
@@ -312,17 +337,13 @@ fn cmd_eval(
     Ok(0)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn cmd_generate(
-    model: &str,
+    m: &ModelArgs,
     mut prompts: Vec<String>,
     prompt_files: Vec<PathBuf>,
     max_tokens: usize,
     sampler: tern::decode::sampler::SamplerConfig,
     stop: Vec<String>,
-    precision: &str,
-    tokenizer: Option<String>,
-    device: &str,
 ) -> Result<i32> {
     use std::io::Write;
     use tern::decode::generate::{generate_batch, GenerateConfig};
@@ -331,12 +352,7 @@ fn cmd_generate(
         prompts.push(std::fs::read_to_string(&f).with_context(|| format!("--prompt-file {}", f.display()))?);
     }
     anyhow::ensure!(!prompts.is_empty(), "give at least one --prompt or --prompt-file");
-    let device = tern::device::parse_device(device)?;
-    let loaded = tern::runtime::load_for_inference(model, precision.parse()?, &device)?;
-    let tok = match tokenizer {
-        Some(spec) => tern::tokenizer::Tokenizer::load(&spec, &tern::hub::HubOptions::from_env())?,
-        None => loaded.tokenizer.with_context(|| format!("model '{model}' has no tokenizer.json; pass --tokenizer"))?,
-    };
+    let (loaded, tok) = m.load()?;
     let ids = prompts.iter().map(|p| tok.encode(p)).collect::<tern::Result<Vec<_>>>()?;
     let mut eos = tok.eos_ids();
     eos.extend(loaded.model.cfg.eos_ids());
@@ -449,6 +465,36 @@ fn cmd_verify(model: &str, source: Option<String>, json: bool) -> Result<i32> {
     Ok(if failed == 0 { 0 } else { 1 })
 }
 
+fn bench_decode(model: &str, gguf: Option<&std::path::Path>, prompt: usize, n: usize) -> Result<i32> {
+    use tern::decode::generate::{generate_batch, GenerateConfig};
+    use tern::decode::sampler::SamplerConfig;
+    let cpu = candle_core::Device::Cpu;
+    let mut runs: Vec<(String, tern::model::Qwen3)> = Vec::new();
+    let rss0 = tern::mem::rss_bytes().unwrap_or(0);
+    let dense = tern::runtime::load_for_inference(model, tern::runtime::Precision::Ternary, &cpu)?;
+    runs.push(("dense f32 (projected once)".into(), dense.model));
+    if let Some(g) = gguf {
+        let packed = tern::runtime::load_for_inference(&g.display().to_string(), tern::runtime::Precision::Ternary, &cpu)?;
+        runs.push((format!("packed {}", g.display()), packed.model));
+    }
+    println!("rss after loading: {:.1} MiB (from {:.1} MiB)", tern::mem::rss_bytes().unwrap_or(0) as f64 / 1048576.0, rss0 as f64 / 1048576.0);
+    for (name, m) in &runs {
+        let ids: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 11) % m.cfg.vocab_size as u32).collect();
+        let cfg = GenerateConfig { max_new: n, sampler: SamplerConfig { temp: 0.0, ..Default::default() }, eos: vec![] };
+        // Warm-up, then a timed run: prefill separately from decode.
+        generate_batch(m, std::slice::from_ref(&ids), &GenerateConfig { max_new: 2, ..cfg.clone() }, |_, _| false)?;
+        let t0 = Instant::now();
+        generate_batch(m, std::slice::from_ref(&ids), &GenerateConfig { max_new: 1, ..cfg.clone() }, |_, _| false)?;
+        let prefill = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let out = generate_batch(m, std::slice::from_ref(&ids), &cfg, |_, _| false)?;
+        let total = t1.elapsed().as_secs_f64();
+        let decode_tps = (out[0].0.len() - 1) as f64 / (total - prefill).max(1e-9);
+        println!("{name}: prefill {prompt} tokens {prefill:.3} s; decode {decode_tps:.1} tokens/s ({} tokens)", out[0].0.len());
+    }
+    Ok(0)
+}
+
 /// Exit code of a run stopped by Ctrl-C (128 + SIGINT), after its checkpoint is saved.
 const EXIT_INTERRUPTED: i32 = 130;
 
@@ -509,25 +555,21 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Train { config, set, resume, quiet } => cmd_train(config, set, resume, quiet),
-        Cmd::Generate {
-            model, prompts, prompt_files, max_tokens, temp, top_k, top_p, min_p, seed, stop, precision, tokenizer, device,
-        } => cmd_generate(
-            &model,
+        Cmd::Generate { m, prompts, prompt_files, max_tokens, temp, top_k, top_p, min_p, seed, stop } => cmd_generate(
+            &m,
             prompts,
             prompt_files,
             max_tokens,
             tern::decode::sampler::SamplerConfig { temp, top_k, top_p, min_p, seed },
             stop,
-            &precision,
-            tokenizer,
-            &device,
         ),
         Cmd::Export { model, out, format, precision } => cmd_export(&model, &out, &format, &precision),
         Cmd::Verify { model, source, json } => cmd_verify(&model, source, json),
-        Cmd::Eval { model, data, ctx, stride, scheme, split, config, batch, precision, tokenizer, device, json } => {
-            cmd_eval(&model, &data, ctx, stride, &scheme, &split, config, batch, &precision, tokenizer, &device, json)
+        Cmd::Eval { m, data, ctx, stride, scheme, split, config, batch, json } => {
+            cmd_eval(&m, &data, ctx, stride, &scheme, &split, config, batch, json)
         }
         Cmd::Bench { what } => match what {
+            BenchCmd::Decode { model, gguf, prompt, tokens } => bench_decode(&model, gguf.as_deref(), prompt, tokens),
             BenchCmd::Step { arch, batch, seq, steps, precision, group_size, scale, device, seed } => {
                 bench_step(&arch, batch, seq, steps, &precision, group_size, &scale, &device, seed).map(|_| 0)
             }

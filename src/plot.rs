@@ -70,6 +70,9 @@ pub fn plot_losses(path: &Path, train: &[(usize, f64)], val: &[(usize, f64)]) ->
         if text {
             train_series.label("train").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
         }
+        chart
+            .draw_series(val.iter().map(|&(x, y)| Circle::new((x, y), 4, RED.filled())))
+            .map_err(|x| e(x.to_string()))?;
         let val_series = chart
             .draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)))
             .map_err(|x| e(x.to_string()))?;

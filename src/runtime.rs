@@ -39,9 +39,17 @@ pub struct LoadedModel {
 
 pub fn load_for_inference(spec: &str, precision: Precision, device: &Device) -> Result<LoadedModel> {
     if spec.to_ascii_lowercase().ends_with(".gguf") {
-        return Err(Error::Msg(format!(
-            "model '{spec}': loading GGUF files is not built yet; give a checkpoint directory or a hub id"
-        )));
+        if !device.is_cpu() {
+            return Err(Error::Msg(format!("model '{spec}': GGUF models run on the CPU only (--device cpu)")));
+        }
+        let file = crate::export::gguf::GgufFile::read(std::path::Path::new(spec))?;
+        let model = Qwen3::from_gguf(&file)?;
+        // A tokenizer.json beside the file is used when present (else pass --tokenizer).
+        let dir = std::path::Path::new(spec).parent().map(PathBuf::from).unwrap_or_default();
+        let tok = dir.join("tokenizer.json");
+        let tokenizer = if tok.is_file() { Some(Tokenizer::from_file(&tok)?) } else { None };
+        let quant = model.quant;
+        return Ok(LoadedModel { model, quant, tokenizer, dir, train_config: None });
     }
     let dir = resolve_model_dir(spec, &HubOptions::from_env())?;
     let ck = load_checkpoint(&dir, DType::F32, device)?;

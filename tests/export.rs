@@ -169,3 +169,30 @@ fn corrupted_gguf_files_are_clear_errors() {
     b[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
     assert!(parse_err(b).contains("cannot fit"));
 }
+
+#[test]
+fn eval_of_the_q2_0_export_equals_eval_of_the_checkpoint_in_ternary_mode() {
+    for name in ["tied_gqa2", "untied_gqa3_bf16"] {
+        let ck = load_checkpoint(&fixtures_dir().join(name), DType::F32, &Device::Cpu).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("m.gguf");
+        export_gguf(&ck.config, &QuantConfig::default(), &ck.params, None, Format::Q2_0, name, &out).unwrap();
+        let file = GgufFile::read(&out).unwrap();
+        let packed = tern::model::Qwen3::from_gguf(&file).unwrap();
+        assert!(packed.is_packed());
+        assert_eq!(packed.cfg.tie_word_embeddings, ck.config.tie_word_embeddings);
+        let dense = tern::model::Qwen3::new(&ck.config, QuantConfig::default(), &ck.params).unwrap().freeze().unwrap();
+        let exp = expected(name);
+        let ids: Vec<u32> = input_ids(&exp).flatten_all().unwrap().to_vec1().unwrap();
+        let w = tern::eval::plan(ids.len(), 16, None, tern::eval::Scheme::Plain).unwrap();
+        let pd = tern::eval::perplexity(&tern::eval::score(&dense, &ids, &w, 2).unwrap());
+        let pp = tern::eval::perplexity(&tern::eval::score(&packed, &ids, &w, 2).unwrap());
+        assert!((pd.ppl - pp.ppl).abs() <= 1e-3 * pd.ppl, "{name}: checkpoint PPL {} vs q2_0 PPL {}", pd.ppl, pp.ppl);
+        // Logits agree up to the f16 rounding of the scales.
+        let a = dense.forward(&input_ids(&exp)).unwrap();
+        let b = packed.forward(&input_ids(&exp)).unwrap();
+        assert!(max_abs_diff(&a, &b) < 2e-2, "{name}: {}", max_abs_diff(&a, &b));
+        // The packed model never holds a dense copy: its layers keep only the file's bytes.
+        assert!(std::sync::Arc::strong_count(&file.bytes) > 10);
+    }
+}

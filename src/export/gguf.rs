@@ -121,7 +121,8 @@ pub struct GgufFile {
     pub metadata: Vec<(String, Value)>,
     pub tensors: Vec<TensorInfo>,
     pub data_offset: usize,
-    pub bytes: Vec<u8>,
+    /// The whole file; shared with packed matrices that multiply straight from it.
+    pub bytes: std::sync::Arc<Vec<u8>>,
 }
 
 struct Reader<'a> {
@@ -258,7 +259,7 @@ impl GgufFile {
                 )));
             }
         }
-        Ok(Self { path: path.to_path_buf(), version, metadata, tensors, data_offset, bytes })
+        Ok(Self { path: path.to_path_buf(), version, metadata, tensors, data_offset, bytes: std::sync::Arc::new(bytes) })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

@@ -142,6 +142,14 @@ pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: us
     Ok(((&surrogate - surrogate.detach())? + value)?)
 }
 
+/// NLL of each row of already computed logits `[c, vocab]` (row-major) for `targets`.
+pub fn nll_of_logits(logits: &[f32], vocab: usize, targets: &[u32]) -> Result<Vec<f64>> {
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Msg(format!("target id {bad} is outside the vocabulary of {vocab}")));
+    }
+    Ok(softmax_xent_cpu(logits, vocab, targets, 1.0, None))
+}
+
 /// Next-token NLL of every row (no gradient), chunked: for evaluation.
 pub fn lm_head_token_nll(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Vec<f64>> {
     let (n, _) = h.dims2()?;

@@ -8,7 +8,8 @@
 //!
 //! Every projection, the embedding and the LM head are ternary layers; RMSNorm weights stay f32.
 //! All ops here are plain differentiable candle ops (see shared/REFERENCE.md for the fused candle
-//! ops that silently drop gradients: none of them is used here).
+//! ops that silently drop gradients: none of them is used here) or tern's own fused kernels with
+//! a tested backward (`kernels::norm` for RMSNorm).
 //!
 //! GQA without copying K/V: the `g = heads / kv_heads` query heads that share a KV head are
 //! folded into the row dimension (`[B, kv, g*T, hd]`), so one batched GEMM per KV head does it.
@@ -30,10 +31,10 @@ impl RmsNorm {
         Self { weight, eps }
     }
 
+    /// Fused on the CPU (one pass per row, backward from the saved per-row statistic); the
+    /// composed reference elsewhere. See `kernels::norm`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let r = (ms + self.eps)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&r)?.broadcast_mul(&self.weight)?)
+        crate::kernels::norm::rms_norm(x, &self.weight, self.eps)
     }
 
     fn detached(&self) -> Self {
@@ -244,10 +245,88 @@ pub struct Qwen3 {
 impl Qwen3 {
     /// Builds the model over `params` (sharing their storage: optimizer updates are seen).
     pub fn new(cfg: &Qwen3Config, quant: QuantConfig, params: &Params) -> Result<Self> {
+        Self::build(
+            cfg,
+            quant,
+            |n| Ok(TernaryLinear::new(params.tensor(n)?)),
+            |n| params.tensor(n),
+            TernaryEmbedding::new(params.tensor(params::EMBED)?),
+        )
+    }
+
+    /// Builds the model from a GGUF file: Q2_0/PQ2_0 tensors stay packed and are multiplied
+    /// directly, F16/F32 tensors become dense f32. Inference only, on the CPU.
+    pub fn from_gguf(file: &crate::export::gguf::GgufFile) -> Result<Self> {
+        use crate::export::gguf::TensorInfo;
+        use crate::export::{gguf_name, q2::Packing};
+        let cfg = config_from_gguf(file)?;
+        let find = |hf: &str| -> Result<&TensorInfo> {
+            let g = gguf_name(hf)?;
+            file.tensor(&g).ok_or_else(|| crate::Error::Msg(format!("GGUF {}: missing tensor '{g}'", file.path.display())))
+        };
+        let shape_of = |hf: &str| -> Vec<usize> {
+            params::expected_shapes(&cfg).into_iter().find(|(n, _)| n == hf).map(|(_, s)| s).unwrap_or_default()
+        };
+        let dense = |hf: &str| -> Result<Tensor> {
+            let t = find(hf)?;
+            let want = shape_of(hf);
+            let have: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+            if have != want {
+                return Err(crate::Error::Msg(format!("GGUF tensor '{}': shape {have:?}, expected {want:?}", t.name)));
+            }
+            let data = file.data(t);
+            let v: Vec<f32> = match t.ggml_type {
+                crate::export::gguf::GGML_F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                crate::export::gguf::GGML_F16 => {
+                    data.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+                }
+                crate::export::gguf::GGML_BF16 => {
+                    data.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+                }
+                other => return Err(crate::Error::Msg(format!("GGUF tensor '{}': type {other} is not dense", t.name))),
+            };
+            Ok(Tensor::from_vec(v, want, &Device::Cpu)?)
+        };
+        let packed = |hf: &str| -> Result<Option<crate::kernels::ternary_matmul::PackedMatrix>> {
+            let t = find(hf)?;
+            let p = match t.ggml_type {
+                42 => Packing::Q2_0,
+                142 => Packing::PQ2_0,
+                _ => return Ok(None),
+            };
+            let (rows, cols) = t.rows_cols();
+            if [rows, cols] != shape_of(hf)[..] {
+                return Err(crate::Error::Msg(format!("GGUF tensor '{}': shape [{rows}, {cols}], expected {:?}", t.name, shape_of(hf))));
+            }
+            let start = file.data_offset + t.offset as usize;
+            Ok(Some(crate::kernels::ternary_matmul::PackedMatrix::new(file.bytes.clone(), start, rows, cols, p)?))
+        };
+        let lin = |hf: &str| -> Result<TernaryLinear> {
+            match packed(hf)? {
+                Some(m) => TernaryLinear::from_packed(m),
+                None => Ok(TernaryLinear::new(dense(hf)?)),
+            }
+        };
+        let embed = match packed(params::EMBED)? {
+            Some(m) => TernaryEmbedding::from_packed(m)?,
+            None => TernaryEmbedding::new(dense(params::EMBED)?),
+        };
+        // Weights in the file are already projected (or packed): run them as they are.
+        let group = file.get("tern.group_size").and_then(|v| v.as_u64()).unwrap_or(128) as usize;
+        let quant = QuantConfig { ternary: false, group_size: group, ..QuantConfig::default() };
+        Self::build(&cfg, quant, lin, dense, embed)
+    }
+
+    fn build(
+        cfg: &Qwen3Config,
+        quant: QuantConfig,
+        lin: impl Fn(&str) -> Result<TernaryLinear>,
+        norm_w: impl Fn(&str) -> Result<Tensor>,
+        embed: TernaryEmbedding,
+    ) -> Result<Self> {
         quant.validate()?;
         let eps = cfg.rms_norm_eps;
-        let norm = |n: String| -> Result<RmsNorm> { Ok(RmsNorm::new(params.tensor(&n)?, eps)) };
-        let lin = |n: String| -> Result<TernaryLinear> { Ok(TernaryLinear::new(params.tensor(&n)?)) };
+        let norm = |n: String| -> Result<RmsNorm> { Ok(RmsNorm::new(norm_w(&n)?, eps)) };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let n = |s: &str| params::layer_name(i, s);
@@ -255,10 +334,10 @@ impl Qwen3 {
                 input_norm: norm(n("input_layernorm.weight"))?,
                 post_norm: norm(n("post_attention_layernorm.weight"))?,
                 attn: Attention {
-                    q: lin(n("self_attn.q_proj.weight"))?,
-                    k: lin(n("self_attn.k_proj.weight"))?,
-                    v: lin(n("self_attn.v_proj.weight"))?,
-                    o: lin(n("self_attn.o_proj.weight"))?,
+                    q: lin(&n("self_attn.q_proj.weight"))?,
+                    k: lin(&n("self_attn.k_proj.weight"))?,
+                    v: lin(&n("self_attn.v_proj.weight"))?,
+                    o: lin(&n("self_attn.o_proj.weight"))?,
                     q_norm: norm(n("self_attn.q_norm.weight"))?,
                     k_norm: norm(n("self_attn.k_norm.weight"))?,
                     heads: cfg.num_attention_heads,
@@ -266,17 +345,17 @@ impl Qwen3 {
                     head_dim: cfg.head_dim(),
                 },
                 mlp: Mlp {
-                    gate: lin(n("mlp.gate_proj.weight"))?,
-                    up: lin(n("mlp.up_proj.weight"))?,
-                    down: lin(n("mlp.down_proj.weight"))?,
+                    gate: lin(&n("mlp.gate_proj.weight"))?,
+                    up: lin(&n("mlp.up_proj.weight"))?,
+                    down: lin(&n("mlp.down_proj.weight"))?,
                 },
             });
         }
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(lin(params::LM_HEAD.into())?) };
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(lin(params::LM_HEAD)?) };
         Ok(Self {
             cfg: cfg.clone(),
             quant,
-            embed: TernaryEmbedding::new(params.tensor(params::EMBED)?),
+            embed,
             layers,
             norm: norm(params::FINAL_NORM.into())?,
             lm_head,
@@ -312,14 +391,15 @@ impl Qwen3 {
     }
 
     pub fn device(&self) -> &Device {
-        self.embed.weight.device()
+        self.norm.weight.device()
     }
 
     pub fn dtype(&self) -> DType {
-        self.embed.weight.dtype()
+        self.norm.weight.dtype()
     }
 
-    /// The LM head weight `[vocab, hidden]` as the forward uses it (projected when ternary).
+    /// The LM head weight `[vocab, hidden]` as the forward uses it (projected when ternary);
+    /// dense models only.
     pub fn head_weight(&self) -> Result<Tensor> {
         match &self.lm_head {
             Some(h) => crate::ternary::projection::effective_weight(&h.weight, &self.quant),
@@ -327,26 +407,79 @@ impl Qwen3 {
         }
     }
 
+    /// True when the weights are packed 2-bit blocks from a GGUF file (inference only).
+    pub fn is_packed(&self) -> bool {
+        self.embed.packed.is_some()
+    }
+
+    fn embed_ids(&self, ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        if let Some(p) = &self.embed.packed {
+            return Ok((TernaryEmbedding::lookup_packed(p, ids)?, None));
+        }
+        let emb_w = self.embed.effective_weight(&self.quant)?;
+        Ok((TernaryEmbedding::lookup(&emb_w, ids)?, Some(emb_w)))
+    }
+
     /// Training forward: final-norm hidden states for every position `[B, T, H]` and the LM head
     /// weight to score them with (separate so the loss can be computed in chunks).
     pub fn forward_hidden(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (_, t) = ids.dims2()?;
-        let positions: Vec<u32> = (0..t as u32).collect();
-        let mask = if t > 1 { Some(causal_mask(t, 0, self.dtype(), self.device())?) } else { None };
-        let emb_w = self.embed.effective_weight(&self.quant)?;
-        let x = TernaryEmbedding::lookup(&emb_w, ids)?;
-        let h = self.run_layers(x, &positions, mask.as_ref(), None)?;
-        let head = match &self.lm_head {
-            Some(hd) => crate::ternary::projection::effective_weight(&hd.weight, &self.quant)?,
-            None => emb_w,
+        if self.is_packed() {
+            return Err(crate::Error::Msg("a packed (GGUF) model cannot be trained; load the checkpoint".into()));
+        }
+        let (x, emb_w) = self.embed_ids(ids)?;
+        let h = self.hidden_from_embeddings(x)?;
+        let head = match (&self.lm_head, emb_w) {
+            (Some(hd), _) => crate::ternary::projection::effective_weight(&hd.weight, &self.quant)?,
+            (None, Some(w)) => w,
+            (None, None) => unreachable!("dense model has a dense embedding"),
         };
         Ok((h, head))
     }
 
+    /// Final-norm hidden states `[B, T, H]` (dense or packed weights).
+    pub fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
+        let (x, _) = self.embed_ids(ids)?;
+        self.hidden_from_embeddings(x)
+    }
+
+    fn hidden_from_embeddings(&self, x: Tensor) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let mask = if t > 1 { Some(causal_mask(t, 0, self.dtype(), x.device())?) } else { None };
+        self.run_layers(x, &positions, mask.as_ref(), None)
+    }
+
+    /// Logits `[..., vocab]` of hidden states `[..., H]`.
+    pub fn logits_from_hidden(&self, h: &Tensor) -> Result<Tensor> {
+        match (&self.lm_head, &self.embed.packed) {
+            (Some(head), _) => head.forward(h, &self.quant),
+            (None, Some(p)) => crate::ternary::layers::packed_linear(h, p),
+            (None, None) => linear(h, &self.embed.effective_weight(&self.quant)?),
+        }
+    }
+
+    /// Next-token NLL of every row of `h: [N, H]` for `targets: [N]`, chunked over tokens so the
+    /// full `[N, vocab]` logits never exist (dense or packed head).
+    pub fn token_nll(&self, h: &Tensor, targets: &Tensor) -> Result<Vec<f64>> {
+        use crate::kernels::cross_entropy::{default_chunk, lm_head_token_nll, nll_of_logits};
+        let chunk = default_chunk(self.cfg.vocab_size);
+        if !self.is_packed() {
+                return lm_head_token_nll(h, &self.head_weight()?, targets, chunk);
+        }
+        let n = h.dim(0)?;
+        let tgt: Vec<u32> = targets.to_dtype(DType::U32)?.to_vec1()?;
+        let mut out = Vec::with_capacity(n);
+        for start in (0..n).step_by(chunk) {
+            let c = chunk.min(n - start);
+            let logits = self.logits_from_hidden(&h.narrow(0, start, c)?)?;
+            out.extend(nll_of_logits(&logits.flatten_all()?.to_vec1::<f32>()?, self.cfg.vocab_size, &tgt[start..start + c])?);
+        }
+        Ok(out)
+    }
+
     /// Logits for every position `[B, T, vocab]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let (h, head) = self.forward_hidden(ids)?;
-        linear(&h, &head)
+        self.logits_from_hidden(&self.hidden(ids)?)
     }
 
     /// Incremental decoding: runs `ids: [B, T]` after what `cache` holds, appends their K/V and
@@ -359,10 +492,9 @@ impl Qwen3 {
         let past = cache.len();
         let positions: Vec<u32> = (past as u32..(past + t) as u32).collect();
         let mask = if t > 1 { Some(causal_mask(t, past, self.dtype(), self.device())?) } else { None };
-        let emb_w = self.embed.effective_weight(&self.quant)?;
-        let x = TernaryEmbedding::lookup(&emb_w, ids)?;
+        let (x, _) = self.embed_ids(ids)?;
         let h = self.run_layers(x, &positions, mask.as_ref(), Some(cache))?;
-        linear(&h, &self.head_weight()?)
+        self.logits_from_hidden(&h)
     }
 
     /// Incremental decoding of a batch of left-padded rows: row b starts with `pad[b]` padding
@@ -398,10 +530,9 @@ impl Qwen3 {
         let (cos, sin) = self.rope.cos_sin(&positions, dt, &dev)?;
         let (cos, sin) = (cos.reshape((b, 1, t, hd))?, sin.reshape((b, 1, t, hd))?);
         let mask = Tensor::from_vec(mask, (b, 1, 1, t, tk), &dev)?.to_dtype(dt)?;
-        let emb_w = self.embed.effective_weight(&self.quant)?;
-        let x = TernaryEmbedding::lookup(&emb_w, ids)?;
+        let (x, _) = self.embed_ids(ids)?;
         let h = self.run_layers_with(x, &cos, &sin, Some(&mask), Some(cache))?;
-        linear(&h, &self.head_weight()?)
+        self.logits_from_hidden(&h)
     }
 
     fn run_layers(
@@ -435,4 +566,43 @@ impl Qwen3 {
         }
         self.norm.forward(&x)
     }
+}
+
+/// The architecture recorded in a GGUF file's qwen3.* metadata.
+pub fn config_from_gguf(file: &crate::export::gguf::GgufFile) -> Result<Qwen3Config> {
+    let origin = file.path.display().to_string();
+    let arch = file.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("");
+    if arch != "qwen3" {
+        return Err(crate::Error::model_config(&origin, format!("general.architecture: expected \"qwen3\", found \"{arch}\"")));
+    }
+    let int = |k: &str| -> Result<usize> {
+        file.get(&format!("qwen3.{k}"))
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| crate::Error::model_config(&origin, format!("missing integer key 'qwen3.{k}'")))
+    };
+    let float = |k: &str| -> Result<f64> {
+        file.get(&format!("qwen3.{k}"))
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| crate::Error::model_config(&origin, format!("missing number key 'qwen3.{k}'")))
+    };
+    let embd = file
+        .tensor("token_embd.weight")
+        .ok_or_else(|| crate::Error::model_config(&origin, "missing tensor 'token_embd.weight'"))?;
+    let mut cfg = Qwen3Config::qwen3_0_6b();
+    cfg.hidden_size = int("embedding_length")?;
+    cfg.intermediate_size = int("feed_forward_length")?;
+    cfg.num_hidden_layers = int("block_count")?;
+    cfg.num_attention_heads = int("attention.head_count")?;
+    cfg.num_key_value_heads = Some(int("attention.head_count_kv")?);
+    cfg.head_dim = Some(int("attention.key_length")?);
+    cfg.rms_norm_eps = float("attention.layer_norm_rms_epsilon")?;
+    cfg.rope_theta = float("rope.freq_base")?;
+    cfg.max_position_embeddings = int("context_length")?;
+    cfg.vocab_size = embd.rows_cols().0;
+    cfg.tie_word_embeddings = file.tensor("output.weight").is_none();
+    cfg.eos_token_id = file.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(serde_json::Value::from);
+    cfg.bos_token_id = None;
+    cfg.validate(&origin)?;
+    Ok(cfg)
 }
