@@ -416,8 +416,9 @@ fn cmd_export(model: &str, out: &std::path::Path, format: &str, precision: &str)
     let r = tern::export::export_gguf(&ck.config, &quant, &ck.params, ck.tokenizer.as_deref(), format, &name, out)?;
     println!("wrote {} ({} bytes, {:.2} MiB)", out.display(), r.bytes, r.bytes as f64 / (1u64 << 20) as f64);
     println!(
-        "{} weights, {:.3} bits per weight, {:.3}x the size of the same model as F16 GGUF ({} bytes)",
-        r.weights, r.bits_per_weight, r.ratio_to_f16, r.f16_bytes
+        "{} weights: {:.3} bits per weight in tensor data, {:.3} over the whole file (metadata and tokenizer \
+         included); {:.3}x the size of the same model as F16 GGUF ({} bytes)",
+        r.weights, r.data_bits_per_weight, r.bits_per_weight, r.ratio_to_f16, r.f16_bytes
     );
     Ok(0)
 }

@@ -73,7 +73,10 @@ pub fn gguf_name(hf: &str) -> Result<String> {
 pub struct ExportReport {
     pub bytes: u64,
     pub weights: u64,
+    /// Whole file (metadata and tokenizer included) in bits per weight.
     pub bits_per_weight: f64,
+    /// Tensor data only (what grows with the model) in bits per weight.
+    pub data_bits_per_weight: f64,
     /// Size the same model takes as an F16 GGUF (same metadata), computed exactly.
     pub f16_bytes: u64,
     pub ratio_to_f16: f64,
@@ -183,6 +186,7 @@ pub fn export_gguf(
     let q = QuantConfig { ramp: 1.0, ..*quant };
     let mut weights = 0u64;
     let mut f16_data = 0u64;
+    let mut data_bytes = 0u64;
     for (hf, var) in params.iter() {
         let gname = gguf_name(hf)?;
         let t = var.as_tensor().detach().to_dtype(DType::F32)?;
@@ -192,6 +196,7 @@ pub fn export_gguf(
         f16_data += (n * if is_norm(hf) { 4 } else { 2 }).div_ceil(32) * 32;
         if is_norm(hf) {
             let v = t.flatten_all()?.to_vec1::<f32>()?;
+            data_bytes += 4 * v.len() as u64;
             w.tensor(&gname, dims, GGML_F32, v.iter().flat_map(|x| x.to_le_bytes()).collect());
             continue;
         }
@@ -207,6 +212,7 @@ pub fn export_gguf(
                     let c: Vec<i8> = c.iter().map(|&x| x as i8).collect();
                     q2::pack_row(&c, s, q.group_size, p, &mut data);
                 }
+                data_bytes += data.len() as u64;
                 w.tensor(&gname, dims, p.ggml_type(), data);
             }
             None => {
@@ -216,6 +222,7 @@ pub fn export_gguf(
                 } else {
                     eff.iter().flat_map(|x| x.to_le_bytes()).collect()
                 };
+                data_bytes += data.len() as u64;
                 w.tensor(&gname, dims, if format == Format::F16 { GGML_F16 } else { GGML_F32 }, data);
             }
         }
@@ -229,6 +236,7 @@ pub fn export_gguf(
         bytes,
         weights,
         bits_per_weight: bytes as f64 * 8.0 / weights as f64,
+        data_bits_per_weight: data_bytes as f64 * 8.0 / weights as f64,
         f16_bytes,
         ratio_to_f16: bytes as f64 / f16_bytes as f64,
     })

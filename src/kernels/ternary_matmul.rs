@@ -75,20 +75,23 @@ impl PackedMatrix {
         let cols = self.cols;
         let mut yt = vec![0f32; self.rows * n];
         yt.par_chunks_mut(n).enumerate().for_each(|(r, out)| {
-            let mut codes = [0f32; 128];
             for (bi, blk) in self.row_bytes(r).chunks_exact(bb).enumerate() {
                 let d = f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
                 if d == 0.0 {
                     continue;
                 }
-                for (j, &byte) in blk[2..].iter().enumerate() {
-                    codes[4 * j..4 * j + 4].copy_from_slice(&LUT[byte as usize]);
-                }
-                let c = &codes[..b];
                 for (i, o) in out.iter_mut().enumerate() {
                     let xs = &x[i * cols + bi * b..i * cols + (bi + 1) * b];
-                    let s: f32 = c.iter().zip(xs).map(|(t, v)| t * v).sum();
-                    *o += d * s;
+                    // Four lanes, one table entry (four codes) per byte: no intermediate buffer,
+                    // so the compiler keeps everything in vector registers.
+                    let mut acc = [0f32; 4];
+                    for (byte, x4) in blk[2..].iter().zip(xs.chunks_exact(4)) {
+                        let t = &LUT[*byte as usize];
+                        for k in 0..4 {
+                            acc[k] += t[k] * x4[k];
+                        }
+                    }
+                    *o += d * ((acc[0] + acc[1]) + (acc[2] + acc[3]));
                 }
             }
         });
