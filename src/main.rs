@@ -208,6 +208,10 @@ enum BenchCmd {
         device: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Use candle's plain cross-entropy over the full logits (the reference) instead of
+        /// the fused chunked LM-head loss.
+        #[arg(long)]
+        plain_loss: bool,
     },
 }
 
@@ -238,6 +242,7 @@ fn bench_step(
     scale: &str,
     device: &str,
     seed: u64,
+    plain_loss: bool,
 ) -> Result<()> {
     let cfg = arch_config(arch)?;
     let device = tern::device::parse_device(device)?;
@@ -269,8 +274,15 @@ fn bench_step(
     let (inp, tgt) = (ids.narrow(1, 0, seq)?, ids.narrow(1, 1, seq)?);
     for step in 0..steps {
         let t = Instant::now();
-        let logits = model.forward(&inp)?;
-        let loss = candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tgt.flatten_all()?)?;
+        let loss = if plain_loss {
+            let logits = model.forward(&inp)?;
+            candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tgt.flatten_all()?)?
+        } else {
+            // What `tern train` runs: the LM head fused into a chunked cross-entropy.
+            let (h, head) = model.forward_hidden(&inp)?;
+            let chunk = tern::kernels::cross_entropy::default_chunk(cfg.vocab_size);
+            tern::kernels::cross_entropy::lm_head_cross_entropy(&h.flatten_to(1)?, &head, &tgt.flatten_all()?, chunk)?
+        };
         let loss_v = loss.to_scalar::<f32>()?;
         let fwd = t.elapsed().as_secs_f64();
         let grads = loss.backward()?;
@@ -571,8 +583,8 @@ fn main() {
         }
         Cmd::Bench { what } => match what {
             BenchCmd::Decode { model, gguf, prompt, tokens } => bench_decode(&model, gguf.as_deref(), prompt, tokens),
-            BenchCmd::Step { arch, batch, seq, steps, precision, group_size, scale, device, seed } => {
-                bench_step(&arch, batch, seq, steps, &precision, group_size, &scale, &device, seed).map(|_| 0)
+            BenchCmd::Step { arch, batch, seq, steps, precision, group_size, scale, device, seed, plain_loss } => {
+                bench_step(&arch, batch, seq, steps, &precision, group_size, &scale, &device, seed, plain_loss).map(|_| 0)
             }
         },
     };

@@ -7,7 +7,10 @@
 //!   beside dequantize-then-dense.
 //! - [`norm`]: RMSNorm and LayerNorm as CPU CustomOps with a real backward from saved per-row
 //!   statistics (the model's RMSNorm uses it).
+//! - [`project`]: the ternary projection + STE in one pass per group, identity backward (the
+//!   model's ternary layers use it on the CPU).
 
 pub mod cross_entropy;
 pub mod norm;
+pub mod project;
 pub mod ternary_matmul;

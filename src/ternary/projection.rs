@@ -171,8 +171,8 @@ pub fn effective_weight(w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
     if quant.ramp == 0.0 {
         return Ok(w.clone());
     }
-    let q = project(w, quant.group_size, quant.scale)?;
-    ste(w, &q, quant.ramp)
+    // One fused pass on the CPU (kernels::project); this module's composed ops elsewhere.
+    crate::kernels::project::project_ste(w, quant)
 }
 
 /// Share of codes equal to -1, 0 and +1 in a projected weight.

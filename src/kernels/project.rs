@@ -1,0 +1,137 @@
+//! The ternary projection with its STE as one op: one pass over each group computes the scale
+//! and writes `w + lambda * (t * s - w)`; the backward is the identity (straight-through).
+//!
+//! The composed reference (`ternary::projection::{project, ste}`) runs abs, mean, divide, round,
+//! clamp, multiply, subtract, add: eight full-size temporaries of every weight per forward, and
+//! autograd keeps some of them. This op keeps none: time O(weights), extra memory one output.
+//! The scale is summed in f32 in row order, the way candle's CPU mean does, so the codes agree
+//! with the reference bit for bit on ordinary data. On a GPU: one warp per group (reduction for
+//! s, then the elementwise write), or one thread block per row.
+
+use crate::error::Result;
+use crate::ternary::{QuantConfig, ScaleRule};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+struct ProjectSte {
+    group: usize,
+    rule: ScaleRule,
+    lambda: f64,
+}
+
+impl ProjectSte {
+    fn run<T: num_like::Num>(&self, w: &[T], cols: usize) -> Vec<T> {
+        let mut out = vec![T::zero(); w.len()];
+        out.par_chunks_mut(cols).zip(w.par_chunks(cols)).for_each(|(o_row, w_row)| {
+            for (o, g) in o_row.chunks_mut(self.group).zip(w_row.chunks(self.group)) {
+                let s = match self.rule {
+                    ScaleRule::MeanAbs => g.iter().fold(T::zero(), |a, &x| a + x.abs()) / T::from_usize(g.len()),
+                    ScaleRule::MaxAbs => g.iter().fold(T::zero(), |a, &x| a.max(x.abs())),
+                };
+                let div = s.max(T::tiny());
+                let lambda = T::from_f64(self.lambda);
+                for (oi, &x) in o.iter_mut().zip(g) {
+                    let t = (x / div).round().max(T::from_f64(-1.0)).min(T::from_f64(1.0));
+                    *oi = x + lambda * (t * s - x);
+                }
+            }
+        });
+        out
+    }
+}
+
+/// Minimal float arithmetic for f32/f64 (kept local: two types, a handful of operations).
+mod num_like {
+    pub trait Num: Copy + Send + Sync + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
+        + std::ops::Mul<Output = Self> + std::ops::Div<Output = Self> {
+        fn zero() -> Self;
+        fn abs(self) -> Self;
+        fn max(self, o: Self) -> Self;
+        fn min(self, o: Self) -> Self;
+        fn round(self) -> Self;
+        fn from_usize(v: usize) -> Self;
+        fn from_f64(v: f64) -> Self;
+        fn tiny() -> Self;
+    }
+    macro_rules! imp {
+        ($t:ty) => {
+            impl Num for $t {
+                fn zero() -> Self { 0.0 }
+                fn abs(self) -> Self { <$t>::abs(self) }
+                fn max(self, o: Self) -> Self { <$t>::max(self, o) }
+                fn min(self, o: Self) -> Self { <$t>::min(self, o) }
+                fn round(self) -> Self { <$t>::round(self) }
+                fn from_usize(v: usize) -> Self { v as $t }
+                fn from_f64(v: f64) -> Self { v as $t }
+                fn tiny() -> Self { 1e-30 as $t }
+            }
+        };
+    }
+    imp!(f32);
+    imp!(f64);
+}
+
+impl CustomOp1 for ProjectSte {
+    fn name(&self) -> &'static str {
+        "tern-ternary-project-ste"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = match l.contiguous_offsets() {
+            Some(x) => x,
+            None => candle_core::bail!("ternary projection: weight must be contiguous"),
+        };
+        let cols = *l.dims().last().unwrap_or(&1);
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..b], cols)),
+            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[a..b], cols)),
+            _ => candle_core::bail!("ternary projection: f32 or f64 weights only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    /// Straight-through: dL/dw = dL/d(projected).
+    fn bwd(&self, _w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.clone()))
+    }
+}
+
+/// `w + lambda * (project(w) - w)` with an identity gradient, fused on the CPU for f32/f64 2-D
+/// weights; the composed reference elsewhere.
+pub fn project_ste(w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
+    let fused = w.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::F64) && w.rank() == 2;
+    if !fused {
+        let q = crate::ternary::projection::project(w, quant.group_size, quant.scale)?;
+        return crate::ternary::projection::ste(w, &q, quant.ramp);
+    }
+    Ok(w.contiguous()?.apply_op1(ProjectSte { group: quant.group_size, rule: quant.scale, lambda: quant.ramp })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ternary::projection::{project, ste};
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn fused_projection_equals_the_composed_reference_and_passes_gradients_straight_through() {
+        for rule in [ScaleRule::MeanAbs, ScaleRule::MaxAbs] {
+            for lambda in [1.0, 0.3] {
+                let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 300), &Device::Cpu).unwrap()).unwrap();
+                let q = QuantConfig { group_size: 128, scale: rule, ramp: lambda, ternary: true };
+                let fused = project_ste(w.as_tensor(), &q).unwrap();
+                let reference = ste(w.as_tensor(), &project(w.as_tensor(), 128, rule).unwrap(), lambda).unwrap();
+                let d = (&fused - &reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-6, "{rule} lambda {lambda}");
+                let c = Tensor::randn(0f32, 1.0, (9, 300), &Device::Cpu).unwrap();
+                let g = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                let gw = g.get(w.as_tensor()).unwrap();
+                assert_eq!(gw.to_vec2::<f32>().unwrap(), c.to_vec2::<f32>().unwrap());
+            }
+        }
+        // An all-zero group projects to zeros, never NaN.
+        let z = Tensor::zeros((2, 128), DType::F32, &Device::Cpu).unwrap();
+        let p = project_ste(&z, &QuantConfig::default()).unwrap();
+        assert!(p.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| *x == 0.0));
+    }
+}
