@@ -6,12 +6,12 @@
 //!
 //! Fused version ([`lm_head_cross_entropy`]): for each chunk of `c` tokens, compute the chunk's
 //! logits `[c, V]`, its log-sum-exp and NLL, and right away its gradient
-//! `dlogits = (softmax - onehot) / N`, then `dh_chunk = dlogits @ W` and `dW += dlogits^T @ h_chunk`.
-//! Only one `[c, V]` buffer exists at a time. The loss is returned as
-//! `value + (h . dh + W . dW) - stop_grad(h . dh + W . dW)`, whose value is the loss and whose
-//! gradients w.r.t. `h` and `W` are exactly `dh` and `dW` (the chain rule then carries them on,
-//! through the STE into the latent embedding). Cost: the same three GEMMs as the plain forward +
-//! backward, done during the forward. Time O(N V H), extra memory O(c V + V H).
+//! `dlogits = (softmax - onehot) / N`, then `dh_chunk = dlogits @ W`; `dW = dlogits^T @ h` is
+//! formed once per group of chunks (~256 MB of dlogits). The loss is returned as
+//! `value + inject(h, dh) + inject(W, dW)`, where `inject` is a CustomOp whose forward is a scalar
+//! zero and whose backward hands the stored gradient to autograd (the chain rule then carries it
+//! on, through the STE into the latent embedding). Cost: the same three GEMMs as the plain
+//! forward + backward, done during the forward. Time O(N V H), extra memory O(min(N, G) V + V H).
 //!
 //! On CPU the per-row softmax/NLL/gradient is one pass over the chunk's logits in plain Rust
 //! (rows in parallel); elsewhere it is composed of candle ops. On a GPU this maps to one kernel
@@ -101,9 +101,49 @@ fn softmax_xent_ops(logits: &Tensor, targets: &Tensor, scale: f64, grad: bool) -
     Ok((nll, Some(p.scatter_add(&targets.unsqueeze(1)?, &minus, 1)?)))
 }
 
+/// Hands a precomputed gradient to autograd: the forward is a scalar zero (it never reads its
+/// input), the backward returns `grad * upstream`. `x + inject(x, g)` has x's value and adds g to
+/// x's gradient without materializing `x * g` the way a surrogate `sum(x * g)` term would.
+struct InjectGrad {
+    grad: Tensor,
+}
+
+impl candle_core::CustomOp1 for InjectGrad {
+    fn name(&self) -> &'static str {
+        "tern-inject-grad"
+    }
+    fn cpu_fwd(&self, s: &candle_core::CpuStorage, _l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as C;
+        let zero = match s {
+            C::F32(_) => C::F32(vec![0.0]),
+            C::F64(_) => C::F64(vec![0.0]),
+            _ => candle_core::bail!("inject-grad: f32 or f64 only"),
+        };
+        Ok((zero, candle_core::Shape::from(())))
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.grad.broadcast_mul(grad_res)?))
+    }
+}
+
+fn inject(x: &Tensor, grad: Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        return Ok(x.apply_op1(InjectGrad { grad })?);
+    }
+    // Elsewhere: a surrogate whose gradient is `grad` and whose value is cancelled.
+    let s = (x * &grad)?.sum_all()?;
+    Ok((&s - s.detach())?)
+}
+
 /// Mean next-token NLL of hidden states `h: [N, H]` under head `w: [V, H]` for `targets: [N]`,
-/// differentiable w.r.t. `h` and `w`, computed `chunk` tokens at a time.
+/// differentiable w.r.t. `h` and `w`, computed `chunk` tokens at a time. `dW` is formed with one
+/// GEMM per group of chunks (~256 MB of dlogits), not one `[V, H]` addition per chunk.
 pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
+    let group_rows = (256usize << 20) / (4 * w.dim(0)?.max(1));
+    lm_head_cross_entropy_grouped(h, w, targets, chunk, group_rows)
+}
+
+fn lm_head_cross_entropy_grouped(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize, group_rows: usize) -> Result<Tensor> {
     let (n, _) = h.dims2()?;
     let (vocab, hidden) = w.dims2()?;
     let hd = h.detach();
@@ -114,32 +154,47 @@ pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: us
         return Err(Error::Msg(format!("target id {bad} is outside the vocabulary of {vocab}")));
     }
     let scale = 1.0 / n.max(1) as f64;
+    let chunk = chunk.max(1);
+    let group = group_rows.max(chunk) / chunk * chunk;
     let mut nll = 0f64;
     let mut dh_parts = Vec::with_capacity(n.div_ceil(chunk));
-    let mut dw = Tensor::zeros((vocab, hidden), wd.dtype(), wd.device())?;
+    let mut dw: Option<Tensor> = None;
     let wt = wd.t()?;
-    for start in (0..n).step_by(chunk.max(1)) {
-        let c = chunk.min(n - start);
-        let hc = hd.narrow(0, start, c)?;
-        let logits = hc.matmul(&wt)?;
-        let (chunk_nll, dlogits) = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
-            let flat = logits.flatten_all()?.to_vec1::<f32>()?;
-            let mut d = vec![0f32; c * vocab];
-            let l: f64 = softmax_xent_cpu(&flat, vocab, &tgt_host[start..start + c], scale as f32, Some(&mut d)).iter().sum();
-            (l, Tensor::from_vec(d, (c, vocab), &Device::Cpu)?)
-        } else {
-            let (l, d) = softmax_xent_ops(&logits, &tgt_all.narrow(0, start, c)?, scale, true)?;
-            (l.iter().sum::<f64>(), d.expect("grad requested"))
-        };
-        drop(logits);
-        nll += chunk_nll;
-        dh_parts.push(dlogits.matmul(&wd)?);
-        dw = (dw + dlogits.t()?.matmul(&hc)?)?;
+    for g0 in (0..n).step_by(group) {
+        let gn = group.min(n - g0);
+        let mut dl_parts = Vec::with_capacity(gn.div_ceil(chunk));
+        for start in (g0..g0 + gn).step_by(chunk) {
+            let c = chunk.min(g0 + gn - start);
+            let logits = hd.narrow(0, start, c)?.matmul(&wt)?;
+            let (chunk_nll, dlogits) = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+                let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+                drop(logits);
+                let mut d = vec![0f32; c * vocab];
+                let l: f64 = softmax_xent_cpu(&flat, vocab, &tgt_host[start..start + c], scale as f32, Some(&mut d)).iter().sum();
+                (l, Tensor::from_vec(d, (c, vocab), &Device::Cpu)?)
+            } else {
+                let (l, d) = softmax_xent_ops(&logits, &tgt_all.narrow(0, start, c)?, scale, true)?;
+                (l.iter().sum::<f64>(), d.expect("grad requested"))
+            };
+            nll += chunk_nll;
+            dh_parts.push(dlogits.matmul(&wd)?);
+            dl_parts.push(dlogits);
+        }
+        let dl = if dl_parts.len() == 1 { dl_parts.pop().expect("one part") } else { Tensor::cat(&dl_parts, 0)? };
+        drop(dl_parts);
+        let part = dl.t()?.matmul(&hd.narrow(0, g0, gn)?)?;
+        dw = Some(match dw {
+            None => part,
+            Some(acc) => (acc + part)?,
+        });
     }
     let dh = Tensor::cat(&dh_parts, 0)?;
-    let surrogate = ((h * &dh)?.sum_all()? + (w * &dw)?.sum_all()?)?;
+    let dw = match dw {
+        Some(d) => d,
+        None => Tensor::zeros((vocab, hidden), wd.dtype(), wd.device())?,
+    };
     let value = Tensor::new((nll * scale) as f32, h.device())?.to_dtype(h.dtype())?;
-    Ok(((&surrogate - surrogate.detach())? + value)?)
+    Ok(((value + inject(h, dh)?)? + inject(w, dw)?)?)
 }
 
 /// NLL of each row of already computed logits `[c, vocab]` (row-major) for `targets`.
@@ -183,14 +238,14 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
-    fn check(n: usize, hidden: usize, vocab: usize, chunk: usize) {
+    fn check(n: usize, hidden: usize, vocab: usize, chunk: usize, group: usize) {
         let dev = Device::Cpu;
         let h = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (n, hidden), &dev).unwrap() * 2.0).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (vocab, hidden), &dev).unwrap()).unwrap();
         let tgt: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % vocab as u32).collect();
         let tgt = Tensor::new(tgt.as_slice(), &dev).unwrap();
         let r = reference_loss(h.as_tensor(), w.as_tensor(), &tgt).unwrap();
-        let f = lm_head_cross_entropy(h.as_tensor(), w.as_tensor(), &tgt, chunk).unwrap();
+        let f = lm_head_cross_entropy_grouped(h.as_tensor(), w.as_tensor(), &tgt, chunk, group).unwrap();
         let (rv, fv) = (r.to_scalar::<f32>().unwrap(), f.to_scalar::<f32>().unwrap());
         assert!((rv - fv).abs() <= 1e-5 * rv.abs().max(1.0), "loss {rv} vs {fv}");
         let nll = lm_head_nll_sum(h.as_tensor(), w.as_tensor(), &tgt, chunk).unwrap();
@@ -219,8 +274,9 @@ mod tests {
 
     #[test]
     fn fused_chunks_equal_the_plain_loss_and_gradients() {
-        check(37, 16, 1000, 8); // last chunk partial
-        check(64, 24, 3001, 64); // one chunk
-        check(5, 8, 50, 1);
+        check(37, 16, 1000, 8, 1 << 20); // last chunk partial, one group
+        check(37, 16, 1000, 8, 16); // groups of 2 chunks, last group partial
+        check(64, 24, 3001, 64, 1 << 20); // one chunk
+        check(5, 8, 50, 1, 2);
     }
 }

@@ -383,22 +383,19 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     pb.finish_and_clear();
 
     // End of run (or interruption): evaluate, save, verify, sample, summarize.
-    let (val_loss, val_ppl) = if interrupted {
-        last_val.unwrap_or((f64::NAN, f64::NAN))
-    } else {
-        let v = eval_and_log(&model, state.step, &mut metrics)?;
-        last_val = Some(v);
-        v
+    let (val_loss, val_ppl) = match (interrupted, last_val) {
+        (true, Some(v)) => v,
+        (true, None) => (f64::NAN, f64::NAN),
+        (false, _) => eval_and_log(&model, state.step, &mut metrics)?,
     };
-    let ckpt = match (&last_ckpt, interrupted) {
-        (Some(dir), _) if dir.ends_with(format!("step-{:08}", state.step)) => dir.clone(),
+    let ckpt = match last_ckpt {
+        Some(dir) if dir.ends_with(format!("step-{:08}", state.step)) => dir,
         _ => save(&state, &opt, &model)?,
     };
     let (report, _) = verify_model(&params, &model.quant)?;
     let samples = if opts.samples && !interrupted { samples(&model, &tok)? } else { vec![] };
     let summary = summarize(cfg, &state, &out_dir, val_loss, val_ppl, &report, &samples, &ckpt);
     crate::model::io::write_atomic(&out_dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("json").as_bytes())?;
-    let _ = last_val;
     Ok(TrainOutcome { last_step: state.step, losses, val_loss, val_ppl, interrupted, checkpoint: ckpt, summary })
 }
 
