@@ -21,7 +21,7 @@ use std::path::Path;
 pub fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::Msg(format!(
-            "data file {}: not found (run scripts/fetch_assets.sh, or set data.train_file)",
+            "data file {}: not found (scripts/fetch_assets.sh builds data/train_data.txt)",
             path.display()
         )),
         _ => Error::io(path, e),
