@@ -26,6 +26,13 @@ pub fn default_chunk(vocab: usize) -> usize {
     ((32usize << 20) / (4 * vocab.max(1))).clamp(8, 1024)
 }
 
+fn check_targets(targets: &[u32], vocab: usize) -> Result<()> {
+    match targets.iter().find(|&&t| t as usize >= vocab) {
+        Some(bad) => Err(Error::Msg(format!("target id {bad} is outside the vocabulary of {vocab}"))),
+        None => Ok(()),
+    }
+}
+
 /// Plain reference: full logits, then candle's cross-entropy (mean over tokens).
 pub fn reference_loss(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = h.matmul(&w.t()?)?;
@@ -150,9 +157,7 @@ fn lm_head_cross_entropy_grouped(h: &Tensor, w: &Tensor, targets: &Tensor, chunk
     let wd = w.detach();
     let tgt_all = targets.to_dtype(DType::U32)?;
     let tgt_host: Vec<u32> = tgt_all.to_device(&Device::Cpu)?.to_vec1()?;
-    if let Some(bad) = tgt_host.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Msg(format!("target id {bad} is outside the vocabulary of {vocab}")));
-    }
+    check_targets(&tgt_host, vocab)?;
     let scale = 1.0 / n.max(1) as f64;
     let chunk = chunk.max(1);
     let group = group_rows.max(chunk) / chunk * chunk;
@@ -199,9 +204,7 @@ fn lm_head_cross_entropy_grouped(h: &Tensor, w: &Tensor, targets: &Tensor, chunk
 
 /// NLL of each row of already computed logits `[c, vocab]` (row-major) for `targets`.
 pub fn nll_of_logits(logits: &[f32], vocab: usize, targets: &[u32]) -> Result<Vec<f64>> {
-    if let Some(bad) = targets.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Msg(format!("target id {bad} is outside the vocabulary of {vocab}")));
-    }
+    check_targets(targets, vocab)?;
     Ok(softmax_xent_cpu(logits, vocab, targets, 1.0, None))
 }
 
@@ -212,9 +215,7 @@ pub fn lm_head_token_nll(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize)
     let wt = w.detach().t()?;
     let tgt_all = targets.to_dtype(DType::U32)?;
     let tgt_host: Vec<u32> = tgt_all.to_device(&Device::Cpu)?.to_vec1()?;
-    if let Some(bad) = tgt_host.iter().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Msg(format!("target id {bad} is outside the vocabulary of {vocab}")));
-    }
+    check_targets(&tgt_host, vocab)?;
     let mut out = Vec::with_capacity(n);
     for start in (0..n).step_by(chunk.max(1)) {
         let c = chunk.min(n - start);
@@ -226,11 +227,6 @@ pub fn lm_head_token_nll(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize)
         });
     }
     Ok(out)
-}
-
-/// Sum of next-token NLL (no gradient), chunked.
-pub fn lm_head_nll_sum(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<f64> {
-    Ok(lm_head_token_nll(h, w, targets, chunk)?.iter().sum())
 }
 
 #[cfg(test)]
@@ -248,7 +244,7 @@ mod tests {
         let f = lm_head_cross_entropy_grouped(h.as_tensor(), w.as_tensor(), &tgt, chunk, group).unwrap();
         let (rv, fv) = (r.to_scalar::<f32>().unwrap(), f.to_scalar::<f32>().unwrap());
         assert!((rv - fv).abs() <= 1e-5 * rv.abs().max(1.0), "loss {rv} vs {fv}");
-        let nll = lm_head_nll_sum(h.as_tensor(), w.as_tensor(), &tgt, chunk).unwrap();
+        let nll: f64 = lm_head_token_nll(h.as_tensor(), w.as_tensor(), &tgt, chunk).unwrap().iter().sum();
         assert!((nll / n as f64 - rv as f64).abs() < 1e-5 * (rv as f64).max(1.0));
         let (gr, gf) = (r.backward().unwrap(), f.backward().unwrap());
         for v in [&h, &w] {

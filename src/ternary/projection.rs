@@ -16,7 +16,7 @@
 //! fused CPU kernel is checked against).
 
 use crate::error::{Error, Result};
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 /// How a group's scale is computed.
@@ -173,18 +173,6 @@ pub fn effective_weight(w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
     }
     // One fused pass on the CPU (kernels::project); this module's composed ops elsewhere.
     crate::kernels::project::project_ste(w, quant)
-}
-
-/// Share of codes equal to -1, 0 and +1 in a projected weight.
-pub fn code_shares(w: &Tensor, group: usize, rule: ScaleRule) -> Result<[f64; 3]> {
-    let (t, _) = codes_and_scales(w, group, rule)?;
-    let t = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let mut c = [0usize; 3];
-    for v in &t {
-        c[(*v as i32 + 1) as usize] += 1;
-    }
-    let n = t.len().max(1) as f64;
-    Ok([c[0] as f64 / n, c[1] as f64 / n, c[2] as f64 / n])
 }
 
 #[cfg(test)]
