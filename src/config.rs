@@ -114,7 +114,7 @@ impl ModelSection {
     }
 
     pub fn quant(&self) -> QuantConfig {
-        QuantConfig { ternary: self.ternary, group_size: self.group_size, scale: self.scale, ramp: 1.0 }
+        QuantConfig { ternary: self.ternary, group_size: self.group_size, scale: self.scale, ramp: 1.0, ..Default::default() }
     }
 }
 
@@ -190,6 +190,8 @@ pub struct TrainSection {
     pub device: String,
     /// default "runs/default"
     pub out_dir: PathBuf,
+    /// "fused" (tern's kernels, default) | "reference" (plain candle ops; for benchmarks)
+    pub kernels: crate::kernels::Kernels,
 }
 
 impl Default for TrainSection {
@@ -211,6 +213,7 @@ impl Default for TrainSection {
             seed: 0,
             device: "auto".into(),
             out_dir: "runs/default".into(),
+            kernels: crate::kernels::Kernels::Fused,
         }
     }
 }

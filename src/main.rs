@@ -5,6 +5,18 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc 2's `mi_option_e` (include/mimalloc.h).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Even mimalloc gives freed pages back to the OS after 10 ms by default, and a training step
+/// frees and re-allocates the same hundreds of MiB every few ms: the kernel then spends ~7% of
+/// the step zeroing fresh pages (perf: clear_page_erms). Never purging keeps those pages; peak
+/// RSS is what it was (measured in NOTES.md).
+fn keep_freed_pages() {
+    // SAFETY: sets one integer option of the allocator; valid at any time.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use clap::{Parser, Subcommand};
@@ -208,10 +220,10 @@ enum BenchCmd {
         device: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Use candle's plain cross-entropy over the full logits (the reference) instead of
-        /// the fused chunked LM-head loss.
-        #[arg(long)]
-        plain_loss: bool,
+        /// `fused` (tern's kernels) or `reference` (plain candle ops: composed norms, RoPE and
+        /// attention, candle's cross-entropy over the full logits).
+        #[arg(long, default_value = "fused")]
+        kernels: String,
     },
 }
 
@@ -242,7 +254,7 @@ fn bench_step(
     scale: &str,
     device: &str,
     seed: u64,
-    plain_loss: bool,
+    kernels: &str,
 ) -> Result<()> {
     let cfg = arch_config(arch)?;
     let device = tern::device::parse_device(device)?;
@@ -250,7 +262,8 @@ fn bench_step(
         ternary: parse_precision(precision)?,
         group_size,
         scale: scale.parse::<ScaleRule>()?,
-        ramp: 1.0,
+        kernels: kernels.parse()?,
+        ..QuantConfig::default()
     };
     quant.validate()?;
     anyhow::ensure!(batch > 0 && seq > 0 && steps > 0, "--batch, --seq and --steps must be positive");
@@ -274,15 +287,7 @@ fn bench_step(
     let (inp, tgt) = (ids.narrow(1, 0, seq)?, ids.narrow(1, 1, seq)?);
     for step in 0..steps {
         let t = Instant::now();
-        let loss = if plain_loss {
-            let logits = model.forward(&inp)?;
-            candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tgt.flatten_all()?)?
-        } else {
-            // What `tern train` runs: the LM head fused into a chunked cross-entropy.
-            let (h, head) = model.forward_hidden(&inp)?;
-            let chunk = tern::kernels::cross_entropy::default_chunk(cfg.vocab_size);
-            tern::kernels::cross_entropy::lm_head_cross_entropy(&h.flatten_to(1)?, &head, &tgt.flatten_all()?, chunk)?
-        };
+        let loss = tern::train::trainer::batch_loss(&model, &inp, &tgt)?;
         let loss_v = loss.to_scalar::<f32>()?;
         let fwd = t.elapsed().as_secs_f64();
         let grads = loss.backward()?;
@@ -562,6 +567,7 @@ fn print_summary(s: &serde_json::Value) {
 }
 
 fn main() {
+    keep_freed_pages();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -583,8 +589,8 @@ fn main() {
         }
         Cmd::Bench { what } => match what {
             BenchCmd::Decode { model, gguf, prompt, tokens } => bench_decode(&model, gguf.as_deref(), prompt, tokens),
-            BenchCmd::Step { arch, batch, seq, steps, precision, group_size, scale, device, seed, plain_loss } => {
-                bench_step(&arch, batch, seq, steps, &precision, group_size, &scale, &device, seed, plain_loss).map(|_| 0)
+            BenchCmd::Step { arch, batch, seq, steps, precision, group_size, scale, device, seed, kernels } => {
+                bench_step(&arch, batch, seq, steps, &precision, group_size, &scale, &device, seed, &kernels).map(|_| 0)
             }
         },
     };

@@ -120,3 +120,31 @@ fn central_difference(var: &Var, base: &[f64], k: usize, eps: f64, m: &Qwen3, in
     set(0.0);
     (plus - minus) / (2.0 * eps)
 }
+
+/// The fused kernels (norms, RoPE, flash attention, projection) and the plain references give the
+/// same loss and the same gradient for every parameter of the whole model.
+#[test]
+fn fused_kernels_and_plain_references_give_the_same_gradients() {
+    use tern::kernels::Kernels;
+    for tied in [true, false] {
+        let cfg = tiny(tied);
+        let params = Params::scratch(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
+        let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
+        let run = |kernels: Kernels| {
+            let model = Qwen3::new(&cfg, QuantConfig { kernels, ..quant() }, &params).unwrap();
+            let l = loss(&model, &inp, &tgt);
+            let grads = l.backward().unwrap();
+            let per_param: Vec<Vec<f32>> =
+                params.iter().map(|(_, v)| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect();
+            (l.to_scalar::<f32>().unwrap(), per_param)
+        };
+        let (lf, gf) = run(Kernels::Fused);
+        let (lr, gr) = run(Kernels::Reference);
+        assert!((lf - lr).abs() < 1e-5, "loss {lf} vs {lr}");
+        for ((name, _), (a, b)) in params.iter().zip(gf.iter().zip(&gr)) {
+            let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+            assert!(err < 1e-4, "{name}: fused vs reference gradient rel err {err}");
+        }
+    }
+}

@@ -7,10 +7,46 @@
 //!   beside dequantize-then-dense.
 //! - [`norm`]: RMSNorm and LayerNorm as CPU CustomOps with a real backward from saved per-row
 //!   statistics (the model's RMSNorm uses it).
+//! - [`flash_attention`]: tiled attention with the online softmax, forward and backward, GQA
+//!   without copying K/V, never an `[T, Tk]` matrix (the model's attention uses it on the CPU).
 //! - [`project`]: the ternary projection + STE in one pass per group, identity backward (the
 //!   model's ternary layers use it on the CPU).
+//! - [`rope`]: rotary embedding fused with the head transpose, with its backward.
+//!
+//! [`Kernels`] picks fused or plain for a whole model (`[train] kernels` in the config): the
+//! plain path is what `tern bench` compares against.
 
 pub mod cross_entropy;
+pub mod flash_attention;
 pub mod norm;
 pub mod project;
+pub mod rope;
 pub mod ternary_matmul;
+
+/// Which implementation the model uses for norms, RoPE, attention, the projection and the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// tern's fused CPU kernels (other devices fall back to the references).
+    #[default]
+    Fused,
+    /// The plain references composed of differentiable candle ops.
+    Reference,
+}
+
+impl Kernels {
+    pub fn fused(self) -> bool {
+        self == Kernels::Fused
+    }
+}
+
+impl std::str::FromStr for Kernels {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::error::Result<Self> {
+        match s {
+            "fused" => Ok(Kernels::Fused),
+            "reference" => Ok(Kernels::Reference),
+            o => Err(crate::Error::Msg(format!("kernels: expected 'fused' or 'reference', found '{o}'"))),
+        }
+    }
+}

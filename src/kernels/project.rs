@@ -97,9 +97,9 @@ impl CustomOp1 for ProjectSte {
 }
 
 /// `w + lambda * (project(w) - w)` with an identity gradient, fused on the CPU for f32/f64 2-D
-/// weights; the composed reference elsewhere.
+/// weights; the composed reference elsewhere or when `quant.kernels` asks for it.
 pub fn project_ste(w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
-    let fused = w.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::F64) && w.rank() == 2;
+    let fused = quant.kernels.fused() && w.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::F64) && w.rank() == 2;
     if !fused {
         let q = crate::ternary::projection::project(w, quant.group_size, quant.scale)?;
         return crate::ternary::projection::ste(w, &q, quant.ramp);
@@ -118,7 +118,7 @@ mod tests {
         for rule in [ScaleRule::MeanAbs, ScaleRule::MaxAbs] {
             for lambda in [1.0, 0.3] {
                 let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 300), &Device::Cpu).unwrap()).unwrap();
-                let q = QuantConfig { group_size: 128, scale: rule, ramp: lambda, ternary: true };
+                let q = QuantConfig { group_size: 128, scale: rule, ramp: lambda, ternary: true, ..Default::default() };
                 let fused = project_ste(w.as_tensor(), &q).unwrap();
                 let reference = ste(w.as_tensor(), &project(w.as_tensor(), 128, rule).unwrap(), lambda).unwrap();
                 let d = (&fused - &reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();

@@ -17,6 +17,8 @@
 use super::config::Qwen3Config;
 use super::params::{self, Params};
 use crate::error::Result;
+use crate::kernels::flash_attention::{self, FlashConfig};
+use crate::kernels::{rope, Kernels};
 use crate::ternary::{layers::linear, QuantConfig, TernaryEmbedding, TernaryLinear};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -33,7 +35,10 @@ impl RmsNorm {
 
     /// Fused on the CPU (one pass per row, backward from the saved per-row statistic); the
     /// composed reference elsewhere. See `kernels::norm`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        if !kernels.fused() {
+            return crate::kernels::norm::rms_norm_reference(x, &self.weight, self.eps);
+        }
         crate::kernels::norm::rms_norm(x, &self.weight, self.eps)
     }
 
@@ -77,22 +82,50 @@ impl Rope {
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` for `x: [B, H, T, hd]`, cos/sin broadcastable to it.
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+/// Which keys each query sees in one forward, built once for all layers: the flash kernel's
+/// description (causal, left padding) and, for the reference path only, the additive mask.
+#[derive(Debug, Clone)]
+pub struct AttnMask {
+    flash: FlashConfig,
+    /// Additive mask broadcastable to `[B, KV, H/KV, T, Tk]`; `None` with the flash kernel.
+    additive: Option<Tensor>,
 }
 
-/// Additive causal mask `[T, past + T]`: query i (at position past + i) sees keys 0..=past + i.
-pub fn causal_mask(t: usize, past: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+impl AttnMask {
+    /// Causal attention of `t` queries after `past` cached positions; rows of `pad` (left
+    /// padding per row, empty = none) never see their padding.
+    pub fn causal(t: usize, past: usize, pad: &[usize], use_flash: bool, dtype: DType, device: &Device) -> Result<Self> {
+        let flash = FlashConfig { causal: true, kv_start: pad.to_vec(), ..FlashConfig::default() };
+        let additive = if use_flash {
+            None
+        } else if !pad.is_empty() {
+            Some(padded_mask(t, past, pad, dtype, device)?)
+        } else if t > 1 {
+            let (b, tk) = (1, past + t);
+            Some(crate::kernels::flash_attention::additive_mask(b, t, tk, &flash, dtype, device)?)
+        } else {
+            None
+        };
+        Ok(Self { flash, additive })
+    }
+}
+
+/// The reference path's mask for left-padded rows `[B, 1, 1, T, Tk]`. A padding query sees only
+/// itself (its output is never used; this avoids a row of all -inf, whose softmax is NaN). A
+/// real query sees its row's real tokens up to itself.
+fn padded_mask(t: usize, past: usize, pad: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
     let tk = past + t;
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| (0..tk).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Ok(Tensor::from_vec(data, (t, tk), device)?.to_dtype(dtype)?)
+    let mut mask = Vec::with_capacity(pad.len() * t * tk);
+    for &p in pad {
+        for i in 0..t {
+            let q = past + i;
+            mask.extend((0..tk).map(|j| {
+                let visible = if q < p { j == q } else { j >= p && j <= q };
+                if visible { 0f32 } else { f32::NEG_INFINITY }
+            }));
+        }
+    }
+    Ok(Tensor::from_vec(mask, (pad.len(), 1, 1, t, tk), device)?.to_dtype(dtype)?)
 }
 
 #[derive(Debug, Clone)]
@@ -150,7 +183,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttnMask,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         quant: &QuantConfig,
     ) -> Result<Tensor> {
@@ -159,10 +192,12 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = self.q_norm.forward(&self.q.forward(x, quant)?.reshape((b, t, nh, hd))?)?;
-        let k = self.k_norm.forward(&self.k.forward(x, quant)?.reshape((b, t, nkv, hd))?)?;
-        let q = apply_rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let mut k = apply_rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let kern = quant.kernels;
+        let q = self.q_norm.forward(&self.q.forward(x, quant)?.reshape((b, t, nh, hd))?, kern)?;
+        let k = self.k_norm.forward(&self.k.forward(x, quant)?.reshape((b, t, nkv, hd))?, kern)?;
+        let rope = if kern.fused() { rope::rope_transposed } else { rope::rope_transposed_reference };
+        let q = rope(&q, cos, sin)?;
+        let mut k = rope(&k, cos, sin)?;
         let mut v = heads(self.v.forward(x, quant)?, nkv)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
@@ -171,7 +206,10 @@ impl Attention {
             }
             *slot = Some((k.detach(), v.detach()));
         }
-        let o = attention(&q, &k, &v, mask, nkv)?;
+        let o = match &mask.additive {
+            None if kern.fused() && flash_attention::supported(&q) => flash_attention::flash_attention(&q, &k, &v, &mask.flash)?,
+            additive => attention(&q, &k, &v, additive.as_ref(), nkv)?,
+        };
         let o = o.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o.forward(&o, quant)
     }
@@ -445,8 +483,17 @@ impl Qwen3 {
     fn hidden_from_embeddings(&self, x: Tensor) -> Result<Tensor> {
         let t = x.dim(1)?;
         let positions: Vec<u32> = (0..t as u32).collect();
-        let mask = if t > 1 { Some(causal_mask(t, 0, self.dtype(), x.device())?) } else { None };
-        self.run_layers(x, &positions, mask.as_ref(), None)
+        let mask = self.causal_mask(t, 0, &[])?;
+        self.run_layers(x, &positions, &mask, None)
+    }
+
+    /// Whether attention runs the flash kernel (fused kernels on, CPU, f32/f64).
+    fn use_flash(&self) -> bool {
+        self.quant.kernels.fused() && self.device().is_cpu() && matches!(self.dtype(), DType::F32 | DType::F64)
+    }
+
+    fn causal_mask(&self, t: usize, past: usize, pad: &[usize]) -> Result<AttnMask> {
+        AttnMask::causal(t, past, pad, self.use_flash(), self.dtype(), self.device())
     }
 
     /// Logits `[..., vocab]` of hidden states `[..., H]`.
@@ -491,9 +538,9 @@ impl Qwen3 {
         }
         let past = cache.len();
         let positions: Vec<u32> = (past as u32..(past + t) as u32).collect();
-        let mask = if t > 1 { Some(causal_mask(t, past, self.dtype(), self.device())?) } else { None };
+        let mask = self.causal_mask(t, past, &[])?;
         let (x, _) = self.embed_ids(ids)?;
-        let h = self.run_layers(x, &positions, mask.as_ref(), Some(cache))?;
+        let h = self.run_layers(x, &positions, &mask, Some(cache))?;
         self.logits_from_hidden(&h)
     }
 
@@ -510,28 +557,15 @@ impl Qwen3 {
             *cache = KvCache::new(self.layers.len());
         }
         let past = cache.len();
-        let tk = past + t;
-        let mut positions = Vec::with_capacity(b * t);
-        let mut mask = Vec::with_capacity(b * t * tk);
-        for &p in pad {
-            for i in 0..t {
-                let q = past + i;
-                positions.push(q.saturating_sub(p) as u32);
-                // A padding query sees only itself (its output is never used; this avoids a row
-                // of all -inf). A real query sees its row's real tokens up to itself.
-                mask.extend((0..tk).map(|j| {
-                    let visible = if q < p { j == q } else { j >= p && j <= q };
-                    if visible { 0f32 } else { f32::NEG_INFINITY }
-                }));
-            }
-        }
+        let positions: Vec<u32> =
+            pad.iter().flat_map(|&p| (past..past + t).map(move |q| q.saturating_sub(p) as u32)).collect();
         let (dt, dev) = (self.dtype(), self.device().clone());
         let hd = self.cfg.head_dim();
         let (cos, sin) = self.rope.cos_sin(&positions, dt, &dev)?;
         let (cos, sin) = (cos.reshape((b, 1, t, hd))?, sin.reshape((b, 1, t, hd))?);
-        let mask = Tensor::from_vec(mask, (b, 1, 1, t, tk), &dev)?.to_dtype(dt)?;
+        let mask = self.causal_mask(t, past, pad)?;
         let (x, _) = self.embed_ids(ids)?;
-        let h = self.run_layers_with(x, &cos, &sin, Some(&mask), Some(cache))?;
+        let h = self.run_layers_with(x, &cos, &sin, &mask, Some(cache))?;
         self.logits_from_hidden(&h)
     }
 
@@ -539,7 +573,7 @@ impl Qwen3 {
         &self,
         x: Tensor,
         positions: &[u32],
-        mask: Option<&Tensor>,
+        mask: &AttnMask,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rope.cos_sin(positions, x.dtype(), x.device())?;
@@ -547,24 +581,25 @@ impl Qwen3 {
     }
 
     /// The decoder stack with explicit RoPE tables (`[T, hd]`, or `[B, 1, T, hd]` for per-row
-    /// positions) and an additive mask broadcastable to `[B, KV, H/KV, T, Tk]`.
+    /// positions) and the attention mask.
     pub fn run_layers_with(
         &self,
         mut x: Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &AttnMask,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (cos, sin) = (cos.clone(), sin.clone());
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = layer.attn.forward(&layer.input_norm.forward(&x)?, &cos, &sin, mask, slot, &self.quant)?;
+            let kern = self.quant.kernels;
+            let a = layer.attn.forward(&layer.input_norm.forward(&x, kern)?, &cos, &sin, mask, slot, &self.quant)?;
             x = (x + a)?;
-            let m = layer.mlp.forward(&layer.post_norm.forward(&x)?, &self.quant)?;
+            let m = layer.mlp.forward(&layer.post_norm.forward(&x, kern)?, &self.quant)?;
             x = (x + m)?;
         }
-        self.norm.forward(&x)
+        self.norm.forward(&x, self.quant.kernels)
     }
 }
 

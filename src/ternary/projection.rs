@@ -60,6 +60,9 @@ pub struct QuantConfig {
     /// STE ramp: the forward uses w + ramp * (q - w). 1.0 = fully ternary.
     #[serde(skip, default = "one")]
     pub ramp: f64,
+    /// Fused kernels or the plain references (a run-time choice, not stored).
+    #[serde(skip)]
+    pub kernels: crate::kernels::Kernels,
 }
 
 fn one() -> f64 {
@@ -68,7 +71,7 @@ fn one() -> f64 {
 
 impl Default for QuantConfig {
     fn default() -> Self {
-        Self { ternary: true, group_size: 128, scale: ScaleRule::MeanAbs, ramp: 1.0 }
+        Self { ternary: true, group_size: 128, scale: ScaleRule::MeanAbs, ramp: 1.0, kernels: Default::default() }
     }
 }
 

@@ -1,5 +1,10 @@
 //! AdamW (Loshchilov & Hutter) with f32 moments and decoupled weight decay, which is not applied
 //! to RMSNorm weights. Its state is plain named tensors, so it is checkpointed like the model.
+//!
+//! Two implementations of one update: the plain one composed of candle tensor ops (about a dozen
+//! full-size temporaries per parameter), and a fused one on the CPU that reads w, g, m, v once
+//! and writes the new w, m, v in one parallel pass (the reference for it is the composed one;
+//! a test compares them).
 
 use crate::error::{Error, Result};
 use crate::model::params::{is_norm, Params};
@@ -21,6 +26,56 @@ pub struct AdamW {
     pub t: u64,
     m: BTreeMap<String, Tensor>,
     v: BTreeMap<String, Tensor>,
+    /// Use the fused one-pass update where it applies (CPU, f32); default true.
+    pub fused: bool,
+}
+
+/// Scalars of one update.
+#[derive(Clone, Copy)]
+struct Step {
+    b1: f32,
+    b2: f32,
+    bc1: f32,
+    bc2: f32,
+    eps: f32,
+    lr: f32,
+    decay: f32,
+}
+
+/// The fused update: new (w, m, v) from (w, g, m, v) in one pass; `m`/`v` absent on the first step.
+fn fused_update(w: &[f32], g: &[f32], m: Option<&[f32]>, v: Option<&[f32]>, s: Step) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let n = w.len();
+    let (mut w2, mut m2, mut v2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    const CH: usize = 1 << 14;
+    w2.par_chunks_mut(CH).zip(m2.par_chunks_mut(CH)).zip(v2.par_chunks_mut(CH)).enumerate().for_each(
+        |(c, ((wo, mo), vo))| {
+            let base = c * CH;
+            for i in 0..wo.len() {
+                let j = base + i;
+                let gi = g[j];
+                let mi = m.map_or(0.0, |m| m[j] * s.b1) + gi * (1.0 - s.b1);
+                let vi = v.map_or(0.0, |v| v[j] * s.b2) + gi * gi * (1.0 - s.b2);
+                let update = (mi / s.bc1) / ((vi / s.bc2).sqrt() + s.eps);
+                wo[i] = w[j] * s.decay - update * s.lr;
+                mo[i] = mi;
+                vo[i] = vi;
+            }
+        },
+    );
+    (w2, m2, v2)
+}
+
+/// A contiguous f32 CPU tensor's values, read in place.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let data = match &*storage {
+        candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>()?,
+        _ => return Err(Error::Msg("fused AdamW: CPU tensors only".into())),
+    };
+    let (a, b) = layout.contiguous_offsets().ok_or_else(|| Error::Msg("fused AdamW: not contiguous".into()))?;
+    Ok(f(&data[a..b]))
 }
 
 /// Gradients by parameter name.
@@ -28,7 +83,11 @@ pub type Grads = BTreeMap<String, Tensor>;
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig) -> Self {
-        Self { cfg, t: 0, m: BTreeMap::new(), v: BTreeMap::new() }
+        Self { cfg, t: 0, m: BTreeMap::new(), v: BTreeMap::new(), fused: true }
+    }
+
+    fn fused_applies(&self, w: &Tensor, g: &Tensor) -> bool {
+        self.fused && w.device().is_cpu() && w.dtype() == DType::F32 && g.dtype() == DType::F32 && w.dims() == g.dims()
     }
 
     /// One update with learning rate `lr`: every parameter must have a gradient.
@@ -39,6 +98,23 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for (name, var) in params.iter() {
             let g = grads.get(name).ok_or_else(|| Error::Msg(format!("no gradient for parameter '{name}'")))?;
+            if self.fused_applies(var.as_tensor(), g) {
+                let decay = if wd > 0.0 && !is_norm(name) { 1.0 - lr * wd } else { 1.0 };
+                let s = Step { b1: b1 as f32, b2: b2 as f32, bc1: bc1 as f32, bc2: bc2 as f32, eps: eps as f32, lr: lr as f32, decay: decay as f32 };
+                let (m_old, v_old) = (self.m.remove(name), self.v.remove(name));
+                let (w2, m2, v2) = with_f32(var.as_tensor(), |w| {
+                    with_f32(g, |g| match (&m_old, &v_old) {
+                        (Some(m), Some(v)) => with_f32(m, |m| with_f32(v, |v| fused_update(w, g, Some(m), Some(v), s))).and_then(|r| r),
+                        _ => Ok(fused_update(w, g, None, None, s)),
+                    })
+                })???;
+                let (shape, dev) = (var.as_tensor().shape().clone(), var.as_tensor().device().clone());
+                drop((m_old, v_old));
+                var.set(&Tensor::from_vec(w2, &shape, &dev)?)?;
+                self.m.insert(name.clone(), Tensor::from_vec(m2, &shape, &dev)?);
+                self.v.insert(name.clone(), Tensor::from_vec(v2, &shape, &dev)?);
+                continue;
+            }
             let m = match self.m.get(name) {
                 Some(m) => ((m * b1)? + (g * (1.0 - b1))?)?,
                 None => (g * (1.0 - b1))?,
@@ -146,6 +222,35 @@ mod tests {
 
     /// One AdamW step by hand: m = (1-b1) g, v = (1-b2) g^2, bias-corrected update = sign(g)
     /// (up to eps), decoupled decay w *= (1 - lr*wd) except on norms.
+    /// The fused one-pass update equals the composed one over several steps.
+    #[test]
+    fn fused_update_matches_the_composed_update() {
+        let dev = Device::Cpu;
+        let init = |seed: u32| -> Vec<f32> { (0..5000).map(|i| (((i * 7919 + seed * 104729) % 2001) as f32 / 1000.0) - 1.0).collect() };
+        let mk = || {
+            Params::from_tensors([
+                ("a.weight".to_string(), Tensor::from_vec(init(1), (50, 100), &dev).unwrap()),
+                ("x.input_layernorm.weight".to_string(), Tensor::from_vec(init(2)[..100].to_vec(), 100, &dev).unwrap()),
+            ])
+            .unwrap()
+        };
+        let (pf, pc) = (mk(), mk());
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let (mut of, mut oc) = (AdamW::new(cfg), AdamW::new(cfg));
+        oc.fused = false;
+        for step in 0..4u32 {
+            let mut grads = Grads::new();
+            grads.insert("a.weight".into(), Tensor::from_vec(init(10 + step), (50, 100), &dev).unwrap());
+            grads.insert("x.input_layernorm.weight".into(), Tensor::from_vec(init(20 + step)[..100].to_vec(), 100, &dev).unwrap());
+            of.step(&pf, &grads, 1e-2).unwrap();
+            oc.step(&pc, &grads, 1e-2).unwrap();
+        }
+        for ((n, a), (_, b)) in pf.iter().zip(pc.iter()) {
+            let d = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-6, "{n}: fused vs composed differ by {d}");
+        }
+    }
+
     #[test]
     fn first_step_matches_the_formula_and_skips_decay_on_norms() {
         let dev = Device::Cpu;

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::hub::{resolve_model_dir, HubOptions};
 use crate::kernels::cross_entropy::{default_chunk, lm_head_cross_entropy};
 use crate::model::params::{is_norm, Params};
+use crate::ternary::QuantConfig;
 use crate::model::{load_checkpoint, Qwen3, Qwen3Config};
 use crate::ternary::projection::effective_weight;
 use crate::ternary::verify::{verify_projected, TernaryReport};
@@ -92,11 +93,22 @@ pub struct TrainOutcome {
     pub summary: serde_json::Value,
 }
 
-/// Mean cross-entropy of next-token prediction over windows `[B, T+1]`, with the LM head fused
-/// into a chunked loss (the full `[B*T, vocab]` logits never exist).
+/// Mean cross-entropy of next-token prediction over windows `[B, T+1]`.
 fn window_loss(model: &Qwen3, windows: &Tensor) -> Result<Tensor> {
     let (inp, tgt) = split_window(windows)?;
-    let (h, head) = model.forward_hidden(&inp)?;
+    batch_loss(model, &inp, &tgt)
+}
+
+/// Mean next-token cross-entropy of `inp: [B, T]` against `tgt` (`[B*T]` or `[B, T]`). With fused
+/// kernels the LM head is fused into a chunked loss (the full `[B*T, vocab]` logits never exist);
+/// with the plain references it is candle's cross-entropy over the full logits.
+pub fn batch_loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Result<Tensor> {
+    let tgt = tgt.flatten_all()?;
+    if !model.quant.kernels.fused() {
+        let logits = model.forward(inp)?;
+        return Ok(candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tgt)?);
+    }
+    let (h, head) = model.forward_hidden(inp)?;
     lm_head_cross_entropy(&h.flatten_to(1)?, &head, &tgt, default_chunk(model.cfg.vocab_size))
 }
 
@@ -238,6 +250,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
             (arch, params, AdamW::new(adam_cfg), st)
         }
     };
+    opt.fused = cfg.train.kernels.fused();
     let tok_max = tok.vocab_size();
     if tok_max > arch.vocab_size {
         return Err(Error::Msg(format!(
@@ -246,7 +259,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
             arch.vocab_size
         )));
     }
-    let mut model = Qwen3::new(&arch, cfg.model.quant(), &params)?;
+    let mut model = Qwen3::new(&arch, QuantConfig { kernels: cfg.train.kernels, ..cfg.model.quant() }, &params)?;
 
     let split = load_split(&cfg.data.train_file, &tok, cfg.data.val_fraction, cfg.data.seq_len)?;
     // Validation = `tern eval --split val --ctx <seq_len+1>` (all of it when eval.batches = 0).
