@@ -197,8 +197,8 @@ enum BenchCmd {
         #[arg(short = 'n', long, default_value_t = 64)]
         tokens: usize,
     },
-    /// One training step (forward + loss + backward) at a given architecture, scratch init:
-    /// prints wall time per phase and peak resident memory.
+    /// One training step (forward + loss + backward + clipping + AdamW) at a given architecture,
+    /// scratch init: prints wall time per phase and peak resident memory.
     Step {
         /// `qwen3-0.6b`, or a path to an HF config.json.
         #[arg(long, default_value = "qwen3-0.6b")]
@@ -270,6 +270,8 @@ fn bench_step(
     let t0 = Instant::now();
     let params = Params::scratch(&cfg, seed, DType::F32, &device)?;
     let model = Qwen3::new(&cfg, quant, &params)?;
+    let mut opt = tern::train::optim::AdamW::new(tern::train::optim::AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 });
+    opt.fused = quant.kernels.fused();
     let init_s = t0.elapsed().as_secs_f64();
     println!(
         "arch {arch}: {} params, {} layers, hidden {}, vocab {}; {} on {}; batch {batch} seq {seq}",
@@ -290,15 +292,28 @@ fn bench_step(
         let loss = tern::train::trainer::batch_loss(&model, &inp, &tgt)?;
         let loss_v = loss.to_scalar::<f32>()?;
         let fwd = t.elapsed().as_secs_f64();
-        let grads = loss.backward()?;
-        let total = t.elapsed().as_secs_f64();
-        let with_grad = params.iter().filter(|(_, v)| grads.get(v.as_tensor()).is_some()).count();
+        let peak = || tern::mem::gib(tern::mem::peak_rss_bytes().unwrap_or(0));
+        let peak_fwd = peak();
+        let store = loss.backward()?;
+        drop(loss); // the graph: every activation of the forward
+        let bwd = t.elapsed().as_secs_f64() - fwd;
+        let peak_bwd = peak();
+        let with_grad = params.iter().filter(|(_, v)| store.get(v.as_tensor()).is_some()).count();
+        // The rest of a training step, as `tern train` runs it: collect, clip, AdamW.
+        let mut grads = tern::train::optim::Grads::new();
+        tern::train::optim::accumulate(&mut grads, &params, &store)?;
+        drop(store);
+        let norm = tern::train::optim::global_norm(&grads)?;
+        tern::train::optim::clip(&mut grads, norm, 1.0)?;
+        opt.step(&params, &grads, 1e-4)?;
         drop(grads);
+        let total = t.elapsed().as_secs_f64();
         println!(
-            "step {step}{}: loss {loss_v:.4}, forward {fwd:.2}s, backward {:.2}s, total {total:.2}s, \
-             {:.0} tokens/s, params with grad {with_grad}/{}, peak rss {:.2} GiB",
+            "step {step}{}: loss {loss_v:.4}, forward {fwd:.2}s, backward {bwd:.2}s, optimizer {:.2}s, total {total:.2}s, \
+             {:.0} tokens/s, params with grad {with_grad}/{}, peak rss {:.2} GiB \
+             (after forward {peak_fwd:.2}, after backward {peak_bwd:.2})",
             if step == 0 { " (warm-up)" } else { "" },
-            total - fwd,
+            total - fwd - bwd,
             (batch * seq) as f64 / total,
             params.len(),
             tern::mem::gib(tern::mem::peak_rss_bytes().unwrap_or(0)),

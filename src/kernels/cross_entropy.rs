@@ -149,14 +149,40 @@ fn inject(x: &Tensor, grad: Tensor) -> Result<Tensor> {
 /// GEMM per group of chunks (~256 MB of dlogits), not one `[V, H]` addition per chunk.
 pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
     let group_rows = (256usize << 20) / (4 * w.dim(0)?.max(1));
-    lm_head_cross_entropy_grouped(h, w, targets, chunk, group_rows)
+    lm_head_cross_entropy_grouped(h, w, &w.detach(), targets, chunk, group_rows)
 }
 
-fn lm_head_cross_entropy_grouped(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize, group_rows: usize) -> Result<Tensor> {
+/// [`lm_head_cross_entropy`] under a ternary head given by its latent weight: the projected
+/// head exists only while the loss is computed (not kept by autograd until the backward, 622 MB
+/// at Qwen3's vocabulary and hidden 1024), and `dW` goes straight to the latent (STE).
+pub fn lm_head_cross_entropy_ste(
+    h: &Tensor,
+    w_latent: &Tensor,
+    quant: &crate::ternary::QuantConfig,
+    targets: &Tensor,
+    chunk: usize,
+) -> Result<Tensor> {
+    let wq = crate::ternary::projection::effective_weight(&w_latent.detach(), quant)?;
+    let group_rows = (256usize << 20) / (4 * w_latent.dim(0)?.max(1));
+    lm_head_cross_entropy_grouped(h, w_latent, &wq, targets, chunk, group_rows)
+}
+
+/// `w` receives the gradient; `w_compute` (detached, same shape) is what the logits use.
+fn lm_head_cross_entropy_grouped(
+    h: &Tensor,
+    w: &Tensor,
+    w_compute: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+    group_rows: usize,
+) -> Result<Tensor> {
     let (n, _) = h.dims2()?;
     let (vocab, hidden) = w.dims2()?;
+    if w_compute.dims() != w.dims() {
+        return Err(Error::Msg(format!("lm head: weight shapes {:?} and {:?} differ", w.dims(), w_compute.dims())));
+    }
     let hd = h.detach();
-    let wd = w.detach();
+    let wd = w_compute.detach();
     let tgt_all = targets.to_dtype(DType::U32)?;
     let tgt_host: Vec<u32> = tgt_all.to_device(&Device::Cpu)?.to_vec1()?;
     check_targets(&tgt_host, vocab)?;
@@ -243,7 +269,7 @@ mod tests {
         let tgt: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % vocab as u32).collect();
         let tgt = Tensor::new(tgt.as_slice(), &dev).unwrap();
         let r = reference_loss(h.as_tensor(), w.as_tensor(), &tgt).unwrap();
-        let f = lm_head_cross_entropy_grouped(h.as_tensor(), w.as_tensor(), &tgt, chunk, group).unwrap();
+        let f = lm_head_cross_entropy_grouped(h.as_tensor(), w.as_tensor(), &w.as_tensor().detach(), &tgt, chunk, group).unwrap();
         let (rv, fv) = (r.to_scalar::<f32>().unwrap(), f.to_scalar::<f32>().unwrap());
         assert!((rv - fv).abs() <= 1e-5 * rv.abs().max(1.0), "loss {rv} vs {fv}");
         let nll: f64 = lm_head_token_nll(h.as_tensor(), w.as_tensor(), &tgt, chunk).unwrap().iter().sum();

@@ -11,6 +11,8 @@
 //!   without copying K/V, never an `[T, Tk]` matrix (the model's attention uses it on the CPU).
 //! - [`project`]: the ternary projection + STE in one pass per group, identity backward (the
 //!   model's ternary layers use it on the CPU).
+//! - [`ternary_linear`]: projection + GEMM as one op that re-projects in the backward instead of
+//!   keeping every projected weight alive (the model's ternary layers use it for training).
 //! - [`rope`]: rotary embedding fused with the head transpose, with its backward.
 //!
 //! [`Kernels`] picks fused or plain for a whole model (`[train] kernels` in the config): the
@@ -21,6 +23,7 @@ pub mod flash_attention;
 pub mod norm;
 pub mod project;
 pub mod rope;
+pub mod ternary_linear;
 pub mod ternary_matmul;
 
 /// Which implementation the model uses for norms, RoPE, attention, the projection and the loss.

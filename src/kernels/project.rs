@@ -13,14 +13,19 @@ use crate::ternary::{QuantConfig, ScaleRule};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-struct ProjectSte {
+pub(crate) struct ProjectSte {
     group: usize,
     rule: ScaleRule,
     lambda: f64,
 }
 
 impl ProjectSte {
-    fn run<T: num_like::Num>(&self, w: &[T], cols: usize) -> Vec<T> {
+    pub(crate) fn new(quant: &QuantConfig) -> Self {
+        Self { group: quant.group_size, rule: quant.scale, lambda: quant.ramp }
+    }
+
+    /// `w + lambda * (t * s - w)` of a row-major weight with rows of `cols`.
+    pub(crate) fn run<T: num_like::Num>(&self, w: &[T], cols: usize) -> Vec<T> {
         let mut out = vec![T::zero(); w.len()];
         out.par_chunks_mut(cols).zip(w.par_chunks(cols)).for_each(|(o_row, w_row)| {
             for (o, g) in o_row.chunks_mut(self.group).zip(w_row.chunks(self.group)) {
@@ -41,7 +46,7 @@ impl ProjectSte {
 }
 
 /// Minimal float arithmetic for f32/f64 (kept local: two types, a handful of operations).
-mod num_like {
+pub(crate) mod num_like {
     pub trait Num: Copy + Send + Sync + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
         + std::ops::Mul<Output = Self> + std::ops::Div<Output = Self> {
         fn zero() -> Self;
@@ -104,7 +109,7 @@ pub fn project_ste(w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
         let q = crate::ternary::projection::project(w, quant.group_size, quant.scale)?;
         return crate::ternary::projection::ste(w, &q, quant.ramp);
     }
-    Ok(w.contiguous()?.apply_op1(ProjectSte { group: quant.group_size, rule: quant.scale, lambda: quant.ramp })?)
+    Ok(w.contiguous()?.apply_op1(ProjectSte::new(quant))?)
 }
 
 #[cfg(test)]

@@ -458,18 +458,23 @@ impl Qwen3 {
         Ok((TernaryEmbedding::lookup(&emb_w, ids)?, Some(emb_w)))
     }
 
-    /// Training forward: final-norm hidden states for every position `[B, T, H]` and the LM head
-    /// weight to score them with (separate so the loss can be computed in chunks).
+    /// Training forward: final-norm hidden states for every position `[B, T, H]` and the LM
+    /// head's *latent* weight, to be scored by
+    /// `kernels::cross_entropy::lm_head_cross_entropy_ste` (chunked, projecting the head
+    /// itself). The embedding rows are looked up first and projected after (groups lie along
+    /// rows, so that equals looking up the projected matrix) so no projected `[V, H]` copy is
+    /// kept for the backward.
     pub fn forward_hidden(&self, ids: &Tensor) -> Result<(Tensor, Tensor)> {
         if self.is_packed() {
             return Err(crate::Error::Msg("a packed (GGUF) model cannot be trained; load the checkpoint".into()));
         }
-        let (x, emb_w) = self.embed_ids(ids)?;
+        let (b, t) = ids.dims2()?;
+        let rows = self.embed.weight.index_select(&ids.flatten_all()?, 0)?;
+        let x = crate::ternary::projection::effective_weight(&rows, &self.quant)?.reshape((b, t, self.cfg.hidden_size))?;
         let h = self.hidden_from_embeddings(x)?;
-        let head = match (&self.lm_head, emb_w) {
-            (Some(hd), _) => crate::ternary::projection::effective_weight(&hd.weight, &self.quant)?,
-            (None, Some(w)) => w,
-            (None, None) => unreachable!("dense model has a dense embedding"),
+        let head = match &self.lm_head {
+            Some(hd) => hd.weight.clone(),
+            None => self.embed.weight.clone(),
         };
         Ok((h, head))
     }

@@ -28,8 +28,8 @@ impl TernaryLinear {
         if let Some(p) = &self.packed {
             return packed_linear(x, p);
         }
-        let w = effective_weight(&self.weight, quant)?;
-        linear(x, &w)
+        // Projection and GEMM in one op (re-projects in the backward), or the composed form.
+        crate::kernels::ternary_linear::ternary_linear(x, &self.weight, quant)
     }
 
     /// The layer with its weight replaced by the detached effective weight; run it afterwards

@@ -13,7 +13,7 @@ use crate::data::{load_split, Batcher};
 use crate::device::parse_device;
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model_dir, HubOptions};
-use crate::kernels::cross_entropy::{default_chunk, lm_head_cross_entropy};
+use crate::kernels::cross_entropy::{default_chunk, lm_head_cross_entropy_ste};
 use crate::model::params::{is_norm, Params};
 use crate::ternary::QuantConfig;
 use crate::model::{load_checkpoint, Qwen3, Qwen3Config};
@@ -109,7 +109,7 @@ pub fn batch_loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Result<Tensor> {
         return Ok(candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tgt)?);
     }
     let (h, head) = model.forward_hidden(inp)?;
-    lm_head_cross_entropy(&h.flatten_to(1)?, &head, &tgt, default_chunk(model.cfg.vocab_size))
+    lm_head_cross_entropy_ste(&h.flatten_to(1)?, &head, &model.quant, &tgt, default_chunk(model.cfg.vocab_size))
 }
 
 fn split_window(windows: &Tensor) -> Result<(Tensor, Tensor)> {
