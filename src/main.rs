@@ -2,8 +2,9 @@
 
 // Candle allocates and frees large tensors every op; the system allocator returns them to the OS
 // (mmap/munmap) and page-faults them back in, which cost more CPU time than the math itself.
+// Wrapped in a counter of live heap bytes for `tern bench kernels`.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tern::mem::Counting<mimalloc::MiMalloc> = tern::mem::Counting(mimalloc::MiMalloc);
 
 /// `mi_option_purge_delay` in mimalloc 2's `mi_option_e` (include/mimalloc.h).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -182,6 +183,16 @@ impl ModelArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Every fused kernel against its plain reference (forward + backward): median time and
+    /// peak extra heap, as a markdown table.
+    Kernels {
+        /// `tiny` (configs/tiny.toml's sizes) or `qwen3-0.6b` (one layer at batch 1, seq 512).
+        #[arg(long, default_value = "tiny")]
+        size: String,
+        /// Timed repetitions per kernel (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     /// Decode speed: tokens/s of greedy generation from a checkpoint (dense f32 weights,
     /// projected once) and from its packed GGUF export (2-bit codes multiplied directly).
     Decode {
@@ -241,6 +252,16 @@ fn parse_precision(p: &str) -> Result<bool> {
         "full" => Ok(false),
         o => anyhow::bail!("--precision: expected 'ternary' or 'full', found '{o}'"),
     }
+}
+
+fn bench_kernels(size: &str, reps: usize) -> Result<()> {
+    use tern::kernels::bench;
+    anyhow::ensure!(reps > 0, "--reps must be positive");
+    let sizes = bench::Sizes::parse(size)?;
+    println!("kernels at {} sizes ({sizes:?}), {reps} reps, median\n", sizes.name);
+    let rows = bench::run(sizes, reps)?;
+    print!("{}", bench::markdown(&rows));
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -603,6 +624,7 @@ fn main() {
             cmd_eval(&m, &data, ctx, stride, &scheme, &split, config, batch, json)
         }
         Cmd::Bench { what } => match what {
+            BenchCmd::Kernels { size, reps } => bench_kernels(&size, reps).map(|_| 0),
             BenchCmd::Decode { model, gguf, prompt, tokens } => bench_decode(&model, gguf.as_deref(), prompt, tokens),
             BenchCmd::Step { arch, batch, seq, steps, precision, group_size, scale, device, seed, kernels } => {
                 bench_step(&arch, batch, seq, steps, &precision, group_size, &scale, &device, seed, &kernels).map(|_| 0)

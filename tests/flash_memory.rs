@@ -3,31 +3,11 @@
 //! Its own test binary, so the counting allocator sees no other test's allocations.
 
 use candle_core::{DType, Device, Tensor, Var};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use tern::kernels::flash_attention::{backward, flash_attention, forward, Dims, FlashConfig};
-
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc(l);
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(l.size(), Ordering::SeqCst) + l.size();
-            PEAK.fetch_max(now, Ordering::SeqCst);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l);
-        CURRENT.fetch_sub(l.size(), Ordering::SeqCst);
-    }
-}
+use tern::mem::{heap_now, heap_peak, reset_heap_peak, Counting};
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: Counting<std::alloc::System> = Counting(std::alloc::System);
 
 #[test]
 fn flash_attention_at_4096_never_allocates_an_n_by_n_matrix() {
@@ -39,14 +19,14 @@ fn flash_attention_at_4096_never_allocates_an_n_by_n_matrix() {
     let (q, k, v) = (Var::from_tensor(&rnd(1)).unwrap(), Var::from_tensor(&rnd(2)).unwrap(), Var::from_tensor(&rnd(3)).unwrap());
     let w = rnd(4);
     for causal in [true, false] {
-        let base = CURRENT.load(Ordering::SeqCst);
-        PEAK.store(base, Ordering::SeqCst);
+        let base = heap_now();
+        reset_heap_peak();
         let cfg = FlashConfig { causal, ..FlashConfig::default() };
         let o = flash_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &cfg).unwrap();
         let loss = (o * &w).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         assert_eq!(grads.get(q.as_tensor()).unwrap().dtype(), DType::F32);
-        let extra = PEAK.load(Ordering::SeqCst) - base;
+        let extra = heap_peak() - base;
         let nn = n * n * 4;
         eprintln!("causal {causal}: peak extra {:.2} MiB = {:.1}% of one NxN f32 matrix", extra as f64 / 1048576.0, 100.0 * extra as f64 / nn as f64);
         assert!(extra * 5 < nn, "peak extra {extra} bytes >= 20% of {nn}");
@@ -55,12 +35,12 @@ fn flash_attention_at_4096_never_allocates_an_n_by_n_matrix() {
     let vals = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
     let (qs, ks, vs, ws) = (vals(q.as_tensor()), vals(k.as_tensor()), vals(v.as_tensor()), vals(&w));
     let dims = Dims { b: 1, h: 1, kv: 1, t: n, tk: n, d };
-    let base = CURRENT.load(Ordering::SeqCst);
-    PEAK.store(base, Ordering::SeqCst);
+    let base = heap_now();
+    reset_heap_peak();
     let cfg = FlashConfig::default();
     let (o, lse) = forward(&qs, &ks, &vs, dims, &cfg);
     let grads = backward(&qs, &ks, &vs, &o, &lse, &ws, dims, &cfg);
-    let extra = PEAK.load(Ordering::SeqCst) - base;
+    let extra = heap_peak() - base;
     eprintln!("kernel alone: peak extra {:.2} MiB = {:.1}% of one NxN f32 matrix", extra as f64 / 1048576.0, 100.0 * extra as f64 / (n * n * 4) as f64);
     assert!(extra * 10 < n * n * 4);
     drop(grads);

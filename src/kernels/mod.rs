@@ -18,6 +18,7 @@
 //! [`Kernels`] picks fused or plain for a whole model (`[train] kernels` in the config): the
 //! plain path is what `tern bench` compares against.
 
+pub mod bench;
 pub mod cross_entropy;
 pub mod flash_attention;
 pub mod norm;
