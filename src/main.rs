@@ -211,7 +211,7 @@ enum BenchCmd {
     /// One training step (forward + loss + backward + clipping + AdamW) at a given architecture,
     /// scratch init: prints wall time per phase and peak resident memory.
     Step {
-        /// `qwen3-0.6b`, or a path to an HF config.json.
+        /// `qwen3-0.6b`, a tern .toml config (its scratch architecture) or an HF config.json.
         #[arg(long, default_value = "qwen3-0.6b")]
         arch: String,
         #[arg(long, default_value_t = 1)]
@@ -241,8 +241,13 @@ enum BenchCmd {
 fn arch_config(arch: &str) -> Result<Qwen3Config> {
     match arch {
         "qwen3-0.6b" => Ok(Qwen3Config::qwen3_0_6b()),
+        path if path.ends_with(".toml") => {
+            // A tern training config: its scratch architecture (e.g. configs/tiny.toml).
+            let cfg = tern::config::TrainConfig::load(std::path::Path::new(path), &[])?;
+            Ok(cfg.model.scratch_config())
+        }
         path => Ok(Qwen3Config::from_json_file(std::path::Path::new(path))
-            .with_context(|| format!("--arch '{path}': expected 'qwen3-0.6b' or a config.json path"))?),
+            .with_context(|| format!("--arch '{path}': expected 'qwen3-0.6b', a tern .toml config or a config.json path"))?),
     }
 }
 
