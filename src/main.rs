@@ -183,6 +183,15 @@ impl ModelArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Fused softmax + top-k vs full softmax + sort over a Qwen3-sized vocabulary.
+    Topk {
+        #[arg(long, default_value_t = 151_936)]
+        vocab: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     /// Every fused kernel against its plain reference (forward + backward): median time and
     /// peak extra heap, as a markdown table.
     Kernels {
@@ -257,6 +266,32 @@ fn parse_precision(p: &str) -> Result<bool> {
         "full" => Ok(false),
         o => anyhow::bail!("--precision: expected 'ternary' or 'full', found '{o}'"),
     }
+}
+
+fn bench_topk(vocab: usize, batch: usize, reps: usize) -> Result<()> {
+    use tern::decode::topk::{softmax_topk_batch, softmax_topk_reference};
+    use rand::{Rng, SeedableRng};
+    anyhow::ensure!(vocab > 0 && batch > 0 && reps > 0, "--vocab, --batch and --reps must be positive");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let logits: Vec<f32> = (0..vocab * batch).map(|_| rng.gen_range(-10.0f32..10.0)).collect();
+    let median = |f: &mut dyn FnMut()| {
+        f();
+        let mut t: Vec<f64> = (0..reps).map(|_| { let s = Instant::now(); f(); s.elapsed().as_secs_f64() }).collect();
+        t.sort_by(|a, b| a.total_cmp(b));
+        t[t.len() / 2]
+    };
+    println!("softmax + top-k, vocab {vocab}, batch {batch}, median of {reps}\n");
+    println!("| k | fused ms | full softmax + sort ms | speed-up |\n|---:|---:|---:|---:|");
+    for k in [1usize, 10, 50, 500] {
+        let fused = median(&mut || { std::hint::black_box(softmax_topk_batch(&logits, vocab, k)); });
+        let plain = median(&mut || {
+            use rayon::prelude::*;
+            let r: Vec<_> = logits.par_chunks(vocab).map(|row| softmax_topk_reference(row, k)).collect();
+            std::hint::black_box(r);
+        });
+        println!("| {k} | {:.2} | {:.2} | {:.1}x |", fused * 1e3, plain * 1e3, plain / fused);
+    }
+    Ok(())
 }
 
 fn bench_kernels(size: &str, reps: usize) -> Result<()> {
@@ -629,6 +664,7 @@ fn main() {
             cmd_eval(&m, &data, ctx, stride, &scheme, &split, config, batch, json)
         }
         Cmd::Bench { what } => match what {
+            BenchCmd::Topk { vocab, batch, reps } => bench_topk(vocab, batch, reps).map(|_| 0),
             BenchCmd::Kernels { size, reps } => bench_kernels(&size, reps).map(|_| 0),
             BenchCmd::Decode { model, gguf, prompt, tokens } => bench_decode(&model, gguf.as_deref(), prompt, tokens),
             BenchCmd::Step { arch, batch, seq, steps, precision, group_size, scale, device, seed, kernels } => {

@@ -9,3 +9,4 @@
 
 pub mod generate;
 pub mod sampler;
+pub mod topk;

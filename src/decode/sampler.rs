@@ -60,16 +60,16 @@ impl Sampler {
         if self.cfg.temp <= 0.0 {
             return argmax(logits);
         }
-        // Candidates sorted by logit (desc), ties by lower id; top-k keeps the first k.
-        let mut cand: Vec<(u32, f32)> =
-            logits.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as u32, x)).collect();
+        // Candidates sorted by logit (desc), ties by lower id; top-k keeps the first k, found by
+        // the fused softmax + top-k pass (no full probability vector, no full sort).
+        let mut cand: Vec<(u32, f32)> = if self.cfg.top_k > 0 {
+            let top = super::topk::softmax_topk(logits, self.cfg.top_k);
+            top.ids.iter().map(|&i| (i, logits[i as usize])).filter(|(_, x)| x.is_finite()).collect()
+        } else {
+            logits.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as u32, x)).collect()
+        };
         if cand.is_empty() {
             return argmax(logits);
-        }
-        let k = if self.cfg.top_k == 0 { cand.len() } else { self.cfg.top_k.min(cand.len()) };
-        if k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            cand.truncate(k);
         }
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         // Probabilities of the candidates at temperature 1 for the p filters (as llama.cpp).
