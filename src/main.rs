@@ -35,6 +35,20 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Beam search and speculative decoding flags of `tern generate`.
+#[derive(clap::Args, Debug, Clone)]
+struct SearchArgs {
+    /// Beam search with this many beams (0 = off; sampling flags are then ignored).
+    #[arg(long, default_value_t = 0)]
+    beams: usize,
+    /// Beam score = total log-probability / generated_length^A.
+    #[arg(long = "length-penalty", default_value_t = 1.0)]
+    length_penalty: f64,
+    /// Beams to print per prompt (default: all).
+    #[arg(long = "num-return")]
+    num_return: Option<usize>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Train (or fine-tune) a ternary Qwen3 model from a TOML config.
@@ -113,6 +127,8 @@ enum Cmd {
         /// Stop when the generated text contains this string (repeatable); it is not printed.
         #[arg(long)]
         stop: Vec<String>,
+        #[command(flatten)]
+        search: SearchArgs,
     },
     /// Export a checkpoint to GGUF (packed Q2_0 by default) for llama.cpp.
     Export {
@@ -437,6 +453,7 @@ fn cmd_generate(
     max_tokens: usize,
     sampler: tern::decode::sampler::SamplerConfig,
     stop: Vec<String>,
+    search: &SearchArgs,
 ) -> Result<i32> {
     use std::io::Write;
     use tern::decode::generate::{generate_batch, GenerateConfig};
@@ -449,6 +466,9 @@ fn cmd_generate(
     let ids = prompts.iter().map(|p| tok.encode(p)).collect::<tern::Result<Vec<_>>>()?;
     let mut eos = tok.eos_ids();
     eos.extend(loaded.model.cfg.eos_ids());
+    if search.beams > 0 {
+        return print_beams(&loaded.model, &tok, &prompts, &ids, max_tokens, eos, search);
+    }
     let cfg = GenerateConfig { max_new: max_tokens, sampler, eos };
     let stream = prompts.len() == 1;
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
@@ -489,6 +509,41 @@ fn cmd_generate(
         }
     }
     eprintln!("{n_new} tokens in {secs:.2} s ({:.1} tokens/s, prefill included)", n_new as f64 / secs.max(1e-9));
+    Ok(0)
+}
+
+fn print_beams(
+    model: &Qwen3,
+    tok: &tern::tokenizer::Tokenizer,
+    prompts: &[String],
+    ids: &[Vec<u32>],
+    max_tokens: usize,
+    eos: Vec<u32>,
+    search: &SearchArgs,
+) -> Result<i32> {
+    use tern::decode::beam::{beam_search, BeamConfig, QwenBeams};
+    let r = search.num_return.unwrap_or(search.beams);
+    anyhow::ensure!(r >= 1 && r <= search.beams, "--num-return must be between 1 and --beams ({}), found {r}", search.beams);
+    let cfg = BeamConfig { beams: search.beams, length_penalty: search.length_penalty, max_new: max_tokens, eos };
+    let t0 = Instant::now();
+    let results = beam_search(&mut QwenBeams::new(model), ids, &cfg)?;
+    for (i, hyps) in results.iter().enumerate() {
+        for (j, h) in hyps.iter().take(r).enumerate() {
+            println!(
+                "=== prompt {}, beam {} of {}: score {:.4} (log-prob {:.4}, {} tokens{}) ===\n{}{}",
+                i + 1,
+                j + 1,
+                hyps.len(),
+                h.score,
+                h.logprob,
+                h.tokens.len(),
+                if h.finished { ", ended by EOS" } else { "" },
+                prompts[i],
+                tok.decode(&h.tokens)?
+            );
+        }
+    }
+    eprintln!("beam search ({} beams) in {:.2} s", search.beams, t0.elapsed().as_secs_f64());
     Ok(0)
 }
 
@@ -650,13 +705,14 @@ fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Train { config, set, resume, quiet } => cmd_train(config, set, resume, quiet),
-        Cmd::Generate { m, prompts, prompt_files, max_tokens, temp, top_k, top_p, min_p, seed, stop } => cmd_generate(
+        Cmd::Generate { m, prompts, prompt_files, max_tokens, temp, top_k, top_p, min_p, seed, stop, search } => cmd_generate(
             &m,
             prompts,
             prompt_files,
             max_tokens,
             tern::decode::sampler::SamplerConfig { temp, top_k, top_p, min_p, seed },
             stop,
+            &search,
         ),
         Cmd::Export { model, out, format, precision } => cmd_export(&model, &out, &format, &precision),
         Cmd::Verify { model, source, json } => cmd_verify(&model, source, json),

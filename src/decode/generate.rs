@@ -22,6 +22,17 @@ pub enum Finish {
     Stop,
 }
 
+/// Every prompt non-empty and inside the vocabulary.
+pub fn check_prompts(prompts: &[Vec<u32>], vocab: usize) -> Result<()> {
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(Error::Msg(format!("prompt {} is empty after tokenization", i + 1)));
+    }
+    if let Some(bad) = prompts.iter().flatten().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Msg(format!("token id {bad} is outside the model's vocabulary ({vocab})")));
+    }
+    Ok(())
+}
+
 /// Generates for every prompt; `on_token(row, token)` is called as tokens arrive and may return
 /// true to stop that row (stop strings). Returns the new tokens of each row and why it stopped.
 /// Row r samples with seed `sampler.seed + r`.
@@ -34,13 +45,7 @@ pub fn generate_batch(
     if prompts.is_empty() {
         return Ok(vec![]);
     }
-    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(Error::Msg(format!("prompt {} is empty after tokenization", i + 1)));
-    }
-    let vocab = model.cfg.vocab_size as u32;
-    if let Some(bad) = prompts.iter().flatten().find(|&&t| t >= vocab) {
-        return Err(Error::Msg(format!("token id {bad} is outside the model's vocabulary ({vocab})")));
-    }
+    check_prompts(prompts, model.cfg.vocab_size)?;
     let b = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();

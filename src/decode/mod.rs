@@ -7,6 +7,7 @@
 //! A paged KV cache, fused softmax+top-k, beam search and speculative decoding are separate
 //! issues and will live here.
 
+pub mod beam;
 pub mod generate;
 pub mod sampler;
 pub mod topk;

@@ -164,6 +164,16 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Re-gathers the batch: new row r is old row `rows[r]` (rows may repeat or be dropped).
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        for slot in self.layers.iter_mut().flatten() {
+            let dev = slot.0.device().clone();
+            let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &dev)?;
+            *slot = (slot.0.index_select(&idx, 0)?, slot.1.index_select(&idx, 0)?);
+        }
+        Ok(())
+    }
+
     /// Drops everything after the first `len` positions (rollback).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         for slot in self.layers.iter_mut() {
