@@ -47,6 +47,19 @@ struct SearchArgs {
     /// Beams to print per prompt (default: all).
     #[arg(long = "num-return")]
     num_return: Option<usize>,
+    /// Tree speculative decoding (greedy, one prompt): drafts from `ngram` (prompt lookup) or
+    /// from `model` (--draft-model).
+    #[arg(long)]
+    speculative: Option<String>,
+    /// The smaller tern model that drafts for `--speculative model` (same tokenizer).
+    #[arg(long = "draft-model")]
+    draft_model: Option<String>,
+    /// Draft tree depth (tokens per branch).
+    #[arg(long = "draft-depth", default_value_t = 4)]
+    draft_depth: usize,
+    /// Draft tree width (branches).
+    #[arg(long = "draft-width", default_value_t = 2)]
+    draft_width: usize,
 }
 
 #[derive(Subcommand)]
@@ -467,7 +480,13 @@ fn cmd_generate(
     let mut eos = tok.eos_ids();
     eos.extend(loaded.model.cfg.eos_ids());
     if search.beams > 0 {
+        anyhow::ensure!(search.speculative.is_none(), "--beams and --speculative cannot be combined");
         return print_beams(&loaded.model, &tok, &prompts, &ids, max_tokens, eos, search);
+    }
+    if let Some(kind) = &search.speculative {
+        anyhow::ensure!(sampler.temp == 0.0, "--speculative verifies greedily: drop --temp (or set it to 0)");
+        anyhow::ensure!(ids.len() == 1, "--speculative takes one prompt, found {}", ids.len());
+        return print_speculative(&loaded.model, &tok, &prompts[0], &ids[0], max_tokens, &eos, kind, search, &m.device);
     }
     let cfg = GenerateConfig { max_new: max_tokens, sampler, eos };
     let stream = prompts.len() == 1;
@@ -509,6 +528,51 @@ fn cmd_generate(
         }
     }
     eprintln!("{n_new} tokens in {secs:.2} s ({:.1} tokens/s, prefill included)", n_new as f64 / secs.max(1e-9));
+    Ok(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_speculative(
+    model: &Qwen3,
+    tok: &tern::tokenizer::Tokenizer,
+    prompt: &str,
+    ids: &[u32],
+    max_tokens: usize,
+    eos: &[u32],
+    kind: &str,
+    search: &SearchArgs,
+    device: &str,
+) -> Result<i32> {
+    use tern::decode::speculative::{generate_speculative, Drafter};
+    let draft_loaded;
+    let mut drafter = match kind {
+        "ngram" => {
+            anyhow::ensure!(search.draft_model.is_none(), "--draft-model is only used with --speculative model");
+            Drafter::Ngram
+        }
+        "model" => {
+            let spec = search.draft_model.as_deref().context("--speculative model needs --draft-model PATH")?;
+            let dev = tern::device::parse_device(device)?;
+            draft_loaded = tern::runtime::load_for_inference(spec, tern::runtime::Precision::Ternary, &dev)
+                .with_context(|| format!("--draft-model {spec}"))?;
+            Drafter::Model { model: &draft_loaded.model, cache: tern::model::KvCache::new(draft_loaded.model.cfg.num_hidden_layers) }
+        }
+        o => anyhow::bail!("--speculative: expected 'ngram' or 'model', found '{o}'"),
+    };
+    let t0 = Instant::now();
+    let (toks, stats) = generate_speculative(model, &mut drafter, ids, max_tokens, search.draft_depth, search.draft_width, eos)?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!("{prompt}{}", tok.decode(&toks)?);
+    eprintln!(
+        "{} tokens in {secs:.2} s ({:.1} tokens/s); {} target forwards, mean accepted length {:.2} \
+         (draft tokens accepted {}/{})",
+        toks.len(),
+        toks.len() as f64 / secs.max(1e-9),
+        stats.rounds,
+        stats.mean_accepted_length(),
+        stats.accepted,
+        stats.drafted
+    );
     Ok(0)
 }
 

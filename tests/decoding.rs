@@ -103,3 +103,29 @@ fn beam_search_with_enough_beams_equals_exhaustive_search() {
         assert!((h.score - s).abs() < 1e-4, "{} vs {s}", h.score);
     }
 }
+
+#[test]
+fn speculative_greedy_equals_plain_greedy_token_for_token() {
+    use tern::decode::speculative::{generate_speculative, Drafter};
+    let target = fixture_model("untied_gqa3_bf16");
+    // Draft: the same checkpoint in full precision (the target is its ternary projection).
+    let ck = load_checkpoint(&fixtures_dir().join("untied_gqa3_bf16"), DType::F32, &Device::Cpu).unwrap();
+    let draft = Qwen3::new(&ck.config, QuantConfig::full_precision(), &ck.params).unwrap().freeze().unwrap();
+    // A repetitive prompt so prompt lookup finds matches.
+    let prompt: Vec<u32> = [5u32, 17, 42, 9, 5, 17, 42, 9, 5, 17].to_vec();
+    let n = 24;
+    let plain = generate_batch(&target, std::slice::from_ref(&prompt), &GenerateConfig { max_new: n, sampler: SamplerConfig::default(), eos: vec![] }, |_, _| false).unwrap();
+    for (depth, width) in [(1, 1), (3, 2), (5, 4)] {
+        let (spec, stats) = generate_speculative(&target, &mut Drafter::Ngram, &prompt, n, depth, width, &[]).unwrap();
+        assert_eq!(spec, plain[0].0, "ngram depth {depth} width {width}");
+        assert!(stats.rounds <= n);
+        let mut d = Drafter::Model { model: &draft, cache: tern::model::KvCache::new(draft.cfg.num_hidden_layers) };
+        let (spec, _) = generate_speculative(&target, &mut d, &prompt, n, depth, width, &[]).unwrap();
+        assert_eq!(spec, plain[0].0, "draft model depth {depth} width {width}");
+    }
+    // The target as its own draft accepts every drafted chain token.
+    let mut d = Drafter::Model { model: &target, cache: tern::model::KvCache::new(target.cfg.num_hidden_layers) };
+    let (spec, stats) = generate_speculative(&target, &mut d, &prompt, n, 4, 1, &[]).unwrap();
+    assert_eq!(spec, plain[0].0);
+    assert!(stats.mean_accepted_length() > 4.0, "{stats:?}");
+}

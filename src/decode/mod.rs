@@ -10,4 +10,5 @@
 pub mod beam;
 pub mod generate;
 pub mod sampler;
+pub mod speculative;
 pub mod topk;

@@ -92,6 +92,12 @@ pub struct AttnMask {
 }
 
 impl AttnMask {
+    /// An explicit additive mask (0 or -inf) `[T, past + T]`, e.g. a tree mask; always runs the
+    /// reference attention.
+    pub fn additive(mask: Tensor) -> Self {
+        Self { flash: FlashConfig::default(), additive: Some(mask) }
+    }
+
     /// Causal attention of `t` queries after `past` cached positions; rows of `pad` (left
     /// padding per row, empty = none) never see their padding.
     pub fn causal(t: usize, past: usize, pad: &[usize], use_flash: bool, dtype: DType, device: &Device) -> Result<Self> {
@@ -170,6 +176,19 @@ impl KvCache {
             let dev = slot.0.device().clone();
             let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &dev)?;
             *slot = (slot.0.index_select(&idx, 0)?, slot.1.index_select(&idx, 0)?);
+        }
+        Ok(())
+    }
+
+    /// Keeps the first `prefix` positions and then only the positions `keep` (absolute indices,
+    /// increasing), dropping the rest: the accepted path of a verified draft tree.
+    pub fn keep(&mut self, prefix: usize, keep: &[usize]) -> Result<()> {
+        for slot in self.layers.iter_mut().flatten() {
+            let dev = slot.0.device().clone();
+            let idx: Vec<u32> = (0..prefix).chain(keep.iter().copied()).map(|i| i as u32).collect();
+            let n = idx.len();
+            let idx = Tensor::from_vec(idx, n, &dev)?;
+            *slot = (slot.0.index_select(&idx, 2)?, slot.1.index_select(&idx, 2)?);
         }
         Ok(())
     }
@@ -542,6 +561,18 @@ impl Qwen3 {
     /// Logits for every position `[B, T, vocab]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         self.logits_from_hidden(&self.hidden(ids)?)
+    }
+
+    /// Runs `ids: [1, T]` after what `cache` holds with explicit positions and an explicit
+    /// additive mask `[T, past + T]` (tree verification); appends their K/V; logits `[1, T, V]`.
+    pub fn forward_cached_masked(&self, ids: &Tensor, positions: &[u32], mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let (x, _) = self.embed_ids(ids)?;
+        let mask = AttnMask::additive(mask.to_dtype(self.dtype())?);
+        let h = self.run_layers(x, positions, &mask, Some(cache))?;
+        self.logits_from_hidden(&h)
     }
 
     /// Incremental decoding: runs `ids: [B, T]` after what `cache` holds, appends their K/V and
