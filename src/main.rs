@@ -60,6 +60,13 @@ struct SearchArgs {
     /// Draft tree width (branches).
     #[arg(long = "draft-width", default_value_t = 2)]
     draft_width: usize,
+    /// KV cache for plain generation: `contiguous` (one tensor per layer, padded batch) or
+    /// `paged` (blocks from a pool, a block table per sequence, no padding).
+    #[arg(long = "kv-cache", default_value = "contiguous")]
+    kv_cache: String,
+    /// Positions per block of the paged KV cache.
+    #[arg(long = "block-size", default_value_t = 16)]
+    block_size: usize,
 }
 
 #[derive(Subcommand)]
@@ -496,7 +503,13 @@ fn cmd_generate(
         print!("{}", prompts[0]);
     }
     let t0 = Instant::now();
-    let results = generate_batch(&loaded.model, &ids, &cfg, |row, t| {
+    let paged = match search.kv_cache.as_str() {
+        "contiguous" => false,
+        "paged" => true,
+        o => anyhow::bail!("--kv-cache: expected 'contiguous' or 'paged', found '{o}'"),
+    };
+    anyhow::ensure!(search.block_size > 0, "--block-size must be positive");
+    let on_token = |row: usize, t: u32| {
         generated[row].push(t);
         let text = tok.decode(&generated[row]).unwrap_or_default();
         let hit = stop.iter().filter_map(|s| text.find(s.as_str())).min();
@@ -512,7 +525,12 @@ fn cmd_generate(
             }
         }
         hit.is_some()
-    })?;
+    };
+    let results = if paged {
+        tern::decode::generate::generate_paged(&loaded.model, &ids, &cfg, search.block_size, on_token)?
+    } else {
+        generate_batch(&loaded.model, &ids, &cfg, on_token)?
+    };
     let secs = t0.elapsed().as_secs_f64();
     let n_new: usize = results.iter().map(|r| r.0.len()).sum();
     for (i, (toks, finish)) in results.iter().enumerate() {

@@ -129,3 +129,20 @@ fn speculative_greedy_equals_plain_greedy_token_for_token() {
     assert_eq!(spec, plain[0].0);
     assert!(stats.mean_accepted_length() > 4.0, "{stats:?}");
 }
+
+#[test]
+fn paged_kv_cache_generation_equals_the_contiguous_cache() {
+    use tern::decode::generate::generate_paged;
+    for name in ["untied_gqa3_bf16", "tied_gqa2"] {
+        let m = fixture_model(name);
+        let prompts = vec![vec![5u32, 17, 42], vec![100, 3, 9, 250, 7, 81, 12], vec![64, 64, 1, 200, 33]];
+        for sampler in [SamplerConfig::default(), SamplerConfig { temp: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 3 }] {
+            let cfg = GenerateConfig { max_new: 20, sampler, eos: vec![] };
+            let contiguous = generate_batch(&m, &prompts, &cfg, |_, _| false).unwrap();
+            for block in [1, 4, 16] {
+                let paged = generate_paged(&m, &prompts, &cfg, block, |_, _| false).unwrap();
+                assert_eq!(paged, contiguous, "{name} block {block} {sampler:?}");
+            }
+        }
+    }
+}

@@ -83,3 +83,57 @@ pub fn generate_batch(
     }
     Ok(out.into_iter().map(|(t, f)| (t, f.unwrap_or(Finish::Length))).collect())
 }
+
+/// [`generate_batch`] over the paged KV cache (`decode::paged`): no padding (each sequence has
+/// its own block table and length), finished rows drop out of the batch and free their blocks.
+/// Same samplers and seeds, so the same tokens.
+pub fn generate_paged(
+    model: &Qwen3,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    block_size: usize,
+    mut on_token: impl FnMut(usize, u32) -> bool,
+) -> Result<Vec<(Vec<u32>, Finish)>> {
+    use super::paged::PagedKvCache;
+    if prompts.is_empty() {
+        return Ok(vec![]);
+    }
+    check_prompts(prompts, model.cfg.vocab_size)?;
+    let c = &model.cfg;
+    let mut cache = PagedKvCache::new(c.num_hidden_layers, c.kv_heads(), c.head_dim(), block_size);
+    let seqs: Vec<usize> = prompts.iter().map(|_| cache.add_seq()).collect();
+    let mut samplers: Vec<Sampler> = (0..prompts.len())
+        .map(|r| Sampler::new(SamplerConfig { seed: cfg.sampler.seed.wrapping_add(r as u64), ..cfg.sampler }))
+        .collect();
+    let mut out: Vec<(Vec<u32>, Option<Finish>)> = vec![(Vec::new(), None); prompts.len()];
+    let mut batch: Vec<(usize, Vec<u32>)> = seqs.iter().zip(prompts).map(|(&s, p)| (s, p.clone())).collect();
+    let mut live: Vec<usize> = (0..prompts.len()).collect();
+    for step in 0..cfg.max_new {
+        let logits = model.forward_paged(&batch, &mut cache)?;
+        let mut next_batch = Vec::new();
+        let mut next_live = Vec::new();
+        for (&r, row) in live.iter().zip(&logits) {
+            let tok = samplers[r].sample(row);
+            out[r].0.push(tok);
+            if cfg.eos.contains(&tok) {
+                out[r].1 = Some(Finish::Eos);
+            } else if on_token(r, tok) {
+                out[r].1 = Some(Finish::Stop);
+            } else if step + 1 == cfg.max_new {
+                out[r].1 = Some(Finish::Length);
+            }
+            if out[r].1.is_some() {
+                cache.free_seq(seqs[r])?;
+            } else {
+                next_batch.push((seqs[r], vec![tok]));
+                next_live.push(r);
+            }
+        }
+        if next_live.is_empty() {
+            break;
+        }
+        batch = next_batch;
+        live = next_live;
+    }
+    Ok(out.into_iter().map(|(t, f)| (t, f.unwrap_or(Finish::Length))).collect())
+}

@@ -9,6 +9,7 @@
 
 pub mod beam;
 pub mod generate;
+pub mod paged;
 pub mod sampler;
 pub mod speculative;
 pub mod topk;

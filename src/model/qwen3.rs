@@ -17,6 +17,7 @@
 use super::config::Qwen3Config;
 use super::params::{self, Params};
 use crate::error::Result;
+use crate::decode::paged::{PagedKvCache, SeqId};
 use crate::kernels::flash_attention::{self, FlashConfig};
 use crate::kernels::{rope, Kernels};
 use crate::ternary::{layers::linear, QuantConfig, TernaryEmbedding, TernaryLinear};
@@ -218,16 +219,8 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
         let kern = quant.kernels;
-        let q = self.q_norm.forward(&self.q.forward(x, quant)?.reshape((b, t, nh, hd))?, kern)?;
-        let k = self.k_norm.forward(&self.k.forward(x, quant)?.reshape((b, t, nkv, hd))?, kern)?;
-        let rope = if kern.fused() { rope::rope_transposed } else { rope::rope_transposed_reference };
-        let q = rope(&q, cos, sin)?;
-        let mut k = rope(&k, cos, sin)?;
-        let mut v = heads(self.v.forward(x, quant)?, nkv)?;
+        let (q, mut k, mut v) = self.qkv(x, cos, sin, quant)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -241,6 +234,19 @@ impl Attention {
         };
         let o = o.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o.forward(&o, quant)
+    }
+
+    /// q `[B, H, T, hd]`, k and v `[B, KV, T, hd]` of `x: [B, T, hidden]`: projections, q/k
+    /// norms and RoPE.
+    fn qkv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, quant: &QuantConfig) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let kern = quant.kernels;
+        let q = self.q_norm.forward(&self.q.forward(x, quant)?.reshape((b, t, nh, hd))?, kern)?;
+        let k = self.k_norm.forward(&self.k.forward(x, quant)?.reshape((b, t, nkv, hd))?, kern)?;
+        let rope = if kern.fused() { rope::rope_transposed } else { rope::rope_transposed_reference };
+        let v = self.v.forward(x, quant)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        Ok((rope(&q, cos, sin)?, rope(&k, cos, sin)?, v))
     }
 
     fn freeze(&self, quant: &QuantConfig) -> Result<Self> {
@@ -573,6 +579,59 @@ impl Qwen3 {
         let mask = AttnMask::additive(mask.to_dtype(self.dtype())?);
         let h = self.run_layers(x, positions, &mask, Some(cache))?;
         self.logits_from_hidden(&h)
+    }
+
+    /// Incremental decoding over a paged KV cache: each `(seq, tokens)` appends its tokens to its
+    /// sequence (sequences of any lengths, no padding) in one batched forward; returns the
+    /// next-token logits after each sequence's last new token. Use on a `freeze()`d model.
+    pub fn forward_paged(&self, batch: &[(SeqId, Vec<u32>)], cache: &mut PagedKvCache) -> Result<Vec<Vec<f32>>> {
+        let (nh, nkv, hd) = (self.cfg.num_attention_heads, self.cfg.kv_heads(), self.cfg.head_dim());
+        // Token t of the flattened batch: its sequence and absolute position.
+        let mut rows: Vec<(SeqId, usize)> = Vec::new();
+        let mut ids = Vec::new();
+        for (s, toks) in batch {
+            if toks.is_empty() {
+                return Err(crate::Error::Msg(format!("forward_paged: sequence {s} has no new tokens")));
+            }
+            let start = cache.reserve(*s, toks.len())?;
+            rows.extend((0..toks.len()).map(|i| (*s, start + i)));
+            ids.extend_from_slice(toks);
+        }
+        let n = ids.len();
+        let dev = self.device().clone();
+        let (mut x, _) = self.embed_ids(&Tensor::from_vec(ids, (1, n), &dev)?)?;
+        let positions: Vec<u32> = rows.iter().map(|r| r.1 as u32).collect();
+        let (cos, sin) = self.rope.cos_sin(&positions, x.dtype(), &dev)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let kern = self.quant.kernels;
+            let (q, k, v) = layer.attn.qkv(&layer.input_norm.forward(&x, kern)?, &cos, &sin, &self.quant)?;
+            // [heads, n, hd] host copies; write every new K/V first, then attend (causal).
+            let to_host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.squeeze(0)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+            let (q, k, v) = (to_host(&q)?, to_host(&k)?, to_host(&v)?);
+            let per_token = |src: &[f32], heads: usize, t: usize| -> Vec<f32> {
+                (0..heads).flat_map(|h| src[(h * n + t) * hd..(h * n + t + 1) * hd].to_vec()).collect()
+            };
+            for (t, &(s, pos)) in rows.iter().enumerate() {
+                cache.write(li, s, pos, &per_token(&k, nkv, t), &per_token(&v, nkv, t))?;
+            }
+            let mut o = Vec::with_capacity(n * nh * hd);
+            for (t, &(s, pos)) in rows.iter().enumerate() {
+                o.extend(cache.attend(li, s, pos, &per_token(&q, nh, t), nh)?);
+            }
+            let o = Tensor::from_vec(o, (1, n, nh * hd), &dev)?.to_dtype(x.dtype())?;
+            x = (x + layer.attn.o.forward(&o, &self.quant)?)?;
+            let m = layer.mlp.forward(&layer.post_norm.forward(&x, kern)?, &self.quant)?;
+            x = (x + m)?;
+        }
+        // Logits of each sequence's last new token only.
+        let mut last = Vec::with_capacity(batch.len());
+        let mut end = 0;
+        for (_, toks) in batch {
+            end += toks.len();
+            last.push((end - 1) as u32);
+        }
+        let h = self.norm.forward(&x.squeeze(0)?.index_select(&Tensor::new(last.as_slice(), &dev)?, 0)?, self.quant.kernels)?;
+        Ok(self.logits_from_hidden(&h)?.to_dtype(DType::F32)?.to_vec2()?)
     }
 
     /// Incremental decoding: runs `ids: [B, T]` after what `cache` holds, appends their K/V and

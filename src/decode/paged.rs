@@ -1,0 +1,370 @@
+//! Paged KV cache: fixed-size blocks from one pool, a block table per sequence.
+//!
+//! Data layout: per layer, K and V are each one growable pool of blocks
+//! `[block][kv_head][slot][head_dim]` (f32); a block id means the same block in every layer. A
+//! sequence is a block table (`Vec<block id>`) and a length; position p lives in block
+//! `table[p / B]`, slot `p % B`. Blocks carry a reference count: `fork` copies only the table
+//! (prefix sharing, e.g. for beams), and the first write into a shared block copies it
+//! (copy-on-write). `truncate` (rollback) drops whole blocks past the new length; freed blocks go
+//! to a free list and are reused. Fresh blocks are filled with NaN on purpose: attention reads
+//! only slots below each sequence's length, and the tests prove unused slots never leak in.
+//!
+//! Attention reads the table block by block with the online softmax (running max and sum, as in
+//! `kernels::flash_attention`), so no contiguous copy of a sequence's K/V is ever made; GQA maps
+//! query head h to KV head h / (H / KV).
+//!
+//! Complexity: appending a token writes O(layers * kv_heads * head_dim), independent of the
+//! sequence length (the contiguous cache's `cat` copies the whole past every step); attention
+//! for one query is O(len * head_dim). Memory: 2 * kv_heads * head_dim * 4 bytes per token per
+//! layer, plus at most one partly used block per sequence. On a GPU this is vLLM's
+//! PagedAttention: one thread block per (sequence, head), the block table in shared memory.
+
+use crate::error::{Error, Result};
+
+/// Handle of a sequence in a [`PagedKvCache`].
+pub type SeqId = usize;
+
+#[derive(Debug, Clone)]
+struct Seq {
+    blocks: Vec<usize>,
+    len: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PagedKvCache {
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    refcount: Vec<u32>,
+    free: Vec<usize>,
+    seqs: Vec<Option<Seq>>,
+}
+
+impl PagedKvCache {
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, block_size: usize) -> Self {
+        Self {
+            block_size: block_size.max(1),
+            kv_heads,
+            head_dim,
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+            refcount: Vec::new(),
+            free: Vec::new(),
+            seqs: Vec::new(),
+        }
+    }
+
+    fn block_elems(&self) -> usize {
+        self.kv_heads * self.block_size * self.head_dim
+    }
+
+    fn seq(&self, s: SeqId) -> Result<&Seq> {
+        self.seqs.get(s).and_then(|x| x.as_ref()).ok_or_else(|| Error::Msg(format!("paged cache: no sequence {s}")))
+    }
+
+    fn seq_mut(&mut self, s: SeqId) -> Result<&mut Seq> {
+        self.seqs.get_mut(s).and_then(|x| x.as_mut()).ok_or_else(|| Error::Msg(format!("paged cache: no sequence {s}")))
+    }
+
+    /// A new empty sequence.
+    pub fn add_seq(&mut self) -> SeqId {
+        self.seqs.push(Some(Seq { blocks: Vec::new(), len: 0 }));
+        self.seqs.len() - 1
+    }
+
+    pub fn len(&self, s: SeqId) -> Result<usize> {
+        Ok(self.seq(s)?.len)
+    }
+
+    /// Blocks in use (referenced by at least one sequence).
+    pub fn blocks_in_use(&self) -> usize {
+        self.refcount.iter().filter(|&&r| r > 0).count()
+    }
+
+    /// Bytes of K/V storage the pool holds (all layers, used or free).
+    pub fn pool_bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+    }
+
+    fn alloc_block(&mut self) -> usize {
+        let n = self.block_elems();
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+                    l.resize(l.len() + n, f32::NAN);
+                }
+                self.refcount.push(0);
+                self.refcount.len() - 1
+            }
+        };
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l[id * n..(id + 1) * n].fill(f32::NAN);
+        }
+        self.refcount[id] = 1;
+        id
+    }
+
+    fn release(&mut self, id: usize) {
+        self.refcount[id] -= 1;
+        if self.refcount[id] == 0 {
+            self.free.push(id);
+        }
+    }
+
+    /// A new sequence sharing every block of `s` (copy-on-write).
+    pub fn fork(&mut self, s: SeqId) -> Result<SeqId> {
+        let seq = self.seq(s)?.clone();
+        for &b in &seq.blocks {
+            self.refcount[b] += 1;
+        }
+        self.seqs.push(Some(seq));
+        Ok(self.seqs.len() - 1)
+    }
+
+    /// Forgets a sequence, releasing its blocks.
+    pub fn free_seq(&mut self, s: SeqId) -> Result<()> {
+        let seq = self.seq(s)?.clone();
+        for b in seq.blocks {
+            self.release(b);
+        }
+        self.seqs[s] = None;
+        Ok(())
+    }
+
+    /// Rolls `s` back to its first `len` positions.
+    pub fn truncate(&mut self, s: SeqId, len: usize) -> Result<()> {
+        let bs = self.block_size;
+        let seq = self.seq_mut(s)?;
+        if len >= seq.len {
+            return Ok(());
+        }
+        seq.len = len;
+        let keep = len.div_ceil(bs);
+        let dropped: Vec<usize> = seq.blocks.drain(keep..).collect();
+        for b in dropped {
+            self.release(b);
+        }
+        Ok(())
+    }
+
+    /// Makes room for `n` more positions of `s` (allocating blocks, copying a shared last block)
+    /// and returns the first new position. Write them with [`Self::write`].
+    pub fn reserve(&mut self, s: SeqId, n: usize) -> Result<usize> {
+        let bs = self.block_size;
+        let (start, last_shared) = {
+            let seq = self.seq(s)?;
+            let partial = seq.len % bs != 0;
+            (seq.len, if partial { seq.blocks.last().copied().filter(|&b| self.refcount[b] > 1) } else { None })
+        };
+        if let Some(old) = last_shared {
+            // Copy-on-write: this sequence gets its own copy of the shared partial block.
+            let new = self.alloc_block();
+            let e = self.block_elems();
+            for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+                l.copy_within(old * e..(old + 1) * e, new * e);
+            }
+            self.release(old);
+            let seq = self.seq_mut(s)?;
+            *seq.blocks.last_mut().expect("partial block") = new;
+        }
+        let need = (start + n).div_ceil(bs);
+        while self.seq(s)?.blocks.len() < need {
+            let b = self.alloc_block();
+            self.seq_mut(s)?.blocks.push(b);
+        }
+        self.seq_mut(s)?.len = start + n;
+        Ok(start)
+    }
+
+    fn slot(&self, s: &Seq, pos: usize, head: usize) -> usize {
+        let b = s.blocks[pos / self.block_size];
+        ((b * self.kv_heads + head) * self.block_size + pos % self.block_size) * self.head_dim
+    }
+
+    /// Writes K and V (`[kv_heads, head_dim]` each) of position `pos` of `s` in `layer`.
+    pub fn write(&mut self, layer: usize, s: SeqId, pos: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let seq = self.seq(s)?.clone();
+        if pos >= seq.len {
+            return Err(Error::Msg(format!("paged cache: position {pos} not reserved (length {})", seq.len)));
+        }
+        if self.refcount[seq.blocks[pos / self.block_size]] > 1 {
+            return Err(Error::Msg("paged cache: write into a shared block (reserve first)".into()));
+        }
+        let hd = self.head_dim;
+        for h in 0..self.kv_heads {
+            let o = self.slot(&seq, pos, h);
+            self.k[layer][o..o + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
+            self.v[layer][o..o + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+        }
+        Ok(())
+    }
+
+    /// Attention of one query `q: [heads, head_dim]` of sequence `s` at position `pos` over keys
+    /// `0..=pos` (causal): returns `[heads, head_dim]`. Reads only slots below the length.
+    pub fn attend(&self, layer: usize, s: SeqId, pos: usize, q: &[f32], heads: usize) -> Result<Vec<f32>> {
+        let seq = self.seq(s)?;
+        if pos >= seq.len {
+            return Err(Error::Msg(format!("paged cache: query at {pos} past length {}", seq.len)));
+        }
+        let (hd, g) = (self.head_dim, heads / self.kv_heads.max(1));
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; heads * hd];
+        for h in 0..heads {
+            let kvh = h / g.max(1);
+            let qh = &q[h * hd..(h + 1) * hd];
+            let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+            let acc = &mut out[h * hd..(h + 1) * hd];
+            for p0 in (0..=pos).step_by(self.block_size) {
+                let base = self.slot(seq, p0, kvh);
+                let n = (pos + 1 - p0).min(self.block_size);
+                let kb = &self.k[layer][base..base + n * hd];
+                let vb = &self.v[layer][base..base + n * hd];
+                let scores: Vec<f32> = kb.chunks_exact(hd).map(|kr| kr.iter().zip(qh).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+                let bm = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let m_new = m.max(bm);
+                let f = if m == f32::NEG_INFINITY { 0.0 } else { (m - m_new).exp() };
+                l *= f;
+                acc.iter_mut().for_each(|x| *x *= f);
+                for (sc, vr) in scores.iter().zip(vb.chunks_exact(hd)) {
+                    let p = (sc - m_new).exp();
+                    l += p;
+                    acc.iter_mut().zip(vr).for_each(|(a, &b)| *a += p * b);
+                }
+                m = m_new;
+            }
+            acc.iter_mut().for_each(|x| *x /= l);
+        }
+        Ok(out)
+    }
+
+    /// K and V of `s` in `layer` gathered contiguously `[kv_heads, len, head_dim]` (for tests
+    /// and for handing a sequence to the contiguous path).
+    pub fn gather(&self, layer: usize, s: SeqId) -> Result<(Vec<f32>, Vec<f32>)> {
+        let seq = self.seq(s)?;
+        let hd = self.head_dim;
+        let (mut k, mut v) = (Vec::with_capacity(self.kv_heads * seq.len * hd), Vec::with_capacity(self.kv_heads * seq.len * hd));
+        for h in 0..self.kv_heads {
+            for p in 0..seq.len {
+                let o = self.slot(seq, p, h);
+                k.extend_from_slice(&self.k[layer][o..o + hd]);
+                v.extend_from_slice(&self.v[layer][o..o + hd]);
+            }
+        }
+        Ok((k, v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rnd(n: usize, rng: &mut rand::rngs::StdRng) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Plain attention over contiguous `[kv, len, hd]` K/V for a query at `pos`.
+    fn contiguous_attention(k: &[f32], v: &[f32], len: usize, q: &[f32], heads: usize, kv: usize, hd: usize, pos: usize) -> Vec<f32> {
+        let g = heads / kv;
+        let mut out = vec![0f32; heads * hd];
+        for h in 0..heads {
+            let kvh = h / g;
+            let s: Vec<f64> = (0..=pos)
+                .map(|p| (0..hd).map(|d| (q[h * hd + d] * k[(kvh * len + p) * hd + d]) as f64).sum::<f64>() / (hd as f64).sqrt())
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+            for d in 0..hd {
+                out[h * hd + d] = (0..=pos).map(|p| (s[p] - m).exp() / z * v[(kvh * len + p) * hd + d] as f64).sum::<f64>() as f32;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_over_pages_equals_contiguous_with_nan_in_unused_slots() {
+        let (layers, kv, hd, heads, bs) = (2, 2, 8, 4, 4);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let mut cache = PagedKvCache::new(layers, kv, hd, bs);
+        let lens = [1usize, 5, 8, 13];
+        let seqs: Vec<SeqId> = lens.iter().map(|_| cache.add_seq()).collect();
+        let mut truth = vec![];
+        // Interleave appends (one or several tokens at a time) across sequences.
+        for (&s, &len) in seqs.iter().zip(&lens) {
+            let (mut ks, mut vs): (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) = (vec![vec![]; layers], vec![vec![]; layers]);
+            let mut done = 0;
+            while done < len {
+                let n = (1 + done % 3).min(len - done);
+                let start = cache.reserve(s, n).unwrap();
+                for p in start..start + n {
+                    for l in 0..layers {
+                        let (k, v) = (rnd(kv * hd, &mut rng), rnd(kv * hd, &mut rng));
+                        cache.write(l, s, p, &k, &v).unwrap();
+                        ks[l].push(k);
+                        vs[l].push(v);
+                    }
+                }
+                done += n;
+            }
+            truth.push((ks, vs));
+        }
+        for (i, &s) in seqs.iter().enumerate() {
+            let len = lens[i];
+            for l in 0..layers {
+                // Contiguous [kv, len, hd] from the per-position [kv, hd] writes.
+                let relay = |src: &Vec<Vec<f32>>| -> Vec<f32> {
+                    (0..kv).flat_map(|h| (0..len).flat_map(move |p| src[p][h * hd..(h + 1) * hd].to_vec())).collect()
+                };
+                let (k, v) = (relay(&truth[i].0[l]), relay(&truth[i].1[l]));
+                assert_eq!(cache.gather(l, s).unwrap(), (k.clone(), v.clone()));
+                for pos in [0, len / 2, len - 1] {
+                    let q = rnd(heads * hd, &mut rng);
+                    let got = cache.attend(l, s, pos, &q, heads).unwrap();
+                    let want = contiguous_attention(&k, &v, len, &q, heads, kv, hd, pos);
+                    assert!(got.iter().all(|x| x.is_finite()), "NaN leaked from an unused slot");
+                    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    assert!(err < 1e-5, "seq {i} layer {l} pos {pos}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fork_shares_blocks_and_copies_on_write_truncate_frees() {
+        let (kv, hd, bs) = (1, 2, 4);
+        let mut c = PagedKvCache::new(1, kv, hd, bs);
+        let a = c.add_seq();
+        let start = c.reserve(a, 6).unwrap();
+        for p in start..6 {
+            c.write(0, a, p, &[p as f32, 0.0], &[0.0, p as f32]).unwrap();
+        }
+        assert_eq!(c.blocks_in_use(), 2);
+        let b = c.fork(a).unwrap();
+        assert_eq!(c.blocks_in_use(), 2, "the fork shares the prefix");
+        // b appends: its shared partial block is copied, a is untouched.
+        let p = c.reserve(b, 1).unwrap();
+        assert_eq!(p, 6);
+        c.write(0, b, 6, &[60.0, 0.0], &[0.0, 60.0]).unwrap();
+        assert_eq!(c.blocks_in_use(), 3);
+        assert_eq!(c.len(a).unwrap(), 6);
+        let (ka, _) = c.gather(0, a).unwrap();
+        let (kb, _) = c.gather(0, b).unwrap();
+        assert_eq!(&kb[..12], &ka[..12]);
+        assert_eq!(kb[12], 60.0);
+        // A write into a shared block without reserve is refused.
+        let a2 = c.fork(a).unwrap();
+        assert!(c.write(0, a2, 0, &[9.0, 9.0], &[9.0, 9.0]).is_err());
+        // Rollback frees whole blocks; the freed block is reused.
+        c.free_seq(a2).unwrap();
+        c.truncate(b, 3).unwrap();
+        assert_eq!(c.len(b).unwrap(), 3);
+        assert_eq!(c.blocks_in_use(), 2);
+        let before = c.pool_bytes();
+        let s = c.add_seq();
+        c.reserve(s, 4).unwrap();
+        assert_eq!(c.pool_bytes(), before, "a freed block is reused, the pool does not grow");
+    }
+}
