@@ -57,6 +57,8 @@ pub struct ModelSection {
     pub group_size: usize,
     /// default "mean_abs"
     pub scale: ScaleRule,
+    /// default true: the embedding and the LM head are ternary too (false: full precision)
+    pub ternary_embeddings: bool,
 }
 
 impl Default for ModelSection {
@@ -77,6 +79,7 @@ impl Default for ModelSection {
             ternary: true,
             group_size: 128,
             scale: ScaleRule::MeanAbs,
+            ternary_embeddings: true,
         }
     }
 }
@@ -114,7 +117,7 @@ impl ModelSection {
     }
 
     pub fn quant(&self) -> QuantConfig {
-        QuantConfig { ternary: self.ternary, group_size: self.group_size, scale: self.scale, ramp: 1.0, ..Default::default() }
+        QuantConfig { ternary: self.ternary, group_size: self.group_size, scale: self.scale, ramp: 1.0, embeddings: self.ternary_embeddings, ..Default::default() }
     }
 }
 

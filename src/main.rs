@@ -175,6 +175,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Draws the validation-loss curves of several runs into one PNG (ablations).
+    Plot {
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
+        /// NAME=RUN_DIR (its metrics.jsonl), repeatable.
+        #[arg(long = "run")]
+        runs: Vec<String>,
+        #[arg(long, default_value = "tern: validation loss")]
+        title: String,
+    },
     /// Benchmarks (figures for NOTES.md).
     Bench {
         #[command(subcommand)]
@@ -302,6 +313,28 @@ fn parse_precision(p: &str) -> Result<bool> {
         "full" => Ok(false),
         o => anyhow::bail!("--precision: expected 'ternary' or 'full', found '{o}'"),
     }
+}
+
+fn cmd_plot(out: &std::path::Path, runs: &[String], title: &str) -> Result<i32> {
+    anyhow::ensure!(!runs.is_empty(), "give at least one --run NAME=RUN_DIR");
+    let mut curves = Vec::new();
+    for r in runs {
+        let (name, dir) = r.split_once('=').with_context(|| format!("--run '{r}': expected NAME=RUN_DIR"))?;
+        let path = std::path::Path::new(dir).join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("--run {name}: reading {}", path.display()))?;
+        let mut pts = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            if let (Some(step), Some(loss)) = (v.get("step").and_then(|s| s.as_u64()), v.get("val_loss").and_then(|s| s.as_f64())) {
+                pts.push((step as usize, loss));
+            }
+        }
+        anyhow::ensure!(!pts.is_empty(), "{}: no val_loss rows", path.display());
+        curves.push((name.to_string(), pts));
+    }
+    tern::plot::plot_curves(out, title, &curves)?;
+    println!("wrote {}", out.display());
+    Ok(0)
 }
 
 fn bench_topk(vocab: usize, batch: usize, reps: usize) -> Result<()> {
@@ -801,6 +834,7 @@ fn main() {
         Cmd::Eval { m, data, ctx, stride, scheme, split, config, batch, json } => {
             cmd_eval(&m, &data, ctx, stride, &scheme, &split, config, batch, json)
         }
+        Cmd::Plot { out, runs, title } => cmd_plot(&out, &runs, &title),
         Cmd::Bench { what } => match what {
             BenchCmd::Topk { vocab, batch, reps } => bench_topk(vocab, batch, reps).map(|_| 0),
             BenchCmd::Kernels { size, reps } => bench_kernels(&size, reps).map(|_| 0),

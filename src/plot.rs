@@ -89,3 +89,50 @@ pub fn plot_losses(path: &Path, train: &[(usize, f64)], val: &[(usize, f64)]) ->
     }
     std::fs::rename(&tmp, path).map_err(|x| Error::io(path, x))
 }
+
+/// Draws several named curves (e.g. the validation loss of each ablation run) to `path` (PNG),
+/// atomically; one color per curve.
+pub fn plot_curves(path: &Path, title: &str, curves: &[(String, Vec<(usize, f64)>)]) -> Result<()> {
+    let curves: Vec<(String, Vec<(usize, f64)>)> =
+        curves.iter().map(|(n, v)| (n.clone(), v.iter().copied().filter(|p| p.1.is_finite()).collect())).collect();
+    let all = curves.iter().flat_map(|c| c.1.iter());
+    let max_step = all.clone().map(|p| p.0).max().unwrap_or(1).max(1);
+    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| (l.min(p.1), h.max(p.1)));
+    if !lo.is_finite() {
+        return Err(Error::Msg("plot: no finite points to draw".into()));
+    }
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let tmp = path.with_extension("png.tmp.png");
+    let text = font_available();
+    {
+        let root = BitMapBackend::new(&tmp, (1000, 620)).into_drawing_area();
+        let e = |x: String| Error::Msg(format!("drawing {}: {x}", path.display()));
+        root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(20).x_label_area_size(if text { 40 } else { 5 }).y_label_area_size(if text { 60 } else { 5 });
+        if text {
+            builder.caption(title, ("sans-serif", 22));
+        }
+        let mut chart =
+            builder.build_cartesian_2d(0usize..max_step, (lo - pad)..(hi + pad)).map_err(|x| e(x.to_string()))?;
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_desc("step").y_desc("validation cross-entropy (nats)");
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(|x| e(x.to_string()))?;
+        for (i, (name, pts)) in curves.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let s = chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2))).map_err(|x| e(x.to_string()))?;
+            if text {
+                s.label(name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            }
+        }
+        if text {
+            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|x| e(x.to_string()))?;
+        }
+        root.present().map_err(|x| e(x.to_string()))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|x| Error::io(path, x))
+}

@@ -163,6 +163,11 @@ pub fn export_gguf(
     if packing.is_some() && !quant.ternary {
         return Err(Error::Msg("--format q2_0/pq2_0 needs --precision ternary (a full-precision model is not ternary)".into()));
     }
+    if packing.is_some() && !quant.embeddings {
+        return Err(Error::Msg(
+            "this model was trained with full-precision embeddings (ternary_embeddings = false): export it with --format f16 or f32".into(),
+        ));
+    }
     let mut w = GgufWriter::default();
     w.meta("general.architecture", Value::Str("qwen3".into()));
     w.meta("general.name", Value::Str(name.into()));

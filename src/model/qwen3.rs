@@ -455,16 +455,21 @@ impl Qwen3 {
         Ok(Self {
             cfg: self.cfg.clone(),
             quant: QuantConfig { ternary: false, ..self.quant },
-            embed: self.embed.freeze(q)?,
+            embed: self.embed.freeze(&q.for_embeddings())?,
             layers,
             norm: self.norm.detached(),
-            lm_head: self.lm_head.as_ref().map(|h| h.freeze(q)).transpose()?,
+            lm_head: self.lm_head.as_ref().map(|h| h.freeze(&q.for_embeddings())).transpose()?,
             rope: self.rope.clone(),
         })
     }
 
     pub fn device(&self) -> &Device {
         self.norm.weight.device()
+    }
+
+    /// Quantization of the embedding and the LM head (`quant.embeddings`).
+    pub fn head_quant(&self) -> QuantConfig {
+        self.quant.for_embeddings()
     }
 
     pub fn dtype(&self) -> DType {
@@ -475,8 +480,8 @@ impl Qwen3 {
     /// dense models only.
     pub fn head_weight(&self) -> Result<Tensor> {
         match &self.lm_head {
-            Some(h) => crate::ternary::projection::effective_weight(&h.weight, &self.quant),
-            None => self.embed.effective_weight(&self.quant),
+            Some(h) => crate::ternary::projection::effective_weight(&h.weight, &self.head_quant()),
+            None => self.embed.effective_weight(&self.head_quant()),
         }
     }
 
@@ -489,7 +494,7 @@ impl Qwen3 {
         if let Some(p) = &self.embed.packed {
             return Ok((TernaryEmbedding::lookup_packed(p, ids)?, None));
         }
-        let emb_w = self.embed.effective_weight(&self.quant)?;
+        let emb_w = self.embed.effective_weight(&self.head_quant())?;
         Ok((TernaryEmbedding::lookup(&emb_w, ids)?, Some(emb_w)))
     }
 
@@ -505,7 +510,7 @@ impl Qwen3 {
         }
         let (b, t) = ids.dims2()?;
         let rows = self.embed.weight.index_select(&ids.flatten_all()?, 0)?;
-        let x = crate::ternary::projection::effective_weight(&rows, &self.quant)?.reshape((b, t, self.cfg.hidden_size))?;
+        let x = crate::ternary::projection::effective_weight(&rows, &self.head_quant())?.reshape((b, t, self.cfg.hidden_size))?;
         let h = self.hidden_from_embeddings(x)?;
         let head = match &self.lm_head {
             Some(hd) => hd.weight.clone(),
@@ -539,9 +544,9 @@ impl Qwen3 {
     /// Logits `[..., vocab]` of hidden states `[..., H]`.
     pub fn logits_from_hidden(&self, h: &Tensor) -> Result<Tensor> {
         match (&self.lm_head, &self.embed.packed) {
-            (Some(head), _) => head.forward(h, &self.quant),
+            (Some(head), _) => head.forward(h, &self.head_quant()),
             (None, Some(p)) => crate::ternary::layers::packed_linear(h, p),
-            (None, None) => linear(h, &self.embed.effective_weight(&self.quant)?),
+            (None, None) => linear(h, &self.embed.effective_weight(&self.head_quant())?),
         }
     }
 

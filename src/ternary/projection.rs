@@ -60,6 +60,10 @@ pub struct QuantConfig {
     /// STE ramp: the forward uses w + ramp * (q - w). 1.0 = fully ternary.
     #[serde(skip, default = "one")]
     pub ramp: f64,
+    /// The embedding and the LM head are ternary too (default); false keeps them in full
+    /// precision (an ablation; such a model cannot be exported as Q2_0).
+    #[serde(default = "yes")]
+    pub embeddings: bool,
     /// Fused kernels or the plain references (a run-time choice, not stored).
     #[serde(skip)]
     pub kernels: crate::kernels::Kernels,
@@ -69,15 +73,24 @@ fn one() -> f64 {
     1.0
 }
 
+fn yes() -> bool {
+    true
+}
+
 impl Default for QuantConfig {
     fn default() -> Self {
-        Self { ternary: true, group_size: 128, scale: ScaleRule::MeanAbs, ramp: 1.0, kernels: Default::default() }
+        Self { ternary: true, group_size: 128, scale: ScaleRule::MeanAbs, ramp: 1.0, embeddings: true, kernels: Default::default() }
     }
 }
 
 impl QuantConfig {
     pub fn full_precision() -> Self {
         Self { ternary: false, ..Self::default() }
+    }
+
+    /// The settings for the embedding and the LM head.
+    pub fn for_embeddings(&self) -> Self {
+        if self.embeddings { *self } else { Self { ternary: false, ..*self } }
     }
     pub fn validate(&self) -> Result<()> {
         if self.group_size == 0 {

@@ -109,7 +109,7 @@ pub fn batch_loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Result<Tensor> {
         return Ok(candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tgt)?);
     }
     let (h, head) = model.forward_hidden(inp)?;
-    lm_head_cross_entropy_ste(&h.flatten_to(1)?, &head, &model.quant, &tgt, default_chunk(model.cfg.vocab_size))
+    lm_head_cross_entropy_ste(&h.flatten_to(1)?, &head, &model.head_quant(), &tgt, default_chunk(model.cfg.vocab_size))
 }
 
 fn split_window(windows: &Tensor) -> Result<(Tensor, Tensor)> {
