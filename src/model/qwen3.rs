@@ -9,7 +9,9 @@
 //! Every projection, the embedding and the LM head are ternary layers; RMSNorm weights stay f32.
 //! All ops here are plain differentiable candle ops (see shared/REFERENCE.md for the fused candle
 //! ops that silently drop gradients: none of them is used here) or tern's own fused kernels with
-//! a tested backward (`kernels::norm` for RMSNorm).
+//! a tested backward: RMSNorm (`kernels::norm`), RoPE (`kernels::rope`), attention
+//! (`kernels::flash_attention`), ternary linear layers (`kernels::ternary_linear`). With
+//! `quant.kernels = Reference` every one of them runs its plain composed reference instead.
 //!
 //! GQA without copying K/V: the `g = heads / kv_heads` query heads that share a KV head are
 //! folded into the row dimension (`[B, kv, g*T, hd]`), so one batched GEMM per KV head does it.
