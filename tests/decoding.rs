@@ -9,7 +9,7 @@ use tern::decode::beam::{beam_search, BeamConfig, QwenBeams};
 use tern::decode::generate::{generate_batch, GenerateConfig};
 use tern::decode::sampler::SamplerConfig;
 use tern::model::params::Params;
-use tern::model::{load_checkpoint, Qwen3, Qwen3Config};
+use tern::model::{load_checkpoint, Qwen3};
 use tern::ternary::QuantConfig;
 
 fn fixture_model(name: &str) -> Qwen3 {
@@ -19,15 +19,7 @@ fn fixture_model(name: &str) -> Qwen3 {
 
 /// A scratch model with a tiny vocabulary, for exhaustive search.
 fn tiny_vocab_model(vocab: usize) -> Qwen3 {
-    let mut c = Qwen3Config::qwen3_0_6b();
-    c.hidden_size = 32;
-    c.intermediate_size = 48;
-    c.num_hidden_layers = 2;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = Some(2);
-    c.head_dim = Some(8);
-    c.vocab_size = vocab;
-    c.rope_theta = 10_000.0;
+    let c = small_config(32, 48, 8, vocab);
     let params = Params::scratch(&c, 11, DType::F32, &Device::Cpu).unwrap();
     // Scratch init is near-uniform; sharpen it so the search has something to find.
     let params = Params::from_tensors(params.iter().map(|(n, v)| (n.clone(), (v.as_tensor() * 8.0).unwrap()))).unwrap();

@@ -2,22 +2,17 @@
 //! the STE gradient of each latent equals the finite-difference gradient of the loss with respect
 //! to the projected weight (f64, central differences).
 
+mod common;
+use common::small_config;
+
 use candle_core::{DType, Device, Tensor, Var};
 use tern::model::params::{is_norm, Params};
 use tern::model::{Qwen3, Qwen3Config};
 use tern::ternary::{project, QuantConfig, ScaleRule};
 
 fn tiny(tied: bool) -> Qwen3Config {
-    let mut c = Qwen3Config::qwen3_0_6b();
-    c.hidden_size = 48;
-    c.intermediate_size = 80;
-    c.num_hidden_layers = 2;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = Some(2);
-    c.head_dim = Some(12);
-    c.vocab_size = 61;
+    let mut c = small_config(48, 80, 12, 61);
     c.tie_word_embeddings = tied;
-    c.rope_theta = 10_000.0;
     c
 }
 
@@ -40,7 +35,7 @@ fn loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Tensor {
 #[test]
 fn every_parameter_gets_a_finite_nonzero_gradient() {
     for tied in [true, false] {
-        for q in [quant(), QuantConfig::full_precision(), QuantConfig { scale: ScaleRule::MaxAbs, ..quant() }] {
+        for q in [quant(), QuantConfig::full_precision(), QuantConfig { scale: ScaleRule::MaxAbs, ..quant() }, QuantConfig { embeddings: false, ..quant() }] {
             let cfg = tiny(tied);
             let params = Params::scratch(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
             let model = Qwen3::new(&cfg, q, &params).unwrap();

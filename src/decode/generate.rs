@@ -22,6 +22,21 @@ pub enum Finish {
     Stop,
 }
 
+/// Appends `tok` to a row and decides whether the row is done: EOS, a stop string (`stop()`),
+/// or the last step.
+fn record(row: &mut (Vec<u32>, Option<Finish>), tok: u32, step: usize, cfg: &GenerateConfig, stop: impl FnOnce() -> bool) {
+    row.0.push(tok);
+    row.1 = if cfg.eos.contains(&tok) {
+        Some(Finish::Eos)
+    } else if stop() {
+        Some(Finish::Stop)
+    } else if step + 1 == cfg.max_new {
+        Some(Finish::Length)
+    } else {
+        None
+    };
+}
+
 /// Every prompt non-empty and inside the vocabulary.
 pub fn check_prompts(prompts: &[Vec<u32>], vocab: usize) -> Result<()> {
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
@@ -66,14 +81,7 @@ pub fn generate_batch(
                 continue;
             }
             let tok = samplers[r].sample(row);
-            out[r].0.push(tok);
-            if cfg.eos.contains(&tok) {
-                out[r].1 = Some(Finish::Eos);
-            } else if on_token(r, tok) {
-                out[r].1 = Some(Finish::Stop);
-            } else if step + 1 == cfg.max_new {
-                out[r].1 = Some(Finish::Length);
-            }
+            record(&mut out[r], tok, step, cfg, || on_token(r, tok));
             next.push(tok);
         }
         if out.iter().all(|o| o.1.is_some()) {
@@ -114,14 +122,7 @@ pub fn generate_paged(
         let mut next_live = Vec::new();
         for (&r, row) in live.iter().zip(&logits) {
             let tok = samplers[r].sample(row);
-            out[r].0.push(tok);
-            if cfg.eos.contains(&tok) {
-                out[r].1 = Some(Finish::Eos);
-            } else if on_token(r, tok) {
-                out[r].1 = Some(Finish::Stop);
-            } else if step + 1 == cfg.max_new {
-                out[r].1 = Some(Finish::Length);
-            }
+            record(&mut out[r], tok, step, cfg, || on_token(r, tok));
             if out[r].1.is_some() {
                 cache.free_seq(seqs[r])?;
             } else {

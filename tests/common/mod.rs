@@ -133,3 +133,17 @@ keep = 2
         d = dir.display()
     )
 }
+
+/// A small Qwen3 architecture (2 layers, 4 heads over 2 KV heads) for tests.
+pub fn small_config(hidden: usize, intermediate: usize, head_dim: usize, vocab: usize) -> tern::model::Qwen3Config {
+    let mut c = tern::model::Qwen3Config::qwen3_0_6b();
+    c.hidden_size = hidden;
+    c.intermediate_size = intermediate;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = Some(2);
+    c.head_dim = Some(head_dim);
+    c.vocab_size = vocab;
+    c.rope_theta = 10_000.0;
+    c
+}
