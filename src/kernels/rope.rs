@@ -168,7 +168,7 @@ mod tests {
         let rope = Rope::new(d, 10000.0);
         let positions: Vec<u32> = (5..5 + t as u32).collect();
         let (cos, sin) = rope.cos_sin(&positions, DType::F32, &Device::Cpu).unwrap();
-        let per_row: Vec<u32> = (0..b as u32).flat_map(|r| (r * 3..r * 3 + t as u32)).collect();
+        let per_row: Vec<u32> = (0..b as u32).flat_map(|r| r * 3..r * 3 + t as u32).collect();
         let (pc, ps) = rope.cos_sin(&per_row, DType::F32, &Device::Cpu).unwrap();
         let (pc, ps) = (pc.reshape((b, 1, t, d)).unwrap(), ps.reshape((b, 1, t, d)).unwrap());
         let x = randn(&[b, t, h, d], 1, DType::F32);
