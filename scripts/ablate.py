@@ -110,7 +110,7 @@ def main():
     plot = [str(TERN), "plot", "--out", str(out / "val_curves.png"), "--title", "ablations: validation loss"]
     for r in rows:
         if r["seed"] == rows[0]["seed"] or len(by_run[r["run"]]) == 1:
-            plot += ["--run", f"{r['run']}={r['dir']}"]
+            plot += ["--run", f"{r['run'].replace('=', ':')}={r['dir']}"]
     subprocess.run(plot, check=True)
 
 
