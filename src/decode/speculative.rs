@@ -309,6 +309,11 @@ mod tests {
         let (path, bonus) = accept(&t, &am);
         assert_eq!(path, vec![2]); // b only
         assert_eq!(bonus, 99); // argmax at b
+        // The target's argmax at b is 12, the token of c, a child of the rejected a: c is not a
+        // child of b, so it is not accepted and 12 is the bonus.
+        let (path, bonus) = accept(&t, &[11, 0, 12, 0, 0, 0]);
+        assert_eq!(path, vec![2]);
+        assert_eq!(bonus, 12);
         // Everything rejected: no path, the bonus is the argmax at node 0.
         let (path, bonus) = accept(&t, &[7, 12, 99, 14, 0, 0]);
         assert!(path.is_empty());
