@@ -66,16 +66,21 @@ fn fused_update(w: &[f32], g: &[f32], m: Option<&[f32]>, v: Option<&[f32]>, s: S
     (w2, m2, v2)
 }
 
-/// A contiguous f32 CPU tensor's values, read in place.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let data = match &*storage {
-        candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>()?,
-        _ => return Err(Error::Msg("fused AdamW: CPU tensors only".into())),
-    };
-    let (a, b) = layout.contiguous_offsets().ok_or_else(|| Error::Msg("fused AdamW: not contiguous".into()))?;
-    Ok(f(&data[a..b]))
+/// Calls `f` with the values of contiguous f32 CPU tensors, read in place (no copies unless a
+/// tensor is strided), in the order given.
+fn with_f32_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let tensors = tensors.iter().map(|t| t.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let data = match &**storage {
+            candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>()?,
+            _ => return Err(Error::Msg("fused AdamW: CPU tensors only".into())),
+        };
+        let (a, b) = layout.contiguous_offsets().ok_or_else(|| Error::Msg("fused AdamW: not contiguous".into()))?;
+        slices.push(&data[a..b]);
+    }
+    Ok(f(&slices))
 }
 
 /// Gradients by parameter name.
@@ -102,12 +107,14 @@ impl AdamW {
                 let decay = if wd > 0.0 && !is_norm(name) { 1.0 - lr * wd } else { 1.0 };
                 let s = Step { b1: b1 as f32, b2: b2 as f32, bc1: bc1 as f32, bc2: bc2 as f32, eps: eps as f32, lr: lr as f32, decay: decay as f32 };
                 let (m_old, v_old) = (self.m.remove(name), self.v.remove(name));
-                let (w2, m2, v2) = with_f32(var.as_tensor(), |w| {
-                    with_f32(g, |g| match (&m_old, &v_old) {
-                        (Some(m), Some(v)) => with_f32(m, |m| with_f32(v, |v| fused_update(w, g, Some(m), Some(v), s))).and_then(|r| r),
-                        _ => Ok(fused_update(w, g, None, None, s)),
-                    })
-                })???;
+                // The moments are absent on a parameter's first update.
+                let mut inputs = vec![var.as_tensor(), g];
+                if let (Some(m), Some(v)) = (&m_old, &v_old) {
+                    inputs.extend([m, v]);
+                }
+                let (w2, m2, v2) =
+                    with_f32_slices(&inputs, |x| fused_update(x[0], x[1], x.get(2).copied(), x.get(3).copied(), s))?;
+                drop(inputs);
                 let (shape, dev) = (var.as_tensor().shape().clone(), var.as_tensor().device().clone());
                 drop((m_old, v_old));
                 var.set(&Tensor::from_vec(w2, &shape, &dev)?)?;
