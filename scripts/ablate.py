@@ -84,16 +84,28 @@ def main():
     for name, sets, ss in plan:
         for seed in ss:
             rows.append(run(a.config, out, name, seed, sets, a.steps, a.every))
+    base_seed_val = {r["seed"]: r["val_loss"] for r in rows if r["run"] == a.name}
+    for r in rows:
+        b = base_seed_val.get(r["seed"])
+        r["val_loss_minus_base_same_seed"] = None if b is None else r["val_loss"] - b
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
-    lines = ["| run | seeds | final train loss (last 10) | val loss | val PPL | tokens/s | share of zeros |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| run | seeds | final train loss (last 10) | val loss (mean vs base mean) | val loss - base, per seed "
+             "| val PPL | tokens/s | share of zeros |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     by_run = {}
     for r in rows:
         by_run.setdefault(r["run"], []).append(r)
     base_val = statistics.mean(r["val_loss"] for r in by_run[a.name])
+
+    def paired(rs):
+        """Each seed's val loss minus the base's with the same seed (same init and data order),
+        which removes most of the seed-to-seed noise from the comparison."""
+        ds = [f"{r['val_loss_minus_base_same_seed']:+.4f}" for r in rs if r["val_loss_minus_base_same_seed"] is not None]
+        return " / ".join(ds) or "-"
+
     for name, rs in by_run.items():
         def cell(key, fmt):
             vals = [r[key] for r in rs if r[key] is not None]
@@ -103,7 +115,8 @@ def main():
             return (fmt % m) + (f" ± {(max(vals) - min(vals)) / 2:{fmt[1:]}}" if len(vals) > 1 else "")
         delta = statistics.mean(r["val_loss"] for r in rs) - base_val
         lines.append(f"| {name} | {','.join(str(r['seed']) for r in rs)} | {cell('train_loss_last10', '%.4f')} | "
-                     f"{cell('val_loss', '%.4f')} ({delta:+.4f}) | {cell('val_ppl', '%.1f')} | {cell('tokens_per_s', '%.0f')} | "
+                     f"{cell('val_loss', '%.4f')} ({delta:+.4f}) | {paired(rs)} | {cell('val_ppl', '%.1f')} | "
+                     f"{cell('tokens_per_s', '%.0f')} | "
                      f"{cell('share_zero', '%.3f')} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -52,13 +52,57 @@ fn slice<'a, T: Elem>(data: &'a [T], l: &Layout, what: &str) -> candle_core::Res
     }
 }
 
-/// Tensor values as f64 (backward math runs in f64 whatever the dtype).
-fn f64s(t: &Tensor) -> candle_core::Result<Vec<f64>> {
-    t.contiguous()?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
+/// Rows per parallel task in the backward passes: each task keeps one partial weight gradient
+/// (summed in task order afterwards, so the result does not depend on scheduling).
+const BWD_ROWS: usize = 32;
+
+/// Calls `f` with the values of same-dtype tensors (f32 or f64, CPU), read in place after
+/// making them contiguous; `f` is generic over the element type, so one body serves both.
+trait SliceFn {
+    type Out;
+    fn call<T: Elem>(self, xs: &[&[T]]) -> candle_core::Result<Self::Out>;
 }
 
-fn back(v: Vec<f64>, like: &Tensor) -> candle_core::Result<Tensor> {
-    Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
+fn with_slices<F: SliceFn>(tensors: &[&Tensor], f: F) -> candle_core::Result<F::Out> {
+    use candle_core::Storage;
+    let tensors = tensors.iter().map(|t| t.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    macro_rules! typed {
+        ($variant:ident, $t:ty) => {{
+            let mut out: Vec<&[$t]> = Vec::with_capacity(guards.len());
+            for (st, l) in &guards {
+                match &**st {
+                    Storage::Cpu(CpuStorage::$variant(v)) => out.push(slice(v, l, "norm backward")?),
+                    _ => candle_core::bail!("norm backward: tensors must share one dtype on the CPU"),
+                }
+            }
+            f.call(&out)
+        }};
+    }
+    match tensors.first().map(|t| t.dtype()) {
+        Some(DType::F32) => typed!(F32, f32),
+        Some(DType::F64) => typed!(F64, f64),
+        other => candle_core::bail!("norm backward: f32 or f64 expected, found {other:?}"),
+    }
+}
+
+/// Adds per-task partial sums in task order.
+fn sum_partials(parts: impl IntoIterator<Item = Vec<f64>>, d: usize) -> Vec<f64> {
+    let mut acc = vec![0f64; d];
+    for p in parts {
+        for (a, b) in acc.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    acc
+}
+
+fn to_tensor<T: Elem>(v: Vec<T>, like: &Tensor) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(v, like.shape(), like.device())
+}
+
+fn to_elems<T: Elem>(v: Vec<f64>) -> Vec<T> {
+    v.into_iter().map(T::from).collect()
 }
 
 /// Plain RMSNorm composed of differentiable candle ops (the reference).
@@ -119,37 +163,50 @@ impl CustomOp2 for RmsNormOp {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = x.dim(D::Minus1)?;
-        let (xv, wv, gv) = (f64s(x)?, f64s(w)?, f64s(dy)?);
-        let rstd = self.rstd.lock().expect("rstd lock").clone();
-        let mut dx = vec![0f64; xv.len()];
-        let dw_rows: Vec<Vec<f64>> = dx
-            .par_chunks_mut(d)
-            .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
-            .zip(rstd.par_iter())
-            .map(|((dxr, (xr, gr)), &r)| {
-                let mean_ax = (0..d).map(|j| gr[j] * wv[j] * xr[j]).sum::<f64>() / d as f64;
-                (0..d)
-                    .map(|j| {
-                        dxr[j] = r * (gr[j] * wv[j] - xr[j] * r * r * mean_ax);
-                        gr[j] * xr[j] * r
-                    })
-                    .collect()
+        let rstd = self.rstd.lock().expect("rstd lock");
+        let (dx, dw) = with_slices(&[x, w, dy], RmsBackward { rstd: &rstd, x, w })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// dx and dw of RMSNorm from x, w, dy and the forward's r per row (see the module doc).
+struct RmsBackward<'a> {
+    rstd: &'a [f64],
+    x: &'a Tensor,
+    w: &'a Tensor,
+}
+
+impl SliceFn for RmsBackward<'_> {
+    type Out = (Tensor, Tensor);
+    fn call<T: Elem>(self, v: &[&[T]]) -> candle_core::Result<(Tensor, Tensor)> {
+        let (x, w, dy) = (v[0], v[1], v[2]);
+        let d = w.len();
+        let mut dx = vec![T::from(0.0); x.len()];
+        let parts: Vec<Vec<f64>> = dx
+            .par_chunks_mut(BWD_ROWS * d)
+            .zip(x.par_chunks(BWD_ROWS * d).zip(dy.par_chunks(BWD_ROWS * d)))
+            .zip(self.rstd.par_chunks(BWD_ROWS))
+            .map(|((dxc, (xc, gc)), rc)| {
+                let mut dw = vec![0f64; d];
+                for (((dxr, xr), gr), &r) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)).zip(rc) {
+                    let mean_ax = (0..d).map(|j| gr[j].f() * w[j].f() * xr[j].f()).sum::<f64>() / d as f64;
+                    let k = r * r * mean_ax;
+                    for j in 0..d {
+                        let (xj, gj) = (xr[j].f(), gr[j].f());
+                        dxr[j] = T::from(r * (gj * w[j].f() - xj * k));
+                        dw[j] += gj * xj * r;
+                    }
+                }
+                dw
             })
             .collect();
-        let mut dw = vec![0f64; d];
-        for row in &dw_rows {
-            for (a, b) in dw.iter_mut().zip(row) {
-                *a += b;
-            }
-        }
-        Ok((Some(back(dx, x)?), Some(back(dw, w)?)))
+        Ok((to_tensor(dx, self.x)?, to_tensor(to_elems::<T>(sum_partials(parts, d)), self.w)?))
     }
 }
 
 /// Fused RMSNorm over the last dim (f32/f64 on CPU; other devices and dtypes use the reference).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let fused = matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == w.dtype();
+    let fused = matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == w.dtype() && x.dim(D::Minus1)? > 0;
     if !x.device().is_cpu() || !fused {
         return rms_norm_reference(x, w, eps);
     }
@@ -226,41 +283,65 @@ impl CustomOp3 for LayerNormOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = x.dim(D::Minus1)?;
-        let (xv, gamma, gv) = (f64s(x)?, f64s(g)?, f64s(dy)?);
-        let stats = self.stats.lock().expect("stats lock").clone();
-        let mut dx = vec![0f64; xv.len()];
-        let partial: Vec<(Vec<f64>, Vec<f64>)> = dx
-            .par_chunks_mut(d)
-            .zip(xv.par_chunks(d).zip(gv.par_chunks(d)))
-            .zip(stats.par_iter())
-            .map(|((dxr, (xr, gr)), &(mu, r))| {
-                let xh: Vec<f64> = xr.iter().map(|&v| (v - mu) * r).collect();
-                let a: Vec<f64> = gr.iter().zip(&gamma).map(|(&gi, &gm)| gi * gm).collect();
-                let mean_a = a.iter().sum::<f64>() / d as f64;
-                let mean_axh = a.iter().zip(&xh).map(|(p, q)| p * q).sum::<f64>() / d as f64;
-                for j in 0..d {
-                    dxr[j] = r * (a[j] - mean_a - xh[j] * mean_axh);
+        let stats = self.stats.lock().expect("stats lock");
+        let (dx, dg, db) = with_slices(&[x, g, dy], LayerBackward { stats: &stats, x, g, b })?;
+        Ok((Some(dx), Some(dg), Some(db)))
+    }
+}
+
+/// dx, dgamma and dbeta of LayerNorm from x, gamma, dy and the forward's (mu, r) per row.
+struct LayerBackward<'a> {
+    stats: &'a [(f64, f64)],
+    x: &'a Tensor,
+    g: &'a Tensor,
+    b: &'a Tensor,
+}
+
+impl SliceFn for LayerBackward<'_> {
+    type Out = (Tensor, Tensor, Tensor);
+    fn call<T: Elem>(self, v: &[&[T]]) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (x, gamma, dy) = (v[0], v[1], v[2]);
+        let d = gamma.len();
+        let mut dx = vec![T::from(0.0); x.len()];
+        let parts: Vec<(Vec<f64>, Vec<f64>)> = dx
+            .par_chunks_mut(BWD_ROWS * d)
+            .zip(x.par_chunks(BWD_ROWS * d).zip(dy.par_chunks(BWD_ROWS * d)))
+            .zip(self.stats.par_chunks(BWD_ROWS))
+            .map(|((dxc, (xc, gc)), sc)| {
+                let (mut dg, mut db) = (vec![0f64; d], vec![0f64; d]);
+                for (((dxr, xr), gr), &(mu, r)) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)).zip(sc) {
+                    let xh = |j: usize| (xr[j].f() - mu) * r;
+                    let a = |j: usize| gr[j].f() * gamma[j].f();
+                    let (mut sum_a, mut sum_axh) = (0f64, 0f64);
+                    for j in 0..d {
+                        sum_a += a(j);
+                        sum_axh += a(j) * xh(j);
+                    }
+                    let (mean_a, mean_axh) = (sum_a / d as f64, sum_axh / d as f64);
+                    for j in 0..d {
+                        dxr[j] = T::from(r * (a(j) - mean_a - xh(j) * mean_axh));
+                        dg[j] += gr[j].f() * xh(j);
+                        db[j] += gr[j].f();
+                    }
                 }
-                let dgam: Vec<f64> = gr.iter().zip(&xh).map(|(&gi, h)| gi * h).collect();
-                let dbet: Vec<f64> = gr.to_vec();
-                (dgam, dbet)
+                (dg, db)
             })
             .collect();
-        let (mut dg, mut db) = (vec![0f64; d], vec![0f64; d]);
-        for (pg, pb) in &partial {
-            for j in 0..d {
-                dg[j] += pg[j];
-                db[j] += pb[j];
-            }
-        }
-        Ok((Some(back(dx, x)?), Some(back(dg, g)?), Some(back(db, b)?)))
+        let (pg, pb): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        Ok((
+            to_tensor(dx, self.x)?,
+            to_tensor(to_elems::<T>(sum_partials(pg, d)), self.g)?,
+            to_tensor(to_elems::<T>(sum_partials(pb, d)), self.b)?,
+        ))
     }
 }
 
 /// Fused LayerNorm over the last dim (f32/f64 on CPU; otherwise the reference).
 pub fn layer_norm(x: &Tensor, g: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let fused = matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == g.dtype() && x.dtype() == b.dtype();
+    let fused = matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == g.dtype()
+        && x.dtype() == b.dtype()
+        && x.dim(D::Minus1)? > 0;
     if !x.device().is_cpu() || !fused {
         return layer_norm_reference(x, g, b, eps);
     }
@@ -336,6 +417,10 @@ mod tests {
     #[test]
     fn fused_norms_equal_the_references_on_shifted_inputs() {
         let x = randn(&[2, 7, 96], -2.3, 0.5, DType::F32, 1);
+        compare(false, &x, 1e-4);
+        compare(true, &x, 1e-4);
+        // 150 rows: several backward tasks (BWD_ROWS each) and a short last one.
+        let x = randn(&[3, 50, 40], 0.7, 1.5, DType::F32, 12);
         compare(false, &x, 1e-4);
         compare(true, &x, 1e-4);
     }
