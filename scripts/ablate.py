@@ -51,7 +51,9 @@ def run(cfg, out, name, seed, sets, steps, every):
     return {
         "run": name, "seed": seed, "changed": " ".join(f"{k}={v}" for k, v in sets) or "(base)",
         "train_loss_last10": s["train_loss_last10_mean"], "val_loss": s["val_loss"], "val_ppl": s["val_ppl"],
-        "tokens_per_s": s["tokens_per_sec"], "share_zero": (s.get("ternary_check") or {}).get("share_zero"),
+        "tokens_per_s": s["tokens_per_sec"],
+        # a full-precision run's check projects its latent weights; that is not the model it ran
+        "share_zero": (s.get("ternary_check") or {}).get("share_zero") if s.get("ternary", True) else None,
         "dir": str(run_dir),
     }
 
