@@ -5,6 +5,7 @@
 //! logged once (no font is bundled).
 
 use crate::error::{Error, Result};
+use plotters::coord::types::{RangedCoordf64, RangedCoordusize};
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -35,104 +36,104 @@ fn font_available() -> bool {
     })
 }
 
-/// Draws train (every step) and validation losses to `path` (PNG), atomically.
-pub fn plot_losses(path: &Path, train: &[(usize, f64)], val: &[(usize, f64)]) -> Result<()> {
-    let finite = |v: &[(usize, f64)]| v.iter().copied().filter(|p| p.1.is_finite()).collect::<Vec<_>>();
-    let (train, val) = (finite(train), finite(val));
-    if train.is_empty() && val.is_empty() {
-        return Ok(());
-    }
-    let all = train.iter().chain(val.iter());
-    let max_step = all.clone().map(|p| p.0).max().unwrap_or(1).max(1);
-    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| (l.min(p.1), h.max(p.1)));
-    let pad = ((hi - lo) * 0.05).max(1e-3);
-    let tmp = path.with_extension("png.tmp.png");
-    let text = font_available();
-    {
-        let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
-        let e = |x: String| Error::Msg(format!("drawing {}: {x}", path.display()));
-        root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
-        let mut builder = ChartBuilder::on(&root);
-        builder.margin(20).x_label_area_size(if text { 40 } else { 5 }).y_label_area_size(if text { 60 } else { 5 });
-        if text {
-            builder.caption("tern: loss", ("sans-serif", 22));
-        }
-        let mut chart =
-            builder.build_cartesian_2d(0usize..max_step, (lo - pad)..(hi + pad)).map_err(|x| e(x.to_string()))?;
-        let mut mesh = chart.configure_mesh();
-        if text {
-            mesh.x_desc("step").y_desc("cross-entropy (nats)");
-        } else {
-            mesh.x_labels(0).y_labels(0);
-        }
-        mesh.draw().map_err(|x| e(x.to_string()))?;
-        let train_series = chart.draw_series(LineSeries::new(train.iter().copied(), &BLUE)).map_err(|x| e(x.to_string()))?;
-        if text {
-            train_series.label("train").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-        }
-        chart
-            .draw_series(val.iter().map(|&(x, y)| Circle::new((x, y), 4, RED.filled())))
-            .map_err(|x| e(x.to_string()))?;
-        let val_series = chart
-            .draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)))
-            .map_err(|x| e(x.to_string()))?;
-        if text {
-            val_series.label("validation").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|x| e(x.to_string()))?;
-        }
-        root.present().map_err(|x| e(x.to_string()))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|x| Error::io(path, x))
+/// The chart both plots draw on: step on x, loss on y.
+type Chart<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordusize, RangedCoordf64>>;
+
+/// What a plot looks like around its curves.
+struct Frame<'s> {
+    size: (u32, u32),
+    title: &'s str,
+    y_desc: &'s str,
 }
 
-/// Draws several named curves (e.g. the validation loss of each ablation run) to `path` (PNG),
-/// atomically; one color per curve.
-pub fn plot_curves(path: &Path, title: &str, curves: &[(String, Vec<(usize, f64)>)]) -> Result<()> {
-    let curves: Vec<(String, Vec<(usize, f64)>)> =
-        curves.iter().map(|(n, v)| (n.clone(), v.iter().copied().filter(|p| p.1.is_finite()).collect())).collect();
-    let all = curves.iter().flat_map(|c| c.1.iter());
-    let max_step = all.clone().map(|p| p.0).max().unwrap_or(1).max(1);
-    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| (l.min(p.1), h.max(p.1)));
+/// Keeps the finite points of a curve (a diverged run's NaN/inf would break the axes).
+fn finite(v: &[(usize, f64)]) -> Vec<(usize, f64)> {
+    v.iter().copied().filter(|p| p.1.is_finite()).collect()
+}
+
+/// Draws `frame` (caption, axes, mesh), lets `series` add the curves (it is told whether text,
+/// and so labels, can be drawn), adds the legend and writes the PNG to `path` atomically. The axes
+/// cover `points`; `Ok(false)` when there are none and nothing was written.
+fn draw<'p>(
+    path: &Path,
+    frame: Frame,
+    points: impl Iterator<Item = &'p (usize, f64)> + Clone,
+    series: impl FnOnce(&mut Chart, bool) -> std::result::Result<(), String>,
+) -> Result<bool> {
+    let max_step = points.clone().map(|p| p.0).max().unwrap_or(1).max(1);
+    let (lo, hi) = points.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| (l.min(p.1), h.max(p.1)));
     if !lo.is_finite() {
-        return Err(Error::Msg("plot: no finite points to draw".into()));
+        return Ok(false);
     }
     let pad = ((hi - lo) * 0.05).max(1e-3);
     let tmp = path.with_extension("png.tmp.png");
     let text = font_available();
     {
-        let root = BitMapBackend::new(&tmp, (1000, 620)).into_drawing_area();
+        let root = BitMapBackend::new(&tmp, frame.size).into_drawing_area();
         let e = |x: String| Error::Msg(format!("drawing {}: {x}", path.display()));
         root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
         let mut builder = ChartBuilder::on(&root);
         builder.margin(20).x_label_area_size(if text { 40 } else { 5 }).y_label_area_size(if text { 60 } else { 5 });
         if text {
-            builder.caption(title, ("sans-serif", 22));
+            builder.caption(frame.title, ("sans-serif", 22));
         }
         let mut chart =
             builder.build_cartesian_2d(0usize..max_step, (lo - pad)..(hi + pad)).map_err(|x| e(x.to_string()))?;
         let mut mesh = chart.configure_mesh();
         if text {
-            mesh.x_desc("step").y_desc("validation cross-entropy (nats)");
+            mesh.x_desc("step").y_desc(frame.y_desc);
         } else {
             mesh.x_labels(0).y_labels(0);
         }
         mesh.draw().map_err(|x| e(x.to_string()))?;
-        for (i, (name, pts)) in curves.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            let s = chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2))).map_err(|x| e(x.to_string()))?;
-            if text {
-                s.label(name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-            }
-        }
+        series(&mut chart, text).map_err(e)?;
         if text {
             chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|x| e(x.to_string()))?;
         }
         root.present().map_err(|x| e(x.to_string()))?;
     }
-    std::fs::rename(&tmp, path).map_err(|x| Error::io(path, x))
+    std::fs::rename(&tmp, path).map_err(|x| Error::io(path, x))?;
+    Ok(true)
+}
+
+/// Draws train (every step) and validation losses to `path` (PNG), atomically; nothing when
+/// there is no finite point yet.
+pub fn plot_losses(path: &Path, train: &[(usize, f64)], val: &[(usize, f64)]) -> Result<()> {
+    let (train, val) = (finite(train), finite(val));
+    let frame = Frame { size: (900, 540), title: "tern: loss", y_desc: "cross-entropy (nats)" };
+    draw(path, frame, train.iter().chain(val.iter()), |chart, text| {
+        let train_series = chart.draw_series(LineSeries::new(train.iter().copied(), &BLUE)).map_err(|x| x.to_string())?;
+        if text {
+            train_series.label("train").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        }
+        chart.draw_series(val.iter().map(|&(x, y)| Circle::new((x, y), 4, RED.filled()))).map_err(|x| x.to_string())?;
+        let val_series =
+            chart.draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2))).map_err(|x| x.to_string())?;
+        if text {
+            val_series.label("validation").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// Draws several named curves (e.g. the validation loss of each ablation run) to `path` (PNG),
+/// atomically; one color per curve.
+pub fn plot_curves(path: &Path, title: &str, curves: &[(String, Vec<(usize, f64)>)]) -> Result<()> {
+    let curves: Vec<(&String, Vec<(usize, f64)>)> = curves.iter().map(|(n, v)| (n, finite(v))).collect();
+    let frame = Frame { size: (1000, 620), title, y_desc: "validation cross-entropy (nats)" };
+    let drawn = draw(path, frame, curves.iter().flat_map(|c| c.1.iter()), |chart, text| {
+        for (i, (name, pts)) in curves.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let s = chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2))).map_err(|x| x.to_string())?;
+            if text {
+                s.label(name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            }
+        }
+        Ok(())
+    })?;
+    if !drawn {
+        return Err(Error::Msg("plot: no finite points to draw".into()));
+    }
+    Ok(())
 }
