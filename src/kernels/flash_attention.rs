@@ -34,6 +34,7 @@
 //! K/V tiles staged in shared memory (FlashAttention-2); the dK/dV pass becomes a block per key
 //! tile, and dQ is accumulated there with atomics or in the separate pass used here.
 
+use super::{contiguous_slice, with_cpu_slices};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use num_traits::Float;
@@ -315,13 +316,6 @@ fn dims_of(ql: &Layout, kl: &Layout) -> candle_core::Result<Dims> {
     Ok(Dims { b: qd[0], h: qd[1], kv: kd[1], t: qd[2], tk: kd[2], d: qd[3] })
 }
 
-fn contiguous<'a, T>(data: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("flash attention: {what} must be contiguous"),
-    }
-}
-
 impl FlashOp {
     fn fwd<T: Float + Send + Sync + candle_core::WithDType>(
         &self,
@@ -342,19 +336,10 @@ impl FlashOp {
         dims: Dims,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Read the inputs in place (no copies: the backward's memory stays O(B*H*T*d)).
-        let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<candle_core::Result<_>>()?;
-        let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-        let mut vals: Vec<&[T]> = Vec::with_capacity(5);
-        for (storage, layout) in &guards {
-            let data = match &**storage {
-                candle_core::Storage::Cpu(cpu) => cpu.as_slice::<T>()?,
-                _ => candle_core::bail!("flash attention backward: CPU tensors only"),
-            };
-            vals.push(contiguous(data, layout, "backward input")?);
-        }
         let lse: Vec<T> = self.lse.lock().expect("lse lock").iter().map(|&x| T::from(x).unwrap_or_else(T::nan)).collect();
-        let (dq, dk, dv) = backward(vals[0], vals[1], vals[2], vals[3], &lse, vals[4], dims, &self.cfg);
-        drop(guards);
+        let (dq, dk, dv) = with_cpu_slices(&ts, "flash attention backward", |v: &[&[T]]| {
+            backward(v[0], v[1], v[2], v[3], &lse, v[4], dims, &self.cfg)
+        })?;
         let dev = ts[0].device();
         Ok((
             Some(Tensor::from_vec(dq, ts[0].shape(), dev)?),
@@ -385,12 +370,20 @@ impl CustomOp3 for FlashOp {
         }
         let shape = ql.shape().clone();
         match (qs, ks, vs) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                self.fwd(contiguous(q, ql, "q")?, contiguous(k, kl, "k")?, contiguous(v, vl, "v")?, dims, shape)
-            }
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                self.fwd(contiguous(q, ql, "q")?, contiguous(k, kl, "k")?, contiguous(v, vl, "v")?, dims, shape)
-            }
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => self.fwd(
+                contiguous_slice(q, ql, "flash attention: q")?,
+                contiguous_slice(k, kl, "flash attention: k")?,
+                contiguous_slice(v, vl, "flash attention: v")?,
+                dims,
+                shape,
+            ),
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => self.fwd(
+                contiguous_slice(q, ql, "flash attention: q")?,
+                contiguous_slice(k, kl, "flash attention: k")?,
+                contiguous_slice(v, vl, "flash attention: v")?,
+                dims,
+                shape,
+            ),
             _ => candle_core::bail!("flash attention: q, k, v must share one dtype, f32 or f64"),
         }
     }

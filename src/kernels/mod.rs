@@ -27,6 +27,36 @@ pub mod rope;
 pub mod ternary_linear;
 pub mod ternary_matmul;
 
+/// `data` as `layout` describes it, when that is one contiguous run: how the fused CPU ops read
+/// their inputs in place.
+pub(crate) fn contiguous_slice<'a, T>(data: &'a [T], layout: &candle_core::Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// Calls `f` with the values of CPU tensors of element type `T`, read in place (a strided tensor
+/// is made contiguous first; no other copy). The storage locks are released when this returns,
+/// so `f`'s result must own its data. `what` names the caller in errors.
+pub(crate) fn with_cpu_slices<T: candle_core::WithDType, R>(
+    tensors: &[&candle_core::Tensor],
+    what: &str,
+    f: impl FnOnce(&[&[T]]) -> R,
+) -> candle_core::Result<R> {
+    let tensors = tensors.iter().map(|t| t.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let data = match &**storage {
+            candle_core::Storage::Cpu(cpu) => cpu.as_slice::<T>()?,
+            _ => candle_core::bail!("{what}: CPU tensors only"),
+        };
+        slices.push(contiguous_slice(data, layout, what)?);
+    }
+    Ok(f(&slices))
+}
+
 /// Which implementation the model uses for norms, RoPE, attention, the projection and the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

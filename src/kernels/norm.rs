@@ -18,6 +18,7 @@
 //! On a GPU this is one kernel per pass: a block (or warp) per row doing the reductions in
 //! shared memory/registers, the statistics written to a small [rows] buffer for the backward.
 
+use super::{contiguous_slice, with_cpu_slices};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -45,46 +46,9 @@ impl Elem for f64 {
     }
 }
 
-fn slice<'a, T: Elem>(data: &'a [T], l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: input must be contiguous"),
-    }
-}
-
 /// Rows per parallel task in the backward passes: each task keeps one partial weight gradient
 /// (summed in task order afterwards, so the result does not depend on scheduling).
 const BWD_ROWS: usize = 32;
-
-/// Calls `f` with the values of same-dtype tensors (f32 or f64, CPU), read in place after
-/// making them contiguous; `f` is generic over the element type, so one body serves both.
-trait SliceFn {
-    type Out;
-    fn call<T: Elem>(self, xs: &[&[T]]) -> candle_core::Result<Self::Out>;
-}
-
-fn with_slices<F: SliceFn>(tensors: &[&Tensor], f: F) -> candle_core::Result<F::Out> {
-    use candle_core::Storage;
-    let tensors = tensors.iter().map(|t| t.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    macro_rules! typed {
-        ($variant:ident, $t:ty) => {{
-            let mut out: Vec<&[$t]> = Vec::with_capacity(guards.len());
-            for (st, l) in &guards {
-                match &**st {
-                    Storage::Cpu(CpuStorage::$variant(v)) => out.push(slice(v, l, "norm backward")?),
-                    _ => candle_core::bail!("norm backward: tensors must share one dtype on the CPU"),
-                }
-            }
-            f.call(&out)
-        }};
-    }
-    match tensors.first().map(|t| t.dtype()) {
-        Some(DType::F32) => typed!(F32, f32),
-        Some(DType::F64) => typed!(F64, f64),
-        other => candle_core::bail!("norm backward: f32 or f64 expected, found {other:?}"),
-    }
-}
 
 /// Adds per-task partial sums in task order.
 fn sum_partials(parts: impl IntoIterator<Item = Vec<f64>>, d: usize) -> Vec<f64> {
@@ -156,36 +120,32 @@ impl CustomOp2 for RmsNormOp {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         match (xs, ws) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => self.fwd(slice(x, xl, "x")?, slice(w, wl, "w")?, xl),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => self.fwd(slice(x, xl, "x")?, slice(w, wl, "w")?, xl),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => self.fwd(contiguous_slice(x, xl, "norm: x")?, contiguous_slice(w, wl, "norm: w")?, xl),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => self.fwd(contiguous_slice(x, xl, "norm: x")?, contiguous_slice(w, wl, "norm: w")?, xl),
             _ => candle_core::bail!("rms_norm: x and w must both be f32 or both f64"),
         }
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let rstd = self.rstd.lock().expect("rstd lock");
-        let (dx, dw) = with_slices(&[x, w, dy], RmsBackward { rstd: &rstd, x, w })?;
-        Ok((Some(dx), Some(dw)))
+        match x.dtype() {
+            DType::F32 => rms_backward::<f32>(x, w, dy, &rstd),
+            DType::F64 => rms_backward::<f64>(x, w, dy, &rstd),
+            other => candle_core::bail!("rms_norm backward: f32 or f64 expected, found {other:?}"),
+        }
     }
 }
 
 /// dx and dw of RMSNorm from x, w, dy and the forward's r per row (see the module doc).
-struct RmsBackward<'a> {
-    rstd: &'a [f64],
-    x: &'a Tensor,
-    w: &'a Tensor,
-}
-
-impl SliceFn for RmsBackward<'_> {
-    type Out = (Tensor, Tensor);
-    fn call<T: Elem>(self, v: &[&[T]]) -> candle_core::Result<(Tensor, Tensor)> {
+fn rms_backward<T: Elem>(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &[f64]) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let d = w.elem_count();
+    let (dx, dw) = with_cpu_slices(&[x, w, dy], "rms_norm backward", |v: &[&[T]]| {
         let (x, w, dy) = (v[0], v[1], v[2]);
-        let d = w.len();
         let mut dx = vec![T::from(0.0); x.len()];
         let parts: Vec<Vec<f64>> = dx
             .par_chunks_mut(BWD_ROWS * d)
             .zip(x.par_chunks(BWD_ROWS * d).zip(dy.par_chunks(BWD_ROWS * d)))
-            .zip(self.rstd.par_chunks(BWD_ROWS))
+            .zip(rstd.par_chunks(BWD_ROWS))
             .map(|((dxc, (xc, gc)), rc)| {
                 let mut dw = vec![0f64; d];
                 for (((dxr, xr), gr), &r) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)).zip(rc) {
@@ -200,8 +160,9 @@ impl SliceFn for RmsBackward<'_> {
                 dw
             })
             .collect();
-        Ok((to_tensor(dx, self.x)?, to_tensor(to_elems::<T>(sum_partials(parts, d)), self.w)?))
-    }
+        (dx, sum_partials(parts, d))
+    })?;
+    Ok((Some(to_tensor(dx, x)?), Some(to_tensor(to_elems::<T>(dw), w)?)))
 }
 
 /// Fused RMSNorm over the last dim (f32/f64 on CPU; other devices and dtypes use the reference).
@@ -266,10 +227,10 @@ impl CustomOp3 for LayerNormOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         match (xs, gs, bs) {
             (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
-                self.fwd(slice(x, xl, "x")?, slice(g, gl, "gamma")?, slice(b, bl, "beta")?, xl)
+                self.fwd(contiguous_slice(x, xl, "norm: x")?, contiguous_slice(g, gl, "norm: gamma")?, contiguous_slice(b, bl, "norm: beta")?, xl)
             }
             (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
-                self.fwd(slice(x, xl, "x")?, slice(g, gl, "gamma")?, slice(b, bl, "beta")?, xl)
+                self.fwd(contiguous_slice(x, xl, "norm: x")?, contiguous_slice(g, gl, "norm: gamma")?, contiguous_slice(b, bl, "norm: beta")?, xl)
             }
             _ => candle_core::bail!("layer_norm: x, gamma and beta must share one dtype, f32 or f64"),
         }
@@ -284,29 +245,30 @@ impl CustomOp3 for LayerNormOp {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let stats = self.stats.lock().expect("stats lock");
-        let (dx, dg, db) = with_slices(&[x, g, dy], LayerBackward { stats: &stats, x, g, b })?;
-        Ok((Some(dx), Some(dg), Some(db)))
+        match x.dtype() {
+            DType::F32 => layer_backward::<f32>(x, g, b, dy, &stats),
+            DType::F64 => layer_backward::<f64>(x, g, b, dy, &stats),
+            other => candle_core::bail!("layer_norm backward: f32 or f64 expected, found {other:?}"),
+        }
     }
 }
 
 /// dx, dgamma and dbeta of LayerNorm from x, gamma, dy and the forward's (mu, r) per row.
-struct LayerBackward<'a> {
-    stats: &'a [(f64, f64)],
-    x: &'a Tensor,
-    g: &'a Tensor,
-    b: &'a Tensor,
-}
-
-impl SliceFn for LayerBackward<'_> {
-    type Out = (Tensor, Tensor, Tensor);
-    fn call<T: Elem>(self, v: &[&[T]]) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+fn layer_backward<T: Elem>(
+    x: &Tensor,
+    g: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    stats: &[(f64, f64)],
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let d = g.elem_count();
+    let (dx, dg, db) = with_cpu_slices(&[x, g, dy], "layer_norm backward", |v: &[&[T]]| {
         let (x, gamma, dy) = (v[0], v[1], v[2]);
-        let d = gamma.len();
         let mut dx = vec![T::from(0.0); x.len()];
         let parts: Vec<(Vec<f64>, Vec<f64>)> = dx
             .par_chunks_mut(BWD_ROWS * d)
             .zip(x.par_chunks(BWD_ROWS * d).zip(dy.par_chunks(BWD_ROWS * d)))
-            .zip(self.stats.par_chunks(BWD_ROWS))
+            .zip(stats.par_chunks(BWD_ROWS))
             .map(|((dxc, (xc, gc)), sc)| {
                 let (mut dg, mut db) = (vec![0f64; d], vec![0f64; d]);
                 for (((dxr, xr), gr), &(mu, r)) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)).zip(sc) {
@@ -328,12 +290,9 @@ impl SliceFn for LayerBackward<'_> {
             })
             .collect();
         let (pg, pb): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-        Ok((
-            to_tensor(dx, self.x)?,
-            to_tensor(to_elems::<T>(sum_partials(pg, d)), self.g)?,
-            to_tensor(to_elems::<T>(sum_partials(pb, d)), self.b)?,
-        ))
-    }
+        (dx, sum_partials(pg, d), sum_partials(pb, d))
+    })?;
+    Ok((Some(to_tensor(dx, x)?), Some(to_tensor(to_elems::<T>(dg), g)?), Some(to_tensor(to_elems::<T>(db), b)?)))
 }
 
 /// Fused LayerNorm over the last dim (f32/f64 on CPU; otherwise the reference).

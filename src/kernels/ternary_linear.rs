@@ -11,6 +11,7 @@
 //! Memory: one projected weight at a time instead of all of them. Time: one extra projection
 //! pass per layer per step. On a GPU the projection fuses into the GEMM's weight-tile loader.
 
+use super::contiguous_slice;
 use super::project::ProjectSte;
 use crate::error::Result;
 use crate::ternary::QuantConfig;
@@ -50,13 +51,6 @@ impl TernaryLinearOp {
     }
 }
 
-fn slice<'a, T>(data: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("ternary linear: inputs must be contiguous"),
-    }
-}
-
 impl CustomOp2 for TernaryLinearOp {
     fn name(&self) -> &'static str {
         "tern-ternary-linear"
@@ -64,8 +58,8 @@ impl CustomOp2 for TernaryLinearOp {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         match (xs, ws) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => self.fwd(slice(x, xl)?, xl, slice(w, wl)?, wl),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => self.fwd(slice(x, xl)?, xl, slice(w, wl)?, wl),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => self.fwd(contiguous_slice(x, xl, "ternary linear: x")?, xl, contiguous_slice(w, wl, "ternary linear: w")?, wl),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => self.fwd(contiguous_slice(x, xl, "ternary linear: x")?, xl, contiguous_slice(w, wl, "ternary linear: w")?, wl),
             _ => candle_core::bail!("ternary linear: x and w must both be f32 or both f64"),
         }
     }

@@ -7,6 +7,7 @@
 //! a test compares them).
 
 use crate::error::{Error, Result};
+use crate::kernels::with_cpu_slices;
 use crate::model::params::{is_norm, Params};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -66,23 +67,6 @@ fn fused_update(w: &[f32], g: &[f32], m: Option<&[f32]>, v: Option<&[f32]>, s: S
     (w2, m2, v2)
 }
 
-/// Calls `f` with the values of contiguous f32 CPU tensors, read in place (no copies unless a
-/// tensor is strided), in the order given.
-fn with_f32_slices<R>(tensors: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
-    let tensors = tensors.iter().map(|t| t.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
-    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        let data = match &**storage {
-            candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>()?,
-            _ => return Err(Error::Msg("fused AdamW: CPU tensors only".into())),
-        };
-        let (a, b) = layout.contiguous_offsets().ok_or_else(|| Error::Msg("fused AdamW: not contiguous".into()))?;
-        slices.push(&data[a..b]);
-    }
-    Ok(f(&slices))
-}
-
 /// Gradients by parameter name.
 pub type Grads = BTreeMap<String, Tensor>;
 
@@ -113,7 +97,7 @@ impl AdamW {
                     inputs.extend([m, v]);
                 }
                 let (w2, m2, v2) =
-                    with_f32_slices(&inputs, |x| fused_update(x[0], x[1], x.get(2).copied(), x.get(3).copied(), s))?;
+                    with_cpu_slices(&inputs, "fused AdamW", |x| fused_update(x[0], x[1], x.get(2).copied(), x.get(3).copied(), s))?;
                 drop(inputs);
                 let (shape, dev) = (var.as_tensor().shape().clone(), var.as_tensor().device().clone());
                 drop((m_old, v_old));
