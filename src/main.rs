@@ -344,20 +344,23 @@ fn bench_topk(vocab: usize, batch: usize, reps: usize) -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let logits: Vec<f32> = (0..vocab * batch).map(|_| rng.gen_range(-10.0f32..10.0)).collect();
     let median = |f: &mut dyn FnMut()| {
-        f();
-        let mut t: Vec<f64> = (0..reps).map(|_| { let s = Instant::now(); f(); s.elapsed().as_secs_f64() }).collect();
-        t.sort_by(|a, b| a.total_cmp(b));
-        t[t.len() / 2]
+        tern::kernels::bench::measure(reps, || {
+            f();
+            Ok(())
+        })
+        .map(|(secs, _)| secs)
     };
     println!("softmax + top-k, vocab {vocab}, batch {batch}, median of {reps}\n");
     println!("| k | fused ms | full softmax + sort ms | speed-up |\n|---:|---:|---:|---:|");
     for k in [1usize, 10, 50, 500] {
-        let fused = median(&mut || { std::hint::black_box(softmax_topk_batch(&logits, vocab, k)); });
+        let fused = median(&mut || {
+            std::hint::black_box(softmax_topk_batch(&logits, vocab, k));
+        })?;
         let plain = median(&mut || {
             use rayon::prelude::*;
             let r: Vec<_> = logits.par_chunks(vocab).map(|row| softmax_topk_reference(row, k)).collect();
             std::hint::black_box(r);
-        });
+        })?;
         println!("| {k} | {:.2} | {:.2} | {:.1}x |", fused * 1e3, plain * 1e3, plain / fused);
     }
     Ok(())

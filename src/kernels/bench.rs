@@ -65,8 +65,8 @@ fn var(shape: &[usize], seed: u64) -> Result<Var> {
     Ok(Var::from_tensor(&randn(shape, seed)?)?)
 }
 
-/// Runs `f` (forward + backward) `reps` times after one warm-up: median seconds, peak extra heap.
-fn measure(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
+/// Runs `f` (e.g. forward + backward) `reps` times after one warm-up: median seconds, peak extra heap.
+pub fn measure(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, usize)> {
     f()?;
     let mut times = Vec::with_capacity(reps);
     let base = crate::mem::heap_now();
