@@ -306,6 +306,17 @@ struct Layer {
     mlp: Mlp,
 }
 
+impl Layer {
+    /// One pre-norm decoder block: x + attention(norm(x)), then + mlp(norm(.)). `attention`
+    /// maps the normed input to the attention output (after the o projection), so each cache
+    /// layout (none, contiguous, paged) supplies only its own attention.
+    fn block(&self, x: &Tensor, quant: &QuantConfig, attention: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let x = (x + attention(&self.input_norm.forward(x, quant.kernels)?)?)?;
+        let m = self.mlp.forward(&self.post_norm.forward(&x, quant.kernels)?, quant)?;
+        Ok((x + m)?)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Qwen3 {
     pub cfg: Qwen3Config,
@@ -610,25 +621,24 @@ impl Qwen3 {
         let positions: Vec<u32> = rows.iter().map(|r| r.1 as u32).collect();
         let (cos, sin) = self.rope.cos_sin(&positions, x.dtype(), &dev)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let kern = self.quant.kernels;
-            let (q, k, v) = layer.attn.qkv(&layer.input_norm.forward(&x, kern)?, &cos, &sin, &self.quant)?;
-            // [heads, n, hd] host copies; write every new K/V first, then attend (causal).
-            let to_host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.squeeze(0)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
-            let (q, k, v) = (to_host(&q)?, to_host(&k)?, to_host(&v)?);
-            let per_token = |src: &[f32], heads: usize, t: usize| -> Vec<f32> {
-                (0..heads).flat_map(|h| src[(h * n + t) * hd..(h * n + t + 1) * hd].to_vec()).collect()
-            };
-            for (t, &(s, pos)) in rows.iter().enumerate() {
-                cache.write(li, s, pos, &per_token(&k, nkv, t), &per_token(&v, nkv, t))?;
-            }
-            let mut o = Vec::with_capacity(n * nh * hd);
-            for (t, &(s, pos)) in rows.iter().enumerate() {
-                o.extend(cache.attend(li, s, pos, &per_token(&q, nh, t), nh)?);
-            }
-            let o = Tensor::from_vec(o, (1, n, nh * hd), &dev)?.to_dtype(x.dtype())?;
-            x = (x + layer.attn.o.forward(&o, &self.quant)?)?;
-            let m = layer.mlp.forward(&layer.post_norm.forward(&x, kern)?, &self.quant)?;
-            x = (x + m)?;
+            x = layer.block(&x, &self.quant, |h| {
+                let (q, k, v) = layer.attn.qkv(h, &cos, &sin, &self.quant)?;
+                // [heads, n, hd] host copies; write every new K/V first, then attend (causal).
+                let to_host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.squeeze(0)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+                let (q, k, v) = (to_host(&q)?, to_host(&k)?, to_host(&v)?);
+                let per_token = |src: &[f32], heads: usize, t: usize| -> Vec<f32> {
+                    (0..heads).flat_map(|head| src[(head * n + t) * hd..(head * n + t + 1) * hd].to_vec()).collect()
+                };
+                for (t, &(s, pos)) in rows.iter().enumerate() {
+                    cache.write(li, s, pos, &per_token(&k, nkv, t), &per_token(&v, nkv, t))?;
+                }
+                let mut o = Vec::with_capacity(n * nh * hd);
+                for (t, &(s, pos)) in rows.iter().enumerate() {
+                    o.extend(cache.attend(li, s, pos, &per_token(&q, nh, t), nh)?);
+                }
+                let o = Tensor::from_vec(o, (1, n, nh * hd), &dev)?.to_dtype(h.dtype())?;
+                layer.attn.o.forward(&o, &self.quant)
+            })?;
         }
         // Logits of each sequence's last new token only.
         let mut last = Vec::with_capacity(batch.len());
@@ -705,11 +715,7 @@ impl Qwen3 {
         let (cos, sin) = (cos.clone(), sin.clone());
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let kern = self.quant.kernels;
-            let a = layer.attn.forward(&layer.input_norm.forward(&x, kern)?, &cos, &sin, mask, slot, &self.quant)?;
-            x = (x + a)?;
-            let m = layer.mlp.forward(&layer.post_norm.forward(&x, kern)?, &self.quant)?;
-            x = (x + m)?;
+            x = layer.block(&x, &self.quant, |h| layer.attn.forward(h, &cos, &sin, mask, slot, &self.quant))?;
         }
         self.norm.forward(&x, self.quant.kernels)
     }
