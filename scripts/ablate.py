@@ -32,6 +32,22 @@ def toml_value(v):
         return json.dumps(v)
 
 
+def key_value(flag, text):
+    """KEY=VALUE of a --set or --grid argument, or exit naming the bad argument."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        sys.exit(f"error: {flag} '{text}': expected KEY=VALUE (e.g. model.group_size=64)")
+    return key, value
+
+
+def seed_list(flag, text):
+    """Comma-separated integer seeds, or exit naming the bad argument."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        sys.exit(f"error: {flag} '{text}': expected comma-separated integers (e.g. 0,1)")
+
+
 def run(cfg, out, name, seed, sets, steps, every):
     run_dir = out / f"{name}-seed{seed}"
     summary = run_dir / "summary.json"
@@ -74,12 +90,12 @@ def main():
         sys.exit(f"{TERN} not found: run `cargo build --release` first")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = [tuple(s.split("=", 1)) for s in a.set]
-    seeds = [int(s) for s in a.seeds.split(",")]
-    base_seeds = [int(s) for s in (a.base_seeds or a.seeds).split(",")]
+    common = [key_value("--set", s) for s in a.set]
+    seeds = seed_list("--seeds", a.seeds)
+    base_seeds = seed_list("--base-seeds", a.base_seeds or a.seeds)
     plan = [(a.name, common, base_seeds)]
     for g in a.grid:
-        key, values = g.split("=", 1)
+        key, values = key_value("--grid", g)
         for v in values.split(","):
             plan.append((f"{key.split('.')[-1]}={v}", common + [(key, v)], seeds))
     rows = []
