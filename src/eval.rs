@@ -12,10 +12,10 @@
 //! PPL = exp(mean NLL); its error is exp(mean) * stderr(NLL), as llama.cpp prints it.
 
 use crate::error::{Error, Result};
-use crate::model::Qwen3;
+use crate::model::{NoCache, Qwen3};
 use candle_core::Tensor;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scheme {
     Plain,
     Llama,
@@ -102,7 +102,7 @@ pub fn score(model: &Qwen3, tokens: &[u32], windows: &[Window], batch: usize) ->
         let ids = Tensor::from_vec(flat, (group.len(), len), model.device())?;
         let inp = ids.narrow(1, 0, len - 1)?;
         let tgt = ids.narrow(1, 1, len - 1)?.flatten_all()?;
-        let h = model.hidden(&inp)?;
+        let h = model.forward(&inp, &mut NoCache::new())?;
         let nll = model.token_nll(&h.flatten_to(1)?, &tgt)?;
         for (g, w) in group.iter().enumerate() {
             // Row p predicts the token at window position p + 1.

@@ -7,8 +7,13 @@
 //! load fails naming the missing file and the cache path.
 
 use crate::error::{Error, Result};
-use crate::model::io::{CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 use std::path::{Path, PathBuf};
+
+/// The files of a Hugging Face layout model directory.
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 #[derive(Debug, Clone)]
 pub struct HubOptions {

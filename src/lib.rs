@@ -3,27 +3,54 @@
 //! Every weight of every projection, the embedding and the LM head is one of {-1, 0, +1} times a
 //! per-group scale; norms stay f32. See README.md for the commands and NOTES.md for measurements.
 //!
-//! - [`ternary`]: the projection, the straight-through estimator and ternary layers.
-//! - [`model`]: Qwen3 (training forward, cached decoding) and HF-layout checkpoint IO.
-//! - [`hub`]: model sources (local directory or hub id through hf-hub).
-//! - [`device`]: `--device auto|cpu|cuda|metal`.
-//! - [`mem`]: resident-memory readings for benchmarks.
+//! # Module map: dependencies run one way
+//!
+//! Each line may use the modules on the lines above it and none below (modules on one line do
+//! not use each other). `tests/architecture.rs` reads this list and fails on any `crate::` path
+//! that goes sideways or up, outside test modules. The CLI (`src/main.rs`, `src/cli/`) is the
+//! binary and sits on top of everything.
+//!
+//! ```text
+//! error mem                     errors; heap and RSS readings
+//! device files plot hub quant   devices; atomic writes; PNG plots; HF dirs and hub ids; quantization math
+//! tokenizer kernels             BPE tokenizer; fused ops beside their references, and the one choice
+//! data model                    text -> batches; Qwen3 (names, layers, caches, forward, checkpoint IO)
+//! gguf decode eval              GGUF format, export, packed load; generation; perplexity
+//! train                         config, optimizer, step, checkpoints, the loop
+//! runtime                       load any model for inference
+//! bench                         benchmarks (kernels, step, decode, top-k)
+//! ```
+//!
+//! - [`quant`]: the projection, the straight-through estimator, the 2-bit codec, verification.
+//! - [`kernels`]: fused kernels beside their plain references; `Kernels` picks one per op.
+//! - [`model`]: Qwen3 with one forward that takes its attention backend ([`model::Cache`]).
+//! - [`gguf`]: GGUF reader/writer, export, verification, packed loading.
+//! - [`decode`]: sampling, generation, paged KV cache, beam search, speculative decoding.
+//! - [`train`]: the training config, loop and step; [`runtime`]: loading for inference.
 
-pub mod config;
-pub mod data;
-pub mod decode;
-pub mod device;
 pub mod error;
-pub mod eval;
-pub mod export;
-pub mod hub;
-pub mod kernels;
 pub mod mem;
-pub mod model;
+
+pub mod device;
+pub mod files;
+pub mod hub;
 pub mod plot;
-pub mod runtime;
-pub mod ternary;
+pub mod quant;
+
+pub mod kernels;
 pub mod tokenizer;
+
+pub mod data;
+pub mod model;
+
+pub mod decode;
+pub mod eval;
+pub mod gguf;
+
 pub mod train;
+
+pub mod runtime;
+
+pub mod bench;
 
 pub use error::{Error, Result};

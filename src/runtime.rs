@@ -1,17 +1,17 @@
 //! Loading a model for inference (eval, generate): a tern checkpoint directory, an HF-layout
 //! directory or a hub id, in ternary or full precision, frozen (projected once, detached).
 
-use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model_dir, HubOptions};
 use crate::model::{load_checkpoint, Qwen3};
-use crate::ternary::QuantConfig;
+use crate::quant::QuantConfig;
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::CONFIG_COPY;
+use crate::train::TrainConfig;
 use candle_core::{DType, Device};
 use std::path::PathBuf;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
     Ternary,
     Full,
@@ -42,8 +42,8 @@ pub fn load_for_inference(spec: &str, precision: Precision, device: &Device) -> 
         if !device.is_cpu() {
             return Err(Error::Msg(format!("model '{spec}': GGUF models run on the CPU only (--device cpu)")));
         }
-        let file = crate::export::gguf::GgufFile::read(std::path::Path::new(spec))?;
-        let model = Qwen3::from_gguf(&file)?;
+        let file = crate::gguf::GgufFile::read(std::path::Path::new(spec))?;
+        let model = crate::gguf::load_model(&file)?;
         // A tokenizer.json beside the file is used when present (else pass --tokenizer).
         let dir = std::path::Path::new(spec).parent().map(PathBuf::from).unwrap_or_default();
         let tok = dir.join("tokenizer.json");

@@ -104,3 +104,41 @@ fn hub_id_trains_offline_from_the_hf_home_cache() {
     assert_eq!(o.status.code(), Some(1));
     assert!(e.contains("HF_HUB_OFFLINE") && e.contains("tern-test/absent"), "{e}");
 }
+
+/// Found trying tern as a new user: an export over the checkpoint's own weights, an eval context
+/// beyond the model's positions, zero beams. Each is refused up front with an error naming the
+/// problem, and no input is touched.
+#[test]
+fn bad_requests_are_refused_and_inputs_stay_untouched() {
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("ck");
+    copy_dir(&fixtures_dir().join("tied_gqa2"), &ck);
+    write_word_tokenizer(&ck.join("tokenizer.json"), &WORDS);
+    let snapshot = || -> Vec<Vec<u8>> {
+        ["model.safetensors", "config.json", "tokenizer.json"].iter().map(|f| std::fs::read(ck.join(f)).unwrap()).collect()
+    };
+    let before = snapshot();
+    let ck_s = ck.display().to_string();
+    for own in ["model.safetensors", "config.json", "tokenizer.json"] {
+        let out = ck.join("sub/../").join(own).display().to_string();
+        std::fs::create_dir_all(ck.join("sub")).unwrap();
+        let o = tern(&["export", "--model", &ck_s, "--out", &out], &[]);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(e.contains("--out") && e.contains("inputs") && e.contains(own), "{e}");
+    }
+    assert!(snapshot() == before, "export changed its input checkpoint");
+
+    let data = d.path().join("text.txt");
+    write_corpus(&data, 30);
+    let o = tern(&["eval", "--model", &ck_s, "--data", &data.display().to_string(), "--ctx", "100000"], &[]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("--ctx 100000") && e.contains("max_position_embeddings = 512"), "{e}");
+
+    let o = tern(&["generate", "--model", &ck_s, "-p", "the stack", "--beams", "0"], &[]);
+    let e = stderr(&o);
+    assert_ne!(o.status.code(), Some(0), "{e}");
+    assert!(e.contains("--beams") && e.contains("at least 1"), "{e}");
+    assert!(snapshot() == before, "a command changed its input checkpoint");
+}

@@ -10,7 +10,7 @@ use tern::decode::generate::{generate_batch, GenerateConfig};
 use tern::decode::sampler::SamplerConfig;
 use tern::model::params::Params;
 use tern::model::{load_checkpoint, Qwen3};
-use tern::ternary::QuantConfig;
+use tern::quant::QuantConfig;
 
 fn fixture_model(name: &str) -> Qwen3 {
     let ck = load_checkpoint(&fixtures_dir().join(name), DType::F32, &Device::Cpu).unwrap();
@@ -56,7 +56,7 @@ fn batched_beam_search_equals_each_prompt_alone() {
 /// Log-probability of `seq` after `prompt` by one full forward (no cache).
 fn sequence_logprob(m: &Qwen3, prompt: &[u32], seq: &[u32]) -> f64 {
     let all: Vec<u32> = prompt.iter().chain(seq).copied().collect();
-    let logits = m.forward(&Tensor::new(all.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
+    let logits = m.full_logits(&Tensor::new(all.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
     let lp = candle_nn::ops::log_softmax(&logits.squeeze(0).unwrap(), 1).unwrap().to_vec2::<f32>().unwrap();
     seq.iter().enumerate().map(|(i, &t)| lp[prompt.len() - 1 + i][t as usize] as f64).sum()
 }

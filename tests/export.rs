@@ -7,12 +7,13 @@ use common::*;
 use candle_core::{DType, Device};
 use half::f16;
 use std::path::Path;
-use tern::export::gguf::{GgufFile, Value};
-use tern::export::q2::{unpack_row, Packing};
-use tern::export::{export_gguf, gguf_name, verify_gguf, Format};
+use tern::gguf::file::{GgufFile, Value};
+use tern::quant::codec::{unpack_row, Packing};
+use tern::gguf::{export_gguf, verify_gguf, Format};
+use tern::model::params::gguf_name;
 use tern::model::{load_checkpoint, params::is_norm, Checkpoint};
-use tern::ternary::projection::codes_and_scales;
-use tern::ternary::QuantConfig;
+use tern::quant::projection::codes_and_scales;
+use tern::quant::QuantConfig;
 
 /// A minimal BPE tokenizer.json (what export reads: vocab, merges, added tokens).
 fn bpe_tokenizer(dir: &Path) -> std::path::PathBuf {
@@ -178,7 +179,7 @@ fn eval_of_the_q2_0_export_equals_eval_of_the_checkpoint_in_ternary_mode() {
         let out = d.path().join("m.gguf");
         export_gguf(&ck.config, &QuantConfig::default(), &ck.params, None, Format::Q2_0, name, &out).unwrap();
         let file = GgufFile::read(&out).unwrap();
-        let packed = tern::model::Qwen3::from_gguf(&file).unwrap();
+        let packed = tern::gguf::load_model(&file).unwrap();
         assert!(packed.is_packed());
         assert_eq!(packed.cfg.tie_word_embeddings, ck.config.tie_word_embeddings);
         let dense = tern::model::Qwen3::new(&ck.config, QuantConfig::default(), &ck.params).unwrap().freeze().unwrap();
@@ -189,8 +190,8 @@ fn eval_of_the_q2_0_export_equals_eval_of_the_checkpoint_in_ternary_mode() {
         let pp = tern::eval::perplexity(&tern::eval::score(&packed, &ids, &w, 2).unwrap());
         assert!((pd.ppl - pp.ppl).abs() <= 1e-3 * pd.ppl, "{name}: checkpoint PPL {} vs q2_0 PPL {}", pd.ppl, pp.ppl);
         // Logits agree up to the f16 rounding of the scales.
-        let a = dense.forward(&input_ids(&exp)).unwrap();
-        let b = packed.forward(&input_ids(&exp)).unwrap();
+        let a = dense.full_logits(&input_ids(&exp)).unwrap();
+        let b = packed.full_logits(&input_ids(&exp)).unwrap();
         assert!(max_abs_diff(&a, &b) < 2e-2, "{name}: {}", max_abs_diff(&a, &b));
         // The packed model never holds a dense copy: its layers keep only the file's bytes.
         assert!(std::sync::Arc::strong_count(&file.bytes) > 10);

@@ -8,7 +8,7 @@ use common::small_config;
 use candle_core::{DType, Device, Tensor, Var};
 use tern::model::params::{is_norm, Params};
 use tern::model::{Qwen3, Qwen3Config};
-use tern::ternary::{project, QuantConfig, ScaleRule};
+use tern::quant::{project, QuantConfig, ScaleRule};
 
 fn tiny(tied: bool) -> Qwen3Config {
     let mut c = small_config(48, 80, 12, 61);
@@ -28,7 +28,7 @@ fn batch(device: &Device, vocab: u32) -> (Tensor, Tensor) {
 }
 
 fn loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Tensor {
-    let logits = model.forward(inp).unwrap();
+    let logits = model.full_logits(inp).unwrap();
     candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &tgt.flatten_all().unwrap()).unwrap()
 }
 
@@ -127,8 +127,8 @@ fn fused_kernels_and_plain_references_give_the_same_gradients() {
         let params = Params::scratch(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
         let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
         let run = |kernels: Kernels| {
-            let model = Qwen3::new(&cfg, QuantConfig { kernels, ..quant() }, &params).unwrap();
-            let l = tern::train::trainer::batch_loss(&model, &inp, &tgt).unwrap();
+            let model = Qwen3::new(&cfg, quant(), &params).unwrap().with_kernels(kernels);
+            let l = tern::train::step::batch_loss(&model, &inp, &tgt).unwrap();
             let grads = l.backward().unwrap();
             let per_param: Vec<Vec<f32>> =
                 params.iter().map(|(_, v)| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect();

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use tern::decode::generate::{generate_batch, GenerateConfig};
 use tern::decode::sampler::SamplerConfig;
 use tern::model::{load_checkpoint, KvCache, Qwen3};
-use tern::ternary::QuantConfig;
+use tern::quant::QuantConfig;
 
 fn fixture_model(name: &str) -> Qwen3 {
     let ck = load_checkpoint(&fixtures_dir().join(name), DType::F32, &Device::Cpu).unwrap();
@@ -28,10 +28,11 @@ fn padded_batch_logits_equal_each_row_alone() {
         let longest = 7;
         let pad: Vec<usize> = ps.iter().map(|p| longest - p.len()).collect();
         let flat: Vec<u32> = ps.iter().zip(&pad).flat_map(|(p, &n)| std::iter::repeat_n(0, n).chain(p.clone())).collect();
-        let mut cache = KvCache::new(m.cfg.num_hidden_layers);
-        let batch = m.forward_cached_padded(&Tensor::from_vec(flat, (3, longest), &Device::Cpu).unwrap(), &pad, &mut cache).unwrap();
+        let mut cache = KvCache::with_padding(m.cfg.num_hidden_layers, pad.clone());
+        let h = m.forward(&Tensor::from_vec(flat, (3, longest), &Device::Cpu).unwrap(), &mut cache).unwrap();
+        let batch = m.logits(&h).unwrap();
         for (r, p) in ps.iter().enumerate() {
-            let alone = m.forward(&Tensor::new(p.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
+            let alone = m.full_logits(&Tensor::new(p.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap();
             let rows = batch.narrow(0, r, 1).unwrap().narrow(1, pad[r], p.len()).unwrap();
             assert!(max_abs_diff(&rows, &alone) < 1e-4, "{name} row {r}");
         }
@@ -93,7 +94,7 @@ fn perplexity_scoring_equals_the_plain_cross_entropy() {
     assert_eq!(w.len(), 2);
     let nll = tern::eval::score(&m, &ids, &w, 4).unwrap();
     assert_eq!(nll.len(), 30);
-    let logits = m.forward(&input_ids(&exp).narrow(1, 0, 15).unwrap()).unwrap();
+    let logits = m.full_logits(&input_ids(&exp).narrow(1, 0, 15).unwrap()).unwrap();
     let tgt = input_ids(&exp).narrow(1, 1, 15).unwrap().flatten_all().unwrap();
     let reference = candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &tgt).unwrap().to_scalar::<f32>().unwrap();
     let ours = tern::eval::perplexity(&nll).nll;
@@ -106,7 +107,7 @@ fn cli_eval_split_val_reproduces_the_training_validation_loss() {
     let cfg = d.path().join("cfg.toml");
     std::fs::write(&cfg, tiny_train_config(d.path())).unwrap();
     let sets: Vec<String> = ["train.steps=6", "eval.batches=0", "eval.every=0"].iter().map(|s| s.to_string()).collect();
-    let tc = tern::config::TrainConfig::load(&cfg, &sets).unwrap();
+    let tc = tern::train::config::TrainConfig::load(&cfg, &sets).unwrap();
     let out = tern::train::train(&tc, tern::train::TrainOptions { samples: false, ..Default::default() }).unwrap();
     let bin = env!("CARGO_BIN_EXE_tern");
     let o = std::process::Command::new(bin)

@@ -7,7 +7,7 @@ use common::*;
 use candle_core::{DType, Device, Tensor};
 use tern::hub::{resolve_model_dir, HubOptions};
 use tern::model::{load_checkpoint, KvCache, Qwen3};
-use tern::ternary::{QuantConfig, ScaleRule};
+use tern::quant::{QuantConfig, ScaleRule};
 
 const TOL: f32 = 1e-4;
 
@@ -21,7 +21,7 @@ fn full_precision_logits_match_transformers() {
     for name in FIXTURES {
         let exp = expected(name);
         let m = model_for(&fixtures_dir().join(name), QuantConfig::full_precision());
-        let logits = m.forward(&input_ids(&exp)).unwrap();
+        let logits = m.full_logits(&input_ids(&exp)).unwrap();
         let d = max_abs_diff(&logits, &exp["logits_full"]);
         assert!(d < TOL, "{name}: max |diff| = {d}");
     }
@@ -34,7 +34,7 @@ fn ternary_logits_match_transformers_ternarized_by_the_script() {
         for (rule, key) in [(ScaleRule::MeanAbs, "logits_ternary_mean_abs"), (ScaleRule::MaxAbs, "logits_ternary_max_abs")] {
             let q = QuantConfig { scale: rule, ..QuantConfig::default() };
             let m = model_for(&fixtures_dir().join(name), q);
-            let logits = m.forward(&input_ids(&exp)).unwrap();
+            let logits = m.full_logits(&input_ids(&exp)).unwrap();
             let d = max_abs_diff(&logits, &exp[key]);
             assert!(d < TOL, "{name} {rule}: max |diff| = {d}");
             // The ternary model is a different function from the full-precision one.
@@ -62,7 +62,7 @@ fn hub_id_loads_from_the_cache_offline_through_the_same_loader() {
         let dir = resolve_model_dir(&id, &opts).expect("resolves offline from the cache");
         let exp = expected(name);
         let m = model_for(&dir, QuantConfig::full_precision());
-        let d = max_abs_diff(&m.forward(&input_ids(&exp)).unwrap(), &exp["logits_full"]);
+        let d = max_abs_diff(&m.full_logits(&input_ids(&exp)).unwrap(), &exp["logits_full"]);
         assert!(d < TOL, "{name} via hub cache: {d}");
     }
     let err = resolve_model_dir("tern-test/not-cached", &opts).unwrap_err().to_string();
@@ -75,12 +75,12 @@ fn cached_decoding_equals_the_full_forward() {
         let exp = expected(name);
         let ids = input_ids(&exp);
         let m = model_for(&fixtures_dir().join(name), QuantConfig::default()).freeze().unwrap();
-        let full = m.forward(&ids).unwrap();
+        let full = m.full_logits(&ids).unwrap();
         let mut cache = KvCache::new(m.cfg.num_hidden_layers);
         let t = ids.dim(1).unwrap();
-        let mut parts = vec![m.forward_cached(&ids.narrow(1, 0, 7).unwrap(), &mut cache).unwrap()];
+        let mut parts = vec![m.logits(&m.forward(&ids.narrow(1, 0, 7).unwrap(), &mut cache).unwrap()).unwrap()];
         for i in 7..t {
-            parts.push(m.forward_cached(&ids.narrow(1, i, 1).unwrap(), &mut cache).unwrap());
+            parts.push(m.logits(&m.forward(&ids.narrow(1, i, 1).unwrap(), &mut cache).unwrap()).unwrap());
         }
         assert_eq!(cache.len(), t);
         let inc = Tensor::cat(&parts, 1).unwrap();
@@ -90,7 +90,7 @@ fn cached_decoding_equals_the_full_forward() {
         assert!(max_abs_diff(&full, &exp["logits_ternary_mean_abs"]) < TOL);
         // Rollback: truncate to 10 and re-decode position 10.
         cache.truncate(10).unwrap();
-        let again = m.forward_cached(&ids.narrow(1, 10, 1).unwrap(), &mut cache).unwrap();
+        let again = m.logits(&m.forward(&ids.narrow(1, 10, 1).unwrap(), &mut cache).unwrap()).unwrap();
         assert!(max_abs_diff(&again, &full.narrow(1, 10, 1).unwrap()) < TOL);
     }
 }

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 
 use std::collections::BTreeSet;
-use tern::config::TrainConfig;
+use tern::train::config::TrainConfig;
 use tern::train::{checkpoint, train, Control, TrainOptions};
 
 fn config(dir: &std::path::Path, sets: &[&str]) -> TrainConfig {

@@ -18,6 +18,7 @@
 
 use super::topk::softmax_topk;
 use crate::error::{Error, Result};
+use super::generate::last_logits;
 use crate::model::{KvCache, Qwen3};
 use candle_core::Tensor;
 
@@ -127,39 +128,33 @@ pub fn beam_search(model: &mut impl BeamModel, prompts: &[Vec<u32>], cfg: &BeamC
 /// [`BeamModel`] over a frozen Qwen3 with the contiguous KV cache; prompts are left-padded.
 pub struct QwenBeams<'a> {
     model: &'a Qwen3,
+    /// Holds each row's left padding too (that of its prompt), gathered with the rows.
     cache: KvCache,
-    /// Left padding of each current row (that of its prompt).
-    pad: Vec<usize>,
 }
 
 impl<'a> QwenBeams<'a> {
     pub fn new(model: &'a Qwen3) -> Self {
-        Self { model, cache: KvCache::new(model.cfg.num_hidden_layers), pad: vec![] }
+        Self { model, cache: KvCache::new(model.cfg.num_hidden_layers) }
     }
 
-    fn last_logits(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
-        let t = logits.dim(1)?;
-        Ok(logits.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
-    }
 }
 
 impl BeamModel for QwenBeams<'_> {
     fn start(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         super::generate::check_prompts(prompts, self.model.cfg.vocab_size)?;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        self.pad = prompts.iter().map(|p| longest - p.len()).collect();
+        let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
         let flat: Vec<u32> =
-            prompts.iter().zip(&self.pad).flat_map(|(p, &n)| std::iter::repeat_n(0u32, n).chain(p.iter().copied())).collect();
-        self.cache = KvCache::new(self.model.cfg.num_hidden_layers);
+            prompts.iter().zip(&pad).flat_map(|(p, &n)| std::iter::repeat_n(0u32, n).chain(p.iter().copied())).collect();
+        self.cache = KvCache::with_padding(self.model.cfg.num_hidden_layers, pad);
         let ids = Tensor::from_vec(flat, (prompts.len(), longest), self.model.device())?;
-        Self::last_logits(&self.model.forward_cached_padded(&ids, &self.pad, &mut self.cache)?)
+        last_logits(self.model, &self.model.forward(&ids, &mut self.cache)?)
     }
 
     fn step(&mut self, parents: &[usize], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         self.cache.select_rows(parents)?;
-        self.pad = parents.iter().map(|&p| self.pad[p]).collect();
         let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), self.model.device())?;
-        Self::last_logits(&self.model.forward_cached_padded(&ids, &self.pad, &mut self.cache)?)
+        last_logits(self.model, &self.model.forward(&ids, &mut self.cache)?)
     }
 }
 

@@ -5,6 +5,7 @@
 use super::sampler::{Sampler, SamplerConfig};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Qwen3};
+use candle_core::DType;
 use candle_core::Tensor;
 
 #[derive(Debug, Clone)]
@@ -35,6 +36,34 @@ fn record(row: &mut (Vec<u32>, Option<Finish>), tok: u32, step: usize, cfg: &Gen
     } else {
         None
     };
+}
+
+/// Logits `[B][vocab]` (f32) of the last position of each row of hidden states `h: [B, T, H]`:
+/// the LM head runs on those rows only.
+pub fn last_logits(model: &Qwen3, h: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let t = h.dim(1)?;
+    let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+    Ok(model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?)
+}
+
+/// One forward over the paged cache: appends each `(seq, tokens)` and returns the next-token
+/// logits after each sequence's last new token. Use on a `freeze()`d model.
+pub fn paged_forward(
+    model: &Qwen3,
+    batch: &[(super::paged::SeqId, Vec<u32>)],
+    cache: &mut super::paged::PagedKvCache,
+) -> Result<Vec<Vec<f32>>> {
+    let (mut step, ids) = super::paged::PagedStep::new(cache, batch)?;
+    let n = ids.len();
+    let h = model.forward(&Tensor::from_vec(ids, (1, n), model.device())?, &mut step)?;
+    let mut last = Vec::with_capacity(batch.len());
+    let mut end = 0;
+    for (_, toks) in batch {
+        end += toks.len();
+        last.push((end - 1) as u32);
+    }
+    let h = h.squeeze(0)?.index_select(&Tensor::new(last.as_slice(), model.device())?, 0)?;
+    Ok(model.logits(&h)?.to_dtype(DType::F32)?.to_vec2()?)
 }
 
 /// Every prompt non-empty and inside the vocabulary.
@@ -69,11 +98,9 @@ pub fn generate_batch(
         .map(|r| Sampler::new(SamplerConfig { seed: cfg.sampler.seed.wrapping_add(r as u64), ..cfg.sampler }))
         .collect();
     let mut out: Vec<(Vec<u32>, Option<Finish>)> = vec![(Vec::new(), None); b];
-    let mut cache = KvCache::new(model.cfg.num_hidden_layers);
-    let mut logits = model.forward_cached_padded(&Tensor::from_vec(flat, (b, longest), model.device())?, &pad, &mut cache)?;
+    let mut cache = KvCache::with_padding(model.cfg.num_hidden_layers, pad);
+    let mut rows = last_logits(model, &model.forward(&Tensor::from_vec(flat, (b, longest), model.device())?, &mut cache)?)?;
     for step in 0..cfg.max_new {
-        let last = logits.narrow(1, logits.dim(1)? - 1, 1)?.squeeze(1)?.to_dtype(candle_core::DType::F32)?;
-        let rows = last.to_vec2::<f32>()?;
         let mut next = Vec::with_capacity(b);
         for (r, row) in rows.iter().enumerate() {
             if out[r].1.is_some() {
@@ -87,7 +114,7 @@ pub fn generate_batch(
         if out.iter().all(|o| o.1.is_some()) {
             break;
         }
-        logits = model.forward_cached_padded(&Tensor::from_vec(next, (b, 1), model.device())?, &pad, &mut cache)?;
+        rows = last_logits(model, &model.forward(&Tensor::from_vec(next, (b, 1), model.device())?, &mut cache)?)?;
     }
     Ok(out.into_iter().map(|(t, f)| (t, f.unwrap_or(Finish::Length))).collect())
 }
@@ -117,7 +144,7 @@ pub fn generate_paged(
     let mut batch: Vec<(usize, Vec<u32>)> = seqs.iter().zip(prompts).map(|(&s, p)| (s, p.clone())).collect();
     let mut live: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..cfg.max_new {
-        let logits = model.forward_paged(&batch, &mut cache)?;
+        let logits = paged_forward(model, &batch, &mut cache)?;
         let mut next_batch = Vec::new();
         let mut next_live = Vec::new();
         for (&r, row) in live.iter().zip(&logits) {

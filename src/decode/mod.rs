@@ -7,7 +7,8 @@
 //! - [`generate`]: batched generation over left-padded prompts with the contiguous KV cache
 //!   (`model::KvCache`), or over the [`paged`] KV cache without padding; each row equals its
 //!   prompt run alone.
-//! - [`paged`]: block pool + block tables, refcounted fork with copy-on-write, rollback.
+//! - [`paged`]: block pool + block tables, refcounted fork with copy-on-write, rollback; its
+//!   `PagedStep` is the model's attention backend over it.
 //! - [`beam`]: batched beam search with length penalty and finished-beam retention.
 //! - [`speculative`]: tree speculative decoding with greedy verification (prompt-lookup or
 //!   draft-model trees), output identical to greedy decoding.

@@ -20,6 +20,9 @@
 //! PagedAttention: one thread block per (sequence, head), the block table in shared memory.
 
 use crate::error::{Error, Result};
+use crate::kernels::Kernels;
+use crate::model::cache::{Cache, Positions, StepInfo};
+use candle_core::{DType, Tensor};
 
 /// Handle of a sequence in a [`PagedKvCache`].
 pub type SeqId = usize;
@@ -254,6 +257,66 @@ impl PagedKvCache {
             }
         }
         Ok((k, v))
+    }
+}
+
+/// One forward over a [`PagedKvCache`]: each `(seq, tokens)` appends its tokens to its sequence
+/// (sequences of any lengths, no padding). The model runs the tokens of all sequences as one row
+/// `[1, n]`; each token attends over its own sequence's pages up to itself.
+pub struct PagedStep<'a> {
+    cache: &'a mut PagedKvCache,
+    /// Token t of the flattened batch: its sequence and absolute position.
+    rows: Vec<(SeqId, usize)>,
+}
+
+impl<'a> PagedStep<'a> {
+    /// Reserves the slots of every new token; returns the step and the flattened ids `[n]`.
+    pub fn new(cache: &'a mut PagedKvCache, batch: &[(SeqId, Vec<u32>)]) -> Result<(Self, Vec<u32>)> {
+        let mut rows = Vec::new();
+        let mut ids = Vec::new();
+        for (s, toks) in batch {
+            if toks.is_empty() {
+                return Err(Error::Msg(format!("paged forward: sequence {s} has no new tokens")));
+            }
+            let start = cache.reserve(*s, toks.len())?;
+            rows.extend((0..toks.len()).map(|i| (*s, start + i)));
+            ids.extend_from_slice(toks);
+        }
+        Ok((Self { cache, rows }, ids))
+    }
+}
+
+impl Cache for PagedStep<'_> {
+    fn begin(&mut self, step: &StepInfo) -> Result<Positions> {
+        if step.batch != 1 || step.new_tokens != self.rows.len() {
+            return Err(Error::Msg(format!(
+                "paged forward: expected ids [1, {}], found [{}, {}]",
+                self.rows.len(),
+                step.batch,
+                step.new_tokens
+            )));
+        }
+        Ok(Positions::Shared(self.rows.iter().map(|r| r.1 as u32).collect()))
+    }
+
+    fn attend(&mut self, layer: usize, q: &Tensor, k: Tensor, v: Tensor, _kernels: Kernels) -> Result<Tensor> {
+        let (_, nh, n, hd) = q.dims4()?;
+        let nkv = k.dim(1)?;
+        // [heads, n, hd] host copies; write every new K/V first, then attend (causal).
+        let to_host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.squeeze(0)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+        let (qh, kh, vh) = (to_host(q)?, to_host(&k)?, to_host(&v)?);
+        let per_token = |src: &[f32], heads: usize, t: usize| -> Vec<f32> {
+            (0..heads).flat_map(|head| src[(head * n + t) * hd..(head * n + t + 1) * hd].to_vec()).collect()
+        };
+        for (t, &(s, pos)) in self.rows.iter().enumerate() {
+            self.cache.write(layer, s, pos, &per_token(&kh, nkv, t), &per_token(&vh, nkv, t))?;
+        }
+        let mut o = Vec::with_capacity(n * nh * hd);
+        for (t, &(s, pos)) in self.rows.iter().enumerate() {
+            o.extend(self.cache.attend(layer, s, pos, &per_token(&qh, nh, t), nh)?);
+        }
+        // Token-major [1, n, H, hd] -> [1, H, n, hd], as the model expects.
+        Ok(Tensor::from_vec(o, (1, n, nh, hd), q.device())?.to_dtype(q.dtype())?.transpose(1, 2)?)
     }
 }
 

@@ -23,7 +23,8 @@
 
 use super::sampler::argmax;
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Qwen3};
+use super::generate::last_logits;
+use crate::model::{KvCache, Qwen3, TreeStep};
 use candle_core::{DType, Tensor};
 
 /// A draft tree: `tokens[i]` with parent `parents[i]` (`None` = child of node 0, the last
@@ -161,11 +162,6 @@ pub fn ngram_draft(ctx: &[u32], depth: usize, width: usize) -> DraftTree {
     tree
 }
 
-fn last_logits_row(logits: &Tensor) -> Result<Vec<f32>> {
-    let t = logits.dim(1)?;
-    Ok(logits.narrow(1, t - 1, 1)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
-}
-
 /// Draft from a smaller model: its top `width` tokens after the context, each continued
 /// greedily to `depth` tokens (each branch on a clone of the draft's cache).
 fn model_draft(model: &Qwen3, cache: &mut KvCache, ctx: &[u32], depth: usize, width: usize) -> Result<DraftTree> {
@@ -174,9 +170,9 @@ fn model_draft(model: &Qwen3, cache: &mut KvCache, ctx: &[u32], depth: usize, wi
     cache.truncate(have)?;
     let dev = model.device().clone();
     let feed = &ctx[have..];
-    let logits = model.forward_cached(&Tensor::new(feed, &dev)?.unsqueeze(0)?, cache)?;
+    let h = model.forward(&Tensor::new(feed, &dev)?.unsqueeze(0)?, cache)?;
     cache.truncate(ctx.len() - 1)?; // the next round feeds from the last context token again
-    let first = last_logits_row(&logits)?;
+    let first = last_logits(model, &h)?.swap_remove(0);
     let top = super::topk::softmax_topk(&first, width);
     let mut tree = DraftTree::default();
     for &t in &top.ids {
@@ -185,8 +181,8 @@ fn model_draft(model: &Qwen3, cache: &mut KvCache, ctx: &[u32], depth: usize, wi
         let mut chain = vec![t];
         let mut feed = vec![*ctx.last().expect("non-empty"), t];
         while chain.len() < depth {
-            let l = model.forward_cached(&Tensor::new(feed.as_slice(), &dev)?.unsqueeze(0)?, &mut branch)?;
-            let next = argmax(&last_logits_row(&l)?);
+            let h = model.forward(&Tensor::new(feed.as_slice(), &dev)?.unsqueeze(0)?, &mut branch)?;
+            let next = argmax(&last_logits(model, &h)?[0]);
             chain.push(next);
             feed = vec![next];
         }
@@ -237,7 +233,7 @@ pub fn generate_speculative(
     let dev = target.device().clone();
     let mut cache = KvCache::new(target.cfg.num_hidden_layers);
     if prompt.len() > 1 {
-        target.forward_cached(&Tensor::new(&prompt[..prompt.len() - 1], &dev)?.unsqueeze(0)?, &mut cache)?;
+        target.forward(&Tensor::new(&prompt[..prompt.len() - 1], &dev)?.unsqueeze(0)?, &mut cache)?;
     }
     let mut ctx = prompt.to_vec();
     let mut out = Vec::new();
@@ -256,8 +252,9 @@ pub fn generate_speculative(
         let mask: Vec<f32> = tree_mask(past, &tree).concat();
         let n = ids.len();
         let mask = Tensor::from_vec(mask, (n, past + n), &dev)?;
-        let logits = target.forward_cached_masked(&Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?, &positions, &mask, &mut cache)?;
-        let rows = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let ids = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
+        let h = target.forward(&ids, &mut TreeStep::new(&mut cache, positions, mask))?;
+        let rows = target.logits(&h.squeeze(0)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let am: Vec<u32> = rows.iter().map(|r| argmax(r)).collect();
         let (path, bonus) = accept(&tree, &am);
         // Keep the context, node 0 and the accepted path.

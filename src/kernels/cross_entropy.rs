@@ -158,11 +158,11 @@ pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: us
 pub fn lm_head_cross_entropy_ste(
     h: &Tensor,
     w_latent: &Tensor,
-    quant: &crate::ternary::QuantConfig,
+    quant: &crate::quant::QuantConfig,
     targets: &Tensor,
     chunk: usize,
 ) -> Result<Tensor> {
-    let wq = crate::ternary::projection::effective_weight(&w_latent.detach(), quant)?;
+    let wq = super::Kernels::Fused.effective_weight(&w_latent.detach(), quant)?;
     let group_rows = (256usize << 20) / (4 * w_latent.dim(0)?.max(1));
     lm_head_cross_entropy_grouped(h, w_latent, &wq, targets, chunk, group_rows)
 }

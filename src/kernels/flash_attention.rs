@@ -419,7 +419,7 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &FlashConfig) ->
     Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
-/// Additive mask `[B, 1, 1, T, Tk]` (0 or -inf) for `cfg`, shaped for [`crate::model::attention`].
+/// Additive mask `[B, 1, 1, T, Tk]` (0 or -inf) for `cfg`, shaped for [`super::attention::attention`].
 pub fn additive_mask(b: usize, t: usize, tk: usize, cfg: &FlashConfig, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
     let dims = Dims { b, h: 1, kv: 1, t, tk, d: 1 };
     let mut data = Vec::with_capacity(b * t * tk);
@@ -440,7 +440,7 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &FlashConfig
     let (kv, tk) = (k.dim(1)?, k.dim(2)?);
     let needs_mask = cfg.causal && t > 1 || cfg.kv_start.iter().any(|&s| s > 0);
     let mask = if needs_mask { Some(additive_mask(b, t, tk, cfg, q.dtype(), q.device())?) } else { None };
-    crate::model::qwen3::attention(q, k, v, mask.as_ref(), kv)
+    super::attention::attention(q, k, v, mask.as_ref(), kv)
 }
 
 #[cfg(test)]

@@ -1,6 +1,10 @@
 //! Fused kernels. Each one lives beside a plain reference composed of differentiable candle ops,
-//! with a test that compares the two.
+//! with a test that compares the two. [`Kernels`] is the one place that decides which of the two
+//! runs, per op, from the switch (`[train] kernels`), the device and the dtype: the model, the
+//! trainer and the optimizer call `kernels.op(...)` and never pick for themselves.
 //!
+//! - [`attention`]: the reference attention (GQA folding) and the per-forward mask.
+//! - [`adamw`]: the AdamW update of one tensor, fused in one pass or composed.
 //! - [`cross_entropy`]: next-token cross-entropy fused with the LM head, in chunks of tokens:
 //!   never materializes the `[tokens, vocab]` logits (151,936 wide for Qwen3) for the batch.
 //! - [`ternary_matmul`]: matmul straight from packed 2-bit ternary blocks (GGUF inference),
@@ -15,10 +19,8 @@
 //!   keeping every projected weight alive (the model's ternary layers use it for training).
 //! - [`rope`]: rotary embedding fused with the head transpose, with its backward.
 //!
-//! [`Kernels`] picks fused or plain for a whole model (`[train] kernels` in the config): the
-//! plain path is what `tern bench` compares against.
-
-pub mod bench;
+pub mod adamw;
+pub mod attention;
 pub mod cross_entropy;
 pub mod flash_attention;
 pub mod norm;
@@ -26,6 +28,10 @@ pub mod project;
 pub mod rope;
 pub mod ternary_linear;
 pub mod ternary_matmul;
+
+use crate::error::Result;
+use crate::quant::QuantConfig;
+use candle_core::{DType, Device, Tensor};
 
 /// `data` as `layout` describes it, when that is one contiguous run: how the fused CPU ops read
 /// their inputs in place.
@@ -57,8 +63,21 @@ pub(crate) fn with_cpu_slices<T: candle_core::WithDType, R>(
     Ok(f(&slices))
 }
 
-/// Which implementation the model uses for norms, RoPE, attention, the projection and the loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+/// `x @ w^T` for `x: [..., in]`, `w: [out, in]`, flattening leading dims into one GEMM.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_dim = *dims.last().expect("rank >= 1");
+    let rows: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// Which implementation runs for norms, RoPE, attention, the projection, the ternary linear
+/// layer, the LM-head loss and the optimizer. Fused kernels exist for the CPU (f32/f64); on
+/// other devices and dtypes every op falls back to its reference, here and nowhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Kernels {
     /// tern's fused CPU kernels (other devices fall back to the references).
@@ -68,19 +87,105 @@ pub enum Kernels {
     Reference,
 }
 
-impl Kernels {
-    pub fn fused(self) -> bool {
-        self == Kernels::Fused
-    }
-}
-
 impl std::str::FromStr for Kernels {
     type Err = crate::Error;
-    fn from_str(s: &str) -> crate::error::Result<Self> {
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "fused" => Ok(Kernels::Fused),
             "reference" => Ok(Kernels::Reference),
             o => Err(crate::Error::Msg(format!("kernels: expected 'fused' or 'reference', found '{o}'"))),
+        }
+    }
+}
+
+impl Kernels {
+    pub fn fused(self) -> bool {
+        self == Kernels::Fused
+    }
+
+    /// RMSNorm over the last dim.
+    pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => norm::rms_norm(x, w, eps),
+            Kernels::Reference => norm::rms_norm_reference(x, w, eps),
+        }
+    }
+
+    /// RoPE with the head transpose: `[B, T, H, d]` -> `[B, H, T, d]`.
+    pub fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => rope::rope_transposed(x, cos, sin),
+            Kernels::Reference => rope::rope_transposed_reference(x, cos, sin),
+        }
+    }
+
+    /// Whether attention over tensors of this dtype and device runs the flash kernel (then a
+    /// causal [`attention::Mask`] needs no additive matrix).
+    pub fn flash_attention_applies(self, dtype: DType, device: &Device) -> bool {
+        self.fused() && device.is_cpu() && matches!(dtype, DType::F32 | DType::F64)
+    }
+
+    /// Attention of q `[B, H, T, hd]` over k/v `[B, KV, Tk, hd]` under `mask`: the flash kernel
+    /// for causal masks where it applies, the reference (additive mask) otherwise.
+    pub fn attention(self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &attention::Mask) -> Result<Tensor> {
+        match &mask.additive {
+            None if self.fused() && flash_attention::supported(q) => flash_attention::flash_attention(q, k, v, &mask.flash),
+            additive => attention::attention(q, k, v, additive.as_ref(), k.dim(1)?),
+        }
+    }
+
+    /// The weight a layer computes with under `quant`: the latent itself in full precision (or
+    /// at ramp 0), else its STE-projected value.
+    pub fn effective_weight(self, w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
+        if !quant.ternary || quant.ramp == 0.0 {
+            return Ok(w.clone());
+        }
+        if self.fused() && project::supported(w) {
+            project::project_ste(w, quant)
+        } else {
+            project::project_ste_reference(w, quant)
+        }
+    }
+
+    /// `x @ P(w)^T` of a ternary linear layer (`P` = projection + STE, or identity in full
+    /// precision). Fused: one op that re-projects in the backward instead of keeping `P(w)`.
+    pub fn ternary_linear(self, x: &Tensor, w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
+        if self.fused() && ternary_linear::supported(x, w, quant) {
+            ternary_linear::ternary_linear(x, w, quant)
+        } else {
+            linear(x, &self.effective_weight(w, quant)?)
+        }
+    }
+
+    /// Mean next-token cross-entropy of hidden states `h: [N, H]` under the LM head given by its
+    /// latent weight `[V, H]` (projected under `quant`), for `targets: [N]`. Fused: chunked over
+    /// tokens, the `[N, V]` logits never exist; reference: candle's cross-entropy over them.
+    pub fn lm_head_loss(self, h: &Tensor, head_latent: &Tensor, quant: &QuantConfig, targets: &Tensor) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => {
+                let chunk = cross_entropy::default_chunk(head_latent.dim(0)?);
+                cross_entropy::lm_head_cross_entropy_ste(h, head_latent, quant, targets, chunk)
+            }
+            Kernels::Reference => {
+                let logits = linear(h, &self.effective_weight(head_latent, quant)?)?;
+                Ok(candle_nn::loss::cross_entropy(&logits, targets)?)
+            }
+        }
+    }
+
+    /// One AdamW update of a parameter: new (w, m, v).
+    pub fn adamw(
+        self,
+        w: &Tensor,
+        g: &Tensor,
+        m: Option<&Tensor>,
+        v: Option<&Tensor>,
+        s: adamw::AdamWScalars,
+    ) -> Result<adamw::Updated> {
+        if self.fused() && adamw::supported(w, g) {
+            adamw::adamw_fused(w, g, m, v, s)
+        } else {
+            adamw::adamw_reference(w, g, m, v, s)
         }
     }
 }

@@ -9,7 +9,7 @@
 //! s, then the elementwise write), or one thread block per row.
 
 use crate::error::Result;
-use crate::ternary::{QuantConfig, ScaleRule};
+use crate::quant::{QuantConfig, ScaleRule};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -101,21 +101,26 @@ impl CustomOp1 for ProjectSte {
     }
 }
 
-/// `w + lambda * (project(w) - w)` with an identity gradient, fused on the CPU for f32/f64 2-D
-/// weights; the composed reference elsewhere or when `quant.kernels` asks for it.
+/// Whether [`project_ste`] can run on `w` (CPU, f32/f64, 2-D).
+pub fn supported(w: &Tensor) -> bool {
+    w.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::F64) && w.rank() == 2
+}
+
+/// `w + lambda * (project(w) - w)` with an identity gradient, in one pass (see [`supported`]).
 pub fn project_ste(w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
-    let fused = quant.kernels.fused() && w.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::F64) && w.rank() == 2;
-    if !fused {
-        let q = crate::ternary::projection::project(w, quant.group_size, quant.scale)?;
-        return crate::ternary::projection::ste(w, &q, quant.ramp);
-    }
     Ok(w.contiguous()?.apply_op1(ProjectSte::new(quant))?)
+}
+
+/// The composed reference of [`project_ste`]: `quant::projection`'s plain candle ops.
+pub fn project_ste_reference(w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
+    let q = crate::quant::projection::project(w, quant.group_size, quant.scale)?;
+    crate::quant::projection::ste(w, &q, quant.ramp)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ternary::projection::{project, ste};
+    use crate::quant::projection::{project, ste};
     use candle_core::{Device, Var};
 
     #[test]

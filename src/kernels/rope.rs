@@ -14,9 +14,42 @@
 //! (a thread per pair (j, j + d/2)), the tables in constant/shared memory.
 
 use crate::error::Result;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
 use num_traits::Float;
 use rayon::prelude::*;
+
+/// Rotary position tables (the half-split "rotate_half" form Qwen uses).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64) -> Self {
+        let inv_freq = (0..head_dim / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect();
+        Self { inv_freq }
+    }
+
+    /// cos and sin tables `[T, head_dim]` for the given absolute positions.
+    pub fn cos_sin(&self, positions: &[u32], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half * 2);
+        let mut sin = Vec::with_capacity(positions.len() * half * 2);
+        for &p in positions {
+            // Angle in f32 like the HF reference, then cos/sin in f64 and rounded once.
+            let ang: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(ang.iter().map(|a| (*a as f64).cos() as f32));
+                sin.extend(ang.iter().map(|a| (*a as f64).sin() as f32));
+            }
+        }
+        let shape = (positions.len(), half * 2);
+        Ok((
+            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
+}
 
 /// The plain reference on `x: [B, H, T, d]` (already transposed), tables broadcastable to it.
 pub fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -147,7 +180,6 @@ pub fn rope_transposed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::qwen3::Rope;
     use candle_core::{Device, Var};
 
     fn randn(shape: &[usize], seed: u64, dt: DType) -> Tensor {

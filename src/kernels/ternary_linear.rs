@@ -14,7 +14,7 @@
 use super::contiguous_slice;
 use super::project::ProjectSte;
 use crate::error::Result;
-use crate::ternary::QuantConfig;
+use crate::quant::QuantConfig;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 
 struct TernaryLinearOp {
@@ -77,19 +77,19 @@ impl CustomOp2 for TernaryLinearOp {
     }
 }
 
-/// `x @ P(w)^T` for `x: [..., in]`, `w: [out, in]`, fused on the CPU (f32/f64) when
-/// `quant.kernels` is fused and the layer is ternary; the composed form otherwise.
-pub fn ternary_linear(x: &Tensor, w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
-    let fused = quant.kernels.fused()
-        && quant.ternary
+/// Whether [`ternary_linear`] can run: a ternary layer (ramp above 0) on the CPU, x and w both
+/// f32 or both f64, w 2-D.
+pub fn supported(x: &Tensor, w: &Tensor, quant: &QuantConfig) -> bool {
+    quant.ternary
         && quant.ramp != 0.0
         && x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && x.dtype() == w.dtype()
-        && w.rank() == 2;
-    if !fused {
-        return crate::ternary::layers::linear(x, &crate::ternary::projection::effective_weight(w, quant)?);
-    }
+        && w.rank() == 2
+}
+
+/// `x @ P(w)^T` for `x: [..., in]`, `w: [out, in]` as one op (see [`supported`]).
+pub fn ternary_linear(x: &Tensor, w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, TernaryLinearOp { quant: *quant })?)
 }
 
@@ -108,8 +108,8 @@ mod tests {
         for ramp in [1.0, 0.4] {
             let xv = Var::from_tensor(&x).unwrap();
             let run = |kernels: Kernels| {
-                let q = QuantConfig { group_size: 16, ramp, kernels, ..QuantConfig::default() };
-                let y = ternary_linear(xv.as_tensor(), w.as_tensor(), &q).unwrap();
+                let q = QuantConfig { group_size: 16, ramp, ..QuantConfig::default() };
+                let y = kernels.ternary_linear(xv.as_tensor(), w.as_tensor(), &q).unwrap();
                 let g = (&y * &dyw).unwrap().sum_all().unwrap().backward().unwrap();
                 let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 (v(&y), v(g.get(xv.as_tensor()).unwrap()), v(g.get(w.as_tensor()).unwrap()))

@@ -11,7 +11,7 @@
 //! On a GPU the same layout maps to one warp per output row (or tile of rows), each lane
 //! expanding a byte of codes with the table in shared memory, and a warp reduction per block.
 
-use crate::export::q2::{dequantize_row, Packing};
+use crate::quant::codec::{dequantize_row, Packing};
 use half::f16;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -120,7 +120,7 @@ pub fn matmul_reference(m: &PackedMatrix, x: &[f32], n: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::q2::pack_row;
+    use crate::quant::codec::pack_row;
 
     #[test]
     fn packed_matmul_equals_dequantize_then_dense() {

@@ -9,15 +9,13 @@
 use super::config::Qwen3Config;
 use super::params::{expected_shapes, Params, LM_HEAD};
 use crate::error::{Error, Result};
-use crate::ternary::QuantConfig;
+use crate::files::{sync_and_rename, write_atomic};
+use crate::hub::{CONFIG_FILE, INDEX_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
+use crate::quant::QuantConfig;
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-pub const CONFIG_FILE: &str = "config.json";
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// A loaded checkpoint: architecture, parameters and where it came from.
 pub struct Checkpoint {
@@ -235,18 +233,4 @@ pub fn save_checkpoint(
         }
     }
     Ok(())
-}
-
-/// Writes `bytes` to `path` through a temporary file, fsync and rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    sync_and_rename(&tmp, path)
-}
-
-fn sync_and_rename(tmp: &Path, dst: &Path) -> Result<()> {
-    let f = std::fs::File::open(tmp).map_err(|e| Error::io(tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(tmp, e))?;
-    std::fs::rename(tmp, dst).map_err(|e| Error::io(dst, e))
 }

@@ -1,17 +1,23 @@
-//! The Qwen3 model in tern: architecture config, parameters (HF names), the forward passes and
-//! checkpoint IO in Hugging Face layout.
+//! The Qwen3 model in tern: architecture config, the tensor-name table, parameters, layers, the
+//! attention backends and checkpoint IO in Hugging Face layout.
 //!
 //! - [`config`]: `Qwen3Config`, read from HF `config.json` field names.
-//! - [`params`]: the named trainable tensors (`Var`s), scratch init, expected names and shapes.
-//! - [`qwen3`]: the model: training forward (every position) and cached incremental decoding.
+//! - [`params`]: the named trainable tensors (`Var`s), scratch init, and the one table of tensor
+//!   names (HF and GGUF) and shapes.
+//! - [`layers`]: ternary linear / embedding (dense latent or packed) and RMSNorm.
+//! - [`cache`]: what a forward attends over (none, contiguous KV cache, draft tree).
+//! - [`qwen3`]: the model and its one forward.
 //! - [`io`]: load and save HF-layout checkpoints (config.json + safetensors, sharded or not).
 
+pub mod cache;
 pub mod config;
 pub mod io;
+pub mod layers;
 pub mod params;
 pub mod qwen3;
 
+pub use cache::{Cache, KvCache, NoCache, TreeStep};
 pub use config::Qwen3Config;
 pub use io::{load_checkpoint, save_checkpoint, Checkpoint};
 pub use params::Params;
-pub use qwen3::{KvCache, Qwen3};
+pub use qwen3::Qwen3;

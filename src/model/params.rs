@@ -1,5 +1,6 @@
 //! Named parameters of a Qwen3 model under their Hugging Face names, held as candle `Var`s so the
-//! optimizer can update them in place while the model's tensors (which share storage) see it.
+//! optimizer can update them in place while the model's tensors (which share storage) see it;
+//! and the one table of tensor names (HF and GGUF) and shapes.
 
 use super::config::Qwen3Config;
 use crate::error::{Error, Result};
@@ -8,55 +9,91 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use std::collections::BTreeMap;
 
+/// Tensors outside the decoder layers: HF name and llama.cpp's GGUF name.
 pub const EMBED: &str = "model.embed_tokens.weight";
 pub const FINAL_NORM: &str = "model.norm.weight";
 pub const LM_HEAD: &str = "lm_head.weight";
+const GLOBAL_GGUF: [(&str, &str); 3] =
+    [(EMBED, "token_embd.weight"), (FINAL_NORM, "output_norm.weight"), (LM_HEAD, "output.weight")];
 
-pub fn layer_name(i: usize, rest: &str) -> String {
-    format!("model.layers.{i}.{rest}")
+/// The tensors of one decoder layer, in the order checkpoints list them (scratch init draws
+/// them in this order, so it is part of the format).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerTensor {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+    InputNorm,
+    PostNorm,
+    QNorm,
+    KNorm,
 }
 
-/// Projection weights of one decoder layer, by HF suffix.
-pub const LAYER_PROJECTIONS: [&str; 7] = [
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-];
+use LayerTensor as L;
 
-/// RMSNorm weights of one decoder layer, by HF suffix.
-pub const LAYER_NORMS: [&str; 4] = [
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_norm.weight",
-    "self_attn.k_norm.weight",
-];
+impl LayerTensor {
+    pub const ALL: [LayerTensor; 11] = [L::Q, L::K, L::V, L::O, L::Gate, L::Up, L::Down, L::InputNorm, L::PostNorm, L::QNorm, L::KNorm];
+
+    /// The one table of names: (HF suffix after `model.layers.{i}.`, GGUF part of `blk.{i}.{part}.weight`).
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            L::Q => ("self_attn.q_proj.weight", "attn_q"),
+            L::K => ("self_attn.k_proj.weight", "attn_k"),
+            L::V => ("self_attn.v_proj.weight", "attn_v"),
+            L::O => ("self_attn.o_proj.weight", "attn_output"),
+            L::Gate => ("mlp.gate_proj.weight", "ffn_gate"),
+            L::Up => ("mlp.up_proj.weight", "ffn_up"),
+            L::Down => ("mlp.down_proj.weight", "ffn_down"),
+            L::InputNorm => ("input_layernorm.weight", "attn_norm"),
+            L::PostNorm => ("post_attention_layernorm.weight", "ffn_norm"),
+            L::QNorm => ("self_attn.q_norm.weight", "attn_q_norm"),
+            L::KNorm => ("self_attn.k_norm.weight", "attn_k_norm"),
+        }
+    }
+
+    /// The HF name of this tensor in layer `i`.
+    pub fn hf(self, i: usize) -> String {
+        format!("model.layers.{i}.{}", self.names().0)
+    }
+
+    /// `[rows, cols]` of a projection, `[len]` of a norm.
+    pub fn shape(self, cfg: &Qwen3Config) -> Vec<usize> {
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
+        match self {
+            L::Q => vec![nh * hd, h],
+            L::K | L::V => vec![nkv * hd, h],
+            L::O => vec![h, nh * hd],
+            L::Gate | L::Up => vec![i, h],
+            L::Down => vec![h, i],
+            L::InputNorm | L::PostNorm => vec![h],
+            L::QNorm | L::KNorm => vec![hd],
+        }
+    }
+}
+
+/// llama.cpp's GGUF name for an HF tensor name of Qwen3.
+pub fn gguf_name(hf: &str) -> Result<String> {
+    if let Some((_, g)) = GLOBAL_GGUF.iter().find(|(h, _)| *h == hf) {
+        return Ok(g.to_string());
+    }
+    let unknown = || Error::Msg(format!("no GGUF name for tensor '{hf}'"));
+    let rest = hf.strip_prefix("model.layers.").ok_or_else(unknown)?;
+    let (layer, suffix) = rest.split_once('.').ok_or_else(unknown)?;
+    let part = LayerTensor::ALL.iter().map(|t| t.names()).find(|(h, _)| *h == suffix).ok_or_else(unknown)?.1;
+    Ok(format!("blk.{layer}.{part}.weight"))
+}
 
 /// Every tensor a checkpoint of this architecture holds, with its shape, in a fixed order.
 pub fn expected_shapes(cfg: &Qwen3Config) -> Vec<(String, Vec<usize>)> {
-    let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
-    let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
+    let h = cfg.hidden_size;
     let mut v = vec![(EMBED.to_string(), vec![cfg.vocab_size, h])];
     for l in 0..cfg.num_hidden_layers {
-        let shapes: [(&str, Vec<usize>); 11] = [
-            ("self_attn.q_proj.weight", vec![nh * hd, h]),
-            ("self_attn.k_proj.weight", vec![nkv * hd, h]),
-            ("self_attn.v_proj.weight", vec![nkv * hd, h]),
-            ("self_attn.o_proj.weight", vec![h, nh * hd]),
-            ("mlp.gate_proj.weight", vec![i, h]),
-            ("mlp.up_proj.weight", vec![i, h]),
-            ("mlp.down_proj.weight", vec![h, i]),
-            ("input_layernorm.weight", vec![h]),
-            ("post_attention_layernorm.weight", vec![h]),
-            ("self_attn.q_norm.weight", vec![hd]),
-            ("self_attn.k_norm.weight", vec![hd]),
-        ];
-        for (n, s) in shapes {
-            v.push((layer_name(l, n), s));
-        }
+        v.extend(LayerTensor::ALL.iter().map(|t| (t.hf(l), t.shape(cfg))));
     }
     v.push((FINAL_NORM.to_string(), vec![h]));
     if !cfg.tie_word_embeddings {

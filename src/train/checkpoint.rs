@@ -6,13 +6,14 @@
 //! renamed into place; `state.json` is written last. A crash or kill -9 mid-write leaves only a
 //! `.tmp-*` directory, which resume ignores (and removes), so the previous checkpoint is intact.
 
-use crate::config::TrainConfig;
+use super::config::TrainConfig;
 use crate::data::DataPosition;
 use crate::error::{Error, Result};
-use crate::model::io::{save_checkpoint, write_atomic};
+use crate::files::write_atomic;
+use crate::model::io::save_checkpoint;
 use crate::model::{params::Params, Qwen3Config};
-use crate::ternary::QuantConfig;
-use crate::train::optim::AdamW;
+use crate::quant::QuantConfig;
+use super::optim::AdamW;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

@@ -1,13 +1,12 @@
 //! AdamW (Loshchilov & Hutter) with f32 moments and decoupled weight decay, which is not applied
 //! to RMSNorm weights. Its state is plain named tensors, so it is checkpointed like the model.
 //!
-//! Two implementations of one update: the plain one composed of candle tensor ops (about a dozen
-//! full-size temporaries per parameter), and a fused one on the CPU that reads w, g, m, v once
-//! and writes the new w, m, v in one parallel pass (the reference for it is the composed one;
-//! a test compares them).
+//! The per-tensor update is a kernel (`kernels::adamw`: fused one-pass on the CPU, or the
+//! composed reference), chosen by `Kernels::adamw`; a test here compares the two.
 
 use crate::error::{Error, Result};
-use crate::kernels::with_cpu_slices;
+use crate::kernels::adamw::AdamWScalars;
+use crate::kernels::Kernels;
 use crate::model::params::{is_norm, Params};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -27,44 +26,8 @@ pub struct AdamW {
     pub t: u64,
     m: BTreeMap<String, Tensor>,
     v: BTreeMap<String, Tensor>,
-    /// Use the fused one-pass update where it applies (CPU, f32); default true.
-    pub fused: bool,
-}
-
-/// Scalars of one update.
-#[derive(Clone, Copy)]
-struct Step {
-    b1: f32,
-    b2: f32,
-    bc1: f32,
-    bc2: f32,
-    eps: f32,
-    lr: f32,
-    decay: f32,
-}
-
-/// The fused update: new (w, m, v) from (w, g, m, v) in one pass; `m`/`v` absent on the first step.
-fn fused_update(w: &[f32], g: &[f32], m: Option<&[f32]>, v: Option<&[f32]>, s: Step) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    use rayon::prelude::*;
-    let n = w.len();
-    let (mut w2, mut m2, mut v2) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-    const CH: usize = 1 << 14;
-    w2.par_chunks_mut(CH).zip(m2.par_chunks_mut(CH)).zip(v2.par_chunks_mut(CH)).enumerate().for_each(
-        |(c, ((wo, mo), vo))| {
-            let base = c * CH;
-            for i in 0..wo.len() {
-                let j = base + i;
-                let gi = g[j];
-                let mi = m.map_or(0.0, |m| m[j] * s.b1) + gi * (1.0 - s.b1);
-                let vi = v.map_or(0.0, |v| v[j] * s.b2) + gi * gi * (1.0 - s.b2);
-                let update = (mi / s.bc1) / ((vi / s.bc2).sqrt() + s.eps);
-                wo[i] = w[j] * s.decay - update * s.lr;
-                mo[i] = mi;
-                vo[i] = vi;
-            }
-        },
-    );
-    (w2, m2, v2)
+    /// Fused one-pass update where it applies (CPU, f32), or the composed reference.
+    pub kernels: Kernels,
 }
 
 /// Gradients by parameter name.
@@ -72,11 +35,7 @@ pub type Grads = BTreeMap<String, Tensor>;
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig) -> Self {
-        Self { cfg, t: 0, m: BTreeMap::new(), v: BTreeMap::new(), fused: true }
-    }
-
-    fn fused_applies(&self, w: &Tensor, g: &Tensor) -> bool {
-        self.fused && w.device().is_cpu() && w.dtype() == DType::F32 && g.dtype() == DType::F32 && w.dims() == g.dims()
+        Self { cfg, t: 0, m: BTreeMap::new(), v: BTreeMap::new(), kernels: Kernels::default() }
     }
 
     /// One update with learning rate `lr`: every parameter must have a gradient.
@@ -87,41 +46,15 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for (name, var) in params.iter() {
             let g = grads.get(name).ok_or_else(|| Error::Msg(format!("no gradient for parameter '{name}'")))?;
-            if self.fused_applies(var.as_tensor(), g) {
-                let decay = if wd > 0.0 && !is_norm(name) { 1.0 - lr * wd } else { 1.0 };
-                let s = Step { b1: b1 as f32, b2: b2 as f32, bc1: bc1 as f32, bc2: bc2 as f32, eps: eps as f32, lr: lr as f32, decay: decay as f32 };
-                let (m_old, v_old) = (self.m.remove(name), self.v.remove(name));
-                // The moments are absent on a parameter's first update.
-                let mut inputs = vec![var.as_tensor(), g];
-                if let (Some(m), Some(v)) = (&m_old, &v_old) {
-                    inputs.extend([m, v]);
-                }
-                let (w2, m2, v2) =
-                    with_cpu_slices(&inputs, "fused AdamW", |x| fused_update(x[0], x[1], x.get(2).copied(), x.get(3).copied(), s))?;
-                drop(inputs);
-                let (shape, dev) = (var.as_tensor().shape().clone(), var.as_tensor().device().clone());
-                drop((m_old, v_old));
-                var.set(&Tensor::from_vec(w2, &shape, &dev)?)?;
-                self.m.insert(name.clone(), Tensor::from_vec(m2, &shape, &dev)?);
-                self.v.insert(name.clone(), Tensor::from_vec(v2, &shape, &dev)?);
-                continue;
-            }
-            let m = match self.m.get(name) {
-                Some(m) => ((m * b1)? + (g * (1.0 - b1))?)?,
-                None => (g * (1.0 - b1))?,
-            };
-            let v = match self.v.get(name) {
-                Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
-                None => (g.sqr()? * (1.0 - b2))?,
-            };
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + eps)?)?;
-            let mut w = var.as_tensor().detach();
-            if wd > 0.0 && !is_norm(name) {
-                w = (w * (1.0 - lr * wd))?;
-            }
-            var.set(&(w - (update * lr)?)?)?;
-            self.m.insert(name.clone(), m);
-            self.v.insert(name.clone(), v);
+            let decay = (wd > 0.0 && !is_norm(name)).then(|| 1.0 - lr * wd);
+            let s = AdamWScalars { beta1: b1, beta2: b2, bc1, bc2, eps, lr, decay };
+            // Taken out of the maps first, so the old moments are freed as soon as the new exist.
+            let (m_old, v_old) = (self.m.remove(name), self.v.remove(name));
+            let (w2, m2, v2) = self.kernels.adamw(var.as_tensor(), g, m_old.as_ref(), v_old.as_ref(), s)?;
+            drop((m_old, v_old));
+            var.set(&w2)?;
+            self.m.insert(name.clone(), m2);
+            self.v.insert(name.clone(), v2);
         }
         Ok(())
     }
@@ -228,7 +161,7 @@ mod tests {
         let (pf, pc) = (mk(), mk());
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
         let (mut of, mut oc) = (AdamW::new(cfg), AdamW::new(cfg));
-        oc.fused = false;
+        oc.kernels = Kernels::Reference;
         for step in 0..4u32 {
             let mut grads = Grads::new();
             grads.insert("a.weight".into(), Tensor::from_vec(init(10 + step), (50, 100), &dev).unwrap());

@@ -1,6 +1,6 @@
 //! Learning-rate schedule and STE ramp, as pure functions of the (1-based) step.
 
-use crate::config::{Schedule, TrainSection};
+use super::config::{Schedule, TrainSection};
 
 /// LR at optimizer step `step` (1-based): linear warmup to `lr`, then cosine / linear decay to
 /// `min_lr` at the last step, or constant.

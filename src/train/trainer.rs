@@ -6,19 +6,19 @@
 //! metrics -> periodic eval and checkpoint -> Ctrl-C check.
 
 use super::checkpoint::{self, CheckpointParts, RunState};
-use super::optim::{accumulate, clip, global_norm, AdamW, AdamWConfig, Grads};
+use super::config::TrainConfig;
+use super::optim::{AdamW, AdamWConfig};
 use super::schedule::{lr_at, ramp_at};
-use crate::config::TrainConfig;
+use super::step::{train_step, StepConfig};
 use crate::data::{load_split, Batcher};
 use crate::device::parse_device;
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model_dir, HubOptions};
-use crate::kernels::cross_entropy::{default_chunk, lm_head_cross_entropy_ste};
 use crate::model::params::{is_norm, Params};
-use crate::ternary::QuantConfig;
+use crate::kernels::Kernels;
 use crate::model::{load_checkpoint, Qwen3, Qwen3Config};
-use crate::ternary::projection::effective_weight;
-use crate::ternary::verify::{verify_projected, TernaryReport};
+use crate::quant::verify::{verify_projected, TernaryReport};
+use crate::quant::QuantConfig;
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
@@ -93,30 +93,6 @@ pub struct TrainOutcome {
     pub summary: serde_json::Value,
 }
 
-/// Mean cross-entropy of next-token prediction over windows `[B, T+1]`.
-fn window_loss(model: &Qwen3, windows: &Tensor) -> Result<Tensor> {
-    let (inp, tgt) = split_window(windows)?;
-    batch_loss(model, &inp, &tgt)
-}
-
-/// Mean next-token cross-entropy of `inp: [B, T]` against `tgt` (`[B*T]` or `[B, T]`). With fused
-/// kernels the LM head is fused into a chunked loss (the full `[B*T, vocab]` logits never exist);
-/// with the plain references it is candle's cross-entropy over the full logits.
-pub fn batch_loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Result<Tensor> {
-    let tgt = tgt.flatten_all()?;
-    if !model.quant.kernels.fused() {
-        let logits = model.forward(inp)?;
-        return Ok(candle_nn::loss::cross_entropy(&logits.flatten_to(1)?, &tgt)?);
-    }
-    let (h, head) = model.forward_hidden(inp)?;
-    lm_head_cross_entropy_ste(&h.flatten_to(1)?, &head, &model.head_quant(), &tgt, default_chunk(model.cfg.vocab_size))
-}
-
-fn split_window(windows: &Tensor) -> Result<(Tensor, Tensor)> {
-    let t = windows.dim(1)? - 1;
-    Ok((windows.narrow(1, 0, t)?, windows.narrow(1, 1, t)?.flatten_all()?))
-}
-
 /// Mean NLL of the validation tokens under `windows` (the plain scheme of `tern eval` with
 /// ctx = seq_len + 1), on a frozen (graph-free) copy of the model.
 pub fn evaluate(model: &Qwen3, val: &[u32], windows: &[crate::eval::Window], batch: usize) -> Result<f64> {
@@ -125,15 +101,15 @@ pub fn evaluate(model: &Qwen3, val: &[u32], windows: &[crate::eval::Window], bat
 }
 
 /// Verifies the projection of every ternary weight (what export writes).
-pub fn verify_model(params: &Params, quant: &crate::ternary::QuantConfig) -> Result<(TernaryReport, Vec<(String, TernaryReport)>)> {
+pub fn verify_model(params: &Params, quant: &QuantConfig) -> Result<(TernaryReport, Vec<(String, TernaryReport)>)> {
     let mut total = TernaryReport::default();
     let mut per = Vec::new();
-    let q = crate::ternary::QuantConfig { ternary: true, ramp: 1.0, ..*quant };
+    let q = QuantConfig { ternary: true, ramp: 1.0, ..*quant };
     for (name, var) in params.iter() {
         if is_norm(name) {
             continue;
         }
-        let w = effective_weight(&var.as_tensor().detach(), &q)?;
+        let w = Kernels::default().effective_weight(&var.as_tensor().detach(), &q)?;
         let r = verify_projected(&w, q.group_size)?;
         total.merge(&r);
         per.push((name.clone(), r));
@@ -250,7 +226,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
             (arch, params, AdamW::new(adam_cfg), st)
         }
     };
-    opt.fused = cfg.train.kernels.fused();
+    opt.kernels = cfg.train.kernels;
     let tok_max = tok.vocab_size();
     if tok_max > arch.vocab_size {
         return Err(Error::Msg(format!(
@@ -259,7 +235,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
             arch.vocab_size
         )));
     }
-    let mut model = Qwen3::new(&arch, QuantConfig { kernels: cfg.train.kernels, ..cfg.model.quant() }, &params)?;
+    let mut model = Qwen3::new(&arch, cfg.model.quant(), &params)?.with_kernels(cfg.train.kernels);
 
     let split = load_split(&cfg.data.train_file, &tok, cfg.data.val_fraction, cfg.data.seq_len)?;
     // Validation = `tern eval --split val --ctx <seq_len+1>` (all of it when eval.batches = 0).
@@ -318,30 +294,20 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
         model.quant.ramp = ramp_at(step, t.ste_ramp_steps);
         let lr = lr_at(step, t);
 
-        let mut grads = Grads::new();
-        let mut loss_sum = 0f64;
-        for _ in 0..t.grad_accum_steps {
+        let batch = |batcher: &mut Batcher| -> Result<Tensor> {
             let flat = batcher.next_batch(&split.train, t.batch_size);
-            let ids = Tensor::from_vec(flat, (t.batch_size, cfg.data.seq_len + 1), &device)?;
-            let mut loss = (window_loss(&model, &ids)? / t.grad_accum_steps as f64)?;
-            if opts.fault_nan_steps.contains(&step) {
-                loss = (loss * f64::NAN)?;
-            }
-            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            accumulate(&mut grads, &params, &loss.backward()?)?;
-        }
-        let grad_norm = global_norm(&grads)?;
-        let finite = loss_sum.is_finite() && grad_norm.is_finite();
+            Ok(Tensor::from_vec(flat, (t.batch_size, cfg.data.seq_len + 1), &device)?)
+        };
+        let step_cfg = StepConfig { lr, max_grad_norm: t.max_grad_norm, inject_nan: opts.fault_nan_steps.contains(&step) };
+        let r = train_step(&model, &params, &mut opt, t.grad_accum_steps, || batch(&mut batcher), step_cfg)?;
+        let (loss_sum, grad_norm, finite) = (r.loss, r.grad_norm, r.applied);
         if finite {
-            clip(&mut grads, grad_norm, t.max_grad_norm)?;
-            opt.step(&params, &grads, lr)?;
             state.bad_steps_in_a_row = 0;
         } else {
             state.bad_steps_in_a_row += 1;
             state.skipped_steps += 1;
             say(&pb, format!("step {step}: non-finite loss or gradient (loss {loss_sum}, grad norm {grad_norm}); update skipped"));
         }
-        drop(grads);
         state.step = step;
         state.tokens_seen += tokens_per_step;
         state.data = batcher.pos;
@@ -408,7 +374,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     let (report, _) = verify_model(&params, &model.quant)?;
     let samples = if opts.samples && !interrupted { samples(&model, &tok)? } else { vec![] };
     let summary = summarize(cfg, &state, &out_dir, val_loss, val_ppl, &report, &samples, &ckpt);
-    crate::model::io::write_atomic(&out_dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("json").as_bytes())?;
+    crate::files::write_atomic(&out_dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("json").as_bytes())?;
     Ok(TrainOutcome { last_step: state.step, losses, val_loss, val_ppl, interrupted, checkpoint: ckpt, summary })
 }
 

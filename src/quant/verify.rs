@@ -67,7 +67,7 @@ pub fn verify_projected(w: &Tensor, group: usize) -> Result<TernaryReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ternary::{project, ScaleRule};
+    use crate::quant::{project, ScaleRule};
     use candle_core::Device;
 
     #[test]

@@ -1,9 +1,11 @@
-//! Ternary layers: an f32 latent weight, projected on every forward (training) or once
-//! (`freeze`, for inference). With `quant.ternary = false` the same latent runs in full precision.
+//! The model's layers: ternary linear and embedding (an f32 latent weight, projected on every
+//! forward for training or once by `freeze` for inference, or packed 2-bit blocks from a GGUF
+//! file), and RMSNorm. Which kernel computes each is `Kernels`' choice, passed in.
 
-use super::projection::{effective_weight, QuantConfig};
 use crate::error::{Error, Result};
 use crate::kernels::ternary_matmul::PackedMatrix;
+use crate::kernels::Kernels;
+use crate::quant::QuantConfig;
 use candle_core::{Device, Tensor, D};
 
 /// `y = x @ W^T` with a ternary `W: [out, in]` (Qwen3 projections have no bias). For inference
@@ -24,21 +26,20 @@ impl TernaryLinear {
         Ok(Self { weight: Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?, packed: Some(m) })
     }
 
-    pub fn forward(&self, x: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
-        if let Some(p) = &self.packed {
-            return packed_linear(x, p);
+    pub fn forward(&self, x: &Tensor, quant: &QuantConfig, kernels: Kernels) -> Result<Tensor> {
+        match &self.packed {
+            Some(p) => packed_linear(x, p),
+            None => kernels.ternary_linear(x, &self.weight, quant),
         }
-        // Projection and GEMM in one op (re-projects in the backward), or the composed form.
-        crate::kernels::ternary_linear::ternary_linear(x, &self.weight, quant)
     }
 
     /// The layer with its weight replaced by the detached effective weight; run it afterwards
     /// with `QuantConfig::full_precision()` (the projection is already applied).
-    pub fn freeze(&self, quant: &QuantConfig) -> Result<Self> {
+    pub fn freeze(&self, quant: &QuantConfig, kernels: Kernels) -> Result<Self> {
         if self.packed.is_some() {
             return Ok(self.clone());
         }
-        Ok(Self { weight: effective_weight(&self.weight, quant)?.detach(), packed: None })
+        Ok(Self { weight: kernels.effective_weight(&self.weight, quant)?.detach(), packed: None })
     }
 }
 
@@ -48,25 +49,13 @@ pub fn packed_linear(x: &Tensor, m: &PackedMatrix) -> Result<Tensor> {
         return Err(Error::Msg("packed (GGUF) weights run on the CPU only; use --device cpu".into()));
     }
     let dims = x.dims().to_vec();
-    let in_dim = *dims.last().expect("rank >= 1");
     let n: usize = dims[..dims.len() - 1].iter().product();
     let flat = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    debug_assert_eq!(dims.last().copied(), Some(m.cols));
     let y = m.matmul(&flat, n);
-    debug_assert_eq!(in_dim, m.cols);
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank >= 1") = m.rows;
     Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
-}
-
-/// `x @ w^T` for `x: [..., in]`, `w: [out, in]`, flattening leading dims into one GEMM.
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let in_dim = *dims.last().expect("rank >= 1");
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
-    Ok(y.reshape(out_dims)?)
 }
 
 /// Token embedding `[vocab, hidden]` whose rows are ternary; doubles as the tied LM head.
@@ -86,9 +75,16 @@ impl TernaryEmbedding {
         Ok(Self { weight: Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?, packed: Some(m) })
     }
 
-    /// Rows for `ids: [B, T]` from packed blocks: `[B, T, hidden]`.
-    pub fn lookup_packed(m: &PackedMatrix, ids: &Tensor) -> Result<Tensor> {
+    /// Rows for `ids: [B, T]`: `[B, T, hidden]`. Dense rows are looked up first and projected
+    /// after (groups lie along rows, so this equals looking up the projected matrix) and no
+    /// projected `[V, H]` copy is made.
+    pub fn lookup(&self, ids: &Tensor, quant: &QuantConfig, kernels: Kernels) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        let Some(m) = &self.packed else {
+            let rows = self.weight.index_select(&ids.flatten_all()?, 0)?;
+            let h = self.weight.dim(D::Minus1)?;
+            return Ok(kernels.effective_weight(&rows, quant)?.reshape((b, t, h))?);
+        };
         let ids = ids.flatten_all()?.to_vec1::<u32>()?;
         let mut v = Vec::with_capacity(ids.len() * m.cols);
         for id in ids {
@@ -100,21 +96,30 @@ impl TernaryEmbedding {
         Ok(Tensor::from_vec(v, (b, t, m.cols), &Device::Cpu)?)
     }
 
-    pub fn effective_weight(&self, quant: &QuantConfig) -> Result<Tensor> {
-        effective_weight(&self.weight, quant)
-    }
-
-    /// Looks up `ids: [B, T]` (u32) in an already-computed effective weight.
-    pub fn lookup(w: &Tensor, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let h = w.dim(D::Minus1)?;
-        Ok(w.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, h))?)
-    }
-
-    pub fn freeze(&self, quant: &QuantConfig) -> Result<Self> {
+    pub fn freeze(&self, quant: &QuantConfig, kernels: Kernels) -> Result<Self> {
         if self.packed.is_some() {
             return Ok(self.clone());
         }
-        Ok(Self { weight: self.effective_weight(quant)?.detach(), packed: None })
+        Ok(Self { weight: kernels.effective_weight(&self.weight, quant)?.detach(), packed: None })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        kernels.rms_norm(x, &self.weight, self.eps)
+    }
+
+    pub fn detached(&self) -> Self {
+        Self { weight: self.weight.detach(), eps: self.eps }
     }
 }

@@ -2,10 +2,10 @@
 //! training sizes: median wall time and peak extra heap (needs the binary's counting allocator,
 //! `mem::Counting`; elsewhere the memory column reads 0).
 
-use super::{cross_entropy, flash_attention, norm, project, rope, ternary_linear, Kernels};
 use crate::error::Result;
-use crate::model::qwen3::Rope;
-use crate::ternary::QuantConfig;
+use crate::kernels::rope::Rope;
+use crate::kernels::{cross_entropy, flash_attention, norm, rope, Kernels};
+use crate::quant::QuantConfig;
 use crate::train::optim::{AdamW, AdamWConfig, Grads};
 use candle_core::{DType, Device, Tensor, Var};
 use std::time::Instant;
@@ -156,28 +156,27 @@ pub fn run(s: Sizes, reps: usize) -> Result<Vec<Row>> {
         reps,
         || fwd_bwd(cross_entropy::lm_head_cross_entropy_ste(h.as_tensor(), head.as_tensor(), &quant, &targets, chunk)?, &one),
         || {
-            let wq = crate::ternary::projection::effective_weight(head.as_tensor(), &QuantConfig { kernels: Kernels::Reference, ..quant })?;
+            let wq = Kernels::Reference.effective_weight(head.as_tensor(), &quant)?;
             fwd_bwd(cross_entropy::reference_loss(h.as_tensor(), &wq, &targets)?, &one)
         },
     )?);
 
     let w = Var::from_tensor(&(randn(&[s.intermediate, s.hidden], 12)? * 0.05)?)?;
     let ww = randn(&[s.intermediate, s.hidden], 13)?;
-    let reference = QuantConfig { kernels: Kernels::Reference, ..quant };
     rows.push(row(
         "ternary projection + STE",
         format!("[{}, {}]", s.intermediate, s.hidden),
         reps,
-        || fwd_bwd(project::project_ste(w.as_tensor(), &quant)?, &ww),
-        || fwd_bwd(project::project_ste(w.as_tensor(), &reference)?, &ww),
+        || fwd_bwd(Kernels::Fused.effective_weight(w.as_tensor(), &quant)?, &ww),
+        || fwd_bwd(Kernels::Reference.effective_weight(w.as_tensor(), &quant)?, &ww),
     )?);
     let wl = randn(&[n, s.intermediate], 14)?;
     rows.push(row(
         "ternary linear (projection + GEMM)",
         format!("x [{n}, {}], W [{}, {}]", s.hidden, s.intermediate, s.hidden),
         reps,
-        || fwd_bwd(ternary_linear::ternary_linear(x.as_tensor(), w.as_tensor(), &quant)?, &wl),
-        || fwd_bwd(ternary_linear::ternary_linear(x.as_tensor(), w.as_tensor(), &reference)?, &wl),
+        || fwd_bwd(Kernels::Fused.ternary_linear(x.as_tensor(), w.as_tensor(), &quant)?, &wl),
+        || fwd_bwd(Kernels::Reference.ternary_linear(x.as_tensor(), w.as_tensor(), &quant)?, &wl),
     )?);
 
     let params = crate::model::params::Params::from_tensors([("model.embed_tokens.weight".to_string(), randn(&[s.vocab, s.hidden], 15)?)])?;
@@ -185,7 +184,7 @@ pub fn run(s: Sizes, reps: usize) -> Result<Vec<Row>> {
     grads.insert("model.embed_tokens.weight".into(), randn(&[s.vocab, s.hidden], 16)?);
     let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let (mut fused_opt, mut plain_opt) = (AdamW::new(adam), AdamW::new(adam));
-    plain_opt.fused = false;
+    plain_opt.kernels = Kernels::Reference;
     rows.push(row(
         "AdamW step",
         format!("[{}, {}]", s.vocab, s.hidden),

@@ -13,20 +13,23 @@
 //! (lambda = 0: full precision, lambda = 1: fully ternary).
 //!
 //! This module is composed of plain candle ops (it runs on every device and is the reference the
-//! fused CPU kernel is checked against).
+//! fused CPU kernel is checked against). Which of the two a model runs is decided in one place,
+//! `kernels::Kernels::effective_weight`.
 
 use crate::error::{Error, Result};
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 /// How a group's scale is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum ScaleRule {
     /// s = mean(|w|) over the group (BitNet b1.58; the default).
     #[default]
+    #[value(name = "mean_abs")]
     MeanAbs,
     /// s = max(|w|) over the group (no weight is clipped; most weights round to 0).
+    #[value(name = "max_abs")]
     MaxAbs,
 }
 
@@ -64,9 +67,6 @@ pub struct QuantConfig {
     /// precision (an ablation; such a model cannot be exported as Q2_0).
     #[serde(default = "yes")]
     pub embeddings: bool,
-    /// Fused kernels or the plain references (a run-time choice, not stored).
-    #[serde(skip)]
-    pub kernels: crate::kernels::Kernels,
 }
 
 fn one() -> f64 {
@@ -79,7 +79,7 @@ fn yes() -> bool {
 
 impl Default for QuantConfig {
     fn default() -> Self {
-        Self { ternary: true, group_size: 128, scale: ScaleRule::MeanAbs, ramp: 1.0, embeddings: true, kernels: Default::default() }
+        Self { ternary: true, group_size: 128, scale: ScaleRule::MeanAbs, ramp: 1.0, embeddings: true }
     }
 }
 
@@ -176,19 +176,6 @@ pub fn ste(w: &Tensor, q: &Tensor, lambda: f64) -> Result<Tensor> {
     let delta = (q - w.detach())?;
     let delta = if lambda == 1.0 { delta } else { (delta * lambda)? };
     Ok(w.add(&delta.detach())?)
-}
-
-/// The weight a layer computes with under `quant`: the latent itself in full precision, else
-/// its STE-projected value.
-pub fn effective_weight(w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
-    if !quant.ternary {
-        return Ok(w.clone());
-    }
-    if quant.ramp == 0.0 {
-        return Ok(w.clone());
-    }
-    // One fused pass on the CPU (kernels::project); this module's composed ops elsewhere.
-    crate::kernels::project::project_ste(w, quant)
 }
 
 #[cfg(test)]

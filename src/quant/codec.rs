@@ -9,6 +9,11 @@
 use crate::error::{Error, Result};
 use half::f16;
 
+/// ggml type id of Q2_0 in stock llama.cpp.
+pub const GGML_Q2_0: u32 = 42;
+/// ggml type id of PQ2_0 in PrismML's llama.cpp fork.
+pub const GGML_PQ2_0: u32 = 142;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Packing {
     /// ggml type 42, 64-weight blocks.
@@ -27,11 +32,16 @@ impl Packing {
     pub fn block_bytes(self) -> usize {
         2 + self.block() / 4
     }
+    /// The ggml type id of this packing in GGUF files.
     pub fn ggml_type(self) -> u32 {
         match self {
-            Packing::Q2_0 => 42,
-            Packing::PQ2_0 => 142,
+            Packing::Q2_0 => GGML_Q2_0,
+            Packing::PQ2_0 => GGML_PQ2_0,
         }
+    }
+    /// The packing of a ggml type id, when it is one of the two ternary types.
+    pub fn from_ggml_type(ggml_type: u32) -> Option<Self> {
+        [Packing::Q2_0, Packing::PQ2_0].into_iter().find(|p| p.ggml_type() == ggml_type)
     }
     pub fn row_bytes(self, cols: usize) -> usize {
         cols / self.block() * self.block_bytes()

@@ -1,27 +1,25 @@
-//! Export to GGUF for llama.cpp, and verification of exported files.
-//!
-//! - [`q2`]: the 2-bit ternary codec (Q2_0 = ggml type 42, PQ2_0 = type 142).
-//! - [`gguf`]: GGUF v3 reader and writer.
-//! - this file: checkpoint -> GGUF (llama.cpp's qwen3 tensor names and metadata, the tokenizer
-//!   as tokenizer.ggml.*), and GGUF -> checks against the source projection.
+//! Checkpoint -> GGUF: llama.cpp's qwen3 tensor names and metadata, the tokenizer as
+//! tokenizer.ggml.*, ternary weights as Q2_0 / PQ2_0 blocks (or dense F16/F32).
 
-pub mod gguf;
-pub mod q2;
-
+use super::file::{GgufFile, GgufWriter, Value, GGML_F16, GGML_F32};
 use crate::error::{Error, Result};
-use crate::model::params::is_norm;
+use crate::kernels::Kernels;
+use crate::model::params::{gguf_name, is_norm};
 use crate::model::{Params, Qwen3Config};
-use crate::ternary::projection::{codes_and_scales, effective_weight};
-use crate::ternary::QuantConfig;
+use crate::quant::codec::{self as q2, Packing};
+use crate::quant::projection::codes_and_scales;
+use crate::quant::QuantConfig;
 use candle_core::DType;
-use gguf::{GgufFile, GgufWriter, Value, GGML_F16, GGML_F32};
 use half::f16;
-use q2::Packing;
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// ggml type 42: stock llama.cpp.
+    #[value(name = "q2_0")]
     Q2_0,
+    /// ggml type 142: PrismML's llama.cpp fork.
+    #[value(name = "pq2_0")]
     PQ2_0,
     F16,
     F32,
@@ -38,35 +36,6 @@ impl std::str::FromStr for Format {
             o => Err(Error::Msg(format!("--format: expected q2_0, pq2_0, f16 or f32, found '{o}'"))),
         }
     }
-}
-
-/// llama.cpp's name for an HF tensor name of Qwen3.
-pub fn gguf_name(hf: &str) -> Result<String> {
-    let fixed = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = fixed.iter().find(|(h, _)| *h == hf) {
-        return Ok(g.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.").ok_or_else(|| Error::Msg(format!("no GGUF name for tensor '{hf}'")))?;
-    let (layer, suffix) = rest.split_once('.').ok_or_else(|| Error::Msg(format!("no GGUF name for tensor '{hf}'")))?;
-    let part = match suffix {
-        "input_layernorm.weight" => "attn_norm",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        "self_attn.q_proj.weight" => "attn_q",
-        "self_attn.k_proj.weight" => "attn_k",
-        "self_attn.v_proj.weight" => "attn_v",
-        "self_attn.o_proj.weight" => "attn_output",
-        "self_attn.q_norm.weight" => "attn_q_norm",
-        "self_attn.k_norm.weight" => "attn_k_norm",
-        "mlp.gate_proj.weight" => "ffn_gate",
-        "mlp.up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
-        _ => return Err(Error::Msg(format!("no GGUF name for tensor '{hf}'"))),
-    };
-    Ok(format!("blk.{layer}.{part}.weight"))
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -221,7 +190,7 @@ pub fn export_gguf(
                 w.tensor(&gname, dims, p.ggml_type(), data);
             }
             None => {
-                let eff = effective_weight(&t, &q)?.flatten_all()?.to_vec1::<f32>()?;
+                let eff = Kernels::default().effective_weight(&t, &q)?.flatten_all()?.to_vec1::<f32>()?;
                 let data: Vec<u8> = if format == Format::F16 {
                     eff.iter().flat_map(|x| f16::from_f32(*x).to_bits().to_le_bytes()).collect()
                 } else {
@@ -234,7 +203,7 @@ pub fn export_gguf(
     }
     let bytes_all = w.to_bytes();
     let header = GgufFile::parse(out, bytes_all.clone())?.data_offset as u64;
-    crate::model::io::write_atomic(out, &bytes_all)?;
+    crate::files::write_atomic(out, &bytes_all)?;
     let bytes = bytes_all.len() as u64;
     let f16_bytes = header + f16_data;
     Ok(ExportReport {
@@ -245,103 +214,4 @@ pub fn export_gguf(
         f16_bytes,
         ratio_to_f16: bytes as f64 / f16_bytes as f64,
     })
-}
-
-/// Result of checking one GGUF tensor.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TensorCheck {
-    pub name: String,
-    pub groups: usize,
-    pub shares: [f64; 3],
-    pub problems: Vec<String>,
-}
-
-/// Checks every packed tensor of a GGUF: codes in {-1, 0, +1}, finite non-negative scales, one
-/// scale per `tern.group_size` group; with `source`, that codes and scales equal the source
-/// projection exactly (scale rounded to f16).
-pub fn verify_gguf(file: &GgufFile, source: Option<(&Params, &QuantConfig)>) -> Result<Vec<TensorCheck>> {
-    let group = file.get("tern.group_size").and_then(|v| v.as_u64()).map(|g| g as usize);
-    let mut out = Vec::new();
-    let by_gguf: std::collections::HashMap<String, &str> = match source {
-        Some((p, _)) => p.iter().filter_map(|(n, _)| gguf_name(n).ok().map(|g| (g, n.as_str()))).collect(),
-        None => Default::default(),
-    };
-    for t in &file.tensors {
-        let p = match t.ggml_type {
-            42 => Packing::Q2_0,
-            142 => Packing::PQ2_0,
-            _ => continue,
-        };
-        let (rows, cols) = t.rows_cols();
-        let data = file.data(t);
-        let mut chk = TensorCheck { name: t.name.clone(), groups: 0, shares: [0.0; 3], problems: vec![] };
-        let mut counts = [0u64; 3];
-        let src = match (source, by_gguf.get(&t.name)) {
-            (Some((params, q)), Some(hf)) => {
-                let w = params.tensor(hf)?.to_dtype(DType::F32)?;
-                if w.dims() != [rows, cols] {
-                    chk.problems.push(format!("shape [{rows}, {cols}] but the source has {:?}", w.dims()));
-                    out.push(chk);
-                    continue;
-                }
-                let (c, s) = codes_and_scales(&w, q.group_size, q.scale)?;
-                Some((c.to_vec2::<f32>()?, s.to_vec2::<f32>()?, q.group_size))
-            }
-            (Some(_), None) => {
-                chk.problems.push("no such tensor in the source checkpoint".into());
-                None
-            }
-            _ => None,
-        };
-        let g = src.as_ref().map(|s| s.2).or(group).unwrap_or(p.block());
-        for r in 0..rows {
-            let row = &data[r * p.row_bytes(cols)..(r + 1) * p.row_bytes(cols)];
-            let (codes, scales) = q2::unpack_row(row, cols, p);
-            if let Some(j) = codes.iter().position(|&c| c == 2) {
-                if chk.problems.len() < 5 {
-                    chk.problems.push(format!("row {r} col {j}: code 3 (+2), not ternary"));
-                }
-            }
-            for &c in &codes {
-                if (-1..=1).contains(&c) {
-                    counts[(c + 1) as usize] += 1;
-                }
-            }
-            let per_group = g / p.block();
-            for (gi, sc) in scales.chunks(per_group.max(1)).enumerate() {
-                chk.groups += 1;
-                if sc.iter().any(|x| !x.is_finite() || *x < 0.0) || sc.iter().any(|x| x.to_bits() != sc[0].to_bits()) {
-                    if chk.problems.len() < 5 {
-                        chk.problems.push(format!("row {r} group {gi}: scales {sc:?} are not one finite non-negative value"));
-                    }
-                }
-            }
-            if let Some((sc, ss, sg)) = &src {
-                let code_bad = codes.iter().zip(&sc[r]).position(|(&a, &b)| a as f32 != b);
-                if let Some(j) = code_bad {
-                    if chk.problems.len() < 5 {
-                        chk.problems.push(format!("row {r} col {j}: code {} but the source projection has {}", codes[j], sc[r][j]));
-                    }
-                }
-                for (bi, &d) in scales.iter().enumerate() {
-                    let want = f16::from_f32(ss[r][bi * p.block() / sg]).to_f32();
-                    if d.to_bits() != want.to_bits() && chk.problems.len() < 5 {
-                        chk.problems.push(format!("row {r} block {bi}: scale {d} but the source's is {want}"));
-                    }
-                }
-            }
-        }
-        let n = counts.iter().sum::<u64>().max(1) as f64;
-        chk.shares = [counts[0] as f64 / n, counts[1] as f64 / n, counts[2] as f64 / n];
-        out.push(chk);
-    }
-    if let Some((params, _)) = source {
-        for (hf, _) in params.iter() {
-            let g = gguf_name(hf)?;
-            if file.tensor(&g).is_none() {
-                out.push(TensorCheck { name: g, groups: 0, shares: [0.0; 3], problems: vec!["missing from the GGUF".into()] });
-            }
-        }
-    }
-    Ok(out)
 }

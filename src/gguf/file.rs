@@ -8,7 +8,7 @@
 //! The reader checks everything against the file size before allocating: a corrupted count or
 //! length is an error naming the field, never a panic or a giant allocation.
 
-use super::q2::Packing;
+use crate::quant::codec::Packing;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -24,9 +24,11 @@ pub fn type_size(ggml_type: u32, n: u64) -> Option<u64> {
     match ggml_type {
         GGML_F32 => Some(n * 4),
         GGML_F16 | GGML_BF16 => Some(n * 2),
-        42 => (n % 64 == 0).then(|| n / 64 * Packing::Q2_0.block_bytes() as u64),
-        142 => (n % 128 == 0).then(|| n / 128 * Packing::PQ2_0.block_bytes() as u64),
-        _ => None,
+        t => {
+            let p = Packing::from_ggml_type(t)?;
+            let b = p.block() as u64;
+            (n % b == 0).then(|| n / b * p.block_bytes() as u64)
+        }
     }
 }
 
@@ -358,7 +360,7 @@ impl GgufWriter {
 
     pub fn write(&self, path: &Path) -> Result<u64> {
         let bytes = self.to_bytes();
-        crate::model::io::write_atomic(path, &bytes)?;
+        crate::files::write_atomic(path, &bytes)?;
         Ok(bytes.len() as u64)
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::Qwen3Config;
-use crate::ternary::{QuantConfig, ScaleRule};
+use crate::quant::{QuantConfig, ScaleRule};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,12 @@
+//! Benchmarks behind `tern bench` (figures for NOTES.md). Each returns its measurements; the
+//! CLI prints them.
+//!
+//! - [`kernels`]: every fused kernel against its plain reference (time and peak extra heap).
+//! - [`step`]: the training step `tern train` runs (`train::step`), at any architecture.
+//! - [`decode`]: prefill and decode speed of greedy generation, dense and packed.
+//! - [`topk`]: fused softmax + top-k against full softmax + sort.
+
+pub mod decode;
+pub mod kernels;
+pub mod step;
+pub mod topk;

@@ -1,0 +1,178 @@
+//! `tern bench step|kernels|topk|decode`: the measurements behind NOTES.md.
+
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use tern::bench;
+use tern::kernels::Kernels;
+use tern::mem::gib;
+use tern::model::Qwen3Config;
+use tern::quant::{QuantConfig, ScaleRule};
+use tern::runtime::Precision;
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelSize {
+    /// configs/tiny.toml's sizes.
+    Tiny,
+    /// One Qwen3-0.6B layer at batch 1, seq 512.
+    #[value(name = "qwen3-0.6b")]
+    Qwen3_0_6b,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Cmd {
+    /// Fused softmax + top-k vs full softmax + sort over a Qwen3-sized vocabulary.
+    Topk {
+        #[arg(long, default_value_t = 151_936)]
+        vocab: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
+    /// Every fused kernel against its plain reference (forward + backward): median time and
+    /// peak extra heap, as a markdown table.
+    Kernels {
+        #[arg(long, value_enum, default_value_t = KernelSize::Tiny)]
+        size: KernelSize,
+        /// Timed repetitions per kernel (after one warm-up).
+        #[arg(long, default_value_t = 5, value_parser = super::at_least_one)]
+        reps: usize,
+    },
+    /// Decode speed: tokens/s of greedy generation from a checkpoint (dense f32 weights,
+    /// projected once) and from its packed GGUF export (2-bit codes multiplied directly).
+    Decode {
+        /// A tern checkpoint dir (dense).
+        #[arg(long)]
+        model: String,
+        /// Its .gguf export (packed).
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// Prompt length in tokens (synthetic ids).
+        #[arg(long, default_value_t = 32, value_parser = super::at_least_one)]
+        prompt: usize,
+        #[arg(short = 'n', long, default_value_t = 64, value_parser = super::at_least_one)]
+        tokens: usize,
+    },
+    /// One training step as `tern train` runs it (forward + loss + backward + clipping + AdamW)
+    /// at a given architecture, scratch init: wall time per phase and peak resident memory.
+    Step {
+        /// `qwen3-0.6b`, a tern .toml config (its scratch architecture) or an HF config.json.
+        #[arg(long, default_value = "qwen3-0.6b")]
+        arch: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        /// Steps to time (the first one is reported as warm-up).
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+        #[arg(long, value_enum, default_value_t = Precision::Ternary)]
+        precision: Precision,
+        #[arg(long, default_value_t = 128)]
+        group_size: usize,
+        #[arg(long, value_enum, default_value_t = ScaleRule::MeanAbs)]
+        scale: ScaleRule,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// `fused` (tern's kernels) or `reference` (plain candle ops: composed norms, RoPE and
+        /// attention, candle's cross-entropy over the full logits, composed AdamW).
+        #[arg(long, value_enum, default_value_t = Kernels::Fused)]
+        kernels: Kernels,
+    },
+}
+
+pub fn run(cmd: Cmd) -> Result<i32> {
+    match cmd {
+        Cmd::Topk { vocab, batch, reps } => {
+            let rows = bench::topk::run(vocab, batch, reps)?;
+            println!("softmax + top-k, vocab {vocab}, batch {batch}, median of {reps}\n");
+            print!("{}", bench::topk::markdown(&rows));
+        }
+        Cmd::Kernels { size, reps } => {
+            let sizes = bench::kernels::Sizes::parse(match size {
+                KernelSize::Tiny => "tiny",
+                KernelSize::Qwen3_0_6b => "qwen3-0.6b",
+            })?;
+            println!("kernels at {} sizes ({sizes:?}), {reps} reps, median\n", sizes.name);
+            print!("{}", bench::kernels::markdown(&bench::kernels::run(sizes, reps)?));
+        }
+        Cmd::Decode { model, gguf, prompt, tokens } => decode(&model, gguf, prompt, tokens)?,
+        Cmd::Step { arch, batch, seq, steps, precision, group_size, scale, device, seed, kernels } => {
+            let quant = QuantConfig { ternary: precision == Precision::Ternary, group_size, scale, ..QuantConfig::default() };
+            let b = bench::step::StepBench { arch: arch_config(&arch)?, quant, kernels, batch, seq, steps, seed };
+            step(&b, &arch, &device)?;
+        }
+    }
+    Ok(0)
+}
+
+fn arch_config(arch: &str) -> Result<Qwen3Config> {
+    match arch {
+        "qwen3-0.6b" => Ok(Qwen3Config::qwen3_0_6b()),
+        path if path.ends_with(".toml") => Ok(tern::train::TrainConfig::load(std::path::Path::new(path), &[])?.model.scratch_config()),
+        path => Qwen3Config::from_json_file(std::path::Path::new(path))
+            .with_context(|| format!("--arch '{path}': expected 'qwen3-0.6b', a tern .toml config or a config.json path")),
+    }
+}
+
+fn step(b: &bench::step::StepBench, arch: &str, device: &str) -> Result<()> {
+    let device = tern::device::parse_device(device)?;
+    let (cfg, peak) = (&b.arch, |x: Option<u64>| gib(x.unwrap_or(0)));
+    println!(
+        "arch {arch}: {} layers, hidden {}, vocab {}; {} on {}; batch {} seq {}",
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.vocab_size,
+        if b.quant.ternary { "ternary" } else { "full" },
+        tern::device::device_name(&device),
+        b.batch,
+        b.seq
+    );
+    let run = b.run(&device, |i, r| {
+        let total = r.forward_s + r.backward_s + r.optimizer_s;
+        println!(
+            "step {i}{}: loss {:.4}, forward {:.2}s, backward {:.2}s, optimizer {:.2}s, total {total:.2}s, {:.0} tokens/s, \
+             params with grad {}, peak rss {:.2} GiB (after forward {:.2}, after backward {:.2})",
+            if i == 0 { " (warm-up)" } else { "" },
+            r.loss,
+            r.forward_s,
+            r.backward_s,
+            r.optimizer_s,
+            (b.batch * b.seq) as f64 / total,
+            r.params_with_grad,
+            peak(tern::mem::peak_rss_bytes()),
+            peak(r.peak_rss_after_forward),
+            peak(r.peak_rss_after_backward),
+        );
+    })?;
+    println!(
+        "{} params in {} tensors; init {:.2}s, rss after init {:.2} GiB",
+        run.params,
+        run.tensors,
+        run.init_s,
+        peak(run.rss_after_init)
+    );
+    Ok(())
+}
+
+fn decode(model: &str, gguf: Option<PathBuf>, prompt: usize, n: usize) -> Result<()> {
+    let rss0 = tern::mem::rss_bytes().unwrap_or(0);
+    let mut runs = vec![("dense f32 (projected once)".to_string(), super::load_model(model, Precision::Ternary, "cpu")?.model)];
+    if let Some(g) = gguf {
+        runs.push((format!("packed {}", g.display()), super::load_model(&g.display().to_string(), Precision::Ternary, "cpu")?.model));
+    }
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!("rss after loading: {:.1} MiB (from {:.1} MiB)", mib(tern::mem::rss_bytes().unwrap_or(0)), mib(rss0));
+    for (name, m) in &runs {
+        let s = bench::decode::measure(m, prompt, n)?;
+        println!(
+            "{name}: prefill {prompt} tokens {:.3} s; decode {:.1} tokens/s ({} tokens)",
+            s.prefill_s,
+            s.decode_tok_s,
+            s.decode_tokens + 1
+        );
+    }
+    Ok(())
+}

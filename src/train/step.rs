@@ -1,0 +1,93 @@
+//! One training step, the same for `tern train` and `tern bench step`: micro-batches of forward +
+//! next-token loss + backward with gradients summed, the global gradient norm, the NaN/Inf
+//! guard (a non-finite loss or gradient skips the update), clipping and AdamW.
+
+use super::optim::{accumulate, clip, global_norm, AdamW, Grads};
+use crate::error::Result;
+use crate::model::{NoCache, Params, Qwen3};
+use candle_core::{DType, Tensor};
+use std::time::Instant;
+
+/// Mean next-token cross-entropy of `inp: [B, T]` against `tgt` (`[B*T]` or `[B, T]`), through
+/// the model's kernels (fused: the LM head inside a chunked loss; reference: candle's
+/// cross-entropy over the full logits).
+pub fn batch_loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Result<Tensor> {
+    let h = model.forward(inp, &mut NoCache::new())?;
+    model.kernels.lm_head_loss(&h.flatten_to(1)?, &model.head_latent()?, &model.head_quant(), &tgt.flatten_all()?)
+}
+
+/// Mean next-token cross-entropy over windows `[B, T+1]` (inputs = all but the last token).
+pub fn window_loss(model: &Qwen3, windows: &Tensor) -> Result<Tensor> {
+    let t = windows.dim(1)? - 1;
+    batch_loss(model, &windows.narrow(1, 0, t)?, &windows.narrow(1, 1, t)?)
+}
+
+/// What one step did, with wall time and peak resident memory per phase (the benchmark's
+/// figures; the trainer logs the loss and the norm).
+#[derive(Debug, Clone, Default)]
+pub struct StepReport {
+    /// Sum over micro-batches of each one's mean loss / micro-batches (the step's mean loss).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// False when the loss or the gradient was not finite and the update was skipped.
+    pub applied: bool,
+    /// Parameters that received a gradient (in the last micro-batch).
+    pub params_with_grad: usize,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+    pub peak_rss_after_forward: Option<u64>,
+    pub peak_rss_after_backward: Option<u64>,
+}
+
+/// Settings of one step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepConfig {
+    pub lr: f64,
+    /// Clip the global gradient norm to this (0 = no clipping).
+    pub max_grad_norm: f64,
+    /// Fault injection for tests of the NaN guard: make this step's loss NaN.
+    pub inject_nan: bool,
+}
+
+/// Runs one optimizer step over `windows` (one `[B, T+1]` tensor per micro-batch, produced on
+/// demand so only one is alive at a time).
+pub fn train_step(
+    model: &Qwen3,
+    params: &Params,
+    opt: &mut AdamW,
+    micro_batches: usize,
+    mut windows: impl FnMut() -> Result<Tensor>,
+    cfg: StepConfig,
+) -> Result<StepReport> {
+    let mut r = StepReport::default();
+    let mut grads = Grads::new();
+    for _ in 0..micro_batches {
+        let t0 = Instant::now();
+        let ids = windows()?;
+        let mut loss = (window_loss(model, &ids)? / micro_batches as f64)?;
+        if cfg.inject_nan {
+            loss = (loss * f64::NAN)?;
+        }
+        r.loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        r.forward_s += t0.elapsed().as_secs_f64();
+        r.peak_rss_after_forward = crate::mem::peak_rss_bytes();
+        let t1 = Instant::now();
+        let store = loss.backward()?;
+        drop(loss); // the graph: every activation of the forward
+        r.backward_s += t1.elapsed().as_secs_f64();
+        r.peak_rss_after_backward = crate::mem::peak_rss_bytes();
+        r.params_with_grad = params.iter().filter(|(_, v)| store.get(v.as_tensor()).is_some()).count();
+        accumulate(&mut grads, params, &store)?;
+    }
+    let t2 = Instant::now();
+    r.grad_norm = global_norm(&grads)?;
+    r.applied = r.loss.is_finite() && r.grad_norm.is_finite();
+    if r.applied {
+        clip(&mut grads, r.grad_norm, cfg.max_grad_norm)?;
+        opt.step(params, &grads, cfg.lr)?;
+    }
+    r.optimizer_s = t2.elapsed().as_secs_f64();
+    Ok(r)
+}
