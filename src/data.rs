@@ -27,7 +27,10 @@ pub fn read_text(path: &Path) -> Result<String> {
         _ => Error::io(path, e),
     })?;
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(Error::Msg(format!("data file {}: is empty", path.display())));
+        return Err(Error::Msg(format!(
+            "data file {}: is empty",
+            path.display()
+        )));
     }
     String::from_utf8(bytes).map_err(|e| {
         let off = e.utf8_error().valid_up_to();
@@ -70,7 +73,12 @@ pub struct Split {
 }
 
 /// Splits a token stream: validation = the last max(ceil(n * val_fraction), seq_len + 1) tokens.
-pub fn split_tokens(tokens: Vec<u32>, val_fraction: f64, seq_len: usize, origin: &str) -> Result<Split> {
+pub fn split_tokens(
+    tokens: Vec<u32>,
+    val_fraction: f64,
+    seq_len: usize,
+    origin: &str,
+) -> Result<Split> {
     let window = seq_len + 1;
     let n = tokens.len();
     let n_val = ((n as f64 * val_fraction).ceil() as usize).max(window);
@@ -88,7 +96,12 @@ pub fn split_tokens(tokens: Vec<u32>, val_fraction: f64, seq_len: usize, origin:
 
 /// Reads, tokenizes and splits a training file: what `tern train` holds out is what
 /// `tern eval --split val` scores.
-pub fn load_split(path: &Path, tok: &Tokenizer, val_fraction: f64, seq_len: usize) -> Result<Split> {
+pub fn load_split(
+    path: &Path,
+    tok: &Tokenizer,
+    val_fraction: f64,
+    seq_len: usize,
+) -> Result<Split> {
     let text = read_text(path)?;
     let ids = tokenize(tok, &text)?;
     split_tokens(ids, val_fraction, seq_len, &path.display().to_string())
@@ -110,15 +123,26 @@ pub struct Batcher {
 
 impl Batcher {
     pub fn new(seq_len: usize, seed: u64) -> Self {
-        Self { seq_len, seed, pos: DataPosition::default(), plan: None }
+        Self {
+            seq_len,
+            seed,
+            pos: DataPosition::default(),
+            plan: None,
+        }
     }
 
     /// (offset, window order) of an epoch: a pure function of (seed, epoch, stream length).
     fn plan_for(&self, epoch: u64, n: usize) -> (usize, Vec<usize>) {
         let window = self.seq_len + 1;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch,
+        );
         let slack = (n % window).min(window - 1);
-        let offset = if slack == 0 { 0 } else { rng.gen_range(0..=slack) };
+        let offset = if slack == 0 {
+            0
+        } else {
+            rng.gen_range(0..=slack)
+        };
         let count = (n - offset) / window;
         let mut order: Vec<usize> = (0..count).collect();
         order.shuffle(&mut rng);
@@ -140,7 +164,10 @@ impl Batcher {
             out.extend_from_slice(&tokens[start..start + window]);
             self.pos.cursor += 1;
             if self.pos.cursor == order.len() {
-                self.pos = DataPosition { epoch: self.pos.epoch + 1, cursor: 0 };
+                self.pos = DataPosition {
+                    epoch: self.pos.epoch + 1,
+                    cursor: 0,
+                };
             }
         }
         out
@@ -164,7 +191,10 @@ mod tests {
         let per_epoch = split.train.len() / (seq_len + 1);
         for _ in 0..(3 * per_epoch / 4) {
             let w = b.next_batch(&split.train, 4);
-            assert!(w.iter().all(|&t| t < n_train), "a training window reached validation tokens");
+            assert!(
+                w.iter().all(|&t| t < n_train),
+                "a training window reached validation tokens"
+            );
         }
         assert!(b.pos.epoch >= 2, "ran over several epochs");
     }
@@ -178,7 +208,10 @@ mod tests {
         while b.pos.epoch == 0 {
             let w = b.next_batch(&tokens, 1);
             assert_eq!(w.len(), 10);
-            assert!(w.windows(2).all(|p| p[1] == p[0] + 1), "window is contiguous");
+            assert!(
+                w.windows(2).all(|p| p[1] == p[0] + 1),
+                "window is contiguous"
+            );
             for &t in &w {
                 assert!(!seen[t as usize], "token {t} used twice in one epoch");
                 seen[t as usize] = true;
@@ -188,7 +221,9 @@ mod tests {
         assert!(windows >= 99);
         let run = |seed| {
             let mut b = Batcher::new(9, seed);
-            (0..30).flat_map(|_| b.next_batch(&tokens, 2)).collect::<Vec<_>>()
+            (0..30)
+                .flat_map(|_| b.next_batch(&tokens, 2))
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(42), run(42));
         assert_ne!(run(42), run(43));
@@ -209,7 +244,9 @@ mod tests {
     #[test]
     fn bad_files_are_clear_errors() {
         let d = tempfile::tempdir().unwrap();
-        let e = read_text(&d.path().join("none.txt")).unwrap_err().to_string();
+        let e = read_text(&d.path().join("none.txt"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("none.txt") && e.contains("not found"), "{e}");
         let p = d.path().join("empty.txt");
         std::fs::write(&p, "  \n").unwrap();
@@ -218,7 +255,12 @@ mod tests {
         std::fs::write(&p, b"caf\xe9 au lait").unwrap();
         let e = read_text(&p).unwrap_err().to_string();
         assert!(e.contains("invalid UTF-8 at byte offset 3"), "{e}");
-        let e = split_tokens(vec![1; 20], 0.1, 16, "short.txt").unwrap_err().to_string();
-        assert!(e.contains("short.txt") && e.contains("too short") && e.contains("20 tokens"), "{e}");
+        let e = split_tokens(vec![1; 20], 0.1, 16, "short.txt")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("short.txt") && e.contains("too short") && e.contains("20 tokens"),
+            "{e}"
+        );
     }
 }

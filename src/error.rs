@@ -9,7 +9,10 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// A model configuration (HF config.json or scratch architecture) is invalid.
     #[error("model config {origin}: {msg}")]
@@ -31,16 +34,28 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
-        Error::Io { path: path.as_ref().to_path_buf(), source }
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
     }
     pub fn checkpoint(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Checkpoint { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Error::Checkpoint {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
     }
     pub fn model_config(origin: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::ModelConfig { origin: origin.into(), msg: msg.into() }
+        Error::ModelConfig {
+            origin: origin.into(),
+            msg: msg.into(),
+        }
     }
     pub fn hub(id: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Hub { id: id.into(), msg: msg.into() }
+        Error::Hub {
+            id: id.into(),
+            msg: msg.into(),
+        }
     }
 }
 

@@ -27,7 +27,9 @@ impl std::str::FromStr for Scheme {
         match s {
             "plain" => Ok(Scheme::Plain),
             "llama" => Ok(Scheme::Llama),
-            o => Err(Error::Msg(format!("--scheme: expected 'plain' or 'llama', found '{o}'"))),
+            o => Err(Error::Msg(format!(
+                "--scheme: expected 'plain' or 'llama', found '{o}'"
+            ))),
         }
     }
 }
@@ -42,28 +44,44 @@ pub struct Window {
 
 pub fn plan(n: usize, ctx: usize, stride: Option<usize>, scheme: Scheme) -> Result<Vec<Window>> {
     if ctx < 2 {
-        return Err(Error::Msg(format!("--ctx: expected at least 2, found {ctx}")));
+        return Err(Error::Msg(format!(
+            "--ctx: expected at least 2, found {ctx}"
+        )));
     }
     let mut v = Vec::new();
     match (scheme, stride) {
-        (Scheme::Llama, Some(_)) => return Err(Error::Msg("--stride applies to the plain scheme only".into())),
+        (Scheme::Llama, Some(_)) => {
+            return Err(Error::Msg(
+                "--stride applies to the plain scheme only".into(),
+            ))
+        }
         (Scheme::Llama, None) => {
             let first = ctx / 2;
             for k in 0..n / ctx {
-                v.push(Window { start: k * ctx, len: ctx, score_from: first + 1 });
+                v.push(Window {
+                    start: k * ctx,
+                    len: ctx,
+                    score_from: first + 1,
+                });
             }
         }
         (Scheme::Plain, None) => {
             let mut start = 0;
             while start + 2 <= n {
                 let len = ctx.min(n - start);
-                v.push(Window { start, len, score_from: 1 });
+                v.push(Window {
+                    start,
+                    len,
+                    score_from: 1,
+                });
                 start += ctx;
             }
         }
         (Scheme::Plain, Some(s)) => {
             if s == 0 || s > ctx {
-                return Err(Error::Msg(format!("--stride: expected 1..={ctx} (the context), found {s}")));
+                return Err(Error::Msg(format!(
+                    "--stride: expected 1..={ctx} (the context), found {s}"
+                )));
             }
             let (mut begin, mut prev_end) = (0usize, 0usize);
             while begin < n {
@@ -71,7 +89,11 @@ pub fn plan(n: usize, ctx: usize, stride: Option<usize>, scheme: Scheme) -> Resu
                 let len = end - begin;
                 let new = end - prev_end;
                 if len >= 2 {
-                    v.push(Window { start: begin, len, score_from: (len - new).max(1) });
+                    v.push(Window {
+                        start: begin,
+                        len,
+                        score_from: (len - new).max(1),
+                    });
                 }
                 prev_end = end;
                 if end == n {
@@ -82,7 +104,9 @@ pub fn plan(n: usize, ctx: usize, stride: Option<usize>, scheme: Scheme) -> Resu
         }
     }
     if v.is_empty() {
-        return Err(Error::Msg(format!("{n} tokens are too few to score with ctx {ctx}")));
+        return Err(Error::Msg(format!(
+            "{n} tokens are too few to score with ctx {ctx}"
+        )));
     }
     Ok(v)
 }
@@ -98,7 +122,10 @@ pub fn score(model: &Qwen3, tokens: &[u32], windows: &[Window], batch: usize) ->
             j += 1;
         }
         let group = &windows[i..j];
-        let flat: Vec<u32> = group.iter().flat_map(|w| tokens[w.start..w.start + len].iter().copied()).collect();
+        let flat: Vec<u32> = group
+            .iter()
+            .flat_map(|w| tokens[w.start..w.start + len].iter().copied())
+            .collect();
         let ids = Tensor::from_vec(flat, (group.len(), len), model.device())?;
         let inp = ids.narrow(1, 0, len - 1)?;
         let tgt = ids.narrow(1, 1, len - 1)?.flatten_all()?;
@@ -126,9 +153,18 @@ pub fn perplexity(nll: &[f64]) -> Perplexity {
     let n = nll.len().max(1) as f64;
     let mean = nll.iter().sum::<f64>() / n;
     let mean2 = nll.iter().map(|x| x * x).sum::<f64>() / n;
-    let err = if nll.len() > 1 { ((mean2 - mean * mean).max(0.0) / (n - 1.0)).sqrt() } else { 0.0 };
+    let err = if nll.len() > 1 {
+        ((mean2 - mean * mean).max(0.0) / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
     let ppl = mean.exp();
-    Perplexity { ppl, ppl_stderr: ppl * err, nll: mean, tokens: nll.len() }
+    Perplexity {
+        ppl,
+        ppl_stderr: ppl * err,
+        nll: mean,
+        tokens: nll.len(),
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` through a temporary file, fsync and rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     sync_and_rename(&tmp, path)
@@ -27,8 +30,14 @@ fn resolved(p: &Path) -> PathBuf {
     }
     match (p.parent(), p.file_name()) {
         (Some(dir), Some(name)) => {
-            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-            dir.canonicalize().map(|d| d.join(name)).unwrap_or_else(|_| p.to_path_buf())
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            dir.canonicalize()
+                .map(|d| d.join(name))
+                .unwrap_or_else(|_| p.to_path_buf())
         }
         _ => p.to_path_buf(),
     }
@@ -60,7 +69,9 @@ mod tests {
         std::fs::write(&input, b"weights").unwrap();
         let other = dir.path().join("sub/../model.safetensors");
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        let err = ensure_not_an_input(&other, std::slice::from_ref(&input), "--out").unwrap_err().to_string();
+        let err = ensure_not_an_input(&other, std::slice::from_ref(&input), "--out")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--out") && err.contains("inputs"), "{err}");
         assert!(ensure_not_an_input(&dir.path().join("model.gguf"), &[input], "--out").is_ok());
     }

@@ -23,7 +23,10 @@ pub struct HubOptions {
 }
 
 fn truthy(v: &str) -> bool {
-    matches!(v.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE")
+    matches!(
+        v.trim().to_ascii_uppercase().as_str(),
+        "1" | "ON" | "YES" | "TRUE"
+    )
 }
 
 impl HubOptions {
@@ -39,7 +42,11 @@ impl HubOptions {
             hf_hub::Cache::default().path().clone()
         };
         let offline = env("HF_HUB_OFFLINE").map(|v| truthy(&v)).unwrap_or(false);
-        Self { cache_dir, offline, revision: "main".into() }
+        Self {
+            cache_dir,
+            offline,
+            revision: "main".into(),
+        }
     }
 }
 
@@ -48,7 +55,10 @@ pub fn looks_like_hub_id(s: &str) -> bool {
     let mut parts = s.split('/');
     let ok = |p: Option<&str>| {
         p.is_some_and(|p| {
-            !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
     };
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
@@ -61,7 +71,9 @@ pub fn resolve_model_dir(source: &str, opts: &HubOptions) -> Result<PathBuf> {
         return Ok(p.to_path_buf());
     }
     if p.exists() {
-        return Err(Error::Msg(format!("model '{source}': is a file, expected a checkpoint directory or a hub id")));
+        return Err(Error::Msg(format!(
+            "model '{source}': is a file, expected a checkpoint directory or a hub id"
+        )));
     }
     if !looks_like_hub_id(source) {
         return Err(Error::Msg(format!(
@@ -115,14 +127,21 @@ pub fn resolve_file(id: &str, file: &str, opts: &HubOptions) -> Result<PathBuf> 
             ),
         ));
     }
-    let repo = hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, opts.revision.clone());
-    api(opts)?.repo(repo).get(file).map_err(|e| Error::hub(id, format!("downloading '{file}': {e}")))
+    let repo = hf_hub::Repo::with_revision(
+        id.to_string(),
+        hf_hub::RepoType::Model,
+        opts.revision.clone(),
+    );
+    api(opts)?
+        .repo(repo)
+        .get(file)
+        .map_err(|e| Error::hub(id, format!("downloading '{file}': {e}")))
 }
 
 fn shard_names(index_path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::checkpoint(index_path, format!("invalid JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::checkpoint(index_path, format!("invalid JSON: {e}")))?;
     let mut names: Vec<String> = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -146,8 +165,15 @@ fn weight_names_offline(id: &str, opts: &HubOptions) -> Result<Vec<String>> {
 }
 
 fn weight_names_online(id: &str, opts: &HubOptions) -> Result<Vec<String>> {
-    let repo = hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, opts.revision.clone());
-    let info = api(opts)?.repo(repo).info().map_err(|e| Error::hub(id, format!("listing files: {e}")))?;
+    let repo = hf_hub::Repo::with_revision(
+        id.to_string(),
+        hf_hub::RepoType::Model,
+        opts.revision.clone(),
+    );
+    let info = api(opts)?
+        .repo(repo)
+        .info()
+        .map_err(|e| Error::hub(id, format!("listing files: {e}")))?;
     let has = |f: &str| info.siblings.iter().any(|s| s.rfilename == f);
     if has(INDEX_FILE) {
         let index = resolve_file(id, INDEX_FILE, opts)?;
@@ -157,7 +183,10 @@ fn weight_names_online(id: &str, opts: &HubOptions) -> Result<Vec<String>> {
     } else if has(WEIGHTS_FILE) {
         Ok(vec![WEIGHTS_FILE.into()])
     } else {
-        Err(Error::hub(id, format!("the repo has neither {WEIGHTS_FILE} nor {INDEX_FILE}")))
+        Err(Error::hub(
+            id,
+            format!("the repo has neither {WEIGHTS_FILE} nor {INDEX_FILE}"),
+        ))
     }
 }
 

@@ -23,7 +23,11 @@ fn keep_freed_pages() {
 }
 
 #[derive(Parser)]
-#[command(name = "tern", version, about = "Train, run and export ternary Qwen3 models")]
+#[command(
+    name = "tern",
+    version,
+    about = "Train, run and export ternary Qwen3 models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -53,9 +57,12 @@ enum Cmd {
 
 fn main() {
     keep_freed_pages();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let res = match Cli::parse().cmd {
         Cmd::Train(a) => cli::train::run(a),
         Cmd::Eval(a) => cli::eval::run(a),

@@ -22,7 +22,9 @@ const FONT_PATHS: [&str; 5] = [
 fn font_available() -> bool {
     static FONT: OnceLock<bool> = OnceLock::new();
     *FONT.get_or_init(|| {
-        let candidates = std::env::var("TERN_FONT").into_iter().chain(FONT_PATHS.iter().map(|s| s.to_string()));
+        let candidates = std::env::var("TERN_FONT")
+            .into_iter()
+            .chain(FONT_PATHS.iter().map(|s| s.to_string()));
         for path in candidates {
             if let Ok(bytes) = std::fs::read(&path) {
                 let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
@@ -31,13 +33,16 @@ fn font_available() -> bool {
                 }
             }
         }
-        tracing::warn!("no TrueType font found (set TERN_FONT=path.ttf): loss.png is drawn without labels");
+        tracing::warn!(
+            "no TrueType font found (set TERN_FONT=path.ttf): loss.png is drawn without labels"
+        );
         false
     })
 }
 
 /// The chart both plots draw on: step on x, loss on y.
-type Chart<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordusize, RangedCoordf64>>;
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordusize, RangedCoordf64>>;
 
 /// What a plot looks like around its curves.
 struct Frame<'s> {
@@ -61,7 +66,9 @@ fn draw<'p>(
     series: impl FnOnce(&mut Chart, bool) -> std::result::Result<(), String>,
 ) -> Result<bool> {
     let max_step = points.clone().map(|p| p.0).max().unwrap_or(1).max(1);
-    let (lo, hi) = points.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| (l.min(p.1), h.max(p.1)));
+    let (lo, hi) = points.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| {
+        (l.min(p.1), h.max(p.1))
+    });
     if !lo.is_finite() {
         return Ok(false);
     }
@@ -73,12 +80,16 @@ fn draw<'p>(
         let e = |x: String| Error::Msg(format!("drawing {}: {x}", path.display()));
         root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
         let mut builder = ChartBuilder::on(&root);
-        builder.margin(20).x_label_area_size(if text { 40 } else { 5 }).y_label_area_size(if text { 60 } else { 5 });
+        builder
+            .margin(20)
+            .x_label_area_size(if text { 40 } else { 5 })
+            .y_label_area_size(if text { 60 } else { 5 });
         if text {
             builder.caption(frame.title, ("sans-serif", 22));
         }
-        let mut chart =
-            builder.build_cartesian_2d(0usize..max_step, (lo - pad)..(hi + pad)).map_err(|x| e(x.to_string()))?;
+        let mut chart = builder
+            .build_cartesian_2d(0usize..max_step, (lo - pad)..(hi + pad))
+            .map_err(|x| e(x.to_string()))?;
         let mut mesh = chart.configure_mesh();
         if text {
             mesh.x_desc("step").y_desc(frame.y_desc);
@@ -88,7 +99,12 @@ fn draw<'p>(
         mesh.draw().map_err(|x| e(x.to_string()))?;
         series(&mut chart, text).map_err(e)?;
         if text {
-            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|x| e(x.to_string()))?;
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|x| e(x.to_string()))?;
         }
         root.present().map_err(|x| e(x.to_string()))?;
     }
@@ -100,38 +116,73 @@ fn draw<'p>(
 /// there is no finite point yet.
 pub fn plot_losses(path: &Path, train: &[(usize, f64)], val: &[(usize, f64)]) -> Result<()> {
     let (train, val) = (finite(train), finite(val));
-    let frame = Frame { size: (900, 540), title: "tern: loss", y_desc: "cross-entropy (nats)" };
-    draw(path, frame, train.iter().chain(val.iter()), |chart, text| {
-        let train_series = chart.draw_series(LineSeries::new(train.iter().copied(), &BLUE)).map_err(|x| x.to_string())?;
-        if text {
-            train_series.label("train").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
-        }
-        chart.draw_series(val.iter().map(|&(x, y)| Circle::new((x, y), 4, RED.filled()))).map_err(|x| x.to_string())?;
-        let val_series =
-            chart.draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2))).map_err(|x| x.to_string())?;
-        if text {
-            val_series.label("validation").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-        }
-        Ok(())
-    })?;
+    let frame = Frame {
+        size: (900, 540),
+        title: "tern: loss",
+        y_desc: "cross-entropy (nats)",
+    };
+    draw(
+        path,
+        frame,
+        train.iter().chain(val.iter()),
+        |chart, text| {
+            let train_series = chart
+                .draw_series(LineSeries::new(train.iter().copied(), &BLUE))
+                .map_err(|x| x.to_string())?;
+            if text {
+                train_series
+                    .label("train")
+                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+            }
+            chart
+                .draw_series(
+                    val.iter()
+                        .map(|&(x, y)| Circle::new((x, y), 4, RED.filled())),
+                )
+                .map_err(|x| x.to_string())?;
+            let val_series = chart
+                .draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)))
+                .map_err(|x| x.to_string())?;
+            if text {
+                val_series
+                    .label("validation")
+                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+            }
+            Ok(())
+        },
+    )?;
     Ok(())
 }
 
 /// Draws several named curves (e.g. the validation loss of each ablation run) to `path` (PNG),
 /// atomically; one color per curve.
 pub fn plot_curves(path: &Path, title: &str, curves: &[(String, Vec<(usize, f64)>)]) -> Result<()> {
-    let curves: Vec<(&String, Vec<(usize, f64)>)> = curves.iter().map(|(n, v)| (n, finite(v))).collect();
-    let frame = Frame { size: (1000, 620), title, y_desc: "validation cross-entropy (nats)" };
-    let drawn = draw(path, frame, curves.iter().flat_map(|c| c.1.iter()), |chart, text| {
-        for (i, (name, pts)) in curves.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            let s = chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2))).map_err(|x| x.to_string())?;
-            if text {
-                s.label(name.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    let curves: Vec<(&String, Vec<(usize, f64)>)> =
+        curves.iter().map(|(n, v)| (n, finite(v))).collect();
+    let frame = Frame {
+        size: (1000, 620),
+        title,
+        y_desc: "validation cross-entropy (nats)",
+    };
+    let drawn = draw(
+        path,
+        frame,
+        curves.iter().flat_map(|c| c.1.iter()),
+        |chart, text| {
+            for (i, (name, pts)) in curves.iter().enumerate() {
+                let color = Palette99::pick(i).to_rgba();
+                let s = chart
+                    .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                    .map_err(|x| x.to_string())?;
+                if text {
+                    s.label(name.as_str()).legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+                }
             }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     if !drawn {
         return Err(Error::Msg("plot: no finite points to draw".into()));
     }

@@ -23,7 +23,9 @@ impl std::str::FromStr for Precision {
         match s {
             "ternary" => Ok(Precision::Ternary),
             "full" => Ok(Precision::Full),
-            o => Err(Error::Msg(format!("--precision: expected 'ternary' or 'full', found '{o}'"))),
+            o => Err(Error::Msg(format!(
+                "--precision: expected 'ternary' or 'full', found '{o}'"
+            ))),
         }
     }
 }
@@ -37,26 +39,62 @@ pub struct LoadedModel {
     pub train_config: Option<TrainConfig>,
 }
 
-pub fn load_for_inference(spec: &str, precision: Precision, device: &Device) -> Result<LoadedModel> {
+pub fn load_for_inference(
+    spec: &str,
+    precision: Precision,
+    device: &Device,
+) -> Result<LoadedModel> {
     if spec.to_ascii_lowercase().ends_with(".gguf") {
         if !device.is_cpu() {
-            return Err(Error::Msg(format!("model '{spec}': GGUF models run on the CPU only (--device cpu)")));
+            return Err(Error::Msg(format!(
+                "model '{spec}': GGUF models run on the CPU only (--device cpu)"
+            )));
         }
         let file = crate::gguf::GgufFile::read(std::path::Path::new(spec))?;
         let model = crate::gguf::load_model(&file)?;
         // A tokenizer.json beside the file is used when present (else pass --tokenizer).
-        let dir = std::path::Path::new(spec).parent().map(PathBuf::from).unwrap_or_default();
+        let dir = std::path::Path::new(spec)
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default();
         let tok = dir.join("tokenizer.json");
-        let tokenizer = if tok.is_file() { Some(Tokenizer::from_file(&tok)?) } else { None };
+        let tokenizer = if tok.is_file() {
+            Some(Tokenizer::from_file(&tok)?)
+        } else {
+            None
+        };
         let quant = model.quant;
-        return Ok(LoadedModel { model, quant, tokenizer, dir, train_config: None });
+        return Ok(LoadedModel {
+            model,
+            quant,
+            tokenizer,
+            dir,
+            train_config: None,
+        });
     }
     let dir = resolve_model_dir(spec, &HubOptions::from_env())?;
     let ck = load_checkpoint(&dir, DType::F32, device)?;
-    let quant = QuantConfig { ternary: precision == Precision::Ternary, ..ck.quant.unwrap_or_default() };
+    let quant = QuantConfig {
+        ternary: precision == Precision::Ternary,
+        ..ck.quant.unwrap_or_default()
+    };
     let model = Qwen3::new(&ck.config, quant, &ck.params)?.freeze()?;
-    let tokenizer = ck.tokenizer.as_deref().map(Tokenizer::from_file).transpose()?;
+    let tokenizer = ck
+        .tokenizer
+        .as_deref()
+        .map(Tokenizer::from_file)
+        .transpose()?;
     let cfg_path = dir.join(CONFIG_COPY);
-    let train_config = if cfg_path.is_file() { Some(TrainConfig::load(&cfg_path, &[])?) } else { None };
-    Ok(LoadedModel { model, quant, tokenizer, dir, train_config })
+    let train_config = if cfg_path.is_file() {
+        Some(TrainConfig::load(&cfg_path, &[])?)
+    } else {
+        None
+    };
+    Ok(LoadedModel {
+        model,
+        quant,
+        tokenizer,
+        dir,
+        train_config,
+    })
 }

@@ -31,16 +31,24 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Msg(format!("tokenizer {}: cannot load: {e}", path.display())))?;
-        Ok(Self { inner, path: path.to_path_buf() })
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| Error::Msg(format!("tokenizing: {e}")))?;
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| Error::Msg(format!("tokenizing: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| Error::Msg(format!("decoding: {e}")))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Msg(format!("decoding: {e}")))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -53,7 +61,10 @@ impl Tokenizer {
 
     /// End-of-sequence ids this tokenizer knows (Qwen3: <|endoftext|>, <|im_end|>).
     pub fn eos_ids(&self) -> Vec<u32> {
-        ["<|endoftext|>", "<|im_end|>", "</s>"].iter().filter_map(|t| self.token_id(t)).collect()
+        ["<|endoftext|>", "<|im_end|>", "</s>"]
+            .iter()
+            .filter_map(|t| self.token_id(t))
+            .collect()
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {

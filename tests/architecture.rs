@@ -8,16 +8,26 @@ use std::path::{Path, PathBuf};
 
 /// (module -> line of the map) from the ```text block under "Module map" in src/lib.rs.
 fn module_map(lib: &str) -> BTreeMap<String, usize> {
-    let start = lib.find("# Module map").expect("src/lib.rs has a '# Module map' section");
+    let start = lib
+        .find("# Module map")
+        .expect("src/lib.rs has a '# Module map' section");
     let block = &lib[start..];
     let open = block.find("```text").expect("the map is a ```text block");
     let body = &block[open + "```text".len()..];
     let body = &body[..body.find("```").expect("the map block is closed")];
     let mut map = BTreeMap::new();
-    for (line_no, line) in body.lines().map(|l| l.trim_start_matches("//!").trim()).filter(|l| !l.is_empty()).enumerate() {
+    for (line_no, line) in body
+        .lines()
+        .map(|l| l.trim_start_matches("//!").trim())
+        .filter(|l| !l.is_empty())
+        .enumerate()
+    {
         let names = line.split("  ").next().unwrap_or("");
         for m in names.split_whitespace() {
-            assert!(map.insert(m.to_string(), line_no).is_none(), "module '{m}' appears twice in the map");
+            assert!(
+                map.insert(m.to_string(), line_no).is_none(),
+                "module '{m}' appears twice in the map"
+            );
         }
     }
     map
@@ -31,7 +41,14 @@ fn library_files(src: &Path) -> Vec<(String, PathBuf)> {
         for e in std::fs::read_dir(&dir).unwrap() {
             let p = e.unwrap().path();
             let rel = p.strip_prefix(src).unwrap().to_path_buf();
-            let top = rel.components().next().unwrap().as_os_str().to_string_lossy().trim_end_matches(".rs").to_string();
+            let top = rel
+                .components()
+                .next()
+                .unwrap()
+                .as_os_str()
+                .to_string_lossy()
+                .trim_end_matches(".rs")
+                .to_string();
             if top == "main" || top == "cli" || top == "lib" {
                 continue; // the binary sits above everything; lib.rs only declares
             }
@@ -49,7 +66,9 @@ fn library_files(src: &Path) -> Vec<(String, PathBuf)> {
 fn production_code(text: &str) -> String {
     let mut s = text.to_string();
     while let Some(at) = s.find("#[cfg(test)]") {
-        let Some(brace) = s[at..].find('{').map(|i| at + i) else { break };
+        let Some(brace) = s[at..].find('{').map(|i| at + i) else {
+            break;
+        };
         let mut depth = 0usize;
         let mut end = s.len();
         for (i, c) in s[brace..].char_indices() {
@@ -67,7 +86,10 @@ fn production_code(text: &str) -> String {
         }
         s.replace_range(at..end, "");
     }
-    s.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n")
+    s.lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Top-level modules named by `crate::` paths, including `crate::{a::b, c}` groups.
@@ -89,7 +111,10 @@ fn used_modules(code: &str) -> Vec<String> {
                     }
                     ',' if depth == 1 => item_start = true,
                     c if item_start && (c.is_ascii_alphabetic() || c == '_') => {
-                        let name: String = group[j..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                        let name: String = group[j..]
+                            .chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                            .collect();
                         out.push(name);
                         item_start = false;
                     }
@@ -97,9 +122,16 @@ fn used_modules(code: &str) -> Vec<String> {
                 }
             }
         } else {
-            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
             // `crate::Error` / `crate::Result` are the error module's re-exports.
-            out.push(if name == "Error" || name == "Result" { "error".into() } else { name });
+            out.push(if name == "Error" || name == "Result" {
+                "error".into()
+            } else {
+                name
+            });
         }
     }
     out
@@ -112,30 +144,51 @@ fn library_dependencies_follow_the_module_map() {
     let map = module_map(&lib);
     let declared: Vec<String> = lib
         .lines()
-        .filter_map(|l| l.strip_prefix("pub mod ").map(|m| m.trim_end_matches(';').to_string()))
+        .filter_map(|l| {
+            l.strip_prefix("pub mod ")
+                .map(|m| m.trim_end_matches(';').to_string())
+        })
         .collect();
     for m in &declared {
-        assert!(map.contains_key(m), "module '{m}' is declared in src/lib.rs but missing from the module map");
+        assert!(
+            map.contains_key(m),
+            "module '{m}' is declared in src/lib.rs but missing from the module map"
+        );
     }
     for m in map.keys() {
-        assert!(declared.contains(m), "the module map lists '{m}', which src/lib.rs does not declare");
+        assert!(
+            declared.contains(m),
+            "the module map lists '{m}', which src/lib.rs does not declare"
+        );
     }
     let mut violations = Vec::new();
     for (module, file) in library_files(&root.join("src")) {
         let code = production_code(&std::fs::read_to_string(&file).unwrap());
-        assert!(!code.contains("super::super::"), "{}: reach other modules through crate::, not super::super::", file.display());
+        assert!(
+            !code.contains("super::super::"),
+            "{}: reach other modules through crate::, not super::super::",
+            file.display()
+        );
         let own = map[&module];
         for used in used_modules(&code) {
             match map.get(&used) {
-                None => violations.push(format!("{}: crate::{used} is not in the module map", file.display())),
-                Some(&line) if used != module && line >= own => {
-                    violations.push(format!("{}: {module} (map line {own}) uses {used} (map line {line})", file.display()))
-                }
+                None => violations.push(format!(
+                    "{}: crate::{used} is not in the module map",
+                    file.display()
+                )),
+                Some(&line) if used != module && line >= own => violations.push(format!(
+                    "{}: {module} (map line {own}) uses {used} (map line {line})",
+                    file.display()
+                )),
                 _ => {}
             }
         }
     }
-    assert!(violations.is_empty(), "dependencies against the module map:\n{}", violations.join("\n"));
+    assert!(
+        violations.is_empty(),
+        "dependencies against the module map:\n{}",
+        violations.join("\n")
+    );
 }
 
 #[test]

@@ -32,7 +32,10 @@ fn missing_files_are_named() {
     let d = fixture_copy("tied_gqa2");
     std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("no model.safetensors") && e.contains(&d.path().display().to_string()), "{e}");
+    assert!(
+        e.contains("no model.safetensors") && e.contains(&d.path().display().to_string()),
+        "{e}"
+    );
     std::fs::remove_file(d.path().join("config.json")).unwrap();
     assert!(load_err(d.path()).contains("missing config.json"));
     assert!(load_err(&d.path().join("nope")).contains("not a directory"));
@@ -46,13 +49,22 @@ fn missing_and_unexpected_tensors_are_named() {
     t.remove("model.layers.1.mlp.up_proj.weight");
     candle_core::safetensors::save(&t, &f).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("missing 1 tensor(s): model.layers.1.mlp.up_proj.weight"), "{e}");
+    assert!(
+        e.contains("missing 1 tensor(s): model.layers.1.mlp.up_proj.weight"),
+        "{e}"
+    );
 
     let mut t = tensors_of(&fixtures_dir().join("tied_gqa2/model.safetensors"));
-    t.insert("model.layers.7.self_attn.q_proj.weight".into(), Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "model.layers.7.self_attn.q_proj.weight".into(),
+        Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&t, &f).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("unexpected") && e.contains("model.layers.7.self_attn.q_proj.weight"), "{e}");
+    assert!(
+        e.contains("unexpected") && e.contains("model.layers.7.self_attn.q_proj.weight"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -60,11 +72,15 @@ fn wrong_shape_names_tensor_expected_and_found() {
     let d = fixture_copy("tied_gqa2");
     let f = d.path().join("model.safetensors");
     let mut t = tensors_of(&f);
-    t.insert("model.layers.0.self_attn.k_proj.weight".into(), Tensor::zeros((64, 96), DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "model.layers.0.self_attn.k_proj.weight".into(),
+        Tensor::zeros((64, 96), DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&t, &f).unwrap();
     let e = load_err(d.path());
     assert!(
-        e.contains("model.layers.0.self_attn.k_proj.weight") && e.contains("expected shape [64, 128], found [64, 96]"),
+        e.contains("model.layers.0.self_attn.k_proj.weight")
+            && e.contains("expected shape [64, 128], found [64, 96]"),
         "{e}"
     );
 }
@@ -76,7 +92,10 @@ fn truncated_or_garbage_safetensors_is_a_clear_error() {
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("model.safetensors") && e.contains("cannot read safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("cannot read safetensors"),
+        "{e}"
+    );
     std::fs::write(&f, b"not a safetensors file at all").unwrap();
     assert!(load_err(d.path()).contains("cannot read safetensors"));
     std::fs::write(&f, []).unwrap();
@@ -88,15 +107,25 @@ fn broken_index_and_config_are_named() {
     let d = fixture_copy("hidden96_sharded_f16");
     std::fs::remove_file(d.path().join("model-00002-of-00005.safetensors")).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("model.safetensors.index.json") && e.contains("model-00002-of-00005.safetensors"), "{e}");
+    assert!(
+        e.contains("model.safetensors.index.json")
+            && e.contains("model-00002-of-00005.safetensors"),
+        "{e}"
+    );
 
     let d = fixture_copy("tied_gqa2");
     std::fs::write(d.path().join("config.json"), "{ \"hidden_size\": 128, ").unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("config.json") && e.contains("invalid JSON"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("invalid JSON"),
+        "{e}"
+    );
     std::fs::write(d.path().join("config.json"), r#"{"hidden_size": "wide"}"#).unwrap();
     let e = load_err(d.path());
-    assert!(e.contains("config.json") && e.contains("hidden_size"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("hidden_size"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -113,9 +142,18 @@ fn nan_weights_are_refused() {
 
 #[test]
 fn saved_checkpoint_round_trips_through_the_same_loader() {
-    let src = load_checkpoint(&fixtures_dir().join("untied_gqa3_bf16"), DType::F32, &Device::Cpu).unwrap();
+    let src = load_checkpoint(
+        &fixtures_dir().join("untied_gqa3_bf16"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let out = tempfile::tempdir().unwrap();
-    let q = QuantConfig { scale: ScaleRule::MaxAbs, group_size: 64, ..QuantConfig::default() };
+    let q = QuantConfig {
+        scale: ScaleRule::MaxAbs,
+        group_size: 64,
+        ..QuantConfig::default()
+    };
     save_checkpoint(out.path(), &src.config, &q, &src.params, None).unwrap();
     let back = load_checkpoint(out.path(), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(back.config, src.config);
@@ -126,16 +164,25 @@ fn saved_checkpoint_round_trips_through_the_same_loader() {
     }
     let exp = expected("untied_gqa3_bf16");
     let m = Qwen3::new(&back.config, QuantConfig::full_precision(), &back.params).unwrap();
-    assert!(max_abs_diff(&m.full_logits(&input_ids(&exp)).unwrap(), &exp["logits_full"]) < 1e-4);
+    assert!(
+        max_abs_diff(
+            &m.full_logits(&input_ids(&exp)).unwrap(),
+            &exp["logits_full"]
+        ) < 1e-4
+    );
     // No temporary files are left behind.
-    let names: Vec<String> =
-        std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
 }
 
 #[test]
 fn scratch_init_is_deterministic_and_scaled_by_fan_in() {
-    let cfg = tern::model::Qwen3Config::from_json_file(&fixtures_dir().join("tied_gqa2/config.json")).unwrap();
+    let cfg =
+        tern::model::Qwen3Config::from_json_file(&fixtures_dir().join("tied_gqa2/config.json"))
+            .unwrap();
     let a = Params::scratch(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
     let b = Params::scratch(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
     let c = Params::scratch(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
@@ -143,8 +190,20 @@ fn scratch_init_is_deterministic_and_scaled_by_fan_in() {
     let name = "model.layers.0.mlp.down_proj.weight"; // fan_in = intermediate_size = 256
     assert_eq!(max_abs_diff(&w(&a, name), &w(&b, name)), 0.0);
     assert!(max_abs_diff(&w(&a, name), &w(&c, name)) > 0.0);
-    let std = w(&a, name).sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-    assert!((std - 256f32.powf(-0.5)).abs() < 0.01 * 256f32.powf(-0.5) * 5.0, "std {std}");
-    let norm = w(&a, "model.layers.0.input_layernorm.weight").to_vec1::<f32>().unwrap();
+    let std = w(&a, name)
+        .sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt();
+    assert!(
+        (std - 256f32.powf(-0.5)).abs() < 0.01 * 256f32.powf(-0.5) * 5.0,
+        "std {std}"
+    );
+    let norm = w(&a, "model.layers.0.input_layernorm.weight")
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(norm.iter().all(|x| *x == 1.0));
 }

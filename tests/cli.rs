@@ -31,22 +31,73 @@ fn config_errors_exit_nonzero_with_a_clear_message() {
     let d = tempfile::tempdir().unwrap();
     let o = tern(&["train", "--config", "/nonexistent/cfg.toml"], &[]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("/nonexistent/cfg.toml"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/cfg.toml"),
+        "{}",
+        stderr(&o)
+    );
 
     let cfg = write_cfg(d.path(), "");
-    std::fs::write(d.path().join("bad.toml"), "[train]\nsteps = 3\nlearning_rate = 0.1\n").unwrap();
-    let o = tern(&["train", "--config", &d.path().join("bad.toml").display().to_string()], &[]);
+    std::fs::write(
+        d.path().join("bad.toml"),
+        "[train]\nsteps = 3\nlearning_rate = 0.1\n",
+    )
+    .unwrap();
+    let o = tern(
+        &[
+            "train",
+            "--config",
+            &d.path().join("bad.toml").display().to_string(),
+        ],
+        &[],
+    );
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(1));
-    assert!(e.contains("bad.toml") && e.contains("learning_rate") && e.contains("line 3"), "{e}");
+    assert!(
+        e.contains("bad.toml") && e.contains("learning_rate") && e.contains("line 3"),
+        "{e}"
+    );
     assert!(!e.contains("panicked"), "{e}");
 
-    let o = tern(&["train", "--config", &cfg, "--set", "train.batch_size=0"], &[]);
-    assert!(stderr(&o).contains("train.batch_size") && o.status.code() == Some(1), "{}", stderr(&o));
-    let o = tern(&["train", "--config", &cfg, "--set", "data.train_file=/nope.txt"], &[]);
-    assert!(stderr(&o).contains("/nope.txt") && stderr(&o).contains("not found"), "{}", stderr(&o));
-    let o = tern(&["train", "--config", &cfg, "--resume", &d.path().join("empty").display().to_string()], &[]);
-    assert!(stderr(&o).contains("no complete checkpoint") && o.status.code() == Some(1), "{}", stderr(&o));
+    let o = tern(
+        &["train", "--config", &cfg, "--set", "train.batch_size=0"],
+        &[],
+    );
+    assert!(
+        stderr(&o).contains("train.batch_size") && o.status.code() == Some(1),
+        "{}",
+        stderr(&o)
+    );
+    let o = tern(
+        &[
+            "train",
+            "--config",
+            &cfg,
+            "--set",
+            "data.train_file=/nope.txt",
+        ],
+        &[],
+    );
+    assert!(
+        stderr(&o).contains("/nope.txt") && stderr(&o).contains("not found"),
+        "{}",
+        stderr(&o)
+    );
+    let o = tern(
+        &[
+            "train",
+            "--config",
+            &cfg,
+            "--resume",
+            &d.path().join("empty").display().to_string(),
+        ],
+        &[],
+    );
+    assert!(
+        stderr(&o).contains("no complete checkpoint") && o.status.code() == Some(1),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -54,7 +105,16 @@ fn ctrl_c_saves_a_checkpoint_and_exits_130_then_resume_finishes() {
     let d = tempfile::tempdir().unwrap();
     let cfg = write_cfg(d.path(), "");
     let child = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["train", "--config", &cfg, "--set", "train.steps=100000", "--set", "checkpoint.every=0", "--quiet"])
+        .args([
+            "train",
+            "--config",
+            &cfg,
+            "--set",
+            "train.steps=100000",
+            "--set",
+            "checkpoint.every=0",
+            "--quiet",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -62,18 +122,37 @@ fn ctrl_c_saves_a_checkpoint_and_exits_130_then_resume_finishes() {
         .unwrap();
     let metrics = d.path().join("run/metrics.jsonl");
     let t0 = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics).unwrap_or_default().lines().count() < 3 {
+    while std::fs::read_to_string(&metrics)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 3
+    {
         assert!(t0.elapsed().as_secs() < 120, "training did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     let ckpts = tern::train::checkpoint::list(&d.path().join("run")).unwrap();
     assert_eq!(ckpts.len(), 1, "one checkpoint saved on Ctrl-C");
     let stopped_at = ckpts[0].0;
-    let o = tern(&["train", "--config", &cfg, "--set", &format!("train.steps={}", stopped_at + 2), "--resume"], &[]);
+    let o = tern(
+        &[
+            "train",
+            "--config",
+            &cfg,
+            "--set",
+            &format!("train.steps={}", stopped_at + 2),
+            "--resume",
+        ],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains(&format!("steps {}", stopped_at + 2)));
 }
@@ -86,23 +165,55 @@ fn hub_id_trains_offline_from_the_hf_home_cache() {
     let sha = "89abcdef0123456789abcdef0123456789abcdef";
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), sha).unwrap();
-    copy_dir(&fixtures_dir().join("tied_gqa2"), &repo.join("snapshots").join(sha));
+    copy_dir(
+        &fixtures_dir().join("tied_gqa2"),
+        &repo.join("snapshots").join(sha),
+    );
     let base = tiny_train_config(d.path());
     // Drop the scratch architecture keys: the checkpoint's config.json defines the model.
     let model_end = base.find("[data]").unwrap();
-    let text = format!("[model]\nsource = \"tern-test/tiny\"\ngroup_size = 64\n\n{}", &base[model_end..]);
+    let text = format!(
+        "[model]\nsource = \"tern-test/tiny\"\ngroup_size = 64\n\n{}",
+        &base[model_end..]
+    );
     let cfg = d.path().join("hub.toml");
     std::fs::write(&cfg, text).unwrap();
-    let env = [("HF_HOME", home.to_str().unwrap()), ("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", "")];
-    let o = tern(&["train", "--config", cfg.to_str().unwrap(), "--set", "train.steps=2", "--set", "eval.every=0"], &env);
+    let env = [
+        ("HF_HOME", home.to_str().unwrap()),
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_HUB_CACHE", ""),
+    ];
+    let o = tern(
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "train.steps=2",
+            "--set",
+            "eval.every=0",
+        ],
+        &env,
+    );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let o = tern(
-        &["train", "--config", cfg.to_str().unwrap(), "--set", "model.source=tern-test/absent", "--set", "train.steps=1"],
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "model.source=tern-test/absent",
+            "--set",
+            "train.steps=1",
+        ],
         &env,
     );
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(1));
-    assert!(e.contains("HF_HUB_OFFLINE") && e.contains("tern-test/absent"), "{e}");
+    assert!(
+        e.contains("HF_HUB_OFFLINE") && e.contains("tern-test/absent"),
+        "{e}"
+    );
 }
 
 /// Found trying tern as a new user: an export over the checkpoint's own weights, an eval context
@@ -115,7 +226,10 @@ fn bad_requests_are_refused_and_inputs_stay_untouched() {
     copy_dir(&fixtures_dir().join("tied_gqa2"), &ck);
     write_word_tokenizer(&ck.join("tokenizer.json"), &WORDS);
     let snapshot = || -> Vec<Vec<u8>> {
-        ["model.safetensors", "config.json", "tokenizer.json"].iter().map(|f| std::fs::read(ck.join(f)).unwrap()).collect()
+        ["model.safetensors", "config.json", "tokenizer.json"]
+            .iter()
+            .map(|f| std::fs::read(ck.join(f)).unwrap())
+            .collect()
     };
     let before = snapshot();
     let ck_s = ck.display().to_string();
@@ -125,20 +239,51 @@ fn bad_requests_are_refused_and_inputs_stay_untouched() {
         let o = tern(&["export", "--model", &ck_s, "--out", &out], &[]);
         let e = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{e}");
-        assert!(e.contains("--out") && e.contains("inputs") && e.contains(own), "{e}");
+        assert!(
+            e.contains("--out") && e.contains("inputs") && e.contains(own),
+            "{e}"
+        );
     }
     assert!(snapshot() == before, "export changed its input checkpoint");
 
     let data = d.path().join("text.txt");
     write_corpus(&data, 30);
-    let o = tern(&["eval", "--model", &ck_s, "--data", &data.display().to_string(), "--ctx", "100000"], &[]);
+    let o = tern(
+        &[
+            "eval",
+            "--model",
+            &ck_s,
+            "--data",
+            &data.display().to_string(),
+            "--ctx",
+            "100000",
+        ],
+        &[],
+    );
     let e = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{e}");
-    assert!(e.contains("--ctx 100000") && e.contains("max_position_embeddings = 512"), "{e}");
+    assert!(
+        e.contains("--ctx 100000") && e.contains("max_position_embeddings = 512"),
+        "{e}"
+    );
 
-    let o = tern(&["generate", "--model", &ck_s, "-p", "the stack", "--beams", "0"], &[]);
+    let o = tern(
+        &[
+            "generate",
+            "--model",
+            &ck_s,
+            "-p",
+            "the stack",
+            "--beams",
+            "0",
+        ],
+        &[],
+    );
     let e = stderr(&o);
     assert_ne!(o.status.code(), Some(0), "{e}");
     assert!(e.contains("--beams") && e.contains("at least 1"), "{e}");
-    assert!(snapshot() == before, "a command changed its input checkpoint");
+    assert!(
+        snapshot() == before,
+        "a command changed its input checkpoint"
+    );
 }

@@ -8,10 +8,10 @@ use candle_core::{DType, Device};
 use half::f16;
 use std::path::Path;
 use tern::gguf::file::{GgufFile, Value};
-use tern::quant::codec::{unpack_row, Packing};
 use tern::gguf::{export_gguf, verify_gguf, Format};
 use tern::model::params::gguf_name;
 use tern::model::{load_checkpoint, params::is_norm, Checkpoint};
+use tern::quant::codec::{unpack_row, Packing};
 use tern::quant::projection::codes_and_scales;
 use tern::quant::QuantConfig;
 
@@ -40,18 +40,33 @@ fn export(ck: &Checkpoint, q: &QuantConfig, f: Format, dir: &Path) -> std::path:
 #[test]
 fn packed_codes_and_scales_round_trip_bit_exactly() {
     let ck = fixture();
-    for (format, packing) in [(Format::Q2_0, Packing::Q2_0), (Format::PQ2_0, Packing::PQ2_0)] {
+    for (format, packing) in [
+        (Format::Q2_0, Packing::Q2_0),
+        (Format::PQ2_0, Packing::PQ2_0),
+    ] {
         let d = tempfile::tempdir().unwrap();
         let q = QuantConfig::default();
         let file = GgufFile::read(&export(&ck, &q, format, d.path())).unwrap();
-        assert_eq!(file.get("general.architecture").unwrap().as_str(), Some("qwen3"));
-        assert_eq!(file.get("qwen3.attention.head_count_kv").unwrap().as_u64(), Some(2));
-        assert_eq!(file.get("tokenizer.ggml.pre").unwrap().as_str(), Some("qwen2"));
+        assert_eq!(
+            file.get("general.architecture").unwrap().as_str(),
+            Some("qwen3")
+        );
+        assert_eq!(
+            file.get("qwen3.attention.head_count_kv").unwrap().as_u64(),
+            Some(2)
+        );
+        assert_eq!(
+            file.get("tokenizer.ggml.pre").unwrap().as_str(),
+            Some("qwen2")
+        );
         match file.get("tokenizer.ggml.tokens").unwrap() {
             Value::Array(8, v) => assert_eq!(v.len(), ck.config.vocab_size), // padded with [PADn]
             other => panic!("{other:?}"),
         }
-        assert!(file.tensor("output.weight").is_none(), "tied head is not written");
+        assert!(
+            file.tensor("output.weight").is_none(),
+            "tied head is not written"
+        );
         for (hf, var) in ck.params.iter() {
             let t = file.tensor(&gguf_name(hf).unwrap()).unwrap();
             if is_norm(hf) {
@@ -62,14 +77,22 @@ fn packed_codes_and_scales_round_trip_bit_exactly() {
             let (rows, cols) = t.rows_cols();
             assert_eq!(var.as_tensor().dims(), &[rows, cols]);
             let (codes, scales) = codes_and_scales(var.as_tensor(), 128, q.scale).unwrap();
-            let (codes, scales) = (codes.to_vec2::<f32>().unwrap(), scales.to_vec2::<f32>().unwrap());
+            let (codes, scales) = (
+                codes.to_vec2::<f32>().unwrap(),
+                scales.to_vec2::<f32>().unwrap(),
+            );
             let data = file.data(t);
             for r in 0..rows {
                 let (c, s) = unpack_row(&data[r * packing.row_bytes(cols)..], cols, packing);
                 let want: Vec<i8> = codes[r].iter().map(|&x| x as i8).collect();
                 assert_eq!(c, want, "{hf} row {r}");
                 for (b, &d) in s.iter().enumerate() {
-                    assert_eq!(d.to_bits(), f16::from_f32(scales[r][b * packing.block() / 128]).to_f32().to_bits());
+                    assert_eq!(
+                        d.to_bits(),
+                        f16::from_f32(scales[r][b * packing.block() / 128])
+                            .to_f32()
+                            .to_bits()
+                    );
                 }
             }
         }
@@ -83,19 +106,54 @@ fn f16_export_holds_the_projected_weights_and_sizes_add_up() {
     let ck = fixture();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("f16.gguf");
-    let r16 = export_gguf(&ck.config, &QuantConfig::default(), &ck.params, None, Format::F16, "t", &out).unwrap();
+    let r16 = export_gguf(
+        &ck.config,
+        &QuantConfig::default(),
+        &ck.params,
+        None,
+        Format::F16,
+        "t",
+        &out,
+    )
+    .unwrap();
     assert_eq!(r16.bytes, std::fs::metadata(&out).unwrap().len());
-    assert_eq!(r16.bytes, r16.f16_bytes, "the f16 size formula matches a real f16 file");
-    let rq = export_gguf(&ck.config, &QuantConfig::default(), &ck.params, None, Format::Q2_0, "t", &d.path().join("q.gguf")).unwrap();
+    assert_eq!(
+        r16.bytes, r16.f16_bytes,
+        "the f16 size formula matches a real f16 file"
+    );
+    let rq = export_gguf(
+        &ck.config,
+        &QuantConfig::default(),
+        &ck.params,
+        None,
+        Format::Q2_0,
+        "t",
+        &d.path().join("q.gguf"),
+    )
+    .unwrap();
     assert!(rq.ratio_to_f16 < 0.25 && rq.bits_per_weight < 4.0, "{rq:?}");
-    let err = export_gguf(&ck.config, &QuantConfig { group_size: 32, ..Default::default() }, &ck.params, None, Format::Q2_0, "t", &d.path().join("x.gguf"))
-        .unwrap_err()
-        .to_string();
+    let err = export_gguf(
+        &ck.config,
+        &QuantConfig {
+            group_size: 32,
+            ..Default::default()
+        },
+        &ck.params,
+        None,
+        Format::Q2_0,
+        "t",
+        &d.path().join("x.gguf"),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("group size 32"), "{err}");
 }
 
 fn cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_tern")).args(args).output().unwrap()
+    std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -104,10 +162,26 @@ fn verify_passes_clean_files_and_fails_tampered_ones() {
     let d = tempfile::tempdir().unwrap();
     let path = export(&ck, &QuantConfig::default(), Format::Q2_0, d.path());
     let src = fixtures_dir().join("tied_gqa2");
-    let o = cli(&["verify", "--model", path.to_str().unwrap(), "--source", src.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = cli(&[
+        "verify",
+        "--model",
+        path.to_str().unwrap(),
+        "--source",
+        src.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     let o = cli(&["verify", "--model", src.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 
     let file = GgufFile::read(&path).unwrap();
     let t = file.tensor("blk.0.attn_q.weight").unwrap();
@@ -125,9 +199,19 @@ fn verify_passes_clean_files_and_fails_tampered_ones() {
     bytes[at] ^= 0x01;
     let bad = d.path().join("bad_scale.gguf");
     std::fs::write(&bad, &bytes).unwrap();
-    let o = cli(&["verify", "--model", bad.to_str().unwrap(), "--source", src.to_str().unwrap()]);
+    let o = cli(&[
+        "verify",
+        "--model",
+        bad.to_str().unwrap(),
+        "--source",
+        src.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("scale"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("scale"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 fn parse_err(bytes: Vec<u8>) -> String {
@@ -156,11 +240,17 @@ fn corrupted_gguf_files_are_clear_errors() {
     b[16..24].copy_from_slice(&u64::MAX.to_le_bytes()); // metadata count
     assert!(parse_err(b).contains("metadata count"));
     let e = parse_err(good[..good.len() - 100].to_vec());
-    assert!(e.contains("runs past the end") && e.contains("truncated"), "{e}");
+    assert!(
+        e.contains("runs past the end") && e.contains("truncated"),
+        "{e}"
+    );
     // A tensor type id tern does not know: find the first tensor info's type field.
     let file = GgufFile::parse(Path::new("x"), good.clone()).unwrap();
     let first = &file.tensors[0];
-    let name_at = good.windows(first.name.len()).position(|w| w == first.name.as_bytes()).unwrap();
+    let name_at = good
+        .windows(first.name.len())
+        .position(|w| w == first.name.as_bytes())
+        .unwrap();
     let type_at = name_at + first.name.len() + 4 + 8 * first.dims.len();
     let mut b = good.clone();
     b[type_at..type_at + 4].copy_from_slice(&77u32.to_le_bytes());
@@ -177,22 +267,46 @@ fn eval_of_the_q2_0_export_equals_eval_of_the_checkpoint_in_ternary_mode() {
         let ck = load_checkpoint(&fixtures_dir().join(name), DType::F32, &Device::Cpu).unwrap();
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("m.gguf");
-        export_gguf(&ck.config, &QuantConfig::default(), &ck.params, None, Format::Q2_0, name, &out).unwrap();
+        export_gguf(
+            &ck.config,
+            &QuantConfig::default(),
+            &ck.params,
+            None,
+            Format::Q2_0,
+            name,
+            &out,
+        )
+        .unwrap();
         let file = GgufFile::read(&out).unwrap();
         let packed = tern::gguf::load_model(&file).unwrap();
         assert!(packed.is_packed());
-        assert_eq!(packed.cfg.tie_word_embeddings, ck.config.tie_word_embeddings);
-        let dense = tern::model::Qwen3::new(&ck.config, QuantConfig::default(), &ck.params).unwrap().freeze().unwrap();
+        assert_eq!(
+            packed.cfg.tie_word_embeddings,
+            ck.config.tie_word_embeddings
+        );
+        let dense = tern::model::Qwen3::new(&ck.config, QuantConfig::default(), &ck.params)
+            .unwrap()
+            .freeze()
+            .unwrap();
         let exp = expected(name);
         let ids: Vec<u32> = input_ids(&exp).flatten_all().unwrap().to_vec1().unwrap();
         let w = tern::eval::plan(ids.len(), 16, None, tern::eval::Scheme::Plain).unwrap();
         let pd = tern::eval::perplexity(&tern::eval::score(&dense, &ids, &w, 2).unwrap());
         let pp = tern::eval::perplexity(&tern::eval::score(&packed, &ids, &w, 2).unwrap());
-        assert!((pd.ppl - pp.ppl).abs() <= 1e-3 * pd.ppl, "{name}: checkpoint PPL {} vs q2_0 PPL {}", pd.ppl, pp.ppl);
+        assert!(
+            (pd.ppl - pp.ppl).abs() <= 1e-3 * pd.ppl,
+            "{name}: checkpoint PPL {} vs q2_0 PPL {}",
+            pd.ppl,
+            pp.ppl
+        );
         // Logits agree up to the f16 rounding of the scales.
         let a = dense.full_logits(&input_ids(&exp)).unwrap();
         let b = packed.full_logits(&input_ids(&exp)).unwrap();
-        assert!(max_abs_diff(&a, &b) < 2e-2, "{name}: {}", max_abs_diff(&a, &b));
+        assert!(
+            max_abs_diff(&a, &b) < 2e-2,
+            "{name}: {}",
+            max_abs_diff(&a, &b)
+        );
         // The packed model never holds a dense copy: its layers keep only the file's bytes.
         assert!(std::sync::Arc::strong_count(&file.bytes) > 10);
     }

@@ -13,35 +13,64 @@ static ALLOC: Counting<std::alloc::System> = Counting(std::alloc::System);
 fn flash_attention_at_4096_never_allocates_an_n_by_n_matrix() {
     let (n, d) = (4096usize, 64usize);
     let rnd = |seed: u64| -> Tensor {
-        let v: Vec<f32> = (0..n * d).map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0).collect();
+        let v: Vec<f32> = (0..n * d)
+            .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+            .collect();
         Tensor::from_vec(v, (1, 1, n, d), &Device::Cpu).unwrap()
     };
-    let (q, k, v) = (Var::from_tensor(&rnd(1)).unwrap(), Var::from_tensor(&rnd(2)).unwrap(), Var::from_tensor(&rnd(3)).unwrap());
+    let (q, k, v) = (
+        Var::from_tensor(&rnd(1)).unwrap(),
+        Var::from_tensor(&rnd(2)).unwrap(),
+        Var::from_tensor(&rnd(3)).unwrap(),
+    );
     let w = rnd(4);
     for causal in [true, false] {
         let base = heap_now();
         reset_heap_peak();
-        let cfg = FlashConfig { causal, ..FlashConfig::default() };
+        let cfg = FlashConfig {
+            causal,
+            ..FlashConfig::default()
+        };
         let o = flash_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &cfg).unwrap();
         let loss = (o * &w).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
         assert_eq!(grads.get(q.as_tensor()).unwrap().dtype(), DType::F32);
         let extra = heap_peak() - base;
         let nn = n * n * 4;
-        eprintln!("causal {causal}: peak extra {:.2} MiB = {:.1}% of one NxN f32 matrix", extra as f64 / 1048576.0, 100.0 * extra as f64 / nn as f64);
+        eprintln!(
+            "causal {causal}: peak extra {:.2} MiB = {:.1}% of one NxN f32 matrix",
+            extra as f64 / 1048576.0,
+            100.0 * extra as f64 / nn as f64
+        );
         assert!(extra * 5 < nn, "peak extra {extra} bytes >= 20% of {nn}");
     }
     // The kernel alone (no autograd bookkeeping): O, L, D and the three gradients.
     let vals = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-    let (qs, ks, vs, ws) = (vals(q.as_tensor()), vals(k.as_tensor()), vals(v.as_tensor()), vals(&w));
-    let dims = Dims { b: 1, h: 1, kv: 1, t: n, tk: n, d };
+    let (qs, ks, vs, ws) = (
+        vals(q.as_tensor()),
+        vals(k.as_tensor()),
+        vals(v.as_tensor()),
+        vals(&w),
+    );
+    let dims = Dims {
+        b: 1,
+        h: 1,
+        kv: 1,
+        t: n,
+        tk: n,
+        d,
+    };
     let base = heap_now();
     reset_heap_peak();
     let cfg = FlashConfig::default();
     let (o, lse) = forward(&qs, &ks, &vs, dims, &cfg);
     let grads = backward(&qs, &ks, &vs, &o, &lse, &ws, dims, &cfg);
     let extra = heap_peak() - base;
-    eprintln!("kernel alone: peak extra {:.2} MiB = {:.1}% of one NxN f32 matrix", extra as f64 / 1048576.0, 100.0 * extra as f64 / (n * n * 4) as f64);
+    eprintln!(
+        "kernel alone: peak extra {:.2} MiB = {:.1}% of one NxN f32 matrix",
+        extra as f64 / 1048576.0,
+        100.0 * extra as f64 / (n * n * 4) as f64
+    );
     assert!(extra * 10 < n * n * 4);
     drop(grads);
 }

@@ -18,7 +18,10 @@ fn tiny(tied: bool) -> Qwen3Config {
 
 /// Small groups so rows hold several groups and a partial one (48 = 2*20 + 8; 80 = 4*20).
 fn quant() -> QuantConfig {
-    QuantConfig { group_size: 20, ..QuantConfig::default() }
+    QuantConfig {
+        group_size: 20,
+        ..QuantConfig::default()
+    }
 }
 
 fn batch(device: &Device, vocab: u32) -> (Tensor, Tensor) {
@@ -29,13 +32,25 @@ fn batch(device: &Device, vocab: u32) -> (Tensor, Tensor) {
 
 fn loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Tensor {
     let logits = model.full_logits(inp).unwrap();
-    candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &tgt.flatten_all().unwrap()).unwrap()
+    candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &tgt.flatten_all().unwrap())
+        .unwrap()
 }
 
 #[test]
 fn every_parameter_gets_a_finite_nonzero_gradient() {
     for tied in [true, false] {
-        for q in [quant(), QuantConfig::full_precision(), QuantConfig { scale: ScaleRule::MaxAbs, ..quant() }, QuantConfig { embeddings: false, ..quant() }] {
+        for q in [
+            quant(),
+            QuantConfig::full_precision(),
+            QuantConfig {
+                scale: ScaleRule::MaxAbs,
+                ..quant()
+            },
+            QuantConfig {
+                embeddings: false,
+                ..quant()
+            },
+        ] {
             let cfg = tiny(tied);
             let params = Params::scratch(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
             let model = Qwen3::new(&cfg, q, &params).unwrap();
@@ -44,9 +59,14 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
             let expected = 1 + cfg.num_hidden_layers * 11 + 1 + usize::from(!tied);
             assert_eq!(params.len(), expected);
             for (name, var) in params.iter() {
-                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient (tied={tied}, {q:?})"));
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no gradient (tied={tied}, {q:?})"));
                 let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+                assert!(
+                    v.iter().all(|x| x.is_finite()),
+                    "{name}: non-finite gradient"
+                );
                 let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
                 assert!(max > 0.0, "{name}: all-zero gradient (tied={tied}, {q:?})");
             }
@@ -58,7 +78,11 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
 fn projected_params(params: &Params, q: &QuantConfig) -> Params {
     Params::from_tensors(params.iter().map(|(n, v)| {
         let t = v.as_tensor().detach();
-        let t = if is_norm(n) { t } else { project(&t, q.group_size, q.scale).unwrap() };
+        let t = if is_norm(n) {
+            t
+        } else {
+            project(&t, q.group_size, q.scale).unwrap()
+        };
         (n.clone(), t)
     }))
     .unwrap()
@@ -81,7 +105,10 @@ fn ste_gradient_of_each_latent_equals_finite_differences_wrt_the_projected_weigh
         let proj = projected_params(&latent, &q);
         let full = Qwen3::new(&cfg, QuantConfig::full_precision(), &proj).unwrap();
         // Both models compute the same function value.
-        let (l_t, l_f) = (loss_value(&ternary, &inp, &tgt), loss_value(&full, &inp, &tgt));
+        let (l_t, l_f) = (
+            loss_value(&ternary, &inp, &tgt),
+            loss_value(&full, &inp, &tgt),
+        );
         assert!((l_t - l_f).abs() < 1e-12, "{l_t} vs {l_f}");
 
         let eps = 1e-6;
@@ -89,13 +116,22 @@ fn ste_gradient_of_each_latent_equals_finite_differences_wrt_the_projected_weigh
         for (name, var) in proj.iter() {
             let g = g_ste.get(latent.var(name).unwrap().as_tensor()).unwrap();
             let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let base = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
             // A few entries per tensor, spread over it (and rows with partial groups).
             let n = base.len();
             for &k in &[0, n / 3, n / 2 + 1, n - 1] {
                 let fd = central_difference(var, &base, k, eps, &full, &inp, &tgt);
                 let tol = 1e-5 + 1e-3 * fd.abs();
-                assert!((g[k] - fd).abs() <= tol, "{name}[{k}] (tied={tied}): STE grad {} vs finite difference {fd}", g[k]);
+                assert!(
+                    (g[k] - fd).abs() <= tol,
+                    "{name}[{k}] (tied={tied}): STE grad {} vs finite difference {fd}",
+                    g[k]
+                );
                 checked += 1;
             }
         }
@@ -103,12 +139,21 @@ fn ste_gradient_of_each_latent_equals_finite_differences_wrt_the_projected_weigh
     }
 }
 
-fn central_difference(var: &Var, base: &[f64], k: usize, eps: f64, m: &Qwen3, inp: &Tensor, tgt: &Tensor) -> f64 {
+fn central_difference(
+    var: &Var,
+    base: &[f64],
+    k: usize,
+    eps: f64,
+    m: &Qwen3,
+    inp: &Tensor,
+    tgt: &Tensor,
+) -> f64 {
     let shape = var.as_tensor().dims().to_vec();
     let set = |delta: f64| {
         let mut v = base.to_vec();
         v[k] += delta;
-        var.set(&Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap())
+            .unwrap();
         loss_value(m, inp, tgt)
     };
     let (plus, minus) = (set(eps), set(-eps));
@@ -127,11 +172,23 @@ fn fused_kernels_and_plain_references_give_the_same_gradients() {
         let params = Params::scratch(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
         let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
         let run = |kernels: Kernels| {
-            let model = Qwen3::new(&cfg, quant(), &params).unwrap().with_kernels(kernels);
+            let model = Qwen3::new(&cfg, quant(), &params)
+                .unwrap()
+                .with_kernels(kernels);
             let l = tern::train::step::batch_loss(&model, &inp, &tgt).unwrap();
             let grads = l.backward().unwrap();
-            let per_param: Vec<Vec<f32>> =
-                params.iter().map(|(_, v)| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()).collect();
+            let per_param: Vec<Vec<f32>> = params
+                .iter()
+                .map(|(_, v)| {
+                    grads
+                        .get(v.as_tensor())
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect();
             (l.to_scalar::<f32>().unwrap(), per_param)
         };
         let (lf, gf) = run(Kernels::Fused);
@@ -139,8 +196,16 @@ fn fused_kernels_and_plain_references_give_the_same_gradients() {
         assert!((lf - lr).abs() < 1e-5, "loss {lf} vs {lr}");
         for ((name, _), (a, b)) in params.iter().zip(gf.iter().zip(&gr)) {
             let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-            let err = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
-            assert!(err < 1e-4, "{name}: fused vs reference gradient rel err {err}");
+            let err = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+                / scale;
+            assert!(
+                err < 1e-4,
+                "{name}: fused vs reference gradient rel err {err}"
+            );
         }
     }
 }

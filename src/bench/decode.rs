@@ -19,9 +19,28 @@ pub struct DecodeSpeed {
 /// One warm-up, then a timed prefill (1 new token) and a timed run of `n` new tokens; decode
 /// speed excludes the prefill.
 pub fn measure(model: &Qwen3, prompt: usize, n: usize) -> Result<DecodeSpeed> {
-    let ids: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 11) % model.cfg.vocab_size as u32).collect();
-    let cfg = GenerateConfig { max_new: n, sampler: SamplerConfig { temp: 0.0, ..Default::default() }, eos: vec![] };
-    let run = |max_new: usize| generate_batch(model, std::slice::from_ref(&ids), &GenerateConfig { max_new, ..cfg.clone() }, |_, _| false);
+    let ids: Vec<u32> = (0..prompt as u32)
+        .map(|i| (i * 7919 + 11) % model.cfg.vocab_size as u32)
+        .collect();
+    let cfg = GenerateConfig {
+        max_new: n,
+        sampler: SamplerConfig {
+            temp: 0.0,
+            ..Default::default()
+        },
+        eos: vec![],
+    };
+    let run = |max_new: usize| {
+        generate_batch(
+            model,
+            std::slice::from_ref(&ids),
+            &GenerateConfig {
+                max_new,
+                ..cfg.clone()
+            },
+            |_, _| false,
+        )
+    };
     run(2)?;
     let t0 = Instant::now();
     run(1)?;

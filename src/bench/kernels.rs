@@ -27,17 +27,39 @@ pub struct Sizes {
 impl Sizes {
     /// configs/tiny.toml's model and batch.
     pub fn tiny() -> Self {
-        Self { name: "tiny", batch: 8, seq: 128, hidden: 128, intermediate: 384, heads: 4, kv_heads: 2, head_dim: 32, vocab: 151_936 }
+        Self {
+            name: "tiny",
+            batch: 8,
+            seq: 128,
+            hidden: 128,
+            intermediate: 384,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 32,
+            vocab: 151_936,
+        }
     }
     /// One Qwen3-0.6B layer (and its head) at batch 1, seq 512.
     pub fn qwen3_0_6b() -> Self {
-        Self { name: "qwen3-0.6b", batch: 1, seq: 512, hidden: 1024, intermediate: 3072, heads: 16, kv_heads: 8, head_dim: 128, vocab: 151_936 }
+        Self {
+            name: "qwen3-0.6b",
+            batch: 1,
+            seq: 512,
+            hidden: 1024,
+            intermediate: 3072,
+            heads: 16,
+            kv_heads: 8,
+            head_dim: 128,
+            vocab: 151_936,
+        }
     }
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "tiny" => Ok(Self::tiny()),
             "qwen3-0.6b" => Ok(Self::qwen3_0_6b()),
-            o => Err(crate::Error::Msg(format!("--size: expected 'tiny' or 'qwen3-0.6b', found '{o}'"))),
+            o => Err(crate::Error::Msg(format!(
+                "--size: expected 'tiny' or 'qwen3-0.6b', found '{o}'"
+            ))),
         }
     }
 }
@@ -89,10 +111,23 @@ fn fwd_bwd(out: Tensor, w: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn row(kernel: &str, shape: String, reps: usize, mut fused: impl FnMut() -> Result<()>, mut reference: impl FnMut() -> Result<()>) -> Result<Row> {
+fn row(
+    kernel: &str,
+    shape: String,
+    reps: usize,
+    mut fused: impl FnMut() -> Result<()>,
+    mut reference: impl FnMut() -> Result<()>,
+) -> Result<Row> {
     let (fused_s, fused_bytes) = measure(reps, &mut fused)?;
     let (reference_s, reference_bytes) = measure(reps, &mut reference)?;
-    Ok(Row { kernel: kernel.into(), shape, fused_s, reference_s, fused_bytes, reference_bytes })
+    Ok(Row {
+        kernel: kernel.into(),
+        shape,
+        fused_s,
+        reference_s,
+        fused_bytes,
+        reference_bytes,
+    })
 }
 
 /// Every kernel at `s`, `reps` timed repetitions each.
@@ -109,14 +144,29 @@ pub fn run(s: Sizes, reps: usize) -> Result<Vec<Row>> {
         format!("[{n}, {}]", s.hidden),
         reps,
         || fwd_bwd(norm::rms_norm(x.as_tensor(), g.as_tensor(), 1e-6)?, &wy),
-        || fwd_bwd(norm::rms_norm_reference(x.as_tensor(), g.as_tensor(), 1e-6)?, &wy),
+        || {
+            fwd_bwd(
+                norm::rms_norm_reference(x.as_tensor(), g.as_tensor(), 1e-6)?,
+                &wy,
+            )
+        },
     )?);
     rows.push(row(
         "layer_norm",
         format!("[{n}, {}]", s.hidden),
         reps,
-        || fwd_bwd(norm::layer_norm(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)?, &wy),
-        || fwd_bwd(norm::layer_norm_reference(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)?, &wy),
+        || {
+            fwd_bwd(
+                norm::layer_norm(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)?,
+                &wy,
+            )
+        },
+        || {
+            fwd_bwd(
+                norm::layer_norm_reference(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)?,
+                &wy,
+            )
+        },
     )?);
 
     let (nh, kv, hd) = (s.heads, s.kv_heads, s.head_dim);
@@ -129,7 +179,12 @@ pub fn run(s: Sizes, reps: usize) -> Result<Vec<Row>> {
         format!("[{}, {}, {nh}, {hd}]", s.batch, s.seq),
         reps,
         || fwd_bwd(rope::rope_transposed(xr.as_tensor(), &cos, &sin)?, &wr),
-        || fwd_bwd(rope::rope_transposed_reference(xr.as_tensor(), &cos, &sin)?, &wr),
+        || {
+            fwd_bwd(
+                rope::rope_transposed_reference(xr.as_tensor(), &cos, &sin)?,
+                &wr,
+            )
+        },
     )?);
 
     let q = var(&[s.batch, nh, s.seq, hd], 7)?;
@@ -140,13 +195,39 @@ pub fn run(s: Sizes, reps: usize) -> Result<Vec<Row>> {
         "flash attention (causal, GQA)",
         format!("q [{}, {nh}, {}, {hd}], kv {kv}", s.batch, s.seq),
         reps,
-        || fwd_bwd(flash_attention::flash_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &cfg)?, &wr),
-        || fwd_bwd(flash_attention::attention_reference(q.as_tensor(), k.as_tensor(), v.as_tensor(), &cfg)?, &wr),
+        || {
+            fwd_bwd(
+                flash_attention::flash_attention(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    &cfg,
+                )?,
+                &wr,
+            )
+        },
+        || {
+            fwd_bwd(
+                flash_attention::attention_reference(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    &cfg,
+                )?,
+                &wr,
+            )
+        },
     )?);
 
     let h = var(&[n, s.hidden], 10)?;
     let head = Var::from_tensor(&(randn(&[s.vocab, s.hidden], 11)? * 0.05)?)?;
-    let targets = Tensor::from_vec((0..n as u32).map(|i| (i * 7919) % s.vocab as u32).collect::<Vec<_>>(), n, &Device::Cpu)?;
+    let targets = Tensor::from_vec(
+        (0..n as u32)
+            .map(|i| (i * 7919) % s.vocab as u32)
+            .collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )?;
     let chunk = cross_entropy::default_chunk(s.vocab);
     let quant = QuantConfig::default();
     let one = Tensor::new(1f32, &Device::Cpu)?;
@@ -154,10 +235,24 @@ pub fn run(s: Sizes, reps: usize) -> Result<Vec<Row>> {
         "LM head + cross-entropy (ternary head)",
         format!("h [{n}, {}], W [{}, {}]", s.hidden, s.vocab, s.hidden),
         reps,
-        || fwd_bwd(cross_entropy::lm_head_cross_entropy_ste(h.as_tensor(), head.as_tensor(), &quant, &targets, chunk)?, &one),
+        || {
+            fwd_bwd(
+                cross_entropy::lm_head_cross_entropy_ste(
+                    h.as_tensor(),
+                    head.as_tensor(),
+                    &quant,
+                    &targets,
+                    chunk,
+                )?,
+                &one,
+            )
+        },
         || {
             let wq = Kernels::Reference.effective_weight(head.as_tensor(), &quant)?;
-            fwd_bwd(cross_entropy::reference_loss(h.as_tensor(), &wq, &targets)?, &one)
+            fwd_bwd(
+                cross_entropy::reference_loss(h.as_tensor(), &wq, &targets)?,
+                &one,
+            )
         },
     )?);
 
@@ -168,21 +263,50 @@ pub fn run(s: Sizes, reps: usize) -> Result<Vec<Row>> {
         format!("[{}, {}]", s.intermediate, s.hidden),
         reps,
         || fwd_bwd(Kernels::Fused.effective_weight(w.as_tensor(), &quant)?, &ww),
-        || fwd_bwd(Kernels::Reference.effective_weight(w.as_tensor(), &quant)?, &ww),
+        || {
+            fwd_bwd(
+                Kernels::Reference.effective_weight(w.as_tensor(), &quant)?,
+                &ww,
+            )
+        },
     )?);
     let wl = randn(&[n, s.intermediate], 14)?;
     rows.push(row(
         "ternary linear (projection + GEMM)",
-        format!("x [{n}, {}], W [{}, {}]", s.hidden, s.intermediate, s.hidden),
+        format!(
+            "x [{n}, {}], W [{}, {}]",
+            s.hidden, s.intermediate, s.hidden
+        ),
         reps,
-        || fwd_bwd(Kernels::Fused.ternary_linear(x.as_tensor(), w.as_tensor(), &quant)?, &wl),
-        || fwd_bwd(Kernels::Reference.ternary_linear(x.as_tensor(), w.as_tensor(), &quant)?, &wl),
+        || {
+            fwd_bwd(
+                Kernels::Fused.ternary_linear(x.as_tensor(), w.as_tensor(), &quant)?,
+                &wl,
+            )
+        },
+        || {
+            fwd_bwd(
+                Kernels::Reference.ternary_linear(x.as_tensor(), w.as_tensor(), &quant)?,
+                &wl,
+            )
+        },
     )?);
 
-    let params = crate::model::params::Params::from_tensors([("model.embed_tokens.weight".to_string(), randn(&[s.vocab, s.hidden], 15)?)])?;
+    let params = crate::model::params::Params::from_tensors([(
+        "model.embed_tokens.weight".to_string(),
+        randn(&[s.vocab, s.hidden], 15)?,
+    )])?;
     let mut grads = Grads::new();
-    grads.insert("model.embed_tokens.weight".into(), randn(&[s.vocab, s.hidden], 16)?);
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+    grads.insert(
+        "model.embed_tokens.weight".into(),
+        randn(&[s.vocab, s.hidden], 16)?,
+    );
+    let adam = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
     let (mut fused_opt, mut plain_opt) = (AdamW::new(adam), AdamW::new(adam));
     plain_opt.kernels = Kernels::Reference;
     rows.push(row(

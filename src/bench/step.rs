@@ -32,29 +32,52 @@ pub struct StepRun {
 
 impl StepBench {
     /// Runs the steps on `device`; `on_step` sees each report as it is made.
-    pub fn run(&self, device: &Device, mut on_step: impl FnMut(usize, &StepReport)) -> Result<StepRun> {
+    pub fn run(
+        &self,
+        device: &Device,
+        mut on_step: impl FnMut(usize, &StepReport),
+    ) -> Result<StepRun> {
         self.quant.validate()?;
         if self.batch == 0 || self.seq == 0 || self.steps == 0 {
-            return Err(Error::Msg("--batch, --seq and --steps must be positive".into()));
+            return Err(Error::Msg(
+                "--batch, --seq and --steps must be positive".into(),
+            ));
         }
         let t0 = std::time::Instant::now();
         let params = Params::scratch(&self.arch, self.seed, DType::F32, device)?;
         let model = Qwen3::new(&self.arch, self.quant, &params)?.with_kernels(self.kernels);
-        let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 });
+        let mut opt = AdamW::new(AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        });
         opt.kernels = self.kernels;
         let init_s = t0.elapsed().as_secs_f64();
         let rss_after_init = crate::mem::rss_bytes();
         let n = self.batch * (self.seq + 1);
         let vocab = self.arch.vocab_size as u64;
-        let ids: Vec<u32> = (0..n).map(|i| ((i as u64 * 2_654_435_761 + self.seed) % vocab) as u32).collect();
+        let ids: Vec<u32> = (0..n)
+            .map(|i| ((i as u64 * 2_654_435_761 + self.seed) % vocab) as u32)
+            .collect();
         let ids = Tensor::from_vec(ids, (self.batch, self.seq + 1), device)?;
-        let cfg = StepConfig { lr: 1e-4, max_grad_norm: 1.0, inject_nan: false };
+        let cfg = StepConfig {
+            lr: 1e-4,
+            max_grad_norm: 1.0,
+            inject_nan: false,
+        };
         let mut steps = Vec::with_capacity(self.steps);
         for i in 0..self.steps {
             let r = train_step(&model, &params, &mut opt, 1, || Ok(ids.clone()), cfg)?;
             on_step(i, &r);
             steps.push(r);
         }
-        Ok(StepRun { params: params.num_elements(), tensors: params.len(), init_s, rss_after_init, steps })
+        Ok(StepRun {
+            params: params.num_elements(),
+            tensors: params.len(),
+            init_s,
+            rss_after_init,
+            steps,
+        })
     }
 }

@@ -17,10 +17,14 @@ pub struct TopkRow {
 /// Both at k = 1, 10, 50, 500 over `batch` rows of random logits of width `vocab`.
 pub fn run(vocab: usize, batch: usize, reps: usize) -> Result<Vec<TopkRow>> {
     if vocab == 0 || batch == 0 || reps == 0 {
-        return Err(Error::Msg("--vocab, --batch and --reps must be positive".into()));
+        return Err(Error::Msg(
+            "--vocab, --batch and --reps must be positive".into(),
+        ));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let logits: Vec<f32> = (0..vocab * batch).map(|_| rng.gen_range(-10.0f32..10.0)).collect();
+    let logits: Vec<f32> = (0..vocab * batch)
+        .map(|_| rng.gen_range(-10.0f32..10.0))
+        .collect();
     let mut rows = Vec::new();
     for k in [1usize, 10, 50, 500] {
         let (fused_s, _) = measure(reps, || {
@@ -28,20 +32,35 @@ pub fn run(vocab: usize, batch: usize, reps: usize) -> Result<Vec<TopkRow>> {
             Ok(())
         })?;
         let (reference_s, _) = measure(reps, || {
-            let r: Vec<_> = logits.par_chunks(vocab).map(|row| softmax_topk_reference(row, k)).collect();
+            let r: Vec<_> = logits
+                .par_chunks(vocab)
+                .map(|row| softmax_topk_reference(row, k))
+                .collect();
             std::hint::black_box(r);
             Ok(())
         })?;
-        rows.push(TopkRow { k, fused_s, reference_s });
+        rows.push(TopkRow {
+            k,
+            fused_s,
+            reference_s,
+        });
     }
     Ok(rows)
 }
 
 /// The rows as a markdown table.
 pub fn markdown(rows: &[TopkRow]) -> String {
-    let mut s = String::from("| k | fused ms | full softmax + sort ms | speed-up |\n|---:|---:|---:|---:|\n");
+    let mut s = String::from(
+        "| k | fused ms | full softmax + sort ms | speed-up |\n|---:|---:|---:|---:|\n",
+    );
     for r in rows {
-        s += &format!("| {} | {:.2} | {:.2} | {:.1}x |\n", r.k, r.fused_s * 1e3, r.reference_s * 1e3, r.reference_s / r.fused_s);
+        s += &format!(
+            "| {} | {:.2} | {:.2} | {:.1}x |\n",
+            r.k,
+            r.fused_s * 1e3,
+            r.reference_s * 1e3,
+            r.reference_s / r.fused_s
+        );
     }
     s
 }

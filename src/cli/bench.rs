@@ -95,13 +95,48 @@ pub fn run(cmd: Cmd) -> Result<i32> {
                 KernelSize::Tiny => "tiny",
                 KernelSize::Qwen3_0_6b => "qwen3-0.6b",
             })?;
-            println!("kernels at {} sizes ({sizes:?}), {reps} reps, median\n", sizes.name);
-            print!("{}", bench::kernels::markdown(&bench::kernels::run(sizes, reps)?));
+            println!(
+                "kernels at {} sizes ({sizes:?}), {reps} reps, median\n",
+                sizes.name
+            );
+            print!(
+                "{}",
+                bench::kernels::markdown(&bench::kernels::run(sizes, reps)?)
+            );
         }
-        Cmd::Decode { model, gguf, prompt, tokens } => decode(&model, gguf, prompt, tokens)?,
-        Cmd::Step { arch, batch, seq, steps, precision, group_size, scale, device, seed, kernels } => {
-            let quant = QuantConfig { ternary: precision == Precision::Ternary, group_size, scale, ..QuantConfig::default() };
-            let b = bench::step::StepBench { arch: arch_config(&arch)?, quant, kernels, batch, seq, steps, seed };
+        Cmd::Decode {
+            model,
+            gguf,
+            prompt,
+            tokens,
+        } => decode(&model, gguf, prompt, tokens)?,
+        Cmd::Step {
+            arch,
+            batch,
+            seq,
+            steps,
+            precision,
+            group_size,
+            scale,
+            device,
+            seed,
+            kernels,
+        } => {
+            let quant = QuantConfig {
+                ternary: precision == Precision::Ternary,
+                group_size,
+                scale,
+                ..QuantConfig::default()
+            };
+            let b = bench::step::StepBench {
+                arch: arch_config(&arch)?,
+                quant,
+                kernels,
+                batch,
+                seq,
+                steps,
+                seed,
+            };
             step(&b, &arch, &device)?;
         }
     }
@@ -111,9 +146,17 @@ pub fn run(cmd: Cmd) -> Result<i32> {
 fn arch_config(arch: &str) -> Result<Qwen3Config> {
     match arch {
         "qwen3-0.6b" => Ok(Qwen3Config::qwen3_0_6b()),
-        path if path.ends_with(".toml") => Ok(tern::train::TrainConfig::load(std::path::Path::new(path), &[])?.model.scratch_config()),
-        path => Qwen3Config::from_json_file(std::path::Path::new(path))
-            .with_context(|| format!("--arch '{path}': expected 'qwen3-0.6b', a tern .toml config or a config.json path")),
+        path if path.ends_with(".toml") => Ok(tern::train::TrainConfig::load(
+            std::path::Path::new(path),
+            &[],
+        )?
+        .model
+        .scratch_config()),
+        path => Qwen3Config::from_json_file(std::path::Path::new(path)).with_context(|| {
+            format!(
+                "--arch '{path}': expected 'qwen3-0.6b', a tern .toml config or a config.json path"
+            )
+        }),
     }
 }
 
@@ -159,12 +202,22 @@ fn step(b: &bench::step::StepBench, arch: &str, device: &str) -> Result<()> {
 
 fn decode(model: &str, gguf: Option<PathBuf>, prompt: usize, n: usize) -> Result<()> {
     let rss0 = tern::mem::rss_bytes().unwrap_or(0);
-    let mut runs = vec![("dense f32 (projected once)".to_string(), super::load_model(model, Precision::Ternary, "cpu")?.model)];
+    let mut runs = vec![(
+        "dense f32 (projected once)".to_string(),
+        super::load_model(model, Precision::Ternary, "cpu")?.model,
+    )];
     if let Some(g) = gguf {
-        runs.push((format!("packed {}", g.display()), super::load_model(&g.display().to_string(), Precision::Ternary, "cpu")?.model));
+        runs.push((
+            format!("packed {}", g.display()),
+            super::load_model(&g.display().to_string(), Precision::Ternary, "cpu")?.model,
+        ));
     }
     let mib = |b: u64| b as f64 / 1048576.0;
-    println!("rss after loading: {:.1} MiB (from {:.1} MiB)", mib(tern::mem::rss_bytes().unwrap_or(0)), mib(rss0));
+    println!(
+        "rss after loading: {:.1} MiB (from {:.1} MiB)",
+        mib(tern::mem::rss_bytes().unwrap_or(0)),
+        mib(rss0)
+    );
     for (name, m) in &runs {
         let s = bench::decode::measure(m, prompt, n)?;
         println!(

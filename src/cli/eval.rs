@@ -59,10 +59,12 @@ pub fn run(a: Args) -> Result<i32> {
         Split::Val => {
             let cfg = match &a.config {
                 Some(p) => tern::train::TrainConfig::load(p, &[])?,
-                None => loaded
-                    .train_config
-                    .clone()
-                    .with_context(|| format!("--split val: model '{}' has no train_config.toml; pass --config", a.m.model))?,
+                None => loaded.train_config.clone().with_context(|| {
+                    format!(
+                        "--split val: model '{}' has no train_config.toml; pass --config",
+                        a.m.model
+                    )
+                })?,
             };
             tern::data::load_split(&a.data, &tok, cfg.data.val_fraction, cfg.data.seq_len)?.val
         }
@@ -78,7 +80,13 @@ pub fn run(a: Args) -> Result<i32> {
         println!("{v}");
     } else {
         println!("PPL = {:.4} +/- {:.4}", p.ppl, p.ppl_stderr);
-        println!("{} tokens scored in {} windows, mean NLL {:.6}, {:.1} tokens/s", p.tokens, windows.len(), p.nll, tps);
+        println!(
+            "{} tokens scored in {} windows, mean NLL {:.6}, {:.1} tokens/s",
+            p.tokens,
+            windows.len(),
+            p.nll,
+            tps
+        );
     }
     Ok(0)
 }

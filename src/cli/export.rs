@@ -26,10 +26,30 @@ pub fn run(a: Args) -> Result<i32> {
     inputs.push(ck.dir.join(tern::hub::CONFIG_FILE));
     inputs.extend(ck.tokenizer.clone());
     tern::files::ensure_not_an_input(&a.out, &inputs, "--out")?;
-    let quant = tern::quant::QuantConfig { ternary: a.precision == Precision::Ternary, ..ck.quant.unwrap_or_default() };
-    let name = ck.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "tern".into());
-    let r = tern::gguf::export_gguf(&ck.config, &quant, &ck.params, ck.tokenizer.as_deref(), a.format, &name, &a.out)?;
-    println!("wrote {} ({} bytes, {:.2} MiB)", a.out.display(), r.bytes, r.bytes as f64 / (1u64 << 20) as f64);
+    let quant = tern::quant::QuantConfig {
+        ternary: a.precision == Precision::Ternary,
+        ..ck.quant.unwrap_or_default()
+    };
+    let name = ck
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "tern".into());
+    let r = tern::gguf::export_gguf(
+        &ck.config,
+        &quant,
+        &ck.params,
+        ck.tokenizer.as_deref(),
+        a.format,
+        &name,
+        &a.out,
+    )?;
+    println!(
+        "wrote {} ({} bytes, {:.2} MiB)",
+        a.out.display(),
+        r.bytes,
+        r.bytes as f64 / (1u64 << 20) as f64
+    );
     println!(
         "{} weights: {:.3} bits per weight in tensor data, {:.3} over the whole file (metadata and tokenizer \
          included); {:.3}x the size of the same model as F16 GGUF ({} bytes)",

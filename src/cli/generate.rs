@@ -88,26 +88,55 @@ pub struct Args {
 }
 
 pub fn run(mut a: Args) -> Result<i32> {
-    let sampler = SamplerConfig { temp: a.temp, top_k: a.top_k, top_p: a.top_p, min_p: a.min_p, seed: a.seed };
+    let sampler = SamplerConfig {
+        temp: a.temp,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        seed: a.seed,
+    };
     sampler.validate()?;
     for f in &a.prompt_files {
-        a.prompts.push(std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}", f.display()))?);
+        a.prompts.push(
+            std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}", f.display()))?,
+        );
     }
-    anyhow::ensure!(!a.prompts.is_empty(), "give at least one --prompt or --prompt-file");
-    anyhow::ensure!(!(a.beams.is_some() && a.speculative.is_some()), "--beams and --speculative cannot be combined");
+    anyhow::ensure!(
+        !a.prompts.is_empty(),
+        "give at least one --prompt or --prompt-file"
+    );
+    anyhow::ensure!(
+        !(a.beams.is_some() && a.speculative.is_some()),
+        "--beams and --speculative cannot be combined"
+    );
     let (loaded, tok) = a.m.load()?;
-    let ids = a.prompts.iter().map(|p| tok.encode(p)).collect::<tern::Result<Vec<_>>>()?;
+    let ids = a
+        .prompts
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<tern::Result<Vec<_>>>()?;
     let mut eos = tok.eos_ids();
     eos.extend(loaded.model.cfg.eos_ids());
     if let Some(beams) = a.beams {
         return print_beams(&loaded.model, &tok, &a, &ids, beams, eos);
     }
     if let Some(kind) = a.speculative {
-        anyhow::ensure!(a.temp == 0.0, "--speculative verifies greedily: drop --temp (or set it to 0)");
-        anyhow::ensure!(ids.len() == 1, "--speculative takes one prompt, found {}", ids.len());
+        anyhow::ensure!(
+            a.temp == 0.0,
+            "--speculative verifies greedily: drop --temp (or set it to 0)"
+        );
+        anyhow::ensure!(
+            ids.len() == 1,
+            "--speculative takes one prompt, found {}",
+            ids.len()
+        );
         return print_speculative(&loaded.model, &tok, &a, &ids[0], &eos, kind);
     }
-    let cfg = GenerateConfig { max_new: a.max_tokens, sampler, eos };
+    let cfg = GenerateConfig {
+        max_new: a.max_tokens,
+        sampler,
+        eos,
+    };
     let (prompts, stop) = (&a.prompts, &a.stop);
     let stream = prompts.len() == 1;
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
@@ -122,9 +151,16 @@ pub fn run(mut a: Args) -> Result<i32> {
         let hit = stop.iter().filter_map(|s| text.find(s.as_str())).min();
         if stream {
             // Print what is final: up to a stop string, holding back a possible partial one.
-            let hold = stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+            let hold = stop
+                .iter()
+                .map(|s| s.len().saturating_sub(1))
+                .max()
+                .unwrap_or(0);
             let upto = hit.unwrap_or(text.len().saturating_sub(hold));
-            let upto = (0..=upto).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+            let upto = (0..=upto)
+                .rev()
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0);
             if upto > printed {
                 print!("{}", &text[printed..upto]);
                 let _ = std::io::stdout().flush();
@@ -141,37 +177,73 @@ pub fn run(mut a: Args) -> Result<i32> {
     let n_new: usize = results.iter().map(|r| r.0.len()).sum();
     for (i, (toks, finish)) in results.iter().enumerate() {
         let text = tok.decode(toks)?;
-        let cut = stop.iter().filter_map(|s| text.find(s.as_str())).min().unwrap_or(text.len());
+        let cut = stop
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+            .unwrap_or(text.len());
         if stream {
             if cut > printed {
                 print!("{}", &text[printed..cut]);
             }
             println!();
         } else {
-            println!("=== prompt {} ({finish:?}) ===\n{}{}", i + 1, prompts[i], &text[..cut]);
+            println!(
+                "=== prompt {} ({finish:?}) ===\n{}{}",
+                i + 1,
+                prompts[i],
+                &text[..cut]
+            );
         }
     }
-    eprintln!("{n_new} tokens in {secs:.2} s ({:.1} tokens/s, prefill included)", n_new as f64 / secs.max(1e-9));
+    eprintln!(
+        "{n_new} tokens in {secs:.2} s ({:.1} tokens/s, prefill included)",
+        n_new as f64 / secs.max(1e-9)
+    );
     Ok(0)
 }
 
-fn print_speculative(model: &Qwen3, tok: &Tokenizer, a: &Args, ids: &[u32], eos: &[u32], kind: DraftSource) -> Result<i32> {
+fn print_speculative(
+    model: &Qwen3,
+    tok: &Tokenizer,
+    a: &Args,
+    ids: &[u32],
+    eos: &[u32],
+    kind: DraftSource,
+) -> Result<i32> {
     use tern::decode::speculative::{generate_speculative, Drafter};
     let draft_loaded;
     let mut drafter = match kind {
         DraftSource::Ngram => {
-            anyhow::ensure!(a.draft_model.is_none(), "--draft-model is only used with --speculative model");
+            anyhow::ensure!(
+                a.draft_model.is_none(),
+                "--draft-model is only used with --speculative model"
+            );
             Drafter::Ngram
         }
         DraftSource::Model => {
-            let spec = a.draft_model.as_deref().context("--speculative model needs --draft-model PATH")?;
+            let spec = a
+                .draft_model
+                .as_deref()
+                .context("--speculative model needs --draft-model PATH")?;
             draft_loaded = super::load_model(spec, tern::runtime::Precision::Ternary, &a.m.device)
                 .with_context(|| format!("--draft-model {spec}"))?;
-            Drafter::Model { model: &draft_loaded.model, cache: tern::model::KvCache::new(draft_loaded.model.cfg.num_hidden_layers) }
+            Drafter::Model {
+                model: &draft_loaded.model,
+                cache: tern::model::KvCache::new(draft_loaded.model.cfg.num_hidden_layers),
+            }
         }
     };
     let t0 = Instant::now();
-    let (toks, stats) = generate_speculative(model, &mut drafter, ids, a.max_tokens, a.draft_depth, a.draft_width, eos)?;
+    let (toks, stats) = generate_speculative(
+        model,
+        &mut drafter,
+        ids,
+        a.max_tokens,
+        a.draft_depth,
+        a.draft_width,
+        eos,
+    )?;
     let secs = t0.elapsed().as_secs_f64();
     println!("{}{}", a.prompts[0], tok.decode(&toks)?);
     eprintln!(
@@ -187,11 +259,26 @@ fn print_speculative(model: &Qwen3, tok: &Tokenizer, a: &Args, ids: &[u32], eos:
     Ok(0)
 }
 
-fn print_beams(model: &Qwen3, tok: &Tokenizer, a: &Args, ids: &[Vec<u32>], beams: usize, eos: Vec<u32>) -> Result<i32> {
+fn print_beams(
+    model: &Qwen3,
+    tok: &Tokenizer,
+    a: &Args,
+    ids: &[Vec<u32>],
+    beams: usize,
+    eos: Vec<u32>,
+) -> Result<i32> {
     use tern::decode::beam::{beam_search, BeamConfig, QwenBeams};
     let r = a.num_return.unwrap_or(beams);
-    anyhow::ensure!(r <= beams, "--num-return must be between 1 and --beams ({beams}), found {r}");
-    let cfg = BeamConfig { beams, length_penalty: a.length_penalty, max_new: a.max_tokens, eos };
+    anyhow::ensure!(
+        r <= beams,
+        "--num-return must be between 1 and --beams ({beams}), found {r}"
+    );
+    let cfg = BeamConfig {
+        beams,
+        length_penalty: a.length_penalty,
+        max_new: a.max_tokens,
+        eos,
+    };
     let t0 = Instant::now();
     let results = beam_search(&mut QwenBeams::new(model), ids, &cfg)?;
     for (i, hyps) in results.iter().enumerate() {
@@ -210,6 +297,9 @@ fn print_beams(model: &Qwen3, tok: &Tokenizer, a: &Args, ids: &[Vec<u32>], beams
             );
         }
     }
-    eprintln!("beam search ({beams} beams) in {:.2} s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "beam search ({beams} beams) in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(0)
 }

@@ -36,10 +36,12 @@ impl ModelArgs {
         let mut loaded = load_model(&self.model, self.precision, &self.device)?;
         let tok = match &self.tokenizer {
             Some(spec) => Tokenizer::load(spec, &tern::hub::HubOptions::from_env())?,
-            None => loaded
-                .tokenizer
-                .take()
-                .with_context(|| format!("model '{}' has no tokenizer.json beside it; pass --tokenizer", self.model))?,
+            None => loaded.tokenizer.take().with_context(|| {
+                format!(
+                    "model '{}' has no tokenizer.json beside it; pass --tokenizer",
+                    self.model
+                )
+            })?,
         };
         Ok((loaded, tok))
     }
@@ -48,19 +50,29 @@ impl ModelArgs {
 /// A model for inference on `device` (`auto` puts a packed GGUF on the CPU, where it runs).
 pub fn load_model(spec: &str, precision: Precision, device: &str) -> Result<LoadedModel> {
     let is_gguf = spec.to_ascii_lowercase().ends_with(".gguf");
-    let device = if is_gguf && device == "auto" { candle_core::Device::Cpu } else { tern::device::parse_device(device)? };
+    let device = if is_gguf && device == "auto" {
+        candle_core::Device::Cpu
+    } else {
+        tern::device::parse_device(device)?
+    };
     Ok(tern::runtime::load_for_inference(spec, precision, &device)?)
 }
 
 /// A checkpoint's latent weights (f32, CPU): for export and verify.
 pub fn load_latents(spec: &str) -> Result<tern::model::Checkpoint> {
     let dir = tern::hub::resolve_model_dir(spec, &tern::hub::HubOptions::from_env())?;
-    Ok(tern::model::load_checkpoint(&dir, candle_core::DType::F32, &candle_core::Device::Cpu)?)
+    Ok(tern::model::load_checkpoint(
+        &dir,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// True for a path that names a GGUF file.
 pub fn is_gguf(path: &str) -> bool {
-    Path::new(path).extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    Path::new(path)
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// A value parser for counts that must be at least 1.

@@ -19,13 +19,20 @@ pub fn run(a: Args) -> Result<i32> {
     let mut curves = Vec::new();
     let mut inputs = Vec::new();
     for r in &a.runs {
-        let (name, dir) = r.split_once('=').with_context(|| format!("--run '{r}': expected NAME=RUN_DIR"))?;
+        let (name, dir) = r
+            .split_once('=')
+            .with_context(|| format!("--run '{r}': expected NAME=RUN_DIR"))?;
         let path = Path::new(dir).join("metrics.jsonl");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("--run {name}: reading {}", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("--run {name}: reading {}", path.display()))?;
         let mut pts = Vec::new();
         for (i, line) in text.lines().enumerate() {
-            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-            if let (Some(step), Some(loss)) = (v.get("step").and_then(|s| s.as_u64()), v.get("val_loss").and_then(|s| s.as_f64())) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            if let (Some(step), Some(loss)) = (
+                v.get("step").and_then(|s| s.as_u64()),
+                v.get("val_loss").and_then(|s| s.as_f64()),
+            ) {
                 pts.push((step as usize, loss));
             }
         }

@@ -36,7 +36,13 @@ pub fn run(a: Args) -> Result<i32> {
         eprintln!("Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to quit now)");
     })
     .context("installing the Ctrl-C handler")?;
-    let resume = a.resume.map(|r| if r.is_empty() { cfg.train.out_dir.clone() } else { PathBuf::from(r) });
+    let resume = a.resume.map(|r| {
+        if r.is_empty() {
+            cfg.train.out_dir.clone()
+        } else {
+            PathBuf::from(r)
+        }
+    });
     let opts = tern::train::TrainOptions {
         resume,
         interrupt,
@@ -46,22 +52,51 @@ pub fn run(a: Args) -> Result<i32> {
     let out = tern::train::train(&cfg, opts)?;
     print_summary(&out.summary);
     if out.interrupted {
-        eprintln!("interrupted at step {}; resume with --resume", out.last_step);
+        eprintln!(
+            "interrupted at step {}; resume with --resume",
+            out.last_step
+        );
         return Ok(EXIT_INTERRUPTED);
     }
     Ok(0)
 }
 
 fn print_summary(s: &serde_json::Value) {
-    let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).map(|v| format!("{v:.4}")).unwrap_or("-".into());
-    println!("steps {} | tokens seen {} | {} tokens/s | wall {} s", s["steps"], s["tokens_seen"], f("tokens_per_sec"), f("elapsed_s"));
-    println!("train loss {} -> {} (mean of last 10: {})", f("train_loss_first"), f("train_loss_last"), f("train_loss_last10_mean"));
-    println!("val loss {} -> {} | val PPL {} -> {}", f("val_loss_first"), f("val_loss"), f("val_ppl_first"), f("val_ppl"));
+    let f = |k: &str| {
+        s.get(k)
+            .and_then(|v| v.as_f64())
+            .map(|v| format!("{v:.4}"))
+            .unwrap_or("-".into())
+    };
+    println!(
+        "steps {} | tokens seen {} | {} tokens/s | wall {} s",
+        s["steps"],
+        s["tokens_seen"],
+        f("tokens_per_sec"),
+        f("elapsed_s")
+    );
+    println!(
+        "train loss {} -> {} (mean of last 10: {})",
+        f("train_loss_first"),
+        f("train_loss_last"),
+        f("train_loss_last10_mean")
+    );
+    println!(
+        "val loss {} -> {} | val PPL {} -> {}",
+        f("val_loss_first"),
+        f("val_loss"),
+        f("val_ppl_first"),
+        f("val_ppl")
+    );
     let t = &s["ternary_check"];
     let share = |k: &str| t[k].as_f64().unwrap_or(0.0);
     println!(
         "ternary check: {} ({} groups, {} bad) | share -1 {:.3}, 0 {:.3}, +1 {:.3}",
-        if t["ok"].as_bool() == Some(true) { "ok" } else { "FAILED" },
+        if t["ok"].as_bool() == Some(true) {
+            "ok"
+        } else {
+            "FAILED"
+        },
         t["groups"],
         t["bad_groups"],
         share("share_minus1"),
@@ -69,7 +104,11 @@ fn print_summary(s: &serde_json::Value) {
         share("share_plus1")
     );
     for x in s["samples"].as_array().into_iter().flatten() {
-        println!("sample: {}{}", x["prompt"].as_str().unwrap_or(""), x["text"].as_str().unwrap_or(""));
+        println!(
+            "sample: {}{}",
+            x["prompt"].as_str().unwrap_or(""),
+            x["text"].as_str().unwrap_or("")
+        );
     }
     println!("checkpoint: {}", s["checkpoint"].as_str().unwrap_or("-"));
 }

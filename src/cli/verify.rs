@@ -24,7 +24,11 @@ struct Row {
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    let rows = if super::is_gguf(&a.model) { gguf_rows(&a.model, a.source.as_deref())? } else { checkpoint_rows(&a)? };
+    let rows = if super::is_gguf(&a.model) {
+        gguf_rows(&a.model, a.source.as_deref())?
+    } else {
+        checkpoint_rows(&a)?
+    };
     let failed = rows.iter().filter(|r| !r.problems.is_empty()).count();
     if a.json {
         let v: Vec<_> = rows
@@ -36,11 +40,21 @@ pub fn run(a: Args) -> Result<i32> {
             .collect();
         println!("{}", serde_json::json!({"ok": failed == 0, "tensors": v}));
     } else {
-        println!("{:<44} {:>9} {:>7} {:>7} {:>7} {:>10}  status", "tensor", "groups", "-1", "0", "+1", "max dev");
+        println!(
+            "{:<44} {:>9} {:>7} {:>7} {:>7} {:>10}  status",
+            "tensor", "groups", "-1", "0", "+1", "max dev"
+        );
         for r in &rows {
-            let status = if r.problems.is_empty() { "ok".to_string() } else { format!("FAIL: {}", r.problems.join("; ")) };
+            let status = if r.problems.is_empty() {
+                "ok".to_string()
+            } else {
+                format!("FAIL: {}", r.problems.join("; "))
+            };
             let [m, z, p] = r.shares;
-            println!("{:<44} {:>9} {m:>7.4} {z:>7.4} {p:>7.4} {:>10.2e}  {status}", r.name, r.groups, r.max_deviation);
+            println!(
+                "{:<44} {:>9} {m:>7.4} {z:>7.4} {p:>7.4} {:>10.2e}  {status}",
+                r.name, r.groups, r.max_deviation
+            );
         }
         println!("{} tensors checked, {failed} failed", rows.len());
     }
@@ -52,22 +66,44 @@ fn gguf_rows(model: &str, source: Option<&str>) -> Result<Vec<Row>> {
     let src = source.map(super::load_latents).transpose()?;
     let q = src.as_ref().map(|c| c.quant.unwrap_or_default());
     let checks = tern::gguf::verify_gguf(&file, src.as_ref().map(|c| &c.params).zip(q.as_ref()))?;
-    anyhow::ensure!(!checks.is_empty(), "{model}: no Q2_0/PQ2_0 tensors to verify");
+    anyhow::ensure!(
+        !checks.is_empty(),
+        "{model}: no Q2_0/PQ2_0 tensors to verify"
+    );
     Ok(checks
         .into_iter()
-        .map(|c| Row { name: c.name, groups: c.groups, shares: c.shares, max_deviation: 0.0, problems: c.problems })
+        .map(|c| Row {
+            name: c.name,
+            groups: c.groups,
+            shares: c.shares,
+            max_deviation: 0.0,
+            problems: c.problems,
+        })
         .collect())
 }
 
 fn checkpoint_rows(a: &Args) -> Result<Vec<Row>> {
-    anyhow::ensure!(a.source.is_none(), "--source applies to a .gguf --model only");
+    anyhow::ensure!(
+        a.source.is_none(),
+        "--source applies to a .gguf --model only"
+    );
     let ck = super::load_latents(&a.model)?;
     let (_, per) = tern::train::trainer::verify_model(&ck.params, &ck.quant.unwrap_or_default())?;
     Ok(per
         .into_iter()
         .map(|(name, r)| {
-            let problems = if r.ok() { vec![] } else { vec![format!("{} groups are not {{-s, 0, +s}}", r.bad_groups)] };
-            Row { name, groups: r.groups, shares: r.shares(), max_deviation: r.max_deviation, problems }
+            let problems = if r.ok() {
+                vec![]
+            } else {
+                vec![format!("{} groups are not {{-s, 0, +s}}", r.bad_groups)]
+            };
+            Row {
+                name,
+                groups: r.groups,
+                shares: r.shares(),
+                max_deviation: r.max_deviation,
+                problems,
+            }
         })
         .collect())
 }

@@ -16,9 +16,9 @@
 //! gather of the surviving rows. On a GPU the gather is an index_select of the cache (or, with a
 //! paged cache, a copy of block tables with copy-on-write).
 
+use super::generate::last_logits;
 use super::topk::softmax_topk;
 use crate::error::{Error, Result};
-use super::generate::last_logits;
 use crate::model::{KvCache, Qwen3};
 use candle_core::Tensor;
 
@@ -63,17 +63,34 @@ struct Beam {
 }
 
 /// Beam search for every prompt; returns the beams of each prompt, best first.
-pub fn beam_search(model: &mut impl BeamModel, prompts: &[Vec<u32>], cfg: &BeamConfig) -> Result<Vec<Vec<Hyp>>> {
+pub fn beam_search(
+    model: &mut impl BeamModel,
+    prompts: &[Vec<u32>],
+    cfg: &BeamConfig,
+) -> Result<Vec<Vec<Hyp>>> {
     let k = cfg.beams;
     if k == 0 {
         return Err(Error::Msg("--beams must be at least 1".into()));
     }
     if !(cfg.length_penalty.is_finite()) {
-        return Err(Error::Msg(format!("--length-penalty must be finite, found {}", cfg.length_penalty)));
+        return Err(Error::Msg(format!(
+            "--length-penalty must be finite, found {}",
+            cfg.length_penalty
+        )));
     }
     let mut logits = model.start(prompts)?;
     let mut items: Vec<Vec<Beam>> = (0..prompts.len())
-        .map(|i| vec![Beam { hyp: Hyp { tokens: vec![], logprob: 0.0, score: 0.0, finished: false }, row: Some(i) }])
+        .map(|i| {
+            vec![Beam {
+                hyp: Hyp {
+                    tokens: vec![],
+                    logprob: 0.0,
+                    score: 0.0,
+                    finished: false,
+                },
+                row: Some(i),
+            }]
+        })
         .collect();
     for step in 0..cfg.max_new {
         let (mut parents, mut tokens) = (Vec::new(), Vec::new());
@@ -93,7 +110,15 @@ pub fn beam_search(model: &mut impl BeamModel, prompts: &[Vec<u32>], cfg: &BeamC
                             let total = b.hyp.logprob + lp as f64;
                             let finished = cfg.eos.contains(&t);
                             let s = score(total, toks.len(), cfg.length_penalty);
-                            pool.push((Hyp { tokens: toks, logprob: total, score: s, finished }, Some(row)));
+                            pool.push((
+                                Hyp {
+                                    tokens: toks,
+                                    logprob: total,
+                                    score: s,
+                                    finished,
+                                },
+                                Some(row),
+                            ));
                         }
                     }
                     _ => pool.push((b.hyp.clone(), None)),
@@ -122,7 +147,10 @@ pub fn beam_search(model: &mut impl BeamModel, prompts: &[Vec<u32>], cfg: &BeamC
         }
         logits = model.step(&parents, &tokens)?;
     }
-    Ok(items.into_iter().map(|beams| beams.into_iter().map(|b| b.hyp).collect()).collect())
+    Ok(items
+        .into_iter()
+        .map(|beams| beams.into_iter().map(|b| b.hyp).collect())
+        .collect())
 }
 
 /// [`BeamModel`] over a frozen Qwen3 with the contiguous KV cache; prompts are left-padded.
@@ -134,9 +162,11 @@ pub struct QwenBeams<'a> {
 
 impl<'a> QwenBeams<'a> {
     pub fn new(model: &'a Qwen3) -> Self {
-        Self { model, cache: KvCache::new(model.cfg.num_hidden_layers) }
+        Self {
+            model,
+            cache: KvCache::new(model.cfg.num_hidden_layers),
+        }
     }
-
 }
 
 impl BeamModel for QwenBeams<'_> {
@@ -144,8 +174,11 @@ impl BeamModel for QwenBeams<'_> {
         super::generate::check_prompts(prompts, self.model.cfg.vocab_size)?;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-        let flat: Vec<u32> =
-            prompts.iter().zip(&pad).flat_map(|(p, &n)| std::iter::repeat_n(0u32, n).chain(p.iter().copied())).collect();
+        let flat: Vec<u32> = prompts
+            .iter()
+            .zip(&pad)
+            .flat_map(|(p, &n)| std::iter::repeat_n(0u32, n).chain(p.iter().copied()))
+            .collect();
         self.cache = KvCache::with_padding(self.model.cfg.num_hidden_layers, pad);
         let ids = Tensor::from_vec(flat, (prompts.len(), longest), self.model.device())?;
         last_logits(self.model, &self.model.forward(&ids, &mut self.cache)?)
@@ -174,7 +207,11 @@ mod tests {
             Ok(self.rows.iter().map(|r| (self.f)(r)).collect())
         }
         fn step(&mut self, parents: &[usize], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-            self.rows = parents.iter().zip(tokens).map(|(&p, &t)| [self.rows[p].clone(), vec![t]].concat()).collect();
+            self.rows = parents
+                .iter()
+                .zip(tokens)
+                .map(|(&p, &t)| [self.rows[p].clone(), vec![t]].concat())
+                .collect();
             Ok(self.rows.iter().map(|r| (self.f)(r)).collect())
         }
     }
@@ -200,11 +237,19 @@ mod tests {
             l
         };
         let mut m = Scripted { f, rows: vec![] };
-        let cfg = BeamConfig { beams: 2, length_penalty: 0.0, max_new: 2, eos: vec![0] };
+        let cfg = BeamConfig {
+            beams: 2,
+            length_penalty: 0.0,
+            max_new: 2,
+            eos: vec![0],
+        };
         let out = beam_search(&mut m, &[vec![5]], &cfg).unwrap();
         let best = &out[0][0];
         assert_eq!(best.tokens, vec![0]);
-        assert!(best.finished && (best.logprob + 3.0).abs() < 1e-5, "{best:?}");
+        assert!(
+            best.finished && (best.logprob + 3.0).abs() < 1e-5,
+            "{best:?}"
+        );
         let second = &out[0][1];
         assert_eq!(second.tokens.len(), 2);
         assert!((second.logprob + 5.0).abs() < 1e-3, "{second:?}");
@@ -219,7 +264,12 @@ mod tests {
             }
         };
         let mut m = Scripted { f, rows: vec![] };
-        let cfg = BeamConfig { beams: 2, length_penalty: 1.0, max_new: 3, eos: vec![0] };
+        let cfg = BeamConfig {
+            beams: 2,
+            length_penalty: 1.0,
+            max_new: 3,
+            eos: vec![0],
+        };
         let out = beam_search(&mut m, &[vec![1]], &cfg).unwrap();
         for h in &out[0] {
             assert!((h.score - h.logprob / h.tokens.len() as f64).abs() < 1e-9);

@@ -25,7 +25,13 @@ pub enum Finish {
 
 /// Appends `tok` to a row and decides whether the row is done: EOS, a stop string (`stop()`),
 /// or the last step.
-fn record(row: &mut (Vec<u32>, Option<Finish>), tok: u32, step: usize, cfg: &GenerateConfig, stop: impl FnOnce() -> bool) {
+fn record(
+    row: &mut (Vec<u32>, Option<Finish>),
+    tok: u32,
+    step: usize,
+    cfg: &GenerateConfig,
+    stop: impl FnOnce() -> bool,
+) {
     row.0.push(tok);
     row.1 = if cfg.eos.contains(&tok) {
         Some(Finish::Eos)
@@ -62,17 +68,24 @@ pub fn paged_forward(
         end += toks.len();
         last.push((end - 1) as u32);
     }
-    let h = h.squeeze(0)?.index_select(&Tensor::new(last.as_slice(), model.device())?, 0)?;
+    let h = h
+        .squeeze(0)?
+        .index_select(&Tensor::new(last.as_slice(), model.device())?, 0)?;
     Ok(model.logits(&h)?.to_dtype(DType::F32)?.to_vec2()?)
 }
 
 /// Every prompt non-empty and inside the vocabulary.
 pub fn check_prompts(prompts: &[Vec<u32>], vocab: usize) -> Result<()> {
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(Error::Msg(format!("prompt {} is empty after tokenization", i + 1)));
+        return Err(Error::Msg(format!(
+            "prompt {} is empty after tokenization",
+            i + 1
+        )));
     }
     if let Some(bad) = prompts.iter().flatten().find(|&&t| t as usize >= vocab) {
-        return Err(Error::Msg(format!("token id {bad} is outside the model's vocabulary ({vocab})")));
+        return Err(Error::Msg(format!(
+            "token id {bad} is outside the model's vocabulary ({vocab})"
+        )));
     }
     Ok(())
 }
@@ -93,13 +106,28 @@ pub fn generate_batch(
     let b = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-    let flat: Vec<u32> = prompts.iter().zip(&pad).flat_map(|(p, &n)| std::iter::repeat_n(0u32, n).chain(p.iter().copied())).collect();
+    let flat: Vec<u32> = prompts
+        .iter()
+        .zip(&pad)
+        .flat_map(|(p, &n)| std::iter::repeat_n(0u32, n).chain(p.iter().copied()))
+        .collect();
     let mut samplers: Vec<Sampler> = (0..b)
-        .map(|r| Sampler::new(SamplerConfig { seed: cfg.sampler.seed.wrapping_add(r as u64), ..cfg.sampler }))
+        .map(|r| {
+            Sampler::new(SamplerConfig {
+                seed: cfg.sampler.seed.wrapping_add(r as u64),
+                ..cfg.sampler
+            })
+        })
         .collect();
     let mut out: Vec<(Vec<u32>, Option<Finish>)> = vec![(Vec::new(), None); b];
     let mut cache = KvCache::with_padding(model.cfg.num_hidden_layers, pad);
-    let mut rows = last_logits(model, &model.forward(&Tensor::from_vec(flat, (b, longest), model.device())?, &mut cache)?)?;
+    let mut rows = last_logits(
+        model,
+        &model.forward(
+            &Tensor::from_vec(flat, (b, longest), model.device())?,
+            &mut cache,
+        )?,
+    )?;
     for step in 0..cfg.max_new {
         let mut next = Vec::with_capacity(b);
         for (r, row) in rows.iter().enumerate() {
@@ -114,9 +142,15 @@ pub fn generate_batch(
         if out.iter().all(|o| o.1.is_some()) {
             break;
         }
-        rows = last_logits(model, &model.forward(&Tensor::from_vec(next, (b, 1), model.device())?, &mut cache)?)?;
+        rows = last_logits(
+            model,
+            &model.forward(&Tensor::from_vec(next, (b, 1), model.device())?, &mut cache)?,
+        )?;
     }
-    Ok(out.into_iter().map(|(t, f)| (t, f.unwrap_or(Finish::Length))).collect())
+    Ok(out
+        .into_iter()
+        .map(|(t, f)| (t, f.unwrap_or(Finish::Length)))
+        .collect())
 }
 
 /// [`generate_batch`] over the paged KV cache (`decode::paged`): no padding (each sequence has
@@ -138,10 +172,19 @@ pub fn generate_paged(
     let mut cache = PagedKvCache::new(c.num_hidden_layers, c.kv_heads(), c.head_dim(), block_size);
     let seqs: Vec<usize> = prompts.iter().map(|_| cache.add_seq()).collect();
     let mut samplers: Vec<Sampler> = (0..prompts.len())
-        .map(|r| Sampler::new(SamplerConfig { seed: cfg.sampler.seed.wrapping_add(r as u64), ..cfg.sampler }))
+        .map(|r| {
+            Sampler::new(SamplerConfig {
+                seed: cfg.sampler.seed.wrapping_add(r as u64),
+                ..cfg.sampler
+            })
+        })
         .collect();
     let mut out: Vec<(Vec<u32>, Option<Finish>)> = vec![(Vec::new(), None); prompts.len()];
-    let mut batch: Vec<(usize, Vec<u32>)> = seqs.iter().zip(prompts).map(|(&s, p)| (s, p.clone())).collect();
+    let mut batch: Vec<(usize, Vec<u32>)> = seqs
+        .iter()
+        .zip(prompts)
+        .map(|(&s, p)| (s, p.clone()))
+        .collect();
     let mut live: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..cfg.max_new {
         let logits = paged_forward(model, &batch, &mut cache)?;
@@ -163,5 +206,8 @@ pub fn generate_paged(
         batch = next_batch;
         live = next_live;
     }
-    Ok(out.into_iter().map(|(t, f)| (t, f.unwrap_or(Finish::Length))).collect())
+    Ok(out
+        .into_iter()
+        .map(|(t, f)| (t, f.unwrap_or(Finish::Length)))
+        .collect())
 }

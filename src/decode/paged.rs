@@ -64,16 +64,25 @@ impl PagedKvCache {
     }
 
     fn seq(&self, s: SeqId) -> Result<&Seq> {
-        self.seqs.get(s).and_then(|x| x.as_ref()).ok_or_else(|| Error::Msg(format!("paged cache: no sequence {s}")))
+        self.seqs
+            .get(s)
+            .and_then(|x| x.as_ref())
+            .ok_or_else(|| Error::Msg(format!("paged cache: no sequence {s}")))
     }
 
     fn seq_mut(&mut self, s: SeqId) -> Result<&mut Seq> {
-        self.seqs.get_mut(s).and_then(|x| x.as_mut()).ok_or_else(|| Error::Msg(format!("paged cache: no sequence {s}")))
+        self.seqs
+            .get_mut(s)
+            .and_then(|x| x.as_mut())
+            .ok_or_else(|| Error::Msg(format!("paged cache: no sequence {s}")))
     }
 
     /// A new empty sequence.
     pub fn add_seq(&mut self) -> SeqId {
-        self.seqs.push(Some(Seq { blocks: Vec::new(), len: 0 }));
+        self.seqs.push(Some(Seq {
+            blocks: Vec::new(),
+            len: 0,
+        }));
         self.seqs.len() - 1
     }
 
@@ -160,7 +169,14 @@ impl PagedKvCache {
         let (start, last_shared) = {
             let seq = self.seq(s)?;
             let partial = seq.len % bs != 0;
-            (seq.len, if partial { seq.blocks.last().copied().filter(|&b| self.refcount[b] > 1) } else { None })
+            (
+                seq.len,
+                if partial {
+                    seq.blocks.last().copied().filter(|&b| self.refcount[b] > 1)
+                } else {
+                    None
+                },
+            )
         };
         if let Some(old) = last_shared {
             // Copy-on-write: this sequence gets its own copy of the shared partial block.
@@ -188,13 +204,25 @@ impl PagedKvCache {
     }
 
     /// Writes K and V (`[kv_heads, head_dim]` each) of position `pos` of `s` in `layer`.
-    pub fn write(&mut self, layer: usize, s: SeqId, pos: usize, k: &[f32], v: &[f32]) -> Result<()> {
+    pub fn write(
+        &mut self,
+        layer: usize,
+        s: SeqId,
+        pos: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
         let seq = self.seq(s)?.clone();
         if pos >= seq.len {
-            return Err(Error::Msg(format!("paged cache: position {pos} not reserved (length {})", seq.len)));
+            return Err(Error::Msg(format!(
+                "paged cache: position {pos} not reserved (length {})",
+                seq.len
+            )));
         }
         if self.refcount[seq.blocks[pos / self.block_size]] > 1 {
-            return Err(Error::Msg("paged cache: write into a shared block (reserve first)".into()));
+            return Err(Error::Msg(
+                "paged cache: write into a shared block (reserve first)".into(),
+            ));
         }
         let hd = self.head_dim;
         for h in 0..self.kv_heads {
@@ -207,10 +235,20 @@ impl PagedKvCache {
 
     /// Attention of one query `q: [heads, head_dim]` of sequence `s` at position `pos` over keys
     /// `0..=pos` (causal): returns `[heads, head_dim]`. Reads only slots below the length.
-    pub fn attend(&self, layer: usize, s: SeqId, pos: usize, q: &[f32], heads: usize) -> Result<Vec<f32>> {
+    pub fn attend(
+        &self,
+        layer: usize,
+        s: SeqId,
+        pos: usize,
+        q: &[f32],
+        heads: usize,
+    ) -> Result<Vec<f32>> {
         let seq = self.seq(s)?;
         if pos >= seq.len {
-            return Err(Error::Msg(format!("paged cache: query at {pos} past length {}", seq.len)));
+            return Err(Error::Msg(format!(
+                "paged cache: query at {pos} past length {}",
+                seq.len
+            )));
         }
         let (hd, g) = (self.head_dim, heads / self.kv_heads.max(1));
         let scale = 1.0 / (hd as f32).sqrt();
@@ -225,10 +263,17 @@ impl PagedKvCache {
                 let n = (pos + 1 - p0).min(self.block_size);
                 let kb = &self.k[layer][base..base + n * hd];
                 let vb = &self.v[layer][base..base + n * hd];
-                let scores: Vec<f32> = kb.chunks_exact(hd).map(|kr| kr.iter().zip(qh).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+                let scores: Vec<f32> = kb
+                    .chunks_exact(hd)
+                    .map(|kr| kr.iter().zip(qh).map(|(a, b)| a * b).sum::<f32>() * scale)
+                    .collect();
                 let bm = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let m_new = m.max(bm);
-                let f = if m == f32::NEG_INFINITY { 0.0 } else { (m - m_new).exp() };
+                let f = if m == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (m - m_new).exp()
+                };
                 l *= f;
                 acc.iter_mut().for_each(|x| *x *= f);
                 for (sc, vr) in scores.iter().zip(vb.chunks_exact(hd)) {
@@ -248,7 +293,10 @@ impl PagedKvCache {
     pub fn gather(&self, layer: usize, s: SeqId) -> Result<(Vec<f32>, Vec<f32>)> {
         let seq = self.seq(s)?;
         let hd = self.head_dim;
-        let (mut k, mut v) = (Vec::with_capacity(self.kv_heads * seq.len * hd), Vec::with_capacity(self.kv_heads * seq.len * hd));
+        let (mut k, mut v) = (
+            Vec::with_capacity(self.kv_heads * seq.len * hd),
+            Vec::with_capacity(self.kv_heads * seq.len * hd),
+        );
         for h in 0..self.kv_heads {
             for p in 0..seq.len {
                 let o = self.slot(seq, p, h);
@@ -271,12 +319,17 @@ pub struct PagedStep<'a> {
 
 impl<'a> PagedStep<'a> {
     /// Reserves the slots of every new token; returns the step and the flattened ids `[n]`.
-    pub fn new(cache: &'a mut PagedKvCache, batch: &[(SeqId, Vec<u32>)]) -> Result<(Self, Vec<u32>)> {
+    pub fn new(
+        cache: &'a mut PagedKvCache,
+        batch: &[(SeqId, Vec<u32>)],
+    ) -> Result<(Self, Vec<u32>)> {
         let mut rows = Vec::new();
         let mut ids = Vec::new();
         for (s, toks) in batch {
             if toks.is_empty() {
-                return Err(Error::Msg(format!("paged forward: sequence {s} has no new tokens")));
+                return Err(Error::Msg(format!(
+                    "paged forward: sequence {s} has no new tokens"
+                )));
             }
             let start = cache.reserve(*s, toks.len())?;
             rows.extend((0..toks.len()).map(|i| (*s, start + i)));
@@ -296,27 +349,54 @@ impl Cache for PagedStep<'_> {
                 step.new_tokens
             )));
         }
-        Ok(Positions::Shared(self.rows.iter().map(|r| r.1 as u32).collect()))
+        Ok(Positions::Shared(
+            self.rows.iter().map(|r| r.1 as u32).collect(),
+        ))
     }
 
-    fn attend(&mut self, layer: usize, q: &Tensor, k: Tensor, v: Tensor, _kernels: Kernels) -> Result<Tensor> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        _kernels: Kernels,
+    ) -> Result<Tensor> {
         let (_, nh, n, hd) = q.dims4()?;
         let nkv = k.dim(1)?;
         // [heads, n, hd] host copies; write every new K/V first, then attend (causal).
-        let to_host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.squeeze(0)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+        let to_host = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.squeeze(0)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
         let (qh, kh, vh) = (to_host(q)?, to_host(&k)?, to_host(&v)?);
         let per_token = |src: &[f32], heads: usize, t: usize| -> Vec<f32> {
-            (0..heads).flat_map(|head| src[(head * n + t) * hd..(head * n + t + 1) * hd].to_vec()).collect()
+            (0..heads)
+                .flat_map(|head| src[(head * n + t) * hd..(head * n + t + 1) * hd].to_vec())
+                .collect()
         };
         for (t, &(s, pos)) in self.rows.iter().enumerate() {
-            self.cache.write(layer, s, pos, &per_token(&kh, nkv, t), &per_token(&vh, nkv, t))?;
+            self.cache.write(
+                layer,
+                s,
+                pos,
+                &per_token(&kh, nkv, t),
+                &per_token(&vh, nkv, t),
+            )?;
         }
         let mut o = Vec::with_capacity(n * nh * hd);
         for (t, &(s, pos)) in self.rows.iter().enumerate() {
-            o.extend(self.cache.attend(layer, s, pos, &per_token(&qh, nh, t), nh)?);
+            o.extend(
+                self.cache
+                    .attend(layer, s, pos, &per_token(&qh, nh, t), nh)?,
+            );
         }
         // Token-major [1, n, H, hd] -> [1, H, n, hd], as the model expects.
-        Ok(Tensor::from_vec(o, (1, n, nh, hd), q.device())?.to_dtype(q.dtype())?.transpose(1, 2)?)
+        Ok(Tensor::from_vec(o, (1, n, nh, hd), q.device())?
+            .to_dtype(q.dtype())?
+            .transpose(1, 2)?)
     }
 }
 
@@ -330,18 +410,34 @@ mod tests {
     }
 
     /// Plain attention over contiguous `[kv, len, hd]` K/V for a query at `pos`.
-    fn contiguous_attention(k: &[f32], v: &[f32], len: usize, q: &[f32], heads: usize, kv: usize, hd: usize, pos: usize) -> Vec<f32> {
+    fn contiguous_attention(
+        k: &[f32],
+        v: &[f32],
+        len: usize,
+        q: &[f32],
+        heads: usize,
+        kv: usize,
+        hd: usize,
+        pos: usize,
+    ) -> Vec<f32> {
         let g = heads / kv;
         let mut out = vec![0f32; heads * hd];
         for h in 0..heads {
             let kvh = h / g;
             let s: Vec<f64> = (0..=pos)
-                .map(|p| (0..hd).map(|d| (q[h * hd + d] * k[(kvh * len + p) * hd + d]) as f64).sum::<f64>() / (hd as f64).sqrt())
+                .map(|p| {
+                    (0..hd)
+                        .map(|d| (q[h * hd + d] * k[(kvh * len + p) * hd + d]) as f64)
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                })
                 .collect();
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
             for d in 0..hd {
-                out[h * hd + d] = (0..=pos).map(|p| (s[p] - m).exp() / z * v[(kvh * len + p) * hd + d] as f64).sum::<f64>() as f32;
+                out[h * hd + d] = (0..=pos)
+                    .map(|p| (s[p] - m).exp() / z * v[(kvh * len + p) * hd + d] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         out
@@ -357,7 +453,8 @@ mod tests {
         let mut truth = vec![];
         // Interleave appends (one or several tokens at a time) across sequences.
         for (&s, &len) in seqs.iter().zip(&lens) {
-            let (mut ks, mut vs): (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) = (vec![vec![]; layers], vec![vec![]; layers]);
+            let (mut ks, mut vs): (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) =
+                (vec![vec![]; layers], vec![vec![]; layers]);
             let mut done = 0;
             while done < len {
                 let n = (1 + done % 3).min(len - done);
@@ -379,7 +476,11 @@ mod tests {
             for l in 0..layers {
                 // Contiguous [kv, len, hd] from the per-position [kv, hd] writes.
                 let relay = |src: &Vec<Vec<f32>>| -> Vec<f32> {
-                    (0..kv).flat_map(|h| (0..len).flat_map(move |p| src[p][h * hd..(h + 1) * hd].to_vec())).collect()
+                    (0..kv)
+                        .flat_map(|h| {
+                            (0..len).flat_map(move |p| src[p][h * hd..(h + 1) * hd].to_vec())
+                        })
+                        .collect()
                 };
                 let (k, v) = (relay(&truth[i].0[l]), relay(&truth[i].1[l]));
                 assert_eq!(cache.gather(l, s).unwrap(), (k.clone(), v.clone()));
@@ -387,8 +488,15 @@ mod tests {
                     let q = rnd(heads * hd, &mut rng);
                     let got = cache.attend(l, s, pos, &q, heads).unwrap();
                     let want = contiguous_attention(&k, &v, len, &q, heads, kv, hd, pos);
-                    assert!(got.iter().all(|x| x.is_finite()), "NaN leaked from an unused slot");
-                    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    assert!(
+                        got.iter().all(|x| x.is_finite()),
+                        "NaN leaked from an unused slot"
+                    );
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
                     assert!(err < 1e-5, "seq {i} layer {l} pos {pos}: {err}");
                 }
             }
@@ -402,7 +510,8 @@ mod tests {
         let a = c.add_seq();
         let start = c.reserve(a, 6).unwrap();
         for p in start..6 {
-            c.write(0, a, p, &[p as f32, 0.0], &[0.0, p as f32]).unwrap();
+            c.write(0, a, p, &[p as f32, 0.0], &[0.0, p as f32])
+                .unwrap();
         }
         assert_eq!(c.blocks_in_use(), 2);
         let b = c.fork(a).unwrap();
@@ -428,6 +537,10 @@ mod tests {
         let before = c.pool_bytes();
         let s = c.add_seq();
         c.reserve(s, 4).unwrap();
-        assert_eq!(c.pool_bytes(), before, "a freed block is reused, the pool does not grow");
+        assert_eq!(
+            c.pool_bytes(),
+            before,
+            "a freed block is reused, the pool does not grow"
+        );
     }
 }

@@ -15,7 +15,13 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self { temp: 0.0, top_k: 40, top_p: 0.95, min_p: 0.05, seed: 0 }
+        Self {
+            temp: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            seed: 0,
+        }
     }
 }
 
@@ -23,13 +29,22 @@ impl SamplerConfig {
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(crate::Error::Msg(m));
         if !(self.temp >= 0.0 && self.temp.is_finite()) {
-            return bad(format!("--temp: expected a number >= 0, found {}", self.temp));
+            return bad(format!(
+                "--temp: expected a number >= 0, found {}",
+                self.temp
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("--top-p: expected a number in (0, 1], found {}", self.top_p));
+            return bad(format!(
+                "--top-p: expected a number in (0, 1], found {}",
+                self.top_p
+            ));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return bad(format!("--min-p: expected a number in [0, 1], found {}", self.min_p));
+            return bad(format!(
+                "--min-p: expected a number in [0, 1], found {}",
+                self.min_p
+            ));
         }
         Ok(())
     }
@@ -53,7 +68,10 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Self {
-        Self { cfg, rng: rand::rngs::StdRng::seed_from_u64(cfg.seed) }
+        Self {
+            cfg,
+            rng: rand::rngs::StdRng::seed_from_u64(cfg.seed),
+        }
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -64,9 +82,18 @@ impl Sampler {
         // the fused softmax + top-k pass (no full probability vector, no full sort).
         let mut cand: Vec<(u32, f32)> = if self.cfg.top_k > 0 {
             let top = super::topk::softmax_topk(logits, self.cfg.top_k);
-            top.ids.iter().map(|&i| (i, logits[i as usize])).filter(|(_, x)| x.is_finite()).collect()
+            top.ids
+                .iter()
+                .map(|&i| (i, logits[i as usize]))
+                .filter(|(_, x)| x.is_finite())
+                .collect()
         } else {
-            logits.iter().enumerate().filter(|(_, x)| x.is_finite()).map(|(i, &x)| (i as u32, x)).collect()
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| x.is_finite())
+                .map(|(i, &x)| (i as u32, x))
+                .collect()
         };
         if cand.is_empty() {
             return argmax(logits);
@@ -89,11 +116,19 @@ impl Sampler {
         }
         if self.cfg.min_p > 0.0 {
             // p_i >= min_p * p_max  <=>  w_i >= min_p (w_max = 1)
-            keep = keep.min(w.iter().take_while(|&&wi| wi >= self.cfg.min_p).count().max(1));
+            keep = keep.min(
+                w.iter()
+                    .take_while(|&&wi| wi >= self.cfg.min_p)
+                    .count()
+                    .max(1),
+            );
         }
         cand.truncate(keep);
         let t = self.cfg.temp;
-        let w: Vec<f64> = cand.iter().map(|c| (((c.1 - max) as f64) / t).exp()).collect();
+        let w: Vec<f64> = cand
+            .iter()
+            .map(|c| (((c.1 - max) as f64) / t).exp())
+            .collect();
         let total: f64 = w.iter().sum();
         let mut r = self.rng.gen::<f64>() * total;
         for (c, wi) in cand.iter().zip(&w) {
@@ -112,7 +147,10 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_lowest_id_among_ties() {
-        let mut s = Sampler::new(SamplerConfig { temp: 0.0, ..Default::default() });
+        let mut s = Sampler::new(SamplerConfig {
+            temp: 0.0,
+            ..Default::default()
+        });
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
     }
 
@@ -123,17 +161,31 @@ mod tests {
             let mut s = Sampler::new(cfg);
             (0..2000).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
-        let base = SamplerConfig { temp: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 1 };
+        let base = SamplerConfig {
+            temp: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 1,
+        };
         // top-k 3 keeps {3, 2, 1} with probabilities {0.444, 0.333, 0.222} (llama.cpp's test)
         let v = draw(SamplerConfig { top_k: 3, ..base });
         assert!(!v.contains(&0));
         let share = |id| v.iter().filter(|&&x| x == id).count() as f64 / v.len() as f64;
-        assert!((share(3) - 0.4444).abs() < 0.04 && (share(1) - 0.2222).abs() < 0.04, "{} {}", share(3), share(1));
+        assert!(
+            (share(3) - 0.4444).abs() < 0.04 && (share(1) - 0.2222).abs() < 0.04,
+            "{} {}",
+            share(3),
+            share(1)
+        );
         // top-p 0.7: 0.4 + 0.3 reaches 0.7 -> {3, 2}
         let v = draw(SamplerConfig { top_p: 0.7, ..base });
         assert!(v.iter().all(|&x| x == 3 || x == 2));
         // min-p 0.45: keep p >= 0.18 -> {3, 2, 1}
-        let v = draw(SamplerConfig { min_p: 0.45, ..base });
+        let v = draw(SamplerConfig {
+            min_p: 0.45,
+            ..base
+        });
         assert!(!v.contains(&0) && v.contains(&1));
         assert_eq!(draw(base), draw(base));
         assert_ne!(draw(base), draw(SamplerConfig { seed: 2, ..base }));

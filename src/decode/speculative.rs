@@ -21,9 +21,9 @@
 //! O(ctx * |tree|)), plus the drafting. On a GPU the tree mask is the only change to a batched
 //! prefill kernel.
 
+use super::generate::last_logits;
 use super::sampler::argmax;
 use crate::error::{Error, Result};
-use super::generate::last_logits;
 use crate::model::{KvCache, Qwen3, TreeStep};
 use candle_core::{DType, Tensor};
 
@@ -48,7 +48,8 @@ impl DraftTree {
     pub fn add_chain(&mut self, chain: &[u32], max_nodes: usize) {
         let mut parent: Option<usize> = None;
         for &t in chain {
-            let existing = (0..self.len()).find(|&i| self.parents[i] == parent && self.tokens[i] == t);
+            let existing =
+                (0..self.len()).find(|&i| self.parents[i] == parent && self.tokens[i] == t);
             parent = match existing {
                 Some(i) => Some(i),
                 None if self.len() < max_nodes => {
@@ -63,11 +64,15 @@ impl DraftTree {
 
     fn check(&self) -> Result<()> {
         if self.parents.len() != self.tokens.len() {
-            return Err(Error::Msg("draft tree: tokens and parents differ in length".into()));
+            return Err(Error::Msg(
+                "draft tree: tokens and parents differ in length".into(),
+            ));
         }
         for (i, p) in self.parents.iter().enumerate() {
             if matches!(p, Some(p) if *p >= i) {
-                return Err(Error::Msg(format!("draft tree: node {i} has parent {p:?}, not before it")));
+                return Err(Error::Msg(format!(
+                    "draft tree: node {i} has parent {p:?}, not before it"
+                )));
             }
         }
         Ok(())
@@ -164,7 +169,13 @@ pub fn ngram_draft(ctx: &[u32], depth: usize, width: usize) -> DraftTree {
 
 /// Draft from a smaller model: its top `width` tokens after the context, each continued
 /// greedily to `depth` tokens (each branch on a clone of the draft's cache).
-fn model_draft(model: &Qwen3, cache: &mut KvCache, ctx: &[u32], depth: usize, width: usize) -> Result<DraftTree> {
+fn model_draft(
+    model: &Qwen3,
+    cache: &mut KvCache,
+    ctx: &[u32],
+    depth: usize,
+    width: usize,
+) -> Result<DraftTree> {
     // Bring the draft cache to ctx[..len-1], then score the last token.
     let have = cache.len().min(ctx.len() - 1);
     cache.truncate(have)?;
@@ -181,7 +192,10 @@ fn model_draft(model: &Qwen3, cache: &mut KvCache, ctx: &[u32], depth: usize, wi
         let mut chain = vec![t];
         let mut feed = vec![*ctx.last().expect("non-empty"), t];
         while chain.len() < depth {
-            let h = model.forward(&Tensor::new(feed.as_slice(), &dev)?.unsqueeze(0)?, &mut branch)?;
+            let h = model.forward(
+                &Tensor::new(feed.as_slice(), &dev)?.unsqueeze(0)?,
+                &mut branch,
+            )?;
             let next = argmax(&last_logits(model, &h)?[0]);
             chain.push(next);
             feed = vec![next];
@@ -203,7 +217,11 @@ pub struct SpecStats {
 impl SpecStats {
     /// Tokens emitted per target forward (accepted + bonus).
     pub fn mean_accepted_length(&self) -> f64 {
-        if self.rounds == 0 { 0.0 } else { (self.accepted + self.rounds) as f64 / self.rounds as f64 }
+        if self.rounds == 0 {
+            0.0
+        } else {
+            (self.accepted + self.rounds) as f64 / self.rounds as f64
+        }
     }
 }
 
@@ -218,7 +236,10 @@ pub fn generate_speculative(
     width: usize,
     eos: &[u32],
 ) -> Result<(Vec<u32>, SpecStats)> {
-    super::generate::check_prompts(std::slice::from_ref(&prompt.to_vec()), target.cfg.vocab_size)?;
+    super::generate::check_prompts(
+        std::slice::from_ref(&prompt.to_vec()),
+        target.cfg.vocab_size,
+    )?;
     if let Drafter::Model { model, .. } = drafter {
         if model.cfg.vocab_size != target.cfg.vocab_size {
             return Err(Error::Msg(format!(
@@ -228,12 +249,17 @@ pub fn generate_speculative(
         }
     }
     if depth == 0 || width == 0 {
-        return Err(Error::Msg("--draft-depth and --draft-width must be at least 1".into()));
+        return Err(Error::Msg(
+            "--draft-depth and --draft-width must be at least 1".into(),
+        ));
     }
     let dev = target.device().clone();
     let mut cache = KvCache::new(target.cfg.num_hidden_layers);
     if prompt.len() > 1 {
-        target.forward(&Tensor::new(&prompt[..prompt.len() - 1], &dev)?.unsqueeze(0)?, &mut cache)?;
+        target.forward(
+            &Tensor::new(&prompt[..prompt.len() - 1], &dev)?.unsqueeze(0)?,
+            &mut cache,
+        )?;
     }
     let mut ctx = prompt.to_vec();
     let mut out = Vec::new();
@@ -254,15 +280,27 @@ pub fn generate_speculative(
         let mask = Tensor::from_vec(mask, (n, past + n), &dev)?;
         let ids = Tensor::new(ids.as_slice(), &dev)?.unsqueeze(0)?;
         let h = target.forward(&ids, &mut TreeStep::new(&mut cache, positions, mask))?;
-        let rows = target.logits(&h.squeeze(0)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let rows = target
+            .logits(&h.squeeze(0)?)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
         let am: Vec<u32> = rows.iter().map(|r| argmax(r)).collect();
         let (path, bonus) = accept(&tree, &am);
         // Keep the context, node 0 and the accepted path.
-        cache.keep(past, &std::iter::once(past).chain(path.iter().map(|&c| past + c)).collect::<Vec<_>>())?;
+        cache.keep(
+            past,
+            &std::iter::once(past)
+                .chain(path.iter().map(|&c| past + c))
+                .collect::<Vec<_>>(),
+        )?;
         stats.rounds += 1;
         stats.drafted += tree.len();
         stats.accepted += path.len();
-        for t in path.iter().map(|&c| tree.tokens[c - 1]).chain(std::iter::once(bonus)) {
+        for t in path
+            .iter()
+            .map(|&c| tree.tokens[c - 1])
+            .chain(std::iter::once(bonus))
+        {
             out.push(t);
             ctx.push(t);
             if eos.contains(&t) || out.len() == max_new {
@@ -279,13 +317,17 @@ mod tests {
 
     fn tree() -> DraftTree {
         // roots a(0), b(1); a -> c(2), d(3); c -> e(4)
-        DraftTree { tokens: vec![10, 11, 12, 13, 14], parents: vec![None, None, Some(0), Some(0), Some(2)] }
+        DraftTree {
+            tokens: vec![10, 11, 12, 13, 14],
+            parents: vec![None, None, Some(0), Some(0), Some(2)],
+        }
     }
 
     #[test]
     fn tree_mask_sees_context_self_and_ancestors_only() {
         let m = tree_mask(2, &tree());
-        let vis = |i: usize| -> Vec<usize> { (0..m[i].len()).filter(|&j| m[i][j] == 0.0).collect() };
+        let vis =
+            |i: usize| -> Vec<usize> { (0..m[i].len()).filter(|&j| m[i][j] == 0.0).collect() };
         // block: 0 = last context token, 1 = a, 2 = b, 3 = c, 4 = d, 5 = e; context = columns 0, 1
         assert_eq!(vis(0), vec![0, 1, 2]);
         assert_eq!(vis(1), vec![0, 1, 2, 3]);
@@ -306,8 +348,8 @@ mod tests {
         let (path, bonus) = accept(&t, &am);
         assert_eq!(path, vec![2]); // b only
         assert_eq!(bonus, 99); // argmax at b
-        // The target's argmax at b is 12, the token of c, a child of the rejected a: c is not a
-        // child of b, so it is not accepted and 12 is the bonus.
+                               // The target's argmax at b is 12, the token of c, a child of the rejected a: c is not a
+                               // child of b, so it is not accepted and 12 is the bonus.
         let (path, bonus) = accept(&t, &[11, 0, 12, 0, 0, 0]);
         assert_eq!(path, vec![2]);
         assert_eq!(bonus, 12);

@@ -36,7 +36,10 @@ pub struct TopK {
 impl TopK {
     /// Log-probabilities of the ids (`ln p`), for beam search.
     pub fn logprobs(&self, logits: &[f32]) -> Vec<f32> {
-        self.ids.iter().map(|&i| logits[i as usize] - self.lse).collect()
+        self.ids
+            .iter()
+            .map(|&i| logits[i as usize] - self.lse)
+            .collect()
     }
 }
 
@@ -67,16 +70,26 @@ pub fn softmax_topk(row: &[f32], k: usize) -> TopK {
     let mut n_pos_inf = 0usize;
     for (bi, block) in row.chunks(BLOCK).enumerate() {
         let base = bi * BLOCK;
-        let bm = block.iter().fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+        let bm = block
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
         if bm == f32::INFINITY {
             n_pos_inf += block.iter().filter(|&&x| x == f32::INFINITY).count();
         } else if bm > m {
-            s = if m == f32::NEG_INFINITY { 0.0 } else { s * exp_f32(m - bm) };
+            s = if m == f32::NEG_INFINITY {
+                0.0
+            } else {
+                s * exp_f32(m - bm)
+            };
             m = bm;
         }
         if m > f32::NEG_INFINITY && m < f32::INFINITY {
             // exp_f32 of a very negative argument is ~1e-38, not 0: skip -inf explicitly.
-            s += block.iter().filter(|x| **x > f32::NEG_INFINITY && **x < f32::INFINITY).map(|&x| exp_f32(x - m)).sum::<f32>();
+            s += block
+                .iter()
+                .filter(|x| **x > f32::NEG_INFINITY && **x < f32::INFINITY)
+                .map(|&x| exp_f32(x - m))
+                .sum::<f32>();
         }
         for (j, &x) in block.iter().enumerate() {
             if x.is_nan() {
@@ -105,7 +118,11 @@ pub fn softmax_topk(row: &[f32], k: usize) -> TopK {
         .iter()
         .map(|c| {
             if n_pos_inf > 0 {
-                if c.0 == f32::INFINITY { 1.0 / n_pos_inf as f32 } else { 0.0 }
+                if c.0 == f32::INFINITY {
+                    1.0 / n_pos_inf as f32
+                } else {
+                    0.0
+                }
             } else if lse == f32::NEG_INFINITY || c.0 == f32::NEG_INFINITY {
                 0.0
             } else {
@@ -113,24 +130,52 @@ pub fn softmax_topk(row: &[f32], k: usize) -> TopK {
             }
         })
         .collect();
-    TopK { ids: best.iter().map(|c| c.1).collect(), probs, lse }
+    TopK {
+        ids: best.iter().map(|c| c.1).collect(),
+        probs,
+        lse,
+    }
 }
 
 /// [`softmax_topk`] of every row of a row-major `[rows, vocab]` buffer, rows in parallel.
 pub fn softmax_topk_batch(logits: &[f32], vocab: usize, k: usize) -> Vec<TopK> {
-    logits.par_chunks(vocab).map(|row| softmax_topk(row, k)).collect()
+    logits
+        .par_chunks(vocab)
+        .map(|row| softmax_topk(row, k))
+        .collect()
 }
 
 /// The reference: the full probability vector (f64 sums), then a sort of all ids.
 pub fn softmax_topk_reference(row: &[f32], k: usize) -> TopK {
-    let finite_max = row.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    let finite_max = row
+        .iter()
+        .copied()
+        .filter(|x| !x.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
     let n_pos_inf = row.iter().filter(|&&x| x == f32::INFINITY).count();
     let probs: Vec<f64> = if n_pos_inf > 0 {
-        row.iter().map(|&x| if x == f32::INFINITY { 1.0 / n_pos_inf as f64 } else { 0.0 }).collect()
+        row.iter()
+            .map(|&x| {
+                if x == f32::INFINITY {
+                    1.0 / n_pos_inf as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect()
     } else if finite_max == f32::NEG_INFINITY {
         vec![0.0; row.len()]
     } else {
-        let e: Vec<f64> = row.iter().map(|&x| if x.is_nan() { 0.0 } else { ((x - finite_max) as f64).exp() }).collect();
+        let e: Vec<f64> = row
+            .iter()
+            .map(|&x| {
+                if x.is_nan() {
+                    0.0
+                } else {
+                    ((x - finite_max) as f64).exp()
+                }
+            })
+            .collect();
         let z: f64 = e.iter().sum();
         e.iter().map(|v| v / z).collect()
     };
@@ -139,13 +184,23 @@ pub fn softmax_topk_reference(row: &[f32], k: usize) -> TopK {
     } else if finite_max == f32::NEG_INFINITY {
         f32::NEG_INFINITY
     } else {
-        let z: f64 = row.iter().filter(|x| !x.is_nan()).map(|&x| ((x - finite_max) as f64).exp()).sum();
+        let z: f64 = row
+            .iter()
+            .filter(|x| !x.is_nan())
+            .map(|&x| ((x - finite_max) as f64).exp())
+            .sum();
         (finite_max as f64 + z.ln()) as f32
     };
-    let mut order: Vec<u32> = (0..row.len() as u32).filter(|&i| !row[i as usize].is_nan()).collect();
+    let mut order: Vec<u32> = (0..row.len() as u32)
+        .filter(|&i| !row[i as usize].is_nan())
+        .collect();
     order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
     order.truncate(k);
-    TopK { probs: order.iter().map(|&i| probs[i as usize] as f32).collect(), ids: order, lse }
+    TopK {
+        probs: order.iter().map(|&i| probs[i as usize] as f32).collect(),
+        ids: order,
+        lse,
+    }
 }
 
 #[cfg(test)]
@@ -157,16 +212,26 @@ mod tests {
 
     fn rows(batch: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..batch * V).map(|_| rng.gen_range(-8.0f32..8.0)).collect()
+        (0..batch * V)
+            .map(|_| rng.gen_range(-8.0f32..8.0))
+            .collect()
     }
 
     fn assert_close(got: &TopK, want: &TopK, what: &str) {
         assert_eq!(got.ids, want.ids, "{what}: ids");
         for (a, b) in got.probs.iter().zip(&want.probs) {
-            assert!((a - b).abs() <= 1e-6 + 1e-4 * b.abs(), "{what}: prob {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-6 + 1e-4 * b.abs(),
+                "{what}: prob {a} vs {b}"
+            );
         }
         if want.lse.is_finite() {
-            assert!((got.lse - want.lse).abs() < 1e-4 * want.lse.abs().max(1.0), "{what}: lse {} vs {}", got.lse, want.lse);
+            assert!(
+                (got.lse - want.lse).abs() < 1e-4 * want.lse.abs().max(1.0),
+                "{what}: lse {} vs {}",
+                got.lse,
+                want.lse
+            );
         } else {
             assert_eq!(got.lse, want.lse, "{what}: lse");
         }
@@ -179,7 +244,11 @@ mod tests {
         for k in [1, 10, 50, 500] {
             let got = softmax_topk_batch(&data, V, k);
             for (r, g) in got.iter().enumerate().step_by(7) {
-                assert_close(g, &softmax_topk_reference(&data[r * V..(r + 1) * V], k), &format!("k {k} row {r}"));
+                assert_close(
+                    g,
+                    &softmax_topk_reference(&data[r * V..(r + 1) * V], k),
+                    &format!("k {k} row {r}"),
+                );
             }
         }
     }

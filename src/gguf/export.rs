@@ -33,7 +33,9 @@ impl std::str::FromStr for Format {
             "pq2_0" => Ok(Format::PQ2_0),
             "f16" => Ok(Format::F16),
             "f32" => Ok(Format::F32),
-            o => Err(Error::Msg(format!("--format: expected q2_0, pq2_0, f16 or f32, found '{o}'"))),
+            o => Err(Error::Msg(format!(
+                "--format: expected q2_0, pq2_0, f16 or f32, found '{o}'"
+            ))),
         }
     }
 }
@@ -54,28 +56,42 @@ pub struct ExportReport {
 /// Tokenizer metadata (tokenizer.ggml.*) from a Hugging Face tokenizer.json, padded to `vocab`.
 fn tokenizer_metadata(w: &mut GgufWriter, tokenizer_json: &Path, cfg: &Qwen3Config) -> Result<()> {
     let text = std::fs::read_to_string(tokenizer_json).map_err(|e| Error::io(tokenizer_json, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: invalid JSON: {e}", tokenizer_json.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Msg(format!("{}: invalid JSON: {e}", tokenizer_json.display())))?;
     let bad = |m: &str| Error::Msg(format!("{}: {m}", tokenizer_json.display()));
     let model = v.get("model").ok_or_else(|| bad("no 'model'"))?;
     if model.get("type").and_then(|t| t.as_str()) != Some("BPE") {
         return Err(bad("GGUF export supports BPE tokenizers (Qwen3's) only"));
     }
-    let vocab = model.get("vocab").and_then(|x| x.as_object()).ok_or_else(|| bad("no model.vocab"))?;
+    let vocab = model
+        .get("vocab")
+        .and_then(|x| x.as_object())
+        .ok_or_else(|| bad("no model.vocab"))?;
     let mut tokens: Vec<Option<(String, i32)>> = vec![None; cfg.vocab_size];
     for (tok, id) in vocab {
-        let id = id.as_u64().ok_or_else(|| bad("non-integer id in model.vocab"))? as usize;
+        let id = id
+            .as_u64()
+            .ok_or_else(|| bad("non-integer id in model.vocab"))? as usize;
         if id < tokens.len() {
             tokens[id] = Some((tok.clone(), 1)); // NORMAL
         }
     }
-    for a in v.get("added_tokens").and_then(|x| x.as_array()).into_iter().flatten() {
-        let (Some(id), Some(content)) = (a.get("id").and_then(|x| x.as_u64()), a.get("content").and_then(|x| x.as_str())) else {
+    for a in v
+        .get("added_tokens")
+        .and_then(|x| x.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let (Some(id), Some(content)) = (
+            a.get("id").and_then(|x| x.as_u64()),
+            a.get("content").and_then(|x| x.as_str()),
+        ) else {
             continue;
         };
         let special = a.get("special").and_then(|x| x.as_bool()).unwrap_or(false);
         if (id as usize) < tokens.len() {
-            tokens[id as usize] = Some((content.to_string(), if special { 3 } else { 4 })); // CONTROL / USER_DEFINED
+            tokens[id as usize] = Some((content.to_string(), if special { 3 } else { 4 }));
+            // CONTROL / USER_DEFINED
         }
     }
     let mut names = Vec::with_capacity(tokens.len());
@@ -92,14 +108,21 @@ fn tokenizer_metadata(w: &mut GgufWriter, tokenizer_json: &Path, cfg: &Qwen3Conf
         .iter()
         .map(|m| match m {
             serde_json::Value::String(s) => Ok(s.clone()),
-            serde_json::Value::Array(p) if p.len() == 2 => {
-                Ok(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or("")))
-            }
+            serde_json::Value::Array(p) if p.len() == 2 => Ok(format!(
+                "{} {}",
+                p[0].as_str().unwrap_or(""),
+                p[1].as_str().unwrap_or("")
+            )),
             _ => Err(bad("a merge is neither \"a b\" nor [a, b]")),
         })
         .collect::<Result<_>>()?;
     let find = |s: &str| names.iter().position(|n| n == s).map(|i| i as u32);
-    let eos = cfg.eos_ids().first().copied().or_else(|| find("<|endoftext|>")).unwrap_or(0);
+    let eos = cfg
+        .eos_ids()
+        .first()
+        .copied()
+        .or_else(|| find("<|endoftext|>"))
+        .unwrap_or(0);
     let pad = find("<|endoftext|>").unwrap_or(eos);
     w.meta("tokenizer.ggml.model", Value::Str("gpt2".into()));
     w.meta("tokenizer.ggml.pre", Value::Str("qwen2".into()));
@@ -130,7 +153,10 @@ pub fn export_gguf(
         _ => None,
     };
     if packing.is_some() && !quant.ternary {
-        return Err(Error::Msg("--format q2_0/pq2_0 needs --precision ternary (a full-precision model is not ternary)".into()));
+        return Err(Error::Msg(
+            "--format q2_0/pq2_0 needs --precision ternary (a full-precision model is not ternary)"
+                .into(),
+        ));
     }
     if packing.is_some() && !quant.embeddings {
         return Err(Error::Msg(
@@ -140,24 +166,53 @@ pub fn export_gguf(
     let mut w = GgufWriter::default();
     w.meta("general.architecture", Value::Str("qwen3".into()));
     w.meta("general.name", Value::Str(name.into()));
-    w.meta("qwen3.block_count", Value::U32(cfg.num_hidden_layers as u32));
-    w.meta("qwen3.context_length", Value::U32(cfg.max_position_embeddings as u32));
+    w.meta(
+        "qwen3.block_count",
+        Value::U32(cfg.num_hidden_layers as u32),
+    );
+    w.meta(
+        "qwen3.context_length",
+        Value::U32(cfg.max_position_embeddings as u32),
+    );
     w.meta("qwen3.embedding_length", Value::U32(cfg.hidden_size as u32));
-    w.meta("qwen3.feed_forward_length", Value::U32(cfg.intermediate_size as u32));
-    w.meta("qwen3.attention.head_count", Value::U32(cfg.num_attention_heads as u32));
-    w.meta("qwen3.attention.head_count_kv", Value::U32(cfg.kv_heads() as u32));
-    w.meta("qwen3.attention.key_length", Value::U32(cfg.head_dim() as u32));
-    w.meta("qwen3.attention.value_length", Value::U32(cfg.head_dim() as u32));
-    w.meta("qwen3.attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps as f32));
+    w.meta(
+        "qwen3.feed_forward_length",
+        Value::U32(cfg.intermediate_size as u32),
+    );
+    w.meta(
+        "qwen3.attention.head_count",
+        Value::U32(cfg.num_attention_heads as u32),
+    );
+    w.meta(
+        "qwen3.attention.head_count_kv",
+        Value::U32(cfg.kv_heads() as u32),
+    );
+    w.meta(
+        "qwen3.attention.key_length",
+        Value::U32(cfg.head_dim() as u32),
+    );
+    w.meta(
+        "qwen3.attention.value_length",
+        Value::U32(cfg.head_dim() as u32),
+    );
+    w.meta(
+        "qwen3.attention.layer_norm_rms_epsilon",
+        Value::F32(cfg.rms_norm_eps as f32),
+    );
     w.meta("qwen3.rope.freq_base", Value::F32(cfg.rope_theta as f32));
     w.meta("tern.ternary", Value::Bool(quant.ternary));
     w.meta("tern.group_size", Value::U32(quant.group_size as u32));
     w.meta("tern.scale", Value::Str(quant.scale.to_string()));
     match tokenizer_json {
         Some(t) => tokenizer_metadata(&mut w, t, cfg)?,
-        None => tracing::warn!("no tokenizer.json: the GGUF has no tokenizer and llama.cpp will not load it"),
+        None => tracing::warn!(
+            "no tokenizer.json: the GGUF has no tokenizer and llama.cpp will not load it"
+        ),
     }
-    let q = QuantConfig { ramp: 1.0, ..*quant };
+    let q = QuantConfig {
+        ramp: 1.0,
+        ..*quant
+    };
     let mut weights = 0u64;
     let mut f16_data = 0u64;
     let mut data_bytes = 0u64;
@@ -171,7 +226,12 @@ pub fn export_gguf(
         if is_norm(hf) {
             let v = t.flatten_all()?.to_vec1::<f32>()?;
             data_bytes += 4 * v.len() as u64;
-            w.tensor(&gname, dims, GGML_F32, v.iter().flat_map(|x| x.to_le_bytes()).collect());
+            w.tensor(
+                &gname,
+                dims,
+                GGML_F32,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            );
             continue;
         }
         match packing {
@@ -190,14 +250,28 @@ pub fn export_gguf(
                 w.tensor(&gname, dims, p.ggml_type(), data);
             }
             None => {
-                let eff = Kernels::default().effective_weight(&t, &q)?.flatten_all()?.to_vec1::<f32>()?;
+                let eff = Kernels::default()
+                    .effective_weight(&t, &q)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 let data: Vec<u8> = if format == Format::F16 {
-                    eff.iter().flat_map(|x| f16::from_f32(*x).to_bits().to_le_bytes()).collect()
+                    eff.iter()
+                        .flat_map(|x| f16::from_f32(*x).to_bits().to_le_bytes())
+                        .collect()
                 } else {
                     eff.iter().flat_map(|x| x.to_le_bytes()).collect()
                 };
                 data_bytes += data.len() as u64;
-                w.tensor(&gname, dims, if format == Format::F16 { GGML_F16 } else { GGML_F32 }, data);
+                w.tensor(
+                    &gname,
+                    dims,
+                    if format == Format::F16 {
+                        GGML_F16
+                    } else {
+                        GGML_F32
+                    },
+                    data,
+                );
             }
         }
     }

@@ -8,8 +8,8 @@
 //! The reader checks everything against the file size before allocating: a corrupted count or
 //! length is an error naming the field, never a panic or a giant allocation.
 
-use crate::quant::codec::Packing;
 use crate::error::{Error, Result};
+use crate::quant::codec::Packing;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
@@ -135,7 +135,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn err(&self, what: &str) -> Error {
-        Error::Msg(format!("GGUF {}: {what} (at byte {})", self.path.display(), self.pos))
+        Error::Msg(format!(
+            "GGUF {}: {what} (at byte {})",
+            self.path.display(),
+            self.pos
+        ))
     }
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         if n > self.b.len() - self.pos {
@@ -146,10 +150,14 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
     fn u32(&mut self, what: &str) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self, what: &str) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8 bytes"),
+        ))
     }
     /// A count that must fit in the rest of the file at `min_bytes` per item.
     fn count(&mut self, what: &str, min_bytes: usize) -> Result<usize> {
@@ -169,8 +177,12 @@ impl<'a> Reader<'a> {
         Ok(match ty {
             0 => Value::U8(self.take(1, key)?[0]),
             1 => Value::I8(self.take(1, key)?[0] as i8),
-            2 => Value::U16(u16::from_le_bytes(self.take(2, key)?.try_into().expect("2"))),
-            3 => Value::I16(i16::from_le_bytes(self.take(2, key)?.try_into().expect("2"))),
+            2 => Value::U16(u16::from_le_bytes(
+                self.take(2, key)?.try_into().expect("2"),
+            )),
+            3 => Value::I16(i16::from_le_bytes(
+                self.take(2, key)?.try_into().expect("2"),
+            )),
             4 => Value::U32(self.u32(key)?),
             5 => Value::I32(self.u32(key)? as i32),
             6 => Value::F32(f32::from_bits(self.u32(key)?)),
@@ -203,13 +215,25 @@ impl GgufFile {
     }
 
     pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self> {
-        let mut r = Reader { b: &bytes, pos: 0, path };
-        if r.take(4, "magic").map_err(|_| r.err("too short for a GGUF header"))? != MAGIC {
-            return Err(Error::Msg(format!("GGUF {}: bad magic (not a GGUF file)", path.display())));
+        let mut r = Reader {
+            b: &bytes,
+            pos: 0,
+            path,
+        };
+        if r.take(4, "magic")
+            .map_err(|_| r.err("too short for a GGUF header"))?
+            != MAGIC
+        {
+            return Err(Error::Msg(format!(
+                "GGUF {}: bad magic (not a GGUF file)",
+                path.display()
+            )));
         }
         let version = r.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(r.err(&format!("unsupported GGUF version {version} (expected 2 or 3)")));
+            return Err(r.err(&format!(
+                "unsupported GGUF version {version} (expected 2 or 3)"
+            )));
         }
         let n_tensors = r.count("tensor count", 24)?;
         let n_kv = r.count("metadata count", 13)?;
@@ -225,7 +249,9 @@ impl GgufFile {
             let name = r.string("tensor name")?;
             let nd = r.u32(&name)? as usize;
             if nd == 0 || nd > 4 {
-                return Err(r.err(&format!("tensor '{name}' has {nd} dimensions (expected 1..=4)")));
+                return Err(r.err(&format!(
+                    "tensor '{name}' has {nd} dimensions (expected 1..=4)"
+                )));
             }
             let mut dims = Vec::with_capacity(nd);
             for _ in 0..nd {
@@ -233,7 +259,12 @@ impl GgufFile {
             }
             let ggml_type = r.u32(&name)?;
             let offset = r.u64(&name)?;
-            tensors.push(TensorInfo { name, dims, ggml_type, offset });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
         }
         let align = metadata
             .iter()
@@ -241,15 +272,22 @@ impl GgufFile {
             .and_then(|(_, v)| v.as_u64())
             .unwrap_or(ALIGNMENT as u64) as usize;
         if align == 0 || !align.is_power_of_two() {
-            return Err(r.err(&format!("general.alignment = {align} is not a power of two")));
+            return Err(r.err(&format!(
+                "general.alignment = {align} is not a power of two"
+            )));
         }
         let data_offset = r.pos.div_ceil(align) * align;
         for t in &tensors {
             let n = t.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let size = n.and_then(|n| type_size(t.ggml_type, n)).ok_or_else(|| {
-                r.err(&format!("tensor '{}': unsupported type id {} or bad dims {:?}", t.name, t.ggml_type, t.dims))
+                r.err(&format!(
+                    "tensor '{}': unsupported type id {} or bad dims {:?}",
+                    t.name, t.ggml_type, t.dims
+                ))
             })?;
-            let end = (data_offset as u64).checked_add(t.offset).and_then(|x| x.checked_add(size));
+            let end = (data_offset as u64)
+                .checked_add(t.offset)
+                .and_then(|x| x.checked_add(size));
             if end.is_none_or(|e| e > bytes.len() as u64) {
                 return Err(Error::Msg(format!(
                     "GGUF {}: tensor '{}' data ({size} bytes at offset {}) runs past the end of the file ({} bytes): \
@@ -261,7 +299,14 @@ impl GgufFile {
                 )));
             }
         }
-        Ok(Self { path: path.to_path_buf(), version, metadata, tensors, data_offset, bytes: std::sync::Arc::new(bytes) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            data_offset,
+            bytes: std::sync::Arc::new(bytes),
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

@@ -18,34 +18,74 @@ pub fn load_model(file: &GgufFile) -> Result<Qwen3> {
     let shapes = expected_shapes(&cfg);
     let find = |hf: &str| -> Result<&TensorInfo> {
         let g = gguf_name(hf)?;
-        file.tensor(&g).ok_or_else(|| Error::Msg(format!("GGUF {}: missing tensor '{g}'", file.path.display())))
+        file.tensor(&g).ok_or_else(|| {
+            Error::Msg(format!(
+                "GGUF {}: missing tensor '{g}'",
+                file.path.display()
+            ))
+        })
     };
-    let shape_of = |hf: &str| -> Vec<usize> { shapes.iter().find(|(n, _)| n == hf).map(|(_, s)| s.clone()).unwrap_or_default() };
+    let shape_of = |hf: &str| -> Vec<usize> {
+        shapes
+            .iter()
+            .find(|(n, _)| n == hf)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default()
+    };
     let dense = |hf: &str| -> Result<Tensor> {
         let t = find(hf)?;
         let want = shape_of(hf);
         let have: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         if have != want {
-            return Err(Error::Msg(format!("GGUF tensor '{}': shape {have:?}, expected {want:?}", t.name)));
+            return Err(Error::Msg(format!(
+                "GGUF tensor '{}': shape {have:?}, expected {want:?}",
+                t.name
+            )));
         }
         let data = file.data(t);
         let v: Vec<f32> = match t.ggml_type {
-            GGML_F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            GGML_F16 => data.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-            GGML_BF16 => data.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-            other => return Err(Error::Msg(format!("GGUF tensor '{}': type {other} is not dense", t.name))),
+            GGML_F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            GGML_F16 => data
+                .chunks_exact(2)
+                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            GGML_BF16 => data
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::Msg(format!(
+                    "GGUF tensor '{}': type {other} is not dense",
+                    t.name
+                )))
+            }
         };
         Ok(Tensor::from_vec(v, want, &Device::Cpu)?)
     };
     let packed = |hf: &str| -> Result<Option<PackedMatrix>> {
         let t = find(hf)?;
-        let Some(p) = Packing::from_ggml_type(t.ggml_type) else { return Ok(None) };
+        let Some(p) = Packing::from_ggml_type(t.ggml_type) else {
+            return Ok(None);
+        };
         let (rows, cols) = t.rows_cols();
         if [rows, cols] != shape_of(hf)[..] {
-            return Err(Error::Msg(format!("GGUF tensor '{}': shape [{rows}, {cols}], expected {:?}", t.name, shape_of(hf))));
+            return Err(Error::Msg(format!(
+                "GGUF tensor '{}': shape [{rows}, {cols}], expected {:?}",
+                t.name,
+                shape_of(hf)
+            )));
         }
         let start = file.data_offset + t.offset as usize;
-        Ok(Some(PackedMatrix::new(file.bytes.clone(), start, rows, cols, p)?))
+        Ok(Some(PackedMatrix::new(
+            file.bytes.clone(),
+            start,
+            rows,
+            cols,
+            p,
+        )?))
     };
     let lin = |hf: &str| -> Result<TernaryLinear> {
         match packed(hf)? {
@@ -58,17 +98,30 @@ pub fn load_model(file: &GgufFile) -> Result<Qwen3> {
         None => TernaryEmbedding::new(dense(params::EMBED)?),
     };
     // Weights in the file are already projected (or packed): run them as they are.
-    let group = file.get("tern.group_size").and_then(|v| v.as_u64()).unwrap_or(128) as usize;
-    let quant = QuantConfig { ternary: false, group_size: group, ..QuantConfig::default() };
+    let group = file
+        .get("tern.group_size")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(128) as usize;
+    let quant = QuantConfig {
+        ternary: false,
+        group_size: group,
+        ..QuantConfig::default()
+    };
     Qwen3::from_parts(&cfg, quant, lin, dense, embed)
 }
 
 /// The architecture recorded in a GGUF file's qwen3.* metadata.
 pub fn config_from_gguf(file: &GgufFile) -> Result<Qwen3Config> {
     let origin = file.path.display().to_string();
-    let arch = file.get("general.architecture").and_then(|v| v.as_str()).unwrap_or("");
+    let arch = file
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     if arch != "qwen3" {
-        return Err(Error::model_config(&origin, format!("general.architecture: expected \"qwen3\", found \"{arch}\"")));
+        return Err(Error::model_config(
+            &origin,
+            format!("general.architecture: expected \"qwen3\", found \"{arch}\""),
+        ));
     }
     let int = |k: &str| -> Result<usize> {
         file.get(&format!("qwen3.{k}"))
@@ -96,7 +149,10 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<Qwen3Config> {
     cfg.max_position_embeddings = int("context_length")?;
     cfg.vocab_size = embd.rows_cols().0;
     cfg.tie_word_embeddings = file.tensor("output.weight").is_none();
-    cfg.eos_token_id = file.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(serde_json::Value::from);
+    cfg.eos_token_id = file
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(|v| v.as_u64())
+        .map(serde_json::Value::from);
     cfg.bos_token_id = None;
     cfg.validate(&origin)?;
     Ok(cfg)

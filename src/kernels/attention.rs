@@ -12,14 +12,23 @@ use candle_core::{DType, Device, Tensor, D};
 /// Plain (reference) scaled-dot-product attention with GQA folding.
 /// q: `[B, H, T, hd]`, k/v: `[B, KV, Tk, hd]`, mask broadcastable to `[B, KV, H/KV, T, Tk]`.
 /// Returns `[B, H, T, hd]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, kv_heads: usize) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    kv_heads: usize,
+) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let tk = k.dim(2)?;
     let g = nh / kv_heads;
     let q = q.reshape((b, kv_heads, g * t, hd))?;
     let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
     let scores = match mask {
-        Some(m) => scores.reshape((b, kv_heads, g, t, tk))?.broadcast_add(m)?.reshape((b, kv_heads, g * t, tk))?,
+        Some(m) => scores
+            .reshape((b, kv_heads, g, t, tk))?
+            .broadcast_add(m)?
+            .reshape((b, kv_heads, g * t, tk))?,
         None => scores,
     };
     let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
@@ -39,14 +48,28 @@ impl Mask {
     /// An explicit additive mask (0 or -inf) `[T, past + T]`, e.g. a tree mask; always runs the
     /// reference attention.
     pub fn additive(mask: Tensor) -> Self {
-        Self { flash: FlashConfig::default(), additive: Some(mask) }
+        Self {
+            flash: FlashConfig::default(),
+            additive: Some(mask),
+        }
     }
 
     /// Causal attention of `t` queries after `past` cached positions; rows of `pad` (left
     /// padding per row, empty = none) never see their padding. `use_flash`: the fused kernel
     /// will run (then no additive mask is built).
-    pub fn causal(t: usize, past: usize, pad: &[usize], use_flash: bool, dtype: DType, device: &Device) -> Result<Self> {
-        let flash = FlashConfig { causal: true, kv_start: pad.to_vec(), ..FlashConfig::default() };
+    pub fn causal(
+        t: usize,
+        past: usize,
+        pad: &[usize],
+        use_flash: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let flash = FlashConfig {
+            causal: true,
+            kv_start: pad.to_vec(),
+            ..FlashConfig::default()
+        };
         let additive = if use_flash {
             None
         } else if !pad.is_empty() {
@@ -63,7 +86,13 @@ impl Mask {
 /// The reference path's mask for left-padded rows `[B, 1, 1, T, Tk]`. A padding query sees only
 /// itself (its output is never used; this avoids a row of all -inf, whose softmax is NaN). A
 /// real query sees its row's real tokens up to itself.
-fn padded_mask(t: usize, past: usize, pad: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+fn padded_mask(
+    t: usize,
+    past: usize,
+    pad: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let tk = past + t;
     let mut mask = Vec::with_capacity(pad.len() * t * tk);
     for &p in pad {

@@ -30,7 +30,9 @@ pub fn default_chunk(vocab: usize) -> usize {
 
 fn check_targets(targets: &[u32], vocab: usize) -> Result<()> {
     match targets.iter().find(|&&t| t as usize >= vocab) {
-        Some(bad) => Err(Error::Msg(format!("target id {bad} is outside the vocabulary of {vocab}"))),
+        Some(bad) => Err(Error::Msg(format!(
+            "target id {bad} is outside the vocabulary of {vocab}"
+        ))),
         None => Ok(()),
     }
 }
@@ -54,13 +56,23 @@ pub fn exp_f32(x: f32) -> f32 {
     let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
-        + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// For each row of a chunk of logits: NLL of its target and, when `out` is given,
 /// dlogits = (softmax - onehot) * scale written into `out`. One exp per logit.
-fn softmax_xent_cpu(logits: &[f32], vocab: usize, targets: &[u32], scale: f32, out: Option<&mut [f32]>) -> Vec<f64> {
+fn softmax_xent_cpu(
+    logits: &[f32],
+    vocab: usize,
+    targets: &[u32],
+    scale: f32,
+    out: Option<&mut [f32]>,
+) -> Vec<f64> {
     let row_nll = |row: &[f32], t: u32, d: &mut [f32]| -> f64 {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         let mut sum = 0f64;
@@ -97,16 +109,30 @@ fn softmax_xent_cpu(logits: &[f32], vocab: usize, targets: &[u32], scale: f32, o
 }
 
 /// Same as [`softmax_xent_cpu`] with candle ops (any device).
-fn softmax_xent_ops(logits: &Tensor, targets: &Tensor, scale: f64, grad: bool) -> Result<(Vec<f64>, Option<Tensor>)> {
+fn softmax_xent_ops(
+    logits: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+    grad: bool,
+) -> Result<(Vec<f64>, Option<Tensor>)> {
     let lse = logits.max_keepdim(D::Minus1)?;
-    let lse = (logits.broadcast_sub(&lse)?.exp()?.sum_keepdim(D::Minus1)?.log()? + lse)?;
+    let lse = (logits
+        .broadcast_sub(&lse)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + lse)?;
     let picked = logits.gather(&targets.unsqueeze(1)?, 1)?;
-    let nll: Vec<f64> = (lse.clone() - picked)?.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let nll: Vec<f64> = (lse.clone() - picked)?
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
     if !grad {
         return Ok((nll, None));
     }
     let p = (logits.broadcast_sub(&lse)?.exp()? * scale)?;
-    let minus = Tensor::full(-scale as f32, (targets.dim(0)?, 1), logits.device())?.to_dtype(p.dtype())?;
+    let minus =
+        Tensor::full(-scale as f32, (targets.dim(0)?, 1), logits.device())?.to_dtype(p.dtype())?;
     Ok((nll, Some(p.scatter_add(&targets.unsqueeze(1)?, &minus, 1)?)))
 }
 
@@ -121,7 +147,11 @@ impl candle_core::CustomOp1 for InjectGrad {
     fn name(&self) -> &'static str {
         "tern-inject-grad"
     }
-    fn cpu_fwd(&self, s: &candle_core::CpuStorage, _l: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        _l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         use candle_core::CpuStorage as C;
         let zero = match s {
             C::F32(_) => C::F32(vec![0.0]),
@@ -130,7 +160,12 @@ impl candle_core::CustomOp1 for InjectGrad {
         };
         Ok((zero, candle_core::Shape::from(())))
     }
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(self.grad.broadcast_mul(grad_res)?))
     }
 }
@@ -147,7 +182,12 @@ fn inject(x: &Tensor, grad: Tensor) -> Result<Tensor> {
 /// Mean next-token NLL of hidden states `h: [N, H]` under head `w: [V, H]` for `targets: [N]`,
 /// differentiable w.r.t. `h` and `w`, computed `chunk` tokens at a time. `dW` is formed with one
 /// GEMM per group of chunks (~256 MB of dlogits), not one `[V, H]` addition per chunk.
-pub fn lm_head_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
+pub fn lm_head_cross_entropy(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+) -> Result<Tensor> {
     let group_rows = (256usize << 20) / (4 * w.dim(0)?.max(1));
     lm_head_cross_entropy_grouped(h, w, &w.detach(), targets, chunk, group_rows)
 }
@@ -179,7 +219,11 @@ fn lm_head_cross_entropy_grouped(
     let (n, _) = h.dims2()?;
     let (vocab, hidden) = w.dims2()?;
     if w_compute.dims() != w.dims() {
-        return Err(Error::Msg(format!("lm head: weight shapes {:?} and {:?} differ", w.dims(), w_compute.dims())));
+        return Err(Error::Msg(format!(
+            "lm head: weight shapes {:?} and {:?} differ",
+            w.dims(),
+            w_compute.dims()
+        )));
     }
     let hd = h.detach();
     let wd = w_compute.detach();
@@ -203,7 +247,15 @@ fn lm_head_cross_entropy_grouped(
                 let flat = logits.flatten_all()?.to_vec1::<f32>()?;
                 drop(logits);
                 let mut d = vec![0f32; c * vocab];
-                let l: f64 = softmax_xent_cpu(&flat, vocab, &tgt_host[start..start + c], scale as f32, Some(&mut d)).iter().sum();
+                let l: f64 = softmax_xent_cpu(
+                    &flat,
+                    vocab,
+                    &tgt_host[start..start + c],
+                    scale as f32,
+                    Some(&mut d),
+                )
+                .iter()
+                .sum();
                 (l, Tensor::from_vec(d, (c, vocab), &Device::Cpu)?)
             } else {
                 let (l, d) = softmax_xent_ops(&logits, &tgt_all.narrow(0, start, c)?, scale, true)?;
@@ -213,7 +265,11 @@ fn lm_head_cross_entropy_grouped(
             dh_parts.push(dlogits.matmul(&wd)?);
             dl_parts.push(dlogits);
         }
-        let dl = if dl_parts.len() == 1 { dl_parts.pop().expect("one part") } else { Tensor::cat(&dl_parts, 0)? };
+        let dl = if dl_parts.len() == 1 {
+            dl_parts.pop().expect("one part")
+        } else {
+            Tensor::cat(&dl_parts, 0)?
+        };
         drop(dl_parts);
         let part = dl.t()?.matmul(&hd.narrow(0, g0, gn)?)?;
         dw = Some(match dw {
@@ -237,7 +293,12 @@ pub fn nll_of_logits(logits: &[f32], vocab: usize, targets: &[u32]) -> Result<Ve
 }
 
 /// Next-token NLL of every row (no gradient), chunked: for evaluation.
-pub fn lm_head_token_nll(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Vec<f64>> {
+pub fn lm_head_token_nll(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+) -> Result<Vec<f64>> {
     let (n, _) = h.dims2()?;
     let vocab = w.dim(0)?;
     let wt = w.detach().t()?;
@@ -248,11 +309,19 @@ pub fn lm_head_token_nll(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize)
     for start in (0..n).step_by(chunk.max(1)) {
         let c = chunk.min(n - start);
         let logits = h.detach().narrow(0, start, c)?.matmul(&wt)?;
-        out.extend(if logits.device().is_cpu() && logits.dtype() == DType::F32 {
-            softmax_xent_cpu(&logits.flatten_all()?.to_vec1::<f32>()?, vocab, &tgt_host[start..start + c], 1.0, None)
-        } else {
-            softmax_xent_ops(&logits, &tgt_all.narrow(0, start, c)?, 1.0, false)?.0
-        });
+        out.extend(
+            if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+                softmax_xent_cpu(
+                    &logits.flatten_all()?.to_vec1::<f32>()?,
+                    vocab,
+                    &tgt_host[start..start + c],
+                    1.0,
+                    None,
+                )
+            } else {
+                softmax_xent_ops(&logits, &tgt_all.narrow(0, start, c)?, 1.0, false)?.0
+            },
+        );
     }
     Ok(out)
 }
@@ -264,21 +333,48 @@ mod tests {
 
     fn check(n: usize, hidden: usize, vocab: usize, chunk: usize, group: usize) {
         let dev = Device::Cpu;
-        let h = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (n, hidden), &dev).unwrap() * 2.0).unwrap()).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (vocab, hidden), &dev).unwrap()).unwrap();
+        let h = Var::from_tensor(
+            &(Tensor::randn(0f32, 1.0, (n, hidden), &dev).unwrap() * 2.0).unwrap(),
+        )
+        .unwrap();
+        let w =
+            Var::from_tensor(&Tensor::randn(0f32, 0.5, (vocab, hidden), &dev).unwrap()).unwrap();
         let tgt: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % vocab as u32).collect();
         let tgt = Tensor::new(tgt.as_slice(), &dev).unwrap();
         let r = reference_loss(h.as_tensor(), w.as_tensor(), &tgt).unwrap();
-        let f = lm_head_cross_entropy_grouped(h.as_tensor(), w.as_tensor(), &w.as_tensor().detach(), &tgt, chunk, group).unwrap();
+        let f = lm_head_cross_entropy_grouped(
+            h.as_tensor(),
+            w.as_tensor(),
+            &w.as_tensor().detach(),
+            &tgt,
+            chunk,
+            group,
+        )
+        .unwrap();
         let (rv, fv) = (r.to_scalar::<f32>().unwrap(), f.to_scalar::<f32>().unwrap());
-        assert!((rv - fv).abs() <= 1e-5 * rv.abs().max(1.0), "loss {rv} vs {fv}");
-        let nll: f64 = lm_head_token_nll(h.as_tensor(), w.as_tensor(), &tgt, chunk).unwrap().iter().sum();
+        assert!(
+            (rv - fv).abs() <= 1e-5 * rv.abs().max(1.0),
+            "loss {rv} vs {fv}"
+        );
+        let nll: f64 = lm_head_token_nll(h.as_tensor(), w.as_tensor(), &tgt, chunk)
+            .unwrap()
+            .iter()
+            .sum();
         assert!((nll / n as f64 - rv as f64).abs() < 1e-5 * (rv as f64).max(1.0));
         let (gr, gf) = (r.backward().unwrap(), f.backward().unwrap());
         for v in [&h, &w] {
             let a = gr.get(v.as_tensor()).unwrap();
             let b = gf.get(v.as_tensor()).unwrap();
-            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-5, "grad max |diff| {d} (n={n}, chunk={chunk})");
         }
     }

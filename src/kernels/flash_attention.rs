@@ -56,7 +56,11 @@ pub struct FlashConfig {
 
 impl Default for FlashConfig {
     fn default() -> Self {
-        Self { causal: true, tile: DEFAULT_TILE, kv_start: Vec::new() }
+        Self {
+            causal: true,
+            tile: DEFAULT_TILE,
+            kv_start: Vec::new(),
+        }
     }
 }
 
@@ -80,16 +84,28 @@ impl Dims {
     }
     fn check(&self, cfg: &FlashConfig) -> candle_core::Result<()> {
         if self.kv == 0 || self.h % self.kv != 0 {
-            candle_core::bail!("flash attention: {} query heads do not split over {} KV heads", self.h, self.kv);
+            candle_core::bail!(
+                "flash attention: {} query heads do not split over {} KV heads",
+                self.h,
+                self.kv
+            );
         }
         if self.tk < self.t {
-            candle_core::bail!("flash attention: {} queries but only {} keys", self.t, self.tk);
+            candle_core::bail!(
+                "flash attention: {} queries but only {} keys",
+                self.t,
+                self.tk
+            );
         }
         if cfg.tile == 0 {
             candle_core::bail!("flash attention: tile must be > 0");
         }
         if !cfg.kv_start.is_empty() && cfg.kv_start.len() != self.b {
-            candle_core::bail!("flash attention: {} kv_start entries for batch {}", cfg.kv_start.len(), self.b);
+            candle_core::bail!(
+                "flash attention: {} kv_start entries for batch {}",
+                cfg.kv_start.len(),
+                self.b
+            );
         }
         Ok(())
     }
@@ -107,11 +123,20 @@ struct Visible {
 impl Visible {
     fn new(dims: &Dims, cfg: &FlashConfig, b: usize) -> Self {
         let start = cfg.kv_start.get(b).copied().unwrap_or(0);
-        Self { start, causal: cfg.causal, off: dims.tk - dims.t, tk: dims.tk }
+        Self {
+            start,
+            causal: cfg.causal,
+            off: dims.tk - dims.t,
+            tk: dims.tk,
+        }
     }
     /// Keys visible to query row i: `lo..hi` (possibly empty).
     fn range(&self, i: usize) -> (usize, usize) {
-        let hi = if self.causal { (i + self.off + 1).min(self.tk) } else { self.tk };
+        let hi = if self.causal {
+            (i + self.off + 1).min(self.tk)
+        } else {
+            self.tk
+        };
         (self.start.min(hi), hi)
     }
 }
@@ -141,71 +166,86 @@ fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
 }
 
 /// Forward on contiguous slices: returns O `[B, H, T, d]` and L `[B, H, T]`.
-pub fn forward<T: Float + Send + Sync>(q: &[T], k: &[T], v: &[T], dims: Dims, cfg: &FlashConfig) -> (Vec<T>, Vec<T>) {
-    let Dims { t, tk, d, h, kv, .. } = dims;
+pub fn forward<T: Float + Send + Sync>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dims: Dims,
+    cfg: &FlashConfig,
+) -> (Vec<T>, Vec<T>) {
+    let Dims {
+        t, tk, d, h, kv, ..
+    } = dims;
     let (tile, g) = (cfg.tile, dims.group());
     let scale = T::from(dims.scale()).unwrap_or_else(T::one);
     let mut o = vec![T::zero(); q.len()];
     let mut lse = vec![T::zero(); dims.b * h * t];
-    o.par_chunks_mut(t * d).zip(lse.par_chunks_mut(t)).enumerate().for_each(|(bh, (o_head, l_head))| {
-        let (b, hh) = (bh / h, bh % h);
-        let vis = Visible::new(&dims, cfg, b);
-        let kv_base = (b * kv + hh / g) * tk * d;
-        let (kh, vh) = (&k[kv_base..kv_base + tk * d], &v[kv_base..kv_base + tk * d]);
-        let q_head = &q[bh * t * d..(bh + 1) * t * d];
-        o_head.par_chunks_mut(tile * d).zip(l_head.par_chunks_mut(tile)).enumerate().for_each(|(qt, (o_tile, l_tile))| {
-            let i0 = qt * tile;
-            let rows = l_tile.len();
-            let mut m = vec![T::neg_infinity(); rows];
-            let mut l = vec![T::zero(); rows];
-            let mut s = vec![T::zero(); tile];
-            // Keys any row of this tile can see: tiles outside lo..hi are skipped whole.
-            let lo = vis.range(i0).0;
-            let hi = vis.range(i0 + rows - 1).1;
-            let mut j0 = lo - lo % tile;
-            while j0 < hi {
-                let j1 = (j0 + tile).min(tk);
-                for r in 0..rows {
-                    let (rlo, rhi) = vis.range(i0 + r);
-                    let (a, z) = (rlo.max(j0), rhi.min(j1));
-                    if a >= z {
-                        continue; // this row sees nothing here: the fully-masked hazard
+    o.par_chunks_mut(t * d)
+        .zip(lse.par_chunks_mut(t))
+        .enumerate()
+        .for_each(|(bh, (o_head, l_head))| {
+            let (b, hh) = (bh / h, bh % h);
+            let vis = Visible::new(&dims, cfg, b);
+            let kv_base = (b * kv + hh / g) * tk * d;
+            let (kh, vh) = (&k[kv_base..kv_base + tk * d], &v[kv_base..kv_base + tk * d]);
+            let q_head = &q[bh * t * d..(bh + 1) * t * d];
+            o_head
+                .par_chunks_mut(tile * d)
+                .zip(l_head.par_chunks_mut(tile))
+                .enumerate()
+                .for_each(|(qt, (o_tile, l_tile))| {
+                    let i0 = qt * tile;
+                    let rows = l_tile.len();
+                    let mut m = vec![T::neg_infinity(); rows];
+                    let mut l = vec![T::zero(); rows];
+                    let mut s = vec![T::zero(); tile];
+                    // Keys any row of this tile can see: tiles outside lo..hi are skipped whole.
+                    let lo = vis.range(i0).0;
+                    let hi = vis.range(i0 + rows - 1).1;
+                    let mut j0 = lo - lo % tile;
+                    while j0 < hi {
+                        let j1 = (j0 + tile).min(tk);
+                        for r in 0..rows {
+                            let (rlo, rhi) = vis.range(i0 + r);
+                            let (a, z) = (rlo.max(j0), rhi.min(j1));
+                            if a >= z {
+                                continue; // this row sees nothing here: the fully-masked hazard
+                            }
+                            let qi = &q_head[(i0 + r) * d..(i0 + r + 1) * d];
+                            let mut mt = T::neg_infinity();
+                            for j in a..z {
+                                let sj = dot(qi, &kh[j * d..(j + 1) * d]) * scale;
+                                s[j - j0] = sj;
+                                mt = mt.max(sj);
+                            }
+                            let m_new = m[r].max(mt);
+                            let acc = &mut o_tile[r * d..(r + 1) * d];
+                            if m[r] != m_new {
+                                let f = (m[r] - m_new).exp(); // 0 when m was -inf
+                                l[r] = l[r] * f;
+                                acc.iter_mut().for_each(|x| *x = *x * f);
+                                m[r] = m_new;
+                            }
+                            for j in a..z {
+                                let p = (s[j - j0] - m_new).exp();
+                                l[r] = l[r] + p;
+                                axpy(acc, p, &vh[j * d..(j + 1) * d]);
+                            }
+                        }
+                        j0 = j1;
                     }
-                    let qi = &q_head[(i0 + r) * d..(i0 + r + 1) * d];
-                    let mut mt = T::neg_infinity();
-                    for j in a..z {
-                        let sj = dot(qi, &kh[j * d..(j + 1) * d]) * scale;
-                        s[j - j0] = sj;
-                        mt = mt.max(sj);
+                    for r in 0..rows {
+                        let acc = &mut o_tile[r * d..(r + 1) * d];
+                        if l[r] > T::zero() {
+                            let inv = l[r].recip();
+                            acc.iter_mut().for_each(|x| *x = *x * inv);
+                            l_tile[r] = m[r] + l[r].ln();
+                        } else {
+                            l_tile[r] = T::neg_infinity();
+                        }
                     }
-                    let m_new = m[r].max(mt);
-                    let acc = &mut o_tile[r * d..(r + 1) * d];
-                    if m[r] != m_new {
-                        let f = (m[r] - m_new).exp(); // 0 when m was -inf
-                        l[r] = l[r] * f;
-                        acc.iter_mut().for_each(|x| *x = *x * f);
-                        m[r] = m_new;
-                    }
-                    for j in a..z {
-                        let p = (s[j - j0] - m_new).exp();
-                        l[r] = l[r] + p;
-                        axpy(acc, p, &vh[j * d..(j + 1) * d]);
-                    }
-                }
-                j0 = j1;
-            }
-            for r in 0..rows {
-                let acc = &mut o_tile[r * d..(r + 1) * d];
-                if l[r] > T::zero() {
-                    let inv = l[r].recip();
-                    acc.iter_mut().for_each(|x| *x = *x * inv);
-                    l_tile[r] = m[r] + l[r].ln();
-                } else {
-                    l_tile[r] = T::neg_infinity();
-                }
-            }
+                });
         });
-    });
     (o, lse)
 }
 
@@ -229,76 +269,97 @@ pub fn backward<T: Float + Send + Sync>(
     dims: Dims,
     cfg: &FlashConfig,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let Dims { t, tk, d, h, kv, .. } = dims;
+    let Dims {
+        t, tk, d, h, kv, ..
+    } = dims;
     let (tile, g) = (cfg.tile, dims.group());
     let scale = T::from(dims.scale()).unwrap_or_else(T::one);
     // D_i = rowsum(dO_i * O_i), one value per query row.
-    let dd: Vec<T> = dout.par_chunks(d).zip(o.par_chunks(d)).map(|(a, b)| dot(a, b)).collect();
+    let dd: Vec<T> = dout
+        .par_chunks(d)
+        .zip(o.par_chunks(d))
+        .map(|(a, b)| dot(a, b))
+        .collect();
 
     // Pass 1: dQ per (batch, head, query tile).
     let mut dq = vec![T::zero(); q.len()];
-    dq.par_chunks_mut(t * d).enumerate().for_each(|(bh, dq_head)| {
-        let (b, hh) = (bh / h, bh % h);
-        let vis = Visible::new(&dims, cfg, b);
-        let kv_base = (b * kv + hh / g) * tk * d;
-        dq_head.par_chunks_mut(tile * d).enumerate().for_each(|(qt, dq_tile)| {
-            let i0 = qt * tile;
-            for (r, dqi) in dq_tile.chunks_mut(d).enumerate() {
-                let row = bh * t + i0 + r;
-                if lse[row] == T::neg_infinity() {
-                    continue;
-                }
-                let (qi, doi) = (&q[row * d..(row + 1) * d], &dout[row * d..(row + 1) * d]);
-                let (lo, hi) = vis.range(i0 + r);
-                for j in lo..hi {
-                    let kj = &k[kv_base + j * d..kv_base + (j + 1) * d];
-                    let vj = &v[kv_base + j * d..kv_base + (j + 1) * d];
-                    let (_, ds) = p_and_ds(qi, doi, kj, vj, lse[row], dd[row], scale);
-                    axpy(dqi, ds * scale, kj);
-                }
-            }
+    dq.par_chunks_mut(t * d)
+        .enumerate()
+        .for_each(|(bh, dq_head)| {
+            let (b, hh) = (bh / h, bh % h);
+            let vis = Visible::new(&dims, cfg, b);
+            let kv_base = (b * kv + hh / g) * tk * d;
+            dq_head
+                .par_chunks_mut(tile * d)
+                .enumerate()
+                .for_each(|(qt, dq_tile)| {
+                    let i0 = qt * tile;
+                    for (r, dqi) in dq_tile.chunks_mut(d).enumerate() {
+                        let row = bh * t + i0 + r;
+                        if lse[row] == T::neg_infinity() {
+                            continue;
+                        }
+                        let (qi, doi) = (&q[row * d..(row + 1) * d], &dout[row * d..(row + 1) * d]);
+                        let (lo, hi) = vis.range(i0 + r);
+                        for j in lo..hi {
+                            let kj = &k[kv_base + j * d..kv_base + (j + 1) * d];
+                            let vj = &v[kv_base + j * d..kv_base + (j + 1) * d];
+                            let (_, ds) = p_and_ds(qi, doi, kj, vj, lse[row], dd[row], scale);
+                            axpy(dqi, ds * scale, kj);
+                        }
+                    }
+                });
         });
-    });
 
     // Pass 2: dK and dV per (batch, KV head, key tile), over the query heads sharing it.
     let mut dk = vec![T::zero(); k.len()];
     let mut dv = vec![T::zero(); v.len()];
-    dk.par_chunks_mut(tk * d).zip(dv.par_chunks_mut(tk * d)).enumerate().for_each(|(bk, (dk_head, dv_head))| {
-        let (b, kvh) = (bk / kv, bk % kv);
-        let vis = Visible::new(&dims, cfg, b);
-        let kv_base = bk * tk * d;
-        dk_head.par_chunks_mut(tile * d).zip(dv_head.par_chunks_mut(tile * d)).enumerate().for_each(
-            |(kt, (dk_tile, dv_tile))| {
-                let j0 = kt * tile;
-                let j1 = j0 + dk_tile.len() / d;
-                if j1 <= vis.start {
-                    return; // padding keys get no gradient
-                }
-                // Causal: only rows at or past the tile's first key see it.
-                let first_row = if cfg.causal { j0.saturating_sub(vis.off) } else { 0 };
-                for hh in kvh * g..(kvh + 1) * g {
-                    let head_row = (b * h + hh) * t;
-                    for i in first_row..t {
-                        let row = head_row + i;
-                        if lse[row] == T::neg_infinity() {
-                            continue;
-                        }
-                        let (lo, hi) = vis.range(i);
-                        let (a, z) = (lo.max(j0), hi.min(j1));
-                        let (qi, doi) = (&q[row * d..(row + 1) * d], &dout[row * d..(row + 1) * d]);
-                        for j in a..z {
-                            let kj = &k[kv_base + j * d..kv_base + (j + 1) * d];
-                            let vj = &v[kv_base + j * d..kv_base + (j + 1) * d];
-                            let (p, ds) = p_and_ds(qi, doi, kj, vj, lse[row], dd[row], scale);
-                            let jr = (j - j0) * d;
-                            axpy(&mut dv_tile[jr..jr + d], p, doi);
-                            axpy(&mut dk_tile[jr..jr + d], ds * scale, qi);
+    dk.par_chunks_mut(tk * d)
+        .zip(dv.par_chunks_mut(tk * d))
+        .enumerate()
+        .for_each(|(bk, (dk_head, dv_head))| {
+            let (b, kvh) = (bk / kv, bk % kv);
+            let vis = Visible::new(&dims, cfg, b);
+            let kv_base = bk * tk * d;
+            dk_head
+                .par_chunks_mut(tile * d)
+                .zip(dv_head.par_chunks_mut(tile * d))
+                .enumerate()
+                .for_each(|(kt, (dk_tile, dv_tile))| {
+                    let j0 = kt * tile;
+                    let j1 = j0 + dk_tile.len() / d;
+                    if j1 <= vis.start {
+                        return; // padding keys get no gradient
+                    }
+                    // Causal: only rows at or past the tile's first key see it.
+                    let first_row = if cfg.causal {
+                        j0.saturating_sub(vis.off)
+                    } else {
+                        0
+                    };
+                    for hh in kvh * g..(kvh + 1) * g {
+                        let head_row = (b * h + hh) * t;
+                        for i in first_row..t {
+                            let row = head_row + i;
+                            if lse[row] == T::neg_infinity() {
+                                continue;
+                            }
+                            let (lo, hi) = vis.range(i);
+                            let (a, z) = (lo.max(j0), hi.min(j1));
+                            let (qi, doi) =
+                                (&q[row * d..(row + 1) * d], &dout[row * d..(row + 1) * d]);
+                            for j in a..z {
+                                let kj = &k[kv_base + j * d..kv_base + (j + 1) * d];
+                                let vj = &v[kv_base + j * d..kv_base + (j + 1) * d];
+                                let (p, ds) = p_and_ds(qi, doi, kj, vj, lse[row], dd[row], scale);
+                                let jr = (j - j0) * d;
+                                axpy(&mut dv_tile[jr..jr + d], p, doi);
+                                axpy(&mut dk_tile[jr..jr + d], ds * scale, qi);
+                            }
                         }
                     }
-                }
-            },
-        );
-    });
+                });
+        });
     (dq, dk, dv)
 }
 
@@ -311,9 +372,18 @@ struct FlashOp {
 fn dims_of(ql: &Layout, kl: &Layout) -> candle_core::Result<Dims> {
     let (qd, kd) = (ql.dims(), kl.dims());
     if qd.len() != 4 || kd.len() != 4 || qd[0] != kd[0] || qd[3] != kd[3] {
-        candle_core::bail!("flash attention: q {qd:?} and k {kd:?} must be [B, H, T, d] and [B, KV, Tk, d]");
+        candle_core::bail!(
+            "flash attention: q {qd:?} and k {kd:?} must be [B, H, T, d] and [B, KV, Tk, d]"
+        );
     }
-    Ok(Dims { b: qd[0], h: qd[1], kv: kd[1], t: qd[2], tk: kd[2], d: qd[3] })
+    Ok(Dims {
+        b: qd[0],
+        h: qd[1],
+        kv: kd[1],
+        t: qd[2],
+        tk: kd[2],
+        d: qd[3],
+    })
 }
 
 impl FlashOp {
@@ -326,7 +396,8 @@ impl FlashOp {
         shape: Shape,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (o, lse) = forward(q, k, v, dims, &self.cfg);
-        *self.lse.lock().expect("lse lock") = lse.iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).collect();
+        *self.lse.lock().expect("lse lock") =
+            lse.iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).collect();
         Ok((T::to_cpu_storage_owned(o), shape))
     }
 
@@ -336,7 +407,13 @@ impl FlashOp {
         dims: Dims,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Read the inputs in place (no copies: the backward's memory stays O(B*H*T*d)).
-        let lse: Vec<T> = self.lse.lock().expect("lse lock").iter().map(|&x| T::from(x).unwrap_or_else(T::nan)).collect();
+        let lse: Vec<T> = self
+            .lse
+            .lock()
+            .expect("lse lock")
+            .iter()
+            .map(|&x| T::from(x).unwrap_or_else(T::nan))
+            .collect();
         let (dq, dk, dv) = with_cpu_slices(&ts, "flash attention backward", |v: &[&[T]]| {
             backward(v[0], v[1], v[2], v[3], &lse, v[4], dims, &self.cfg)
         })?;
@@ -366,7 +443,11 @@ impl CustomOp3 for FlashOp {
         let dims = dims_of(ql, kl)?;
         dims.check(&self.cfg)?;
         if vl.dims() != kl.dims() {
-            candle_core::bail!("flash attention: v {:?} differs from k {:?}", vl.dims(), kl.dims());
+            candle_core::bail!(
+                "flash attention: v {:?} differs from k {:?}",
+                vl.dims(),
+                kl.dims()
+            );
         }
         let shape = ql.shape().clone();
         match (qs, ks, vs) {
@@ -415,19 +496,43 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &FlashConfig) ->
     if !supported(q) {
         return attention_reference(q, k, v, cfg);
     }
-    let op = FlashOp { cfg: cfg.clone(), lse: Mutex::new(Vec::new()) };
-    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+    let op = FlashOp {
+        cfg: cfg.clone(),
+        lse: Mutex::new(Vec::new()),
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
 /// Additive mask `[B, 1, 1, T, Tk]` (0 or -inf) for `cfg`, shaped for [`super::attention::attention`].
-pub fn additive_mask(b: usize, t: usize, tk: usize, cfg: &FlashConfig, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-    let dims = Dims { b, h: 1, kv: 1, t, tk, d: 1 };
+pub fn additive_mask(
+    b: usize,
+    t: usize,
+    tk: usize,
+    cfg: &FlashConfig,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let dims = Dims {
+        b,
+        h: 1,
+        kv: 1,
+        t,
+        tk,
+        d: 1,
+    };
     let mut data = Vec::with_capacity(b * t * tk);
     for bi in 0..b {
         let vis = Visible::new(&dims, cfg, bi);
         for i in 0..t {
             let (lo, hi) = vis.range(i);
-            data.extend((0..tk).map(|j| if j >= lo && j < hi { 0f32 } else { f32::NEG_INFINITY }));
+            data.extend((0..tk).map(|j| {
+                if j >= lo && j < hi {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
         }
     }
     Ok(Tensor::from_vec(data, (b, 1, 1, t, tk), device)?.to_dtype(dtype)?)
@@ -435,11 +540,20 @@ pub fn additive_mask(b: usize, t: usize, tk: usize, cfg: &FlashConfig, dtype: DT
 
 /// The plain reference: full scores, additive mask, softmax, all differentiable candle ops.
 /// Rows that see no key come out NaN here (softmax of all -inf); the fused kernel gives 0.
-pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &FlashConfig) -> Result<Tensor> {
+pub fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cfg: &FlashConfig,
+) -> Result<Tensor> {
     let (b, _, t, _) = q.dims4()?;
     let (kv, tk) = (k.dim(1)?, k.dim(2)?);
     let needs_mask = cfg.causal && t > 1 || cfg.kv_start.iter().any(|&s| s > 0);
-    let mask = if needs_mask { Some(additive_mask(b, t, tk, cfg, q.dtype(), q.device())?) } else { None };
+    let mask = if needs_mask {
+        Some(additive_mask(b, t, tk, cfg, q.dtype(), q.device())?)
+    } else {
+        None
+    };
     super::attention::attention(q, k, v, mask.as_ref(), kv)
 }
 
@@ -453,18 +567,49 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-1.0..1.0) * 1.7).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dt).unwrap()
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-        let a: Vec<f64> = a.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
-        let b: Vec<f64> = b.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+        let a: Vec<f64> = a
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f64> = b
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
-        a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max)
+            / scale
     }
 
-    fn qkv(b: usize, h: usize, kv: usize, t: usize, tk: usize, d: usize, dt: DType) -> (Tensor, Tensor, Tensor) {
-        (randn(&[b, h, t, d], 1, dt), randn(&[b, kv, tk, d], 2, dt), randn(&[b, kv, tk, d], 3, dt))
+    fn qkv(
+        b: usize,
+        h: usize,
+        kv: usize,
+        t: usize,
+        tk: usize,
+        d: usize,
+        dt: DType,
+    ) -> (Tensor, Tensor, Tensor) {
+        (
+            randn(&[b, h, t, d], 1, dt),
+            randn(&[b, kv, tk, d], 2, dt),
+            randn(&[b, kv, tk, d], 3, dt),
+        )
     }
 
     #[test]
@@ -477,11 +622,18 @@ mod tests {
             (1, 4, 1, 7, 50, 16, 8, true), // a cache of 43 positions before the queries
         ] {
             let (q, k, v) = qkv(b, h, kv, t, tk, d, DType::F32);
-            let cfg = FlashConfig { causal, tile, kv_start: vec![] };
+            let cfg = FlashConfig {
+                causal,
+                tile,
+                kv_start: vec![],
+            };
             let got = flash_attention(&q, &k, &v, &cfg).unwrap();
             let want = attention_reference(&q, &k, &v, &cfg).unwrap();
             let err = max_rel(&got, &want);
-            assert!(err < 1e-4, "b{b} h{h} kv{kv} t{t} tk{tk} d{d} tile{tile} causal{causal}: rel err {err}");
+            assert!(
+                err < 1e-4,
+                "b{b} h{h} kv{kv} t{t} tk{tk} d{d} tile{tile} causal{causal}: rel err {err}"
+            );
         }
     }
 
@@ -489,7 +641,11 @@ mod tests {
     fn forward_matches_reference_at_4096_tokens_tile_128() {
         let (q, k, v) = qkv(2, 8, 8, 4096, 4096, 64, DType::F32);
         for causal in [true, false] {
-            let cfg = FlashConfig { causal, tile: 128, kv_start: vec![] };
+            let cfg = FlashConfig {
+                causal,
+                tile: 128,
+                kv_start: vec![],
+            };
             let got = flash_attention(&q, &k, &v, &cfg).unwrap();
             let want = attention_reference(&q, &k, &v, &cfg).unwrap();
             let err = max_rel(&got, &want);
@@ -502,7 +658,11 @@ mod tests {
         // Row 1 starts at key 70 with tile 32: its first two tiles are fully masked, and its
         // queries before position 70 see no key at all.
         let (q, k, v) = qkv(2, 2, 1, 100, 100, 16, DType::F32);
-        let cfg = FlashConfig { causal: true, tile: 32, kv_start: vec![0, 70] };
+        let cfg = FlashConfig {
+            causal: true,
+            tile: 32,
+            kv_start: vec![0, 70],
+        };
         let got = flash_attention(&q, &k, &v, &cfg).unwrap();
         let vals: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
         assert!(vals.iter().all(|x| x.is_finite()));
@@ -512,18 +672,49 @@ mod tests {
         let w1 = want.narrow(0, 1, 1).unwrap().narrow(2, 70, 30).unwrap();
         assert!(max_rel(&g1, &w1) < 1e-4);
         let blind = got.narrow(0, 1, 1).unwrap().narrow(2, 0, 70).unwrap();
-        assert_eq!(blind.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
-        assert!(max_rel(&got.narrow(0, 0, 1).unwrap(), &want.narrow(0, 0, 1).unwrap()) < 1e-4);
+        assert_eq!(
+            blind
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        assert!(
+            max_rel(
+                &got.narrow(0, 0, 1).unwrap(),
+                &want.narrow(0, 0, 1).unwrap()
+            ) < 1e-4
+        );
         // The backward of the blind rows is zero, not NaN.
         let qv = Var::from_tensor(&q).unwrap();
         let o = flash_attention(qv.as_tensor(), &k, &v, &cfg).unwrap();
         let grads = o.sqr().unwrap().sum_all().unwrap().backward().unwrap();
-        let dq: Vec<f32> = grads.get(qv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let dq: Vec<f32> = grads
+            .get(qv.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(dq.iter().all(|x| x.is_finite()));
     }
 
-    fn grads_of(q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor, cfg: &FlashConfig, fused: bool) -> Vec<Tensor> {
-        let (qv, kv, vv) = (Var::from_tensor(q).unwrap(), Var::from_tensor(k).unwrap(), Var::from_tensor(v).unwrap());
+    fn grads_of(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        w: &Tensor,
+        cfg: &FlashConfig,
+        fused: bool,
+    ) -> Vec<Tensor> {
+        let (qv, kv, vv) = (
+            Var::from_tensor(q).unwrap(),
+            Var::from_tensor(k).unwrap(),
+            Var::from_tensor(v).unwrap(),
+        );
         let o = if fused {
             flash_attention(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), cfg).unwrap()
         } else {
@@ -532,20 +723,34 @@ mod tests {
         // A loss with a random weight per output so every dO differs.
         let loss = (o * w).unwrap().sum_all().unwrap();
         let g = loss.backward().unwrap();
-        [qv, kv, vv].iter().map(|x| g.get(x.as_tensor()).unwrap().clone()).collect()
+        [qv, kv, vv]
+            .iter()
+            .map(|x| g.get(x.as_tensor()).unwrap().clone())
+            .collect()
     }
 
     #[test]
     fn backward_matches_reference_backward() {
-        for &(b, h, kv, t, d, tile, causal) in &[(2, 4, 4, 256, 64, 64, true), (2, 4, 2, 256, 64, 64, false), (1, 6, 2, 113, 40, 32, true)] {
+        for &(b, h, kv, t, d, tile, causal) in &[
+            (2, 4, 4, 256, 64, 64, true),
+            (2, 4, 2, 256, 64, 64, false),
+            (1, 6, 2, 113, 40, 32, true),
+        ] {
             let (q, k, v) = qkv(b, h, kv, t, t, d, DType::F32);
             let w = randn(&[b, h, t, d], 9, DType::F32);
-            let cfg = FlashConfig { causal, tile, kv_start: vec![] };
+            let cfg = FlashConfig {
+                causal,
+                tile,
+                kv_start: vec![],
+            };
             let got = grads_of(&q, &k, &v, &w, &cfg, true);
             let want = grads_of(&q, &k, &v, &w, &cfg, false);
             for (name, (g, r)) in ["dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
                 let err = max_rel(g, r);
-                assert!(err < 1e-4, "{name} b{b} h{h} kv{kv} t{t} d{d} causal{causal}: rel err {err}");
+                assert!(
+                    err < 1e-4,
+                    "{name} b{b} h{h} kv{kv} t{t} d{d} causal{causal}: rel err {err}"
+                );
             }
         }
     }
@@ -555,9 +760,18 @@ mod tests {
         let (b, h, kv, t, d) = (1, 2, 1, 9, 5);
         let (q, k, v) = qkv(b, h, kv, t, t, d, DType::F64);
         let w = randn(&[b, h, t, d], 9, DType::F64);
-        let cfg = FlashConfig { causal: true, tile: 4, kv_start: vec![] };
+        let cfg = FlashConfig {
+            causal: true,
+            tile: 4,
+            kv_start: vec![],
+        };
         let loss = |q: &Tensor, k: &Tensor, v: &Tensor| -> f64 {
-            (flash_attention(q, k, v, &cfg).unwrap() * &w).unwrap().sum_all().unwrap().to_scalar().unwrap()
+            (flash_attention(q, k, v, &cfg).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
         };
         let grads = grads_of(&q, &k, &v, &w, &cfg, true);
         let eps = 1e-6;
@@ -578,7 +792,11 @@ mod tests {
                 args[which] = m;
                 let lm = loss(&args[0], &args[1], &args[2]);
                 let fd = (lp - lm) / (2.0 * eps);
-                assert!((fd - gv[idx]).abs() <= 1e-5 + 1e-3 * fd.abs(), "input {which} idx {idx}: fd {fd} vs {}", gv[idx]);
+                assert!(
+                    (fd - gv[idx]).abs() <= 1e-5 + 1e-3 * fd.abs(),
+                    "input {which} idx {idx}: fd {fd} vs {}",
+                    gv[idx]
+                );
             }
         }
     }

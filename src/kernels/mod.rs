@@ -35,7 +35,11 @@ use candle_core::{DType, Device, Tensor};
 
 /// `data` as `layout` describes it, when that is one contiguous run: how the fused CPU ops read
 /// their inputs in place.
-pub(crate) fn contiguous_slice<'a, T>(data: &'a [T], layout: &candle_core::Layout, what: &str) -> candle_core::Result<&'a [T]> {
+pub(crate) fn contiguous_slice<'a, T>(
+    data: &'a [T],
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{what} must be contiguous"),
@@ -50,7 +54,10 @@ pub(crate) fn with_cpu_slices<T: candle_core::WithDType, R>(
     what: &str,
     f: impl FnOnce(&[&[T]]) -> R,
 ) -> candle_core::Result<R> {
-    let tensors = tensors.iter().map(|t| t.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
+    let tensors = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
     let mut slices = Vec::with_capacity(guards.len());
     for (storage, layout) in &guards {
@@ -77,7 +84,17 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// Which implementation runs for norms, RoPE, attention, the projection, the ternary linear
 /// layer, the LM-head loss and the optimizer. Fused kernels exist for the CPU (f32/f64); on
 /// other devices and dtypes every op falls back to its reference, here and nowhere else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Kernels {
     /// tern's fused CPU kernels (other devices fall back to the references).
@@ -93,7 +110,9 @@ impl std::str::FromStr for Kernels {
         match s {
             "fused" => Ok(Kernels::Fused),
             "reference" => Ok(Kernels::Reference),
-            o => Err(crate::Error::Msg(format!("kernels: expected 'fused' or 'reference', found '{o}'"))),
+            o => Err(crate::Error::Msg(format!(
+                "kernels: expected 'fused' or 'reference', found '{o}'"
+            ))),
         }
     }
 }
@@ -127,9 +146,17 @@ impl Kernels {
 
     /// Attention of q `[B, H, T, hd]` over k/v `[B, KV, Tk, hd]` under `mask`: the flash kernel
     /// for causal masks where it applies, the reference (additive mask) otherwise.
-    pub fn attention(self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &attention::Mask) -> Result<Tensor> {
+    pub fn attention(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &attention::Mask,
+    ) -> Result<Tensor> {
         match &mask.additive {
-            None if self.fused() && flash_attention::supported(q) => flash_attention::flash_attention(q, k, v, &mask.flash),
+            None if self.fused() && flash_attention::supported(q) => {
+                flash_attention::flash_attention(q, k, v, &mask.flash)
+            }
             additive => attention::attention(q, k, v, additive.as_ref(), k.dim(1)?),
         }
     }
@@ -160,7 +187,13 @@ impl Kernels {
     /// Mean next-token cross-entropy of hidden states `h: [N, H]` under the LM head given by its
     /// latent weight `[V, H]` (projected under `quant`), for `targets: [N]`. Fused: chunked over
     /// tokens, the `[N, V]` logits never exist; reference: candle's cross-entropy over them.
-    pub fn lm_head_loss(self, h: &Tensor, head_latent: &Tensor, quant: &QuantConfig, targets: &Tensor) -> Result<Tensor> {
+    pub fn lm_head_loss(
+        self,
+        h: &Tensor,
+        head_latent: &Tensor,
+        quant: &QuantConfig,
+        targets: &Tensor,
+    ) -> Result<Tensor> {
         match self {
             Kernels::Fused => {
                 let chunk = cross_entropy::default_chunk(head_latent.dim(0)?);

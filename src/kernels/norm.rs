@@ -79,7 +79,9 @@ pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 pub fn layer_norm_reference(x: &Tensor, g: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mu = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mu)?;
-    let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
     Ok(xc.broadcast_mul(&r)?.broadcast_mul(g)?.broadcast_add(b)?)
 }
 
@@ -90,7 +92,12 @@ struct RmsNormOp {
 }
 
 impl RmsNormOp {
-    fn fwd<T: Elem>(&self, x: &[T], w: &[T], xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd<T: Elem>(
+        &self,
+        x: &[T],
+        w: &[T],
+        xl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = *xl.dims().last().unwrap_or(&1);
         if w.len() != d {
             candle_core::bail!("rms_norm: weight has {} values for rows of {d}", w.len());
@@ -118,15 +125,35 @@ impl CustomOp2 for RmsNormOp {
         "tern-rms-norm"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         match (xs, ws) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => self.fwd(contiguous_slice(x, xl, "norm: x")?, contiguous_slice(w, wl, "norm: w")?, xl),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => self.fwd(contiguous_slice(x, xl, "norm: x")?, contiguous_slice(w, wl, "norm: w")?, xl),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => self.fwd(
+                contiguous_slice(x, xl, "norm: x")?,
+                contiguous_slice(w, wl, "norm: w")?,
+                xl,
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => self.fwd(
+                contiguous_slice(x, xl, "norm: x")?,
+                contiguous_slice(w, wl, "norm: w")?,
+                xl,
+            ),
             _ => candle_core::bail!("rms_norm: x and w must both be f32 or both f64"),
         }
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let rstd = self.rstd.lock().expect("rstd lock");
         match x.dtype() {
             DType::F32 => rms_backward::<f32>(x, w, dy, &rstd),
@@ -137,7 +164,12 @@ impl CustomOp2 for RmsNormOp {
 }
 
 /// dx and dw of RMSNorm from x, w, dy and the forward's r per row (see the module doc).
-fn rms_backward<T: Elem>(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &[f64]) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+fn rms_backward<T: Elem>(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    rstd: &[f64],
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
     let d = w.elem_count();
     let (dx, dw) = with_cpu_slices(&[x, w, dy], "rms_norm backward", |v: &[&[T]]| {
         let (x, w, dy) = (v[0], v[1], v[2]);
@@ -148,8 +180,16 @@ fn rms_backward<T: Elem>(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &[f64]) -> c
             .zip(rstd.par_chunks(BWD_ROWS))
             .map(|((dxc, (xc, gc)), rc)| {
                 let mut dw = vec![0f64; d];
-                for (((dxr, xr), gr), &r) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)).zip(rc) {
-                    let mean_ax = (0..d).map(|j| gr[j].f() * w[j].f() * xr[j].f()).sum::<f64>() / d as f64;
+                for (((dxr, xr), gr), &r) in dxc
+                    .chunks_mut(d)
+                    .zip(xc.chunks(d))
+                    .zip(gc.chunks(d))
+                    .zip(rc)
+                {
+                    let mean_ax = (0..d)
+                        .map(|j| gr[j].f() * w[j].f() * xr[j].f())
+                        .sum::<f64>()
+                        / d as f64;
                     let k = r * r * mean_ax;
                     for j in 0..d {
                         let (xj, gj) = (xr[j].f(), gr[j].f());
@@ -162,16 +202,27 @@ fn rms_backward<T: Elem>(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &[f64]) -> c
             .collect();
         (dx, sum_partials(parts, d))
     })?;
-    Ok((Some(to_tensor(dx, x)?), Some(to_tensor(to_elems::<T>(dw), w)?)))
+    Ok((
+        Some(to_tensor(dx, x)?),
+        Some(to_tensor(to_elems::<T>(dw), w)?),
+    ))
 }
 
 /// Fused RMSNorm over the last dim (f32/f64 on CPU; other devices and dtypes use the reference).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let fused = matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == w.dtype() && x.dim(D::Minus1)? > 0;
+    let fused = matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == w.dtype()
+        && x.dim(D::Minus1)? > 0;
     if !x.device().is_cpu() || !fused {
         return rms_norm_reference(x, w, eps);
     }
-    Ok(x.contiguous()?.apply_op2(w, RmsNormOp { eps, rstd: Mutex::new(Vec::new()) })?)
+    Ok(x.contiguous()?.apply_op2(
+        w,
+        RmsNormOp {
+            eps,
+            rstd: Mutex::new(Vec::new()),
+        },
+    )?)
 }
 
 struct LayerNormOp {
@@ -181,10 +232,20 @@ struct LayerNormOp {
 }
 
 impl LayerNormOp {
-    fn fwd<T: Elem>(&self, x: &[T], g: &[T], b: &[T], xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn fwd<T: Elem>(
+        &self,
+        x: &[T],
+        g: &[T],
+        b: &[T],
+        xl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = *xl.dims().last().unwrap_or(&1);
         if g.len() != d || b.len() != d {
-            candle_core::bail!("layer_norm: gamma/beta have {}/{} values for rows of {d}", g.len(), b.len());
+            candle_core::bail!(
+                "layer_norm: gamma/beta have {}/{} values for rows of {d}",
+                g.len(),
+                b.len()
+            );
         }
         let mut y = vec![T::from(0.0); x.len()];
         let stats: Vec<(f64, f64)> = y
@@ -226,13 +287,21 @@ impl CustomOp3 for LayerNormOp {
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         match (xs, gs, bs) {
-            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => {
-                self.fwd(contiguous_slice(x, xl, "norm: x")?, contiguous_slice(g, gl, "norm: gamma")?, contiguous_slice(b, bl, "norm: beta")?, xl)
+            (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) => self.fwd(
+                contiguous_slice(x, xl, "norm: x")?,
+                contiguous_slice(g, gl, "norm: gamma")?,
+                contiguous_slice(b, bl, "norm: beta")?,
+                xl,
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => self.fwd(
+                contiguous_slice(x, xl, "norm: x")?,
+                contiguous_slice(g, gl, "norm: gamma")?,
+                contiguous_slice(b, bl, "norm: beta")?,
+                xl,
+            ),
+            _ => {
+                candle_core::bail!("layer_norm: x, gamma and beta must share one dtype, f32 or f64")
             }
-            (CpuStorage::F64(x), CpuStorage::F64(g), CpuStorage::F64(b)) => {
-                self.fwd(contiguous_slice(x, xl, "norm: x")?, contiguous_slice(g, gl, "norm: gamma")?, contiguous_slice(b, bl, "norm: beta")?, xl)
-            }
-            _ => candle_core::bail!("layer_norm: x, gamma and beta must share one dtype, f32 or f64"),
         }
     }
 
@@ -248,7 +317,9 @@ impl CustomOp3 for LayerNormOp {
         match x.dtype() {
             DType::F32 => layer_backward::<f32>(x, g, b, dy, &stats),
             DType::F64 => layer_backward::<f64>(x, g, b, dy, &stats),
-            other => candle_core::bail!("layer_norm backward: f32 or f64 expected, found {other:?}"),
+            other => {
+                candle_core::bail!("layer_norm backward: f32 or f64 expected, found {other:?}")
+            }
         }
     }
 }
@@ -271,7 +342,12 @@ fn layer_backward<T: Elem>(
             .zip(stats.par_chunks(BWD_ROWS))
             .map(|((dxc, (xc, gc)), sc)| {
                 let (mut dg, mut db) = (vec![0f64; d], vec![0f64; d]);
-                for (((dxr, xr), gr), &(mu, r)) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)).zip(sc) {
+                for (((dxr, xr), gr), &(mu, r)) in dxc
+                    .chunks_mut(d)
+                    .zip(xc.chunks(d))
+                    .zip(gc.chunks(d))
+                    .zip(sc)
+                {
                     let xh = |j: usize| (xr[j].f() - mu) * r;
                     let a = |j: usize| gr[j].f() * gamma[j].f();
                     let (mut sum_a, mut sum_axh) = (0f64, 0f64);
@@ -292,7 +368,11 @@ fn layer_backward<T: Elem>(
         let (pg, pb): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
         (dx, sum_partials(pg, d), sum_partials(pb, d))
     })?;
-    Ok((Some(to_tensor(dx, x)?), Some(to_tensor(to_elems::<T>(dg), g)?), Some(to_tensor(to_elems::<T>(db), b)?)))
+    Ok((
+        Some(to_tensor(dx, x)?),
+        Some(to_tensor(to_elems::<T>(dg), g)?),
+        Some(to_tensor(to_elems::<T>(db), b)?),
+    ))
 }
 
 /// Fused LayerNorm over the last dim (f32/f64 on CPU; otherwise the reference).
@@ -304,7 +384,14 @@ pub fn layer_norm(x: &Tensor, g: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     if !x.device().is_cpu() || !fused {
         return layer_norm_reference(x, g, b, eps);
     }
-    Ok(x.contiguous()?.apply_op3(g, b, LayerNormOp { eps, stats: Mutex::new(Vec::new()) })?)
+    Ok(x.contiguous()?.apply_op3(
+        g,
+        b,
+        LayerNormOp {
+            eps,
+            stats: Mutex::new(Vec::new()),
+        },
+    )?)
 }
 
 #[cfg(test)]
@@ -323,7 +410,10 @@ mod tests {
                 mean + std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
             })
             .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -353,11 +443,19 @@ mod tests {
             let y = match (layer, fused) {
                 (false, true) => rms_norm(xv.as_tensor(), g.as_tensor(), 1e-6).unwrap(),
                 (false, false) => rms_norm_reference(xv.as_tensor(), g.as_tensor(), 1e-6).unwrap(),
-                (true, true) => layer_norm(xv.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5).unwrap(),
-                (true, false) => layer_norm_reference(xv.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5).unwrap(),
+                (true, true) => {
+                    layer_norm(xv.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5).unwrap()
+                }
+                (true, false) => {
+                    layer_norm_reference(xv.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)
+                        .unwrap()
+                }
             };
             let grads = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
-            let gs: Vec<Option<Tensor>> = [&xv, &g, &b].iter().map(|v| grads.get(v.as_tensor()).cloned()).collect();
+            let gs: Vec<Option<Tensor>> = [&xv, &g, &b]
+                .iter()
+                .map(|v| grads.get(v.as_tensor()).cloned())
+                .collect();
             (y, gs)
         };
         let (yf, gf) = run(true);
@@ -370,7 +468,10 @@ mod tests {
                 _ => panic!("gradient {i} present in one version only"),
             }
         }
-        assert!(gf[0].is_some() && gf[1].is_some(), "x and weight get gradients");
+        assert!(
+            gf[0].is_some() && gf[1].is_some(),
+            "x and weight get gradients"
+        );
     }
 
     #[test]
@@ -388,7 +489,10 @@ mod tests {
     fn near_constant_rows_stay_accurate() {
         // Mean 1000, spread 1e-3: E[x^2] - E[x]^2 in f32 loses every digit.
         let x64 = randn(&[4, 256], 1000.0, 1e-3, DType::F64, 5);
-        let (g, b) = (Tensor::ones(256, DType::F64, &Device::Cpu).unwrap(), Tensor::zeros(256, DType::F64, &Device::Cpu).unwrap());
+        let (g, b) = (
+            Tensor::ones(256, DType::F64, &Device::Cpu).unwrap(),
+            Tensor::zeros(256, DType::F64, &Device::Cpu).unwrap(),
+        );
         let truth = layer_norm_reference(&x64, &g, &b, 1e-12).unwrap();
         let fused = layer_norm(
             &x64.to_dtype(DType::F32).unwrap(),
@@ -399,12 +503,34 @@ mod tests {
         .unwrap();
         // f32 inputs round x itself by ~3e-5 (relative to the 1e-3 spread), so compare loosely
         // against the truth of the rounded inputs.
-        let truth32 = layer_norm_reference(&x64.to_dtype(DType::F32).unwrap().to_dtype(DType::F64).unwrap(), &g, &b, 1e-12).unwrap();
-        assert!(max_diff(&fused, &truth32) < 1e-3, "{}", max_diff(&fused, &truth32));
+        let truth32 = layer_norm_reference(
+            &x64.to_dtype(DType::F32)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap(),
+            &g,
+            &b,
+            1e-12,
+        )
+        .unwrap();
+        assert!(
+            max_diff(&fused, &truth32) < 1e-3,
+            "{}",
+            max_diff(&fused, &truth32)
+        );
         assert!(max_diff(&truth, &truth32) < 0.2);
         let y = fused.to_dtype(DType::F64).unwrap();
-        let var = y.sqr().unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap();
-        assert!((var - 1.0).abs() < 1e-3, "normalized rows have unit variance: {var}");
+        let var = y
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            (var - 1.0).abs() < 1e-3,
+            "normalized rows have unit variance: {var}"
+        );
         compare(true, &randn(&[3, 64], 50.0, 1e-4, DType::F64, 6), 1e-8);
         compare(false, &randn(&[3, 64], 50.0, 1e-4, DType::F64, 7), 1e-8);
     }
@@ -428,22 +554,35 @@ mod tests {
             let grads = loss().backward().unwrap();
             for v in [&x, &g, &b] {
                 let Some(an) = grads.get(v.as_tensor()) else {
-                    assert!(!layer && std::ptr::eq(v, &b), "only RMSNorm's unused beta lacks a gradient");
+                    assert!(
+                        !layer && std::ptr::eq(v, &b),
+                        "only RMSNorm's unused beta lacks a gradient"
+                    );
                     continue;
                 };
                 let an = an.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-                let base = v.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let base = v
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
                 let shape = v.as_tensor().dims().to_vec();
                 for k in 0..base.len() {
                     let at = |delta: f64| {
                         let mut p = base.clone();
                         p[k] += delta;
-                        v.set(&Tensor::from_vec(p, shape.as_slice(), &Device::Cpu).unwrap()).unwrap();
+                        v.set(&Tensor::from_vec(p, shape.as_slice(), &Device::Cpu).unwrap())
+                            .unwrap();
                         loss().to_scalar::<f64>().unwrap()
                     };
                     let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
                     at(0.0);
-                    assert!((an[k] - fd).abs() <= 1e-5 + 1e-3 * fd.abs(), "layer={layer} [{k}]: {} vs {fd}", an[k]);
+                    assert!(
+                        (an[k] - fd).abs() <= 1e-5 + 1e-3 * fd.abs(),
+                        "layer={layer} [{k}]: {} vs {fd}",
+                        an[k]
+                    );
                 }
             }
         }

@@ -21,34 +21,52 @@ pub(crate) struct ProjectSte {
 
 impl ProjectSte {
     pub(crate) fn new(quant: &QuantConfig) -> Self {
-        Self { group: quant.group_size, rule: quant.scale, lambda: quant.ramp }
+        Self {
+            group: quant.group_size,
+            rule: quant.scale,
+            lambda: quant.ramp,
+        }
     }
 
     /// `w + lambda * (t * s - w)` of a row-major weight with rows of `cols`.
     pub(crate) fn run<T: num_like::Num>(&self, w: &[T], cols: usize) -> Vec<T> {
         let mut out = vec![T::zero(); w.len()];
-        out.par_chunks_mut(cols).zip(w.par_chunks(cols)).for_each(|(o_row, w_row)| {
-            for (o, g) in o_row.chunks_mut(self.group).zip(w_row.chunks(self.group)) {
-                let s = match self.rule {
-                    ScaleRule::MeanAbs => g.iter().fold(T::zero(), |a, &x| a + x.abs()) / T::from_usize(g.len()),
-                    ScaleRule::MaxAbs => g.iter().fold(T::zero(), |a, &x| a.max(x.abs())),
-                };
-                let div = s.max(T::tiny());
-                let lambda = T::from_f64(self.lambda);
-                for (oi, &x) in o.iter_mut().zip(g) {
-                    let t = (x / div).round().max(T::from_f64(-1.0)).min(T::from_f64(1.0));
-                    *oi = x + lambda * (t * s - x);
+        out.par_chunks_mut(cols)
+            .zip(w.par_chunks(cols))
+            .for_each(|(o_row, w_row)| {
+                for (o, g) in o_row.chunks_mut(self.group).zip(w_row.chunks(self.group)) {
+                    let s = match self.rule {
+                        ScaleRule::MeanAbs => {
+                            g.iter().fold(T::zero(), |a, &x| a + x.abs()) / T::from_usize(g.len())
+                        }
+                        ScaleRule::MaxAbs => g.iter().fold(T::zero(), |a, &x| a.max(x.abs())),
+                    };
+                    let div = s.max(T::tiny());
+                    let lambda = T::from_f64(self.lambda);
+                    for (oi, &x) in o.iter_mut().zip(g) {
+                        let t = (x / div)
+                            .round()
+                            .max(T::from_f64(-1.0))
+                            .min(T::from_f64(1.0));
+                        *oi = x + lambda * (t * s - x);
+                    }
                 }
-            }
-        });
+            });
         out
     }
 }
 
 /// Minimal float arithmetic for f32/f64 (kept local: two types, a handful of operations).
 pub(crate) mod num_like {
-    pub trait Num: Copy + Send + Sync + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
-        + std::ops::Mul<Output = Self> + std::ops::Div<Output = Self> {
+    pub trait Num:
+        Copy
+        + Send
+        + Sync
+        + std::ops::Add<Output = Self>
+        + std::ops::Sub<Output = Self>
+        + std::ops::Mul<Output = Self>
+        + std::ops::Div<Output = Self>
+    {
         fn zero() -> Self;
         fn abs(self) -> Self;
         fn max(self, o: Self) -> Self;
@@ -61,14 +79,30 @@ pub(crate) mod num_like {
     macro_rules! imp {
         ($t:ty) => {
             impl Num for $t {
-                fn zero() -> Self { 0.0 }
-                fn abs(self) -> Self { <$t>::abs(self) }
-                fn max(self, o: Self) -> Self { <$t>::max(self, o) }
-                fn min(self, o: Self) -> Self { <$t>::min(self, o) }
-                fn round(self) -> Self { <$t>::round(self) }
-                fn from_usize(v: usize) -> Self { v as $t }
-                fn from_f64(v: f64) -> Self { v as $t }
-                fn tiny() -> Self { 1e-30 as $t }
+                fn zero() -> Self {
+                    0.0
+                }
+                fn abs(self) -> Self {
+                    <$t>::abs(self)
+                }
+                fn max(self, o: Self) -> Self {
+                    <$t>::max(self, o)
+                }
+                fn min(self, o: Self) -> Self {
+                    <$t>::min(self, o)
+                }
+                fn round(self) -> Self {
+                    <$t>::round(self)
+                }
+                fn from_usize(v: usize) -> Self {
+                    v as $t
+                }
+                fn from_f64(v: f64) -> Self {
+                    v as $t
+                }
+                fn tiny() -> Self {
+                    1e-30 as $t
+                }
             }
         };
     }
@@ -96,7 +130,12 @@ impl CustomOp1 for ProjectSte {
     }
 
     /// Straight-through: dL/dw = dL/d(projected).
-    fn bwd(&self, _w: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.clone()))
     }
 }
@@ -127,12 +166,35 @@ mod tests {
     fn fused_projection_equals_the_composed_reference_and_passes_gradients_straight_through() {
         for rule in [ScaleRule::MeanAbs, ScaleRule::MaxAbs] {
             for lambda in [1.0, 0.3] {
-                let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 300), &Device::Cpu).unwrap()).unwrap();
-                let q = QuantConfig { group_size: 128, scale: rule, ramp: lambda, ternary: true, ..Default::default() };
+                let w =
+                    Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 300), &Device::Cpu).unwrap())
+                        .unwrap();
+                let q = QuantConfig {
+                    group_size: 128,
+                    scale: rule,
+                    ramp: lambda,
+                    ternary: true,
+                    ..Default::default()
+                };
                 let fused = project_ste(w.as_tensor(), &q).unwrap();
-                let reference = ste(w.as_tensor(), &project(w.as_tensor(), 128, rule).unwrap(), lambda).unwrap();
-                let d = (&fused - &reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-                assert!(d.to_scalar::<f32>().unwrap() < 1e-6, "{rule} lambda {lambda}");
+                let reference = ste(
+                    w.as_tensor(),
+                    &project(w.as_tensor(), 128, rule).unwrap(),
+                    lambda,
+                )
+                .unwrap();
+                let d = (&fused - &reference)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap();
+                assert!(
+                    d.to_scalar::<f32>().unwrap() < 1e-6,
+                    "{rule} lambda {lambda}"
+                );
                 let c = Tensor::randn(0f32, 1.0, (9, 300), &Device::Cpu).unwrap();
                 let g = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
                 let gw = g.get(w.as_tensor()).unwrap();
@@ -142,6 +204,12 @@ mod tests {
         // An all-zero group projects to zeros, never NaN.
         let z = Tensor::zeros((2, 128), DType::F32, &Device::Cpu).unwrap();
         let p = project_ste(&z, &QuantConfig::default()).unwrap();
-        assert!(p.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| *x == 0.0));
+        assert!(p
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|x| *x == 0.0));
     }
 }

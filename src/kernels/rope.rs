@@ -26,12 +26,19 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f64) -> Self {
-        let inv_freq = (0..head_dim / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect();
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+            .collect();
         Self { inv_freq }
     }
 
     /// cos and sin tables `[T, head_dim]` for the given absolute positions.
-    pub fn cos_sin(&self, positions: &[u32], dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &self,
+        positions: &[u32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half * 2);
         let mut sin = Vec::with_capacity(positions.len() * half * 2);
@@ -89,32 +96,36 @@ impl RopeOp {
         let c = |v: f64| T::from(v).unwrap_or_else(T::nan);
         if !backward {
             // Output chunk per (b, h): T rows of d.
-            out.par_chunks_mut(t * d).enumerate().for_each(|(bh, chunk)| {
-                let (bi, hi) = (bh / h, bh % h);
-                for (ti, y) in chunk.chunks_mut(d).enumerate() {
-                    let x = &src[((bi * t + ti) * h + hi) * d..][..d];
-                    let row = self.table_row(bi, ti, t) * d;
-                    let (cs, sn) = (&self.cos[row..row + d], &self.sin[row..row + d]);
-                    for j in 0..half {
-                        y[j] = x[j] * c(cs[j]) - x[j + half] * c(sn[j]);
-                        y[j + half] = x[j + half] * c(cs[j + half]) + x[j] * c(sn[j + half]);
+            out.par_chunks_mut(t * d)
+                .enumerate()
+                .for_each(|(bh, chunk)| {
+                    let (bi, hi) = (bh / h, bh % h);
+                    for (ti, y) in chunk.chunks_mut(d).enumerate() {
+                        let x = &src[((bi * t + ti) * h + hi) * d..][..d];
+                        let row = self.table_row(bi, ti, t) * d;
+                        let (cs, sn) = (&self.cos[row..row + d], &self.sin[row..row + d]);
+                        for j in 0..half {
+                            y[j] = x[j] * c(cs[j]) - x[j + half] * c(sn[j]);
+                            y[j + half] = x[j + half] * c(cs[j + half]) + x[j] * c(sn[j + half]);
+                        }
                     }
-                }
-            });
+                });
         } else {
             // src is dy in [B, H, T, d]; output chunk per (b, t): H rows of d, in [B, T, H, d].
-            out.par_chunks_mut(h * d).enumerate().for_each(|(bt, chunk)| {
-                let (bi, ti) = (bt / t, bt % t);
-                let row = self.table_row(bi, ti, t) * d;
-                let (cs, sn) = (&self.cos[row..row + d], &self.sin[row..row + d]);
-                for (hi, dx) in chunk.chunks_mut(d).enumerate() {
-                    let g = &src[((bi * h + hi) * t + ti) * d..][..d];
-                    for j in 0..half {
-                        dx[j] = g[j] * c(cs[j]) + g[j + half] * c(sn[j + half]);
-                        dx[j + half] = g[j + half] * c(cs[j + half]) - g[j] * c(sn[j]);
+            out.par_chunks_mut(h * d)
+                .enumerate()
+                .for_each(|(bt, chunk)| {
+                    let (bi, ti) = (bt / t, bt % t);
+                    let row = self.table_row(bi, ti, t) * d;
+                    let (cs, sn) = (&self.cos[row..row + d], &self.sin[row..row + d]);
+                    for (hi, dx) in chunk.chunks_mut(d).enumerate() {
+                        let g = &src[((bi * h + hi) * t + ti) * d..][..d];
+                        for j in 0..half {
+                            dx[j] = g[j] * c(cs[j]) + g[j + half] * c(sn[j + half]);
+                            dx[j + half] = g[j + half] * c(cs[j + half]) - g[j] * c(sn[j]);
+                        }
                     }
-                }
-            });
+                });
         }
         out
     }
@@ -134,11 +145,19 @@ impl CustomOp1 for RopeOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let [b, t, h, d] = dims4(l)?;
-        let Some((lo, hi)) = l.contiguous_offsets() else { candle_core::bail!("rope: input must be contiguous") };
+        let Some((lo, hi)) = l.contiguous_offsets() else {
+            candle_core::bail!("rope: input must be contiguous")
+        };
         let out_shape = Shape::from((b, h, t, d));
         match s {
-            CpuStorage::F32(x) => Ok((CpuStorage::F32(self.run(&x[lo..hi], [b, t, h, d], false)), out_shape)),
-            CpuStorage::F64(x) => Ok((CpuStorage::F64(self.run(&x[lo..hi], [b, t, h, d], false)), out_shape)),
+            CpuStorage::F32(x) => Ok((
+                CpuStorage::F32(self.run(&x[lo..hi], [b, t, h, d], false)),
+                out_shape,
+            )),
+            CpuStorage::F64(x) => Ok((
+                CpuStorage::F64(self.run(&x[lo..hi], [b, t, h, d], false)),
+                out_shape,
+            )),
             _ => candle_core::bail!("rope: f32 or f64 only"),
         }
     }
@@ -147,8 +166,16 @@ impl CustomOp1 for RopeOp {
         let dims = dims4(arg.layout())?;
         let dy = dy.contiguous()?;
         let dx = match arg.dtype() {
-            DType::F32 => Tensor::from_vec(self.run(&dy.flatten_all()?.to_vec1::<f32>()?, dims, true), arg.shape(), arg.device())?,
-            DType::F64 => Tensor::from_vec(self.run(&dy.flatten_all()?.to_vec1::<f64>()?, dims, true), arg.shape(), arg.device())?,
+            DType::F32 => Tensor::from_vec(
+                self.run(&dy.flatten_all()?.to_vec1::<f32>()?, dims, true),
+                arg.shape(),
+                arg.device(),
+            )?,
+            DType::F64 => Tensor::from_vec(
+                self.run(&dy.flatten_all()?.to_vec1::<f64>()?, dims, true),
+                arg.shape(),
+                arg.device(),
+            )?,
             dt => candle_core::bail!("rope backward: unsupported dtype {dt:?}"),
         };
         Ok(Some(dx))
@@ -169,11 +196,18 @@ pub fn rope_transposed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
     let table = |m: &Tensor| -> Result<Vec<f64>> {
         let v: Vec<f64> = m.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
         if v.len() != rows * d {
-            return Err(crate::Error::Msg(format!("rope: table has {} values, expected {rows} x {d}", v.len())));
+            return Err(crate::Error::Msg(format!(
+                "rope: table has {} values, expected {rows} x {d}",
+                v.len()
+            )));
         }
         Ok(v)
     };
-    let op = RopeOp { cos: table(cos)?, sin: table(sin)?, per_batch };
+    let op = RopeOp {
+        cos: table(cos)?,
+        sin: table(sin)?,
+        per_batch,
+    };
     Ok(x.contiguous()?.apply_op1(op)?)
 }
 
@@ -187,11 +221,25 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| rng.gen_range(-2.0..2.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dt).unwrap()
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     #[test]
@@ -200,9 +248,14 @@ mod tests {
         let rope = Rope::new(d, 10000.0);
         let positions: Vec<u32> = (5..5 + t as u32).collect();
         let (cos, sin) = rope.cos_sin(&positions, DType::F32, &Device::Cpu).unwrap();
-        let per_row: Vec<u32> = (0..b as u32).flat_map(|r| r * 3..r * 3 + t as u32).collect();
+        let per_row: Vec<u32> = (0..b as u32)
+            .flat_map(|r| r * 3..r * 3 + t as u32)
+            .collect();
         let (pc, ps) = rope.cos_sin(&per_row, DType::F32, &Device::Cpu).unwrap();
-        let (pc, ps) = (pc.reshape((b, 1, t, d)).unwrap(), ps.reshape((b, 1, t, d)).unwrap());
+        let (pc, ps) = (
+            pc.reshape((b, 1, t, d)).unwrap(),
+            ps.reshape((b, 1, t, d)).unwrap(),
+        );
         let x = randn(&[b, t, h, d], 1, DType::F32);
         let w = randn(&[b, h, t, d], 2, DType::F32);
         for (c, s) in [(&cos, &sin), (&pc, &ps)] {
@@ -212,7 +265,10 @@ mod tests {
             assert!(max_abs(&fused, &plain) < 1e-6);
             let gf = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let gp = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let (a, r) = (gf.get(xv.as_tensor()).unwrap(), gp.get(xv.as_tensor()).unwrap());
+            let (a, r) = (
+                gf.get(xv.as_tensor()).unwrap(),
+                gp.get(xv.as_tensor()).unwrap(),
+            );
             assert_eq!(a.dims(), &[b, t, h, d]);
             assert!(max_abs(a, r) < 1e-6);
         }

@@ -24,7 +24,10 @@ struct TernaryLinearOp {
 fn rows_in(l: &Layout) -> (usize, usize) {
     let dims = l.dims();
     let in_dim = *dims.last().unwrap_or(&1);
-    (dims[..dims.len().saturating_sub(1)].iter().product(), in_dim)
+    (
+        dims[..dims.len().saturating_sub(1)].iter().product(),
+        in_dim,
+    )
 }
 
 impl TernaryLinearOp {
@@ -38,9 +41,16 @@ impl TernaryLinearOp {
         let (rows, in_dim) = rows_in(xl);
         let (out_dim, w_in) = wl.shape().dims2()?;
         if w_in != in_dim {
-            candle_core::bail!("ternary linear: x has {in_dim} features, weight {:?}", wl.dims());
+            candle_core::bail!(
+                "ternary linear: x has {in_dim} features, weight {:?}",
+                wl.dims()
+            );
         }
-        let wq = Tensor::from_vec(ProjectSte::new(&self.quant).run(w, in_dim), (out_dim, in_dim), &Device::Cpu)?;
+        let wq = Tensor::from_vec(
+            ProjectSte::new(&self.quant).run(w, in_dim),
+            (out_dim, in_dim),
+            &Device::Cpu,
+        )?;
         let xt = Tensor::from_slice(x, (rows, in_dim), &Device::Cpu)?;
         let y = xt.matmul(&wq.t()?)?.flatten_all()?.to_vec1::<T>()?;
         let mut dims = xl.dims().to_vec();
@@ -56,18 +66,41 @@ impl CustomOp2 for TernaryLinearOp {
         "tern-ternary-linear"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         match (xs, ws) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => self.fwd(contiguous_slice(x, xl, "ternary linear: x")?, xl, contiguous_slice(w, wl, "ternary linear: w")?, wl),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => self.fwd(contiguous_slice(x, xl, "ternary linear: x")?, xl, contiguous_slice(w, wl, "ternary linear: w")?, wl),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => self.fwd(
+                contiguous_slice(x, xl, "ternary linear: x")?,
+                xl,
+                contiguous_slice(w, wl, "ternary linear: w")?,
+                wl,
+            ),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => self.fwd(
+                contiguous_slice(x, xl, "ternary linear: x")?,
+                xl,
+                contiguous_slice(w, wl, "ternary linear: w")?,
+                wl,
+            ),
             _ => candle_core::bail!("ternary linear: x and w must both be f32 or both f64"),
         }
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (rows, in_dim) = rows_in(x.layout());
         let out_dim = w.dim(0)?;
-        let wq = super::project::project_ste(&w.detach(), &self.quant).map_err(candle_core::Error::wrap)?;
+        let wq = super::project::project_ste(&w.detach(), &self.quant)
+            .map_err(candle_core::Error::wrap)?;
         let dy2 = dy.reshape((rows, out_dim))?;
         let dx = dy2.matmul(&wq)?.reshape(x.shape())?;
         // x is a graph node: detach it, or dw would record a matmul op holding x and dy, and
@@ -90,7 +123,8 @@ pub fn supported(x: &Tensor, w: &Tensor, quant: &QuantConfig) -> bool {
 
 /// `x @ P(w)^T` for `x: [..., in]`, `w: [out, in]` as one op (see [`supported`]).
 pub fn ternary_linear(x: &Tensor, w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, TernaryLinearOp { quant: *quant })?)
+    Ok(x.contiguous()?
+        .apply_op2(&w.contiguous()?, TernaryLinearOp { quant: *quant })?)
 }
 
 #[cfg(test)]
@@ -108,15 +142,29 @@ mod tests {
         for ramp in [1.0, 0.4] {
             let xv = Var::from_tensor(&x).unwrap();
             let run = |kernels: Kernels| {
-                let q = QuantConfig { group_size: 16, ramp, ..QuantConfig::default() };
-                let y = kernels.ternary_linear(xv.as_tensor(), w.as_tensor(), &q).unwrap();
+                let q = QuantConfig {
+                    group_size: 16,
+                    ramp,
+                    ..QuantConfig::default()
+                };
+                let y = kernels
+                    .ternary_linear(xv.as_tensor(), w.as_tensor(), &q)
+                    .unwrap();
                 let g = (&y * &dyw).unwrap().sum_all().unwrap().backward().unwrap();
                 let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                (v(&y), v(g.get(xv.as_tensor()).unwrap()), v(g.get(w.as_tensor()).unwrap()))
+                (
+                    v(&y),
+                    v(g.get(xv.as_tensor()).unwrap()),
+                    v(g.get(w.as_tensor()).unwrap()),
+                )
             };
             let (a, b) = (run(Kernels::Fused), run(Kernels::Reference));
             for (name, p, r) in [("y", &a.0, &b.0), ("dx", &a.1, &b.1), ("dw", &a.2, &b.2)] {
-                let err = p.iter().zip(r).map(|(u, v)| (u - v).abs()).fold(0f32, f32::max);
+                let err = p
+                    .iter()
+                    .zip(r)
+                    .map(|(u, v)| (u - v).abs())
+                    .fold(0f32, f32::max);
                 assert!(err < 1e-4, "{name} (ramp {ramp}): max abs err {err}");
             }
         }

@@ -42,7 +42,13 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
-    pub fn new(buf: Arc<Vec<u8>>, start: usize, rows: usize, cols: usize, packing: Packing) -> crate::Result<Self> {
+    pub fn new(
+        buf: Arc<Vec<u8>>,
+        start: usize,
+        rows: usize,
+        cols: usize,
+        packing: Packing,
+    ) -> crate::Result<Self> {
         let need = rows * packing.row_bytes(cols);
         if cols % packing.block() != 0 || start + need > buf.len() {
             return Err(crate::Error::Msg(format!(
@@ -50,7 +56,13 @@ impl PackedMatrix {
                 buf.len()
             )));
         }
-        Ok(Self { buf, start, rows, cols, packing })
+        Ok(Self {
+            buf,
+            start,
+            rows,
+            cols,
+            packing,
+        })
     }
 
     pub fn bytes(&self) -> usize {
@@ -111,7 +123,11 @@ pub fn matmul_reference(m: &PackedMatrix, x: &[f32], n: usize) -> Vec<f32> {
     let mut y = vec![0f32; n * m.rows];
     for i in 0..n {
         for (r, wr) in w.iter().enumerate() {
-            y[i * m.rows + r] = wr.iter().zip(&x[i * m.cols..(i + 1) * m.cols]).map(|(a, b)| a * b).sum();
+            y[i * m.rows + r] = wr
+                .iter()
+                .zip(&x[i * m.cols..(i + 1) * m.cols])
+                .map(|(a, b)| a * b)
+                .sum();
         }
     }
     y
@@ -128,14 +144,22 @@ mod tests {
             let (rows, cols, n) = (37, 256, 5);
             let mut buf = vec![0u8; 3]; // a non-zero start offset
             for r in 0..rows {
-                let codes: Vec<i8> = (0..cols).map(|j| (((r * 31 + j * 17) % 3) as i8) - 1).collect();
+                let codes: Vec<i8> = (0..cols)
+                    .map(|j| (((r * 31 + j * 17) % 3) as i8) - 1)
+                    .collect();
                 let scales = [0.01 * (r + 1) as f32, 0.5];
                 pack_row(&codes, &scales, 128, p, &mut buf);
             }
             let m = PackedMatrix::new(Arc::new(buf), 3, rows, cols, p).unwrap();
-            let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+                .collect();
             let (a, b) = (m.matmul(&x, n), matmul_reference(&m, &x, n));
-            let worst = a.iter().zip(&b).map(|(u, v)| (u - v).abs()).fold(0f32, f32::max);
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(u, v)| (u - v).abs())
+                .fold(0f32, f32::max);
             assert!(worst < 1e-4, "{p:?}: {worst}");
         }
         assert!(PackedMatrix::new(Arc::new(vec![0; 10]), 0, 2, 64, Packing::Q2_0).is_err());

@@ -41,7 +41,14 @@ pub trait Cache {
     fn begin(&mut self, step: &StepInfo) -> Result<Positions>;
     /// One layer's attention: q `[B, H, T, hd]` and the new k, v `[B, KV, T, hd]` (RoPE
     /// applied) to the output `[B, H, T, hd]`.
-    fn attend(&mut self, layer: usize, q: &Tensor, k: Tensor, v: Tensor, kernels: Kernels) -> Result<Tensor>;
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        kernels: Kernels,
+    ) -> Result<Tensor>;
 }
 
 /// Training and scoring: every position of `ids` from 0, causal, nothing cached.
@@ -57,12 +64,15 @@ impl NoCache {
 }
 
 fn causal(step: &StepInfo, past: usize, pad: &[usize]) -> Result<Mask> {
-    let flash = step.kernels.flash_attention_applies(step.dtype, step.device);
+    let flash = step
+        .kernels
+        .flash_attention_applies(step.dtype, step.device);
     Mask::causal(step.new_tokens, past, pad, flash, step.dtype, step.device)
 }
 
 fn prepared(mask: &Option<Mask>) -> Result<&Mask> {
-    mask.as_ref().ok_or_else(|| Error::Msg("attention before Cache::begin".into()))
+    mask.as_ref()
+        .ok_or_else(|| Error::Msg("attention before Cache::begin".into()))
 }
 
 impl Cache for NoCache {
@@ -71,7 +81,14 @@ impl Cache for NoCache {
         Ok(Positions::Shared((0..step.new_tokens as u32).collect()))
     }
 
-    fn attend(&mut self, _layer: usize, q: &Tensor, k: Tensor, v: Tensor, kernels: Kernels) -> Result<Tensor> {
+    fn attend(
+        &mut self,
+        _layer: usize,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         kernels.attention(q, &k, &v, prepared(&self.mask)?)
     }
 }
@@ -87,7 +104,11 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], pad: vec![], mask: None }
+        Self {
+            layers: vec![None; num_layers],
+            pad: vec![],
+            mask: None,
+        }
     }
 
     /// A cache for a batch of left-padded rows: row b starts with `pad[b]` padding positions
@@ -95,7 +116,10 @@ impl KvCache {
     /// (0 at its first real token) and never attends to its padding, so its logits equal those
     /// of the row run alone.
     pub fn with_padding(num_layers: usize, pad: Vec<usize>) -> Self {
-        Self { pad, ..Self::new(num_layers) }
+        Self {
+            pad,
+            ..Self::new(num_layers)
+        }
     }
 
     /// Number of positions cached.
@@ -115,7 +139,11 @@ impl KvCache {
     pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
         for slot in self.layers.iter_mut().flatten() {
             let dev = slot.0.device().clone();
-            let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), &dev)?;
+            let idx = Tensor::from_vec(
+                rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+                rows.len(),
+                &dev,
+            )?;
             *slot = (slot.0.index_select(&idx, 0)?, slot.1.index_select(&idx, 0)?);
         }
         if !self.pad.is_empty() {
@@ -129,7 +157,10 @@ impl KvCache {
     pub fn keep(&mut self, prefix: usize, keep: &[usize]) -> Result<()> {
         for slot in self.layers.iter_mut().flatten() {
             let dev = slot.0.device().clone();
-            let idx: Vec<u32> = (0..prefix).chain(keep.iter().copied()).map(|i| i as u32).collect();
+            let idx: Vec<u32> = (0..prefix)
+                .chain(keep.iter().copied())
+                .map(|i| i as u32)
+                .collect();
             let n = idx.len();
             let idx = Tensor::from_vec(idx, n, &dev)?;
             *slot = (slot.0.index_select(&idx, 2)?, slot.1.index_select(&idx, 2)?);
@@ -174,15 +205,33 @@ impl Cache for KvCache {
         let (past, t) = (self.len(), step.new_tokens);
         self.mask = Some(causal(step, past, &self.pad)?);
         if self.pad.is_empty() {
-            return Ok(Positions::Shared((past as u32..(past + t) as u32).collect()));
+            return Ok(Positions::Shared(
+                (past as u32..(past + t) as u32).collect(),
+            ));
         }
         if self.pad.len() != step.batch {
-            return Err(Error::Msg(format!("KV cache: {} pad entries for {} rows", self.pad.len(), step.batch)));
+            return Err(Error::Msg(format!(
+                "KV cache: {} pad entries for {} rows",
+                self.pad.len(),
+                step.batch
+            )));
         }
-        Ok(Positions::PerRow(self.pad.iter().flat_map(|&p| (past..past + t).map(move |q| q.saturating_sub(p) as u32)).collect()))
+        Ok(Positions::PerRow(
+            self.pad
+                .iter()
+                .flat_map(|&p| (past..past + t).map(move |q| q.saturating_sub(p) as u32))
+                .collect(),
+        ))
     }
 
-    fn attend(&mut self, layer: usize, q: &Tensor, k: Tensor, v: Tensor, kernels: Kernels) -> Result<Tensor> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         let (k, v) = self.append(layer, k, v)?;
         kernels.attention(q, &k, &v, prepared(&self.mask)?)
     }
@@ -200,7 +249,12 @@ pub struct TreeStep<'a> {
 
 impl<'a> TreeStep<'a> {
     pub fn new(cache: &'a mut KvCache, positions: Vec<u32>, mask: Tensor) -> Self {
-        Self { cache, positions, mask, prepared: None }
+        Self {
+            cache,
+            positions,
+            mask,
+            prepared: None,
+        }
     }
 }
 
@@ -211,7 +265,14 @@ impl Cache for TreeStep<'_> {
         Ok(Positions::Shared(self.positions.clone()))
     }
 
-    fn attend(&mut self, layer: usize, q: &Tensor, k: Tensor, v: Tensor, kernels: Kernels) -> Result<Tensor> {
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        kernels: Kernels,
+    ) -> Result<Tensor> {
         let (k, v) = self.cache.append(layer, k, v)?;
         kernels.attention(q, &k, &v, prepared(&self.prepared)?)
     }

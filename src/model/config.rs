@@ -83,7 +83,10 @@ impl Qwen3Config {
             .map_err(|e| Error::model_config(origin, format!("invalid JSON: {e}")))?;
         normalize_rope_keys(&mut v, origin)?;
         if v.get("use_sliding_window").and_then(|x| x.as_bool()) == Some(true) {
-            return Err(Error::model_config(origin, "use_sliding_window = true is not supported"));
+            return Err(Error::model_config(
+                origin,
+                "use_sliding_window = true is not supported",
+            ));
         }
         let cfg: Self = serde_path_to_error::deserialize(v).map_err(|e| {
             let key = e.path().to_string();
@@ -98,7 +101,8 @@ impl Qwen3Config {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// Checks that the numbers describe a model tern can run.
@@ -126,20 +130,33 @@ impl Qwen3Config {
             ));
         }
         if self.head_dim() % 2 != 0 {
-            return err(format!("head_dim must be even for RoPE, found {}", self.head_dim()));
+            return err(format!(
+                "head_dim must be even for RoPE, found {}",
+                self.head_dim()
+            ));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
-            return err(format!("rms_norm_eps: expected a positive number, found {}", self.rms_norm_eps));
+            return err(format!(
+                "rms_norm_eps: expected a positive number, found {}",
+                self.rms_norm_eps
+            ));
         }
         if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
-            return err(format!("rope_theta: expected a positive number, found {}", self.rope_theta));
+            return err(format!(
+                "rope_theta: expected a positive number, found {}",
+                self.rope_theta
+            ));
         }
         if self.attention_bias {
-            return err("attention_bias = true is not supported (Qwen3 has no attention bias)".into());
+            return err(
+                "attention_bias = true is not supported (Qwen3 has no attention bias)".into(),
+            );
         }
         if let Some(rs) = &self.rope_scaling {
             if !rs.is_null() {
-                return err(format!("rope_scaling {rs} is not supported (plain RoPE only)"));
+                return err(format!(
+                    "rope_scaling {rs} is not supported (plain RoPE only)"
+                ));
             }
         }
         if let Some(act) = &self.hidden_act {
@@ -157,7 +174,11 @@ impl Qwen3Config {
         let attn = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 2 * hd;
         let mlp = 3 * h * i;
         let layer = attn + mlp + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
     }
 
@@ -175,7 +196,10 @@ fn normalize_rope_keys(v: &mut serde_json::Value, origin: &str) -> Result<()> {
     };
     if let Some(rp) = obj.get("rope_parameters").cloned() {
         if !rp.is_null() {
-            let kind = rp.get("rope_type").and_then(|x| x.as_str()).unwrap_or("default");
+            let kind = rp
+                .get("rope_type")
+                .and_then(|x| x.as_str())
+                .unwrap_or("default");
             if kind != "default" {
                 return Err(Error::model_config(
                     origin,
@@ -194,10 +218,14 @@ fn normalize_rope_keys(v: &mut serde_json::Value, origin: &str) -> Result<()> {
 
 fn json_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => {
-            a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
         }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -216,10 +244,18 @@ mod tests {
     fn rejects_bad_head_ratio_and_unknown_activation() {
         let mut c = Qwen3Config::qwen3_0_6b();
         c.num_key_value_heads = Some(5);
-        assert!(c.validate("t").unwrap_err().to_string().contains("multiple"));
+        assert!(c
+            .validate("t")
+            .unwrap_err()
+            .to_string()
+            .contains("multiple"));
         let mut c = Qwen3Config::qwen3_0_6b();
         c.hidden_act = Some("gelu".into());
-        assert!(c.validate("t").unwrap_err().to_string().contains("hidden_act"));
+        assert!(c
+            .validate("t")
+            .unwrap_err()
+            .to_string()
+            .contains("hidden_act"));
         let e = Qwen3Config::from_json_str("{\"hidden_size\": 8}", "x.json").unwrap_err();
         assert!(e.to_string().contains("x.json"), "{e}");
         let base = r#""hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
@@ -231,7 +267,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.rope_theta, 5.0);
         let e = Qwen3Config::from_json_str(
-            &format!("{{{base}, \"rope_parameters\": {{\"rope_theta\": 5.0, \"rope_type\": \"yarn\"}}}}"),
+            &format!(
+                "{{{base}, \"rope_parameters\": {{\"rope_theta\": 5.0, \"rope_type\": \"yarn\"}}}}"
+            ),
             "x.json",
         )
         .unwrap_err();

@@ -16,7 +16,6 @@ use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-
 /// A loaded checkpoint: architecture, parameters and where it came from.
 pub struct Checkpoint {
     pub dir: PathBuf,
@@ -48,11 +47,17 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut out = Vec::new();
         for f in files {
             if f.contains('/') || f.contains("..") {
-                return Err(Error::checkpoint(&index, format!("shard name '{f}' is not a plain file name")));
+                return Err(Error::checkpoint(
+                    &index,
+                    format!("shard name '{f}' is not a plain file name"),
+                ));
             }
             let p = dir.join(&f);
             if !p.is_file() {
-                return Err(Error::checkpoint(&index, format!("lists shard '{f}', which does not exist")));
+                return Err(Error::checkpoint(
+                    &index,
+                    format!("lists shard '{f}', which does not exist"),
+                ));
             }
             out.push(p);
         }
@@ -62,14 +67,20 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if single.is_file() {
         return Ok(vec![single]);
     }
-    Err(Error::checkpoint(dir, format!("no {WEIGHTS_FILE} and no {INDEX_FILE}")))
+    Err(Error::checkpoint(
+        dir,
+        format!("no {WEIGHTS_FILE} and no {INDEX_FILE}"),
+    ))
 }
 
 fn open_safetensors(path: &Path) -> Result<MmapedSafetensors> {
     // SAFETY: the file is mapped read-only; tern never writes a file it has mapped (checkpoints
     // are written to a new name and renamed into place).
     unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
-        Error::checkpoint(path, format!("cannot read safetensors (truncated or not a safetensors file?): {e}"))
+        Error::checkpoint(
+            path,
+            format!("cannot read safetensors (truncated or not a safetensors file?): {e}"),
+        )
     })
 }
 
@@ -100,11 +111,22 @@ pub fn load_checkpoint(dir: &Path, dtype: DType, device: &Device) -> Result<Chec
     let files = weight_files(dir)?;
     let params = load_params(&files, &config, dtype, device)?;
     let tok = dir.join(TOKENIZER_FILE);
-    Ok(Checkpoint { dir: dir.to_path_buf(), config, quant, params, tokenizer: tok.is_file().then_some(tok) })
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        config,
+        quant,
+        params,
+        tokenizer: tok.is_file().then_some(tok),
+    })
 }
 
 /// Loads and checks every tensor of `cfg` from the given safetensors files.
-pub fn load_params(files: &[PathBuf], cfg: &Qwen3Config, dtype: DType, device: &Device) -> Result<Params> {
+pub fn load_params(
+    files: &[PathBuf],
+    cfg: &Qwen3Config,
+    dtype: DType,
+    device: &Device,
+) -> Result<Params> {
     let mut maps = Vec::with_capacity(files.len());
     let mut owner: HashMap<String, usize> = HashMap::new();
     for (i, f) in files.iter().enumerate() {
@@ -119,13 +141,27 @@ pub fn load_params(files: &[PathBuf], cfg: &Qwen3Config, dtype: DType, device: &
         }
         maps.push(st);
     }
-    let where_ = || files.first().and_then(|f| f.parent()).map(Path::to_path_buf).unwrap_or_default();
+    let where_ = || {
+        files
+            .first()
+            .and_then(|f| f.parent())
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    };
 
     let expected = expected_shapes(cfg);
-    let expected_names: BTreeMap<&str, &Vec<usize>> = expected.iter().map(|(n, s)| (n.as_str(), s)).collect();
-    let missing: Vec<&str> = expected_names.keys().copied().filter(|n| !owner.contains_key(*n)).collect();
+    let expected_names: BTreeMap<&str, &Vec<usize>> =
+        expected.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    let missing: Vec<&str> = expected_names
+        .keys()
+        .copied()
+        .filter(|n| !owner.contains_key(*n))
+        .collect();
     if !missing.is_empty() {
-        return Err(Error::checkpoint(where_(), format!("missing {} tensor(s): {}", missing.len(), list(&missing))));
+        return Err(Error::checkpoint(
+            where_(),
+            format!("missing {} tensor(s): {}", missing.len(), list(&missing)),
+        ));
     }
     let mut unexpected: Vec<&str> = Vec::new();
     for name in owner.keys() {
@@ -142,7 +178,11 @@ pub fn load_params(files: &[PathBuf], cfg: &Qwen3Config, dtype: DType, device: &
         unexpected.sort();
         return Err(Error::checkpoint(
             where_(),
-            format!("{} unexpected tensor(s) for this architecture: {}", unexpected.len(), list(&unexpected)),
+            format!(
+                "{} unexpected tensor(s) for this architecture: {}",
+                unexpected.len(),
+                list(&unexpected)
+            ),
         ));
     }
 
@@ -150,14 +190,21 @@ pub fn load_params(files: &[PathBuf], cfg: &Qwen3Config, dtype: DType, device: &
     for (name, shape) in &expected {
         let file = &files[owner[name]];
         let st = &maps[owner[name]];
-        let view = st.get(name).map_err(|e| Error::checkpoint(file, format!("tensor '{name}': {e}")))?;
+        let view = st
+            .get(name)
+            .map_err(|e| Error::checkpoint(file, format!("tensor '{name}': {e}")))?;
         if view.shape() != shape.as_slice() {
             return Err(Error::checkpoint(
                 file,
-                format!("tensor '{name}': expected shape {shape:?}, found {:?}", view.shape()),
+                format!(
+                    "tensor '{name}': expected shape {shape:?}, found {:?}",
+                    view.shape()
+                ),
             ));
         }
-        let t = st.load(name, device).map_err(|e| Error::checkpoint(file, format!("tensor '{name}': {e}")))?;
+        let t = st
+            .load(name, device)
+            .map_err(|e| Error::checkpoint(file, format!("tensor '{name}': {e}")))?;
         let t = t.to_dtype(dtype)?;
         check_finite(&t, name, file)?;
         tensors.push((name.clone(), t));
@@ -171,9 +218,16 @@ fn is_ignorable(name: &str, cfg: &Qwen3Config) -> bool {
 }
 
 fn check_finite(t: &Tensor, name: &str, file: &Path) -> Result<()> {
-    let s = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    let s = t
+        .to_dtype(DType::F32)?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
     if !s.is_finite() {
-        return Err(Error::checkpoint(file, format!("tensor '{name}' holds NaN or Inf values")));
+        return Err(Error::checkpoint(
+            file,
+            format!("tensor '{name}' holds NaN or Inf values"),
+        ));
     }
     Ok(())
 }
@@ -190,16 +244,26 @@ fn list(names: &[&str]) -> String {
 
 /// The config.json tern writes: the HF fields transformers reads, plus `tern_quant`.
 pub fn config_json(cfg: &Qwen3Config, quant: &QuantConfig) -> Result<serde_json::Value> {
-    let mut v = serde_json::to_value(cfg).map_err(|e| Error::Msg(format!("serializing config: {e}")))?;
+    let mut v =
+        serde_json::to_value(cfg).map_err(|e| Error::Msg(format!("serializing config: {e}")))?;
     let obj = v.as_object_mut().expect("config serializes to an object");
-    obj.insert("architectures".into(), serde_json::json!(["Qwen3ForCausalLM"]));
+    obj.insert(
+        "architectures".into(),
+        serde_json::json!(["Qwen3ForCausalLM"]),
+    );
     obj.insert("model_type".into(), serde_json::json!("qwen3"));
     obj.insert("hidden_act".into(), serde_json::json!("silu"));
     obj.insert("attention_bias".into(), serde_json::json!(false));
     obj.insert("torch_dtype".into(), serde_json::json!("float32"));
     obj.insert("head_dim".into(), serde_json::json!(cfg.head_dim()));
-    obj.insert("num_key_value_heads".into(), serde_json::json!(cfg.kv_heads()));
-    obj.insert("tern_quant".into(), serde_json::to_value(quant).expect("quant serializes"));
+    obj.insert(
+        "num_key_value_heads".into(),
+        serde_json::json!(cfg.kv_heads()),
+    );
+    obj.insert(
+        "tern_quant".into(),
+        serde_json::to_value(quant).expect("quant serializes"),
+    );
     Ok(v)
 }
 
@@ -216,7 +280,12 @@ pub fn save_checkpoint(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var) in params.iter() {
-        tensors.insert(name.clone(), var.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+        tensors.insert(
+            name.clone(),
+            var.as_tensor()
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?,
+        );
     }
     let weights = dir.join(WEIGHTS_FILE);
     let tmp = dir.join(format!(".{WEIGHTS_FILE}.tmp"));

@@ -19,11 +19,17 @@ pub struct TernaryLinear {
 
 impl TernaryLinear {
     pub fn new(weight: Tensor) -> Self {
-        Self { weight, packed: None }
+        Self {
+            weight,
+            packed: None,
+        }
     }
 
     pub fn from_packed(m: PackedMatrix) -> Result<Self> {
-        Ok(Self { weight: Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?, packed: Some(m) })
+        Ok(Self {
+            weight: Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?,
+            packed: Some(m),
+        })
     }
 
     pub fn forward(&self, x: &Tensor, quant: &QuantConfig, kernels: Kernels) -> Result<Tensor> {
@@ -39,18 +45,26 @@ impl TernaryLinear {
         if self.packed.is_some() {
             return Ok(self.clone());
         }
-        Ok(Self { weight: kernels.effective_weight(&self.weight, quant)?.detach(), packed: None })
+        Ok(Self {
+            weight: kernels.effective_weight(&self.weight, quant)?.detach(),
+            packed: None,
+        })
     }
 }
 
 /// `x @ W^T` with packed `W` (CPU, no gradient): `x: [..., in]`.
 pub fn packed_linear(x: &Tensor, m: &PackedMatrix) -> Result<Tensor> {
     if !x.device().is_cpu() {
-        return Err(Error::Msg("packed (GGUF) weights run on the CPU only; use --device cpu".into()));
+        return Err(Error::Msg(
+            "packed (GGUF) weights run on the CPU only; use --device cpu".into(),
+        ));
     }
     let dims = x.dims().to_vec();
     let n: usize = dims[..dims.len() - 1].iter().product();
-    let flat = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let flat = x
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     debug_assert_eq!(dims.last().copied(), Some(m.cols));
     let y = m.matmul(&flat, n);
     let mut out_dims = dims;
@@ -68,11 +82,17 @@ pub struct TernaryEmbedding {
 
 impl TernaryEmbedding {
     pub fn new(weight: Tensor) -> Self {
-        Self { weight, packed: None }
+        Self {
+            weight,
+            packed: None,
+        }
     }
 
     pub fn from_packed(m: PackedMatrix) -> Result<Self> {
-        Ok(Self { weight: Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?, packed: Some(m) })
+        Ok(Self {
+            weight: Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?,
+            packed: Some(m),
+        })
     }
 
     /// Rows for `ids: [B, T]`: `[B, T, hidden]`. Dense rows are looked up first and projected
@@ -89,7 +109,10 @@ impl TernaryEmbedding {
         let mut v = Vec::with_capacity(ids.len() * m.cols);
         for id in ids {
             if id as usize >= m.rows {
-                return Err(Error::Msg(format!("token id {id} is outside the vocabulary ({})", m.rows)));
+                return Err(Error::Msg(format!(
+                    "token id {id} is outside the vocabulary ({})",
+                    m.rows
+                )));
             }
             v.extend(m.row(id as usize));
         }
@@ -100,7 +123,10 @@ impl TernaryEmbedding {
         if self.packed.is_some() {
             return Ok(self.clone());
         }
-        Ok(Self { weight: kernels.effective_weight(&self.weight, quant)?.detach(), packed: None })
+        Ok(Self {
+            weight: kernels.effective_weight(&self.weight, quant)?.detach(),
+            packed: None,
+        })
     }
 }
 
@@ -120,6 +146,9 @@ impl RmsNorm {
     }
 
     pub fn detached(&self) -> Self {
-        Self { weight: self.weight.detach(), eps: self.eps }
+        Self {
+            weight: self.weight.detach(),
+            eps: self.eps,
+        }
     }
 }

@@ -13,8 +13,11 @@ use std::collections::BTreeMap;
 pub const EMBED: &str = "model.embed_tokens.weight";
 pub const FINAL_NORM: &str = "model.norm.weight";
 pub const LM_HEAD: &str = "lm_head.weight";
-const GLOBAL_GGUF: [(&str, &str); 3] =
-    [(EMBED, "token_embd.weight"), (FINAL_NORM, "output_norm.weight"), (LM_HEAD, "output.weight")];
+const GLOBAL_GGUF: [(&str, &str); 3] = [
+    (EMBED, "token_embd.weight"),
+    (FINAL_NORM, "output_norm.weight"),
+    (LM_HEAD, "output.weight"),
+];
 
 /// The tensors of one decoder layer, in the order checkpoints list them (scratch init draws
 /// them in this order, so it is part of the format).
@@ -36,7 +39,19 @@ pub enum LayerTensor {
 use LayerTensor as L;
 
 impl LayerTensor {
-    pub const ALL: [LayerTensor; 11] = [L::Q, L::K, L::V, L::O, L::Gate, L::Up, L::Down, L::InputNorm, L::PostNorm, L::QNorm, L::KNorm];
+    pub const ALL: [LayerTensor; 11] = [
+        L::Q,
+        L::K,
+        L::V,
+        L::O,
+        L::Gate,
+        L::Up,
+        L::Down,
+        L::InputNorm,
+        L::PostNorm,
+        L::QNorm,
+        L::KNorm,
+    ];
 
     /// The one table of names: (HF suffix after `model.layers.{i}.`, GGUF part of `blk.{i}.{part}.weight`).
     fn names(self) -> (&'static str, &'static str) {
@@ -84,7 +99,12 @@ pub fn gguf_name(hf: &str) -> Result<String> {
     let unknown = || Error::Msg(format!("no GGUF name for tensor '{hf}'"));
     let rest = hf.strip_prefix("model.layers.").ok_or_else(unknown)?;
     let (layer, suffix) = rest.split_once('.').ok_or_else(unknown)?;
-    let part = LayerTensor::ALL.iter().map(|t| t.names()).find(|(h, _)| *h == suffix).ok_or_else(unknown)?.1;
+    let part = LayerTensor::ALL
+        .iter()
+        .map(|t| t.names())
+        .find(|(h, _)| *h == suffix)
+        .ok_or_else(unknown)?
+        .1;
     Ok(format!("blk.{layer}.{part}.weight"))
 }
 
@@ -122,7 +142,9 @@ impl Params {
     }
 
     pub fn var(&self, name: &str) -> Result<&Var> {
-        self.vars.get(name).ok_or_else(|| Error::Msg(format!("parameter '{name}' is missing")))
+        self.vars
+            .get(name)
+            .ok_or_else(|| Error::Msg(format!("parameter '{name}' is missing")))
     }
 
     /// The tensor view of a parameter (shares storage with the `Var`, so it tracks gradients).

@@ -38,19 +38,39 @@ struct Attention {
 impl Attention {
     /// q `[B, H, T, hd]`, k and v `[B, KV, T, hd]` of `x: [B, T, hidden]`: projections, q/k
     /// norms and RoPE.
-    fn qkv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, quant: &QuantConfig, kern: Kernels) -> Result<(Tensor, Tensor, Tensor)> {
+    fn qkv(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        quant: &QuantConfig,
+        kern: Kernels,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_norm.forward(&self.q.forward(x, quant, kern)?.reshape((b, t, nh, hd))?, kern)?;
-        let k = self.k_norm.forward(&self.k.forward(x, quant, kern)?.reshape((b, t, nkv, hd))?, kern)?;
-        let v = self.v.forward(x, quant, kern)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = self.q_norm.forward(
+            &self.q.forward(x, quant, kern)?.reshape((b, t, nh, hd))?,
+            kern,
+        )?;
+        let k = self.k_norm.forward(
+            &self.k.forward(x, quant, kern)?.reshape((b, t, nkv, hd))?,
+            kern,
+        )?;
+        let v = self
+            .v
+            .forward(x, quant, kern)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         Ok((kern.rope(&q, cos, sin)?, kern.rope(&k, cos, sin)?, v))
     }
 
     /// The o projection of the attention output `[B, H, T, hd]`.
     fn output(&self, o: &Tensor, quant: &QuantConfig, kern: Kernels) -> Result<Tensor> {
         let (b, _, t, _) = o.dims4()?;
-        let o = o.transpose(1, 2)?.reshape((b, t, self.heads * self.head_dim))?;
+        let o = o
+            .transpose(1, 2)?
+            .reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&o, quant, kern)
     }
 
@@ -80,7 +100,11 @@ impl Mlp {
         self.down.forward(&h, quant, kern)
     }
     fn freeze(&self, quant: &QuantConfig, kern: Kernels) -> Result<Self> {
-        Ok(Self { gate: self.gate.freeze(quant, kern)?, up: self.up.freeze(quant, kern)?, down: self.down.freeze(quant, kern)? })
+        Ok(Self {
+            gate: self.gate.freeze(quant, kern)?,
+            up: self.up.freeze(quant, kern)?,
+            down: self.down.freeze(quant, kern)?,
+        })
     }
 }
 
@@ -95,13 +119,22 @@ struct Layer {
 impl Layer {
     /// One pre-norm decoder block: x + attention(norm(x)), then + mlp(norm(.)); the cache
     /// supplies the attention itself.
-    fn forward(&self, x: &Tensor, rope: (&Tensor, &Tensor), index: usize, cache: &mut dyn Cache, m: &Qwen3) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        index: usize,
+        cache: &mut dyn Cache,
+        m: &Qwen3,
+    ) -> Result<Tensor> {
         let (quant, kern) = (&m.quant, m.kernels);
         let h = self.input_norm.forward(x, kern)?;
         let (q, k, v) = self.attn.qkv(&h, rope.0, rope.1, quant, kern)?;
         let o = cache.attend(index, &q, k, v, kern)?;
         let x = (x + self.attn.output(&o, quant, kern)?)?;
-        let m = self.mlp.forward(&self.post_norm.forward(&x, kern)?, quant, kern)?;
+        let m = self
+            .mlp
+            .forward(&self.post_norm.forward(&x, kern)?, quant, kern)?;
         Ok((x + m)?)
     }
 }
@@ -150,7 +183,8 @@ impl Qwen3 {
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let lin = |t: LayerTensor| lin(&t.hf(i));
-            let norm = |t: LayerTensor| -> Result<RmsNorm> { Ok(RmsNorm::new(norm_w(&t.hf(i))?, eps)) };
+            let norm =
+                |t: LayerTensor| -> Result<RmsNorm> { Ok(RmsNorm::new(norm_w(&t.hf(i))?, eps)) };
             layers.push(Layer {
                 input_norm: norm(LayerTensor::InputNorm)?,
                 post_norm: norm(LayerTensor::PostNorm)?,
@@ -165,10 +199,18 @@ impl Qwen3 {
                     kv_heads: cfg.kv_heads(),
                     head_dim: cfg.head_dim(),
                 },
-                mlp: Mlp { gate: lin(LayerTensor::Gate)?, up: lin(LayerTensor::Up)?, down: lin(LayerTensor::Down)? },
+                mlp: Mlp {
+                    gate: lin(LayerTensor::Gate)?,
+                    up: lin(LayerTensor::Up)?,
+                    down: lin(LayerTensor::Down)?,
+                },
             });
         }
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(lin(params::LM_HEAD)?) };
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(lin(params::LM_HEAD)?)
+        };
         Ok(Self {
             cfg: cfg.clone(),
             quant,
@@ -199,12 +241,19 @@ impl Qwen3 {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: self.cfg.clone(),
-            quant: QuantConfig { ternary: false, ..self.quant },
+            quant: QuantConfig {
+                ternary: false,
+                ..self.quant
+            },
             kernels: k,
             embed: self.embed.freeze(&q.for_embeddings(), k)?,
             layers,
             norm: self.norm.detached(),
-            lm_head: self.lm_head.as_ref().map(|h| h.freeze(&q.for_embeddings(), k)).transpose()?,
+            lm_head: self
+                .lm_head
+                .as_ref()
+                .map(|h| h.freeze(&q.for_embeddings(), k))
+                .transpose()?,
             rope: self.rope.clone(),
         })
     }
@@ -231,15 +280,22 @@ impl Qwen3 {
     /// projects the head itself (`Kernels::lm_head_loss`).
     pub fn head_latent(&self) -> Result<Tensor> {
         if self.is_packed() {
-            return Err(Error::Msg("a packed (GGUF) model cannot be trained; load the checkpoint".into()));
+            return Err(Error::Msg(
+                "a packed (GGUF) model cannot be trained; load the checkpoint".into(),
+            ));
         }
-        Ok(self.lm_head.as_ref().map_or(&self.embed.weight, |h| &h.weight).clone())
+        Ok(self
+            .lm_head
+            .as_ref()
+            .map_or(&self.embed.weight, |h| &h.weight)
+            .clone())
     }
 
     /// The LM head weight `[vocab, hidden]` as the forward uses it (projected when ternary);
     /// dense models only.
     pub fn head_weight(&self) -> Result<Tensor> {
-        self.kernels.effective_weight(&self.head_latent()?, &self.head_quant())
+        self.kernels
+            .effective_weight(&self.head_latent()?, &self.head_quant())
     }
 
     /// The one forward: final-norm hidden states `[B, T, H]` of `ids: [B, T]`, attending over
@@ -248,7 +304,14 @@ impl Qwen3 {
         let (b, t) = ids.dims2()?;
         let mut x = self.embed.lookup(ids, &self.head_quant(), self.kernels)?;
         let (dt, dev) = (self.dtype(), self.device());
-        let step = StepInfo { batch: b, new_tokens: t, layers: self.layers.len(), dtype: dt, device: dev, kernels: self.kernels };
+        let step = StepInfo {
+            batch: b,
+            new_tokens: t,
+            layers: self.layers.len(),
+            dtype: dt,
+            device: dev,
+            kernels: self.kernels,
+        };
         let (cos, sin) = match cache.begin(&step)? {
             Positions::Shared(p) => self.rope.cos_sin(&p, x.dtype(), x.device())?,
             Positions::PerRow(p) => {
@@ -268,7 +331,12 @@ impl Qwen3 {
         match (&self.lm_head, &self.embed.packed) {
             (Some(head), _) => head.forward(h, &self.head_quant(), self.kernels),
             (None, Some(p)) => packed_linear(h, p),
-            (None, None) => linear(h, &self.kernels.effective_weight(&self.embed.weight, &self.head_quant())?),
+            (None, None) => linear(
+                h,
+                &self
+                    .kernels
+                    .effective_weight(&self.embed.weight, &self.head_quant())?,
+            ),
         }
     }
 
@@ -291,7 +359,11 @@ impl Qwen3 {
         for start in (0..n).step_by(chunk) {
             let c = chunk.min(n - start);
             let logits = self.logits(&h.narrow(0, start, c)?)?;
-            out.extend(nll_of_logits(&logits.flatten_all()?.to_vec1::<f32>()?, self.cfg.vocab_size, &tgt[start..start + c])?);
+            out.extend(nll_of_logits(
+                &logits.flatten_all()?.to_vec1::<f32>()?,
+                self.cfg.vocab_size,
+                &tgt[start..start + c],
+            )?);
         }
         Ok(out)
     }

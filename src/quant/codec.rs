@@ -41,7 +41,9 @@ impl Packing {
     }
     /// The packing of a ggml type id, when it is one of the two ternary types.
     pub fn from_ggml_type(ggml_type: u32) -> Option<Self> {
-        [Packing::Q2_0, Packing::PQ2_0].into_iter().find(|p| p.ggml_type() == ggml_type)
+        [Packing::Q2_0, Packing::PQ2_0]
+            .into_iter()
+            .find(|p| p.ggml_type() == ggml_type)
     }
     pub fn row_bytes(self, cols: usize) -> usize {
         cols / self.block() * self.block_bytes()
@@ -52,7 +54,9 @@ impl Packing {
 pub fn check_packable(name: &str, cols: usize, group: usize, p: Packing) -> Result<()> {
     let b = p.block();
     if cols % b != 0 {
-        return Err(Error::Msg(format!("{name}: row length {cols} is not a multiple of the {b}-weight {p:?} block")));
+        return Err(Error::Msg(format!(
+            "{name}: row length {cols} is not a multiple of the {b}-weight {p:?} block"
+        )));
     }
     if group % b != 0 {
         return Err(Error::Msg(format!(
@@ -94,7 +98,11 @@ pub fn unpack_row(bytes: &[u8], cols: usize, p: Packing) -> (Vec<i8>, Vec<f32>) 
 /// Dequantizes one packed row (the reference for the packed matmul kernel).
 pub fn dequantize_row(bytes: &[u8], cols: usize, p: Packing) -> Vec<f32> {
     let (codes, scales) = unpack_row(bytes, cols, p);
-    codes.iter().enumerate().map(|(j, &t)| t as f32 * scales[j / p.block()]).collect()
+    codes
+        .iter()
+        .enumerate()
+        .map(|(j, &t)| t as f32 * scales[j / p.block()])
+        .collect()
 }
 
 #[cfg(test)]
@@ -112,12 +120,21 @@ mod tests {
             let (c, s) = unpack_row(&buf, 256, p);
             assert_eq!(c, codes);
             let per_block = 128 / p.block();
-            assert!(s.iter().enumerate().all(|(i, &x)| x == scales[i / per_block]));
+            assert!(s
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == scales[i / per_block]));
         }
         // First byte of qs holds elements 0..4, element 0 in the low bits: codes -1,0,1,-1
         // -> 2-bit values 0,1,2,0 -> 0b00_10_01_00.
         let mut buf = Vec::new();
-        pack_row(&[-1, 0, 1, -1].repeat(16), &[1.0], 64, Packing::Q2_0, &mut buf);
+        pack_row(
+            &[-1, 0, 1, -1].repeat(16),
+            &[1.0],
+            64,
+            Packing::Q2_0,
+            &mut buf,
+        );
         assert_eq!(&buf[..3], &[0x00, 0x3c, 0b0010_0100]);
         assert!(check_packable("w", 96, 128, Packing::Q2_0).is_err());
         assert!(check_packable("w", 256, 32, Packing::Q2_0).is_err());

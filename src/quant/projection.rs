@@ -39,7 +39,9 @@ impl std::str::FromStr for ScaleRule {
         match s {
             "mean_abs" => Ok(ScaleRule::MeanAbs),
             "max_abs" => Ok(ScaleRule::MaxAbs),
-            o => Err(Error::Msg(format!("scale rule: expected \"mean_abs\" or \"max_abs\", found \"{o}\""))),
+            o => Err(Error::Msg(format!(
+                "scale rule: expected \"mean_abs\" or \"max_abs\", found \"{o}\""
+            ))),
         }
     }
 }
@@ -79,25 +81,46 @@ fn yes() -> bool {
 
 impl Default for QuantConfig {
     fn default() -> Self {
-        Self { ternary: true, group_size: 128, scale: ScaleRule::MeanAbs, ramp: 1.0, embeddings: true }
+        Self {
+            ternary: true,
+            group_size: 128,
+            scale: ScaleRule::MeanAbs,
+            ramp: 1.0,
+            embeddings: true,
+        }
     }
 }
 
 impl QuantConfig {
     pub fn full_precision() -> Self {
-        Self { ternary: false, ..Self::default() }
+        Self {
+            ternary: false,
+            ..Self::default()
+        }
     }
 
     /// The settings for the embedding and the LM head.
     pub fn for_embeddings(&self) -> Self {
-        if self.embeddings { *self } else { Self { ternary: false, ..*self } }
+        if self.embeddings {
+            *self
+        } else {
+            Self {
+                ternary: false,
+                ..*self
+            }
+        }
     }
     pub fn validate(&self) -> Result<()> {
         if self.group_size == 0 {
-            return Err(Error::Msg("group_size: expected a positive integer, found 0".into()));
+            return Err(Error::Msg(
+                "group_size: expected a positive integer, found 0".into(),
+            ));
         }
         if !(0.0..=1.0).contains(&self.ramp) {
-            return Err(Error::Msg(format!("ramp: expected a value in [0, 1], found {}", self.ramp)));
+            return Err(Error::Msg(format!(
+                "ramp: expected a value in [0, 1], found {}",
+                self.ramp
+            )));
         }
         Ok(())
     }
@@ -118,7 +141,10 @@ fn group_scale(groups: &Tensor, rule: ScaleRule) -> Result<Tensor> {
 /// Projects `[rows, n, g]` groups: returns (codes t in {-1,0,1}, scales [rows, n, 1]).
 fn project_groups(groups: &Tensor, rule: ScaleRule) -> Result<(Tensor, Tensor)> {
     let s = group_scale(groups, rule)?;
-    let t = groups.broadcast_div(&s.clamp(TINY, f64::INFINITY)?)?.round()?.clamp(-1f64, 1f64)?;
+    let t = groups
+        .broadcast_div(&s.clamp(TINY, f64::INFINITY)?)?
+        .round()?
+        .clamp(-1f64, 1f64)?;
     Ok((t, s))
 }
 
@@ -157,7 +183,10 @@ pub fn codes_and_scales(w: &Tensor, group: usize, rule: ScaleRule) -> Result<(Te
 /// The projected weight `t * s` (same shape as `w`), detached.
 pub fn project(w: &Tensor, group: usize, rule: ScaleRule) -> Result<Tensor> {
     if w.rank() != 2 {
-        return Err(Error::Msg(format!("ternary projection expects a 2-D weight, found shape {:?}", w.dims())));
+        return Err(Error::Msg(format!(
+            "ternary projection expects a 2-D weight, found shape {:?}",
+            w.dims()
+        )));
     }
     let w = w.detach();
     let (rows, _) = w.dims2()?;
@@ -167,14 +196,22 @@ pub fn project(w: &Tensor, group: usize, rule: ScaleRule) -> Result<Tensor> {
         let (t, s) = project_groups(&part, rule)?;
         out.push(t.broadcast_mul(&s)?.reshape((rows, n * g))?);
     }
-    let q = if out.len() == 1 { out.pop().expect("one part") } else { Tensor::cat(&out, 1)? };
+    let q = if out.len() == 1 {
+        out.pop().expect("one part")
+    } else {
+        Tensor::cat(&out, 1)?
+    };
     Ok(q)
 }
 
 /// Straight-through estimator: value `w + lambda * (q - w)`, gradient identity w.r.t. `w`.
 pub fn ste(w: &Tensor, q: &Tensor, lambda: f64) -> Result<Tensor> {
     let delta = (q - w.detach())?;
-    let delta = if lambda == 1.0 { delta } else { (delta * lambda)? };
+    let delta = if lambda == 1.0 {
+        delta
+    } else {
+        (delta * lambda)?
+    };
     Ok(w.add(&delta.detach())?)
 }
 
@@ -198,7 +235,10 @@ mod tests {
                 let s: f32 = r[a..b].iter().map(|x| x.abs()).sum::<f32>() / (b - a) as f32;
                 for j in a..b {
                     let v = qr[j];
-                    assert!(v == 0.0 || (v - s).abs() <= 1e-6 * s || (v + s).abs() <= 1e-6 * s, "{v} vs s={s}");
+                    assert!(
+                        v == 0.0 || (v - s).abs() <= 1e-6 * s || (v + s).abs() <= 1e-6 * s,
+                        "{v} vs s={s}"
+                    );
                     let expect = (r[j] / s).round().clamp(-1.0, 1.0) * s;
                     assert!((v - expect).abs() <= 1e-6 * s);
                 }
@@ -206,7 +246,10 @@ mod tests {
         }
     }
 
-    fn qr_pairs<'a>(w: &'a [Vec<f32>], q: &'a [Vec<f32>]) -> impl Iterator<Item = (&'a Vec<f32>, &'a Vec<f32>)> {
+    fn qr_pairs<'a>(
+        w: &'a [Vec<f32>],
+        q: &'a [Vec<f32>],
+    ) -> impl Iterator<Item = (&'a Vec<f32>, &'a Vec<f32>)> {
         w.iter().zip(q.iter())
     }
 
@@ -233,7 +276,14 @@ mod tests {
         let q = project(w.as_tensor(), 4, ScaleRule::MeanAbs).unwrap();
         let half = ste(w.as_tensor(), &q, 0.5).unwrap();
         let expect = ((w.as_tensor() + &q).unwrap() * 0.5).unwrap();
-        let d = (half - expect).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (half - expect)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-6);
         let y = ste(w.as_tensor(), &q, 1.0).unwrap();
         let coef = Tensor::randn(0f32, 1.0, (3, 8), &Device::Cpu).unwrap();

@@ -17,7 +17,11 @@ pub struct TernaryReport {
 impl TernaryReport {
     pub fn shares(&self) -> [f64; 3] {
         let n = self.counts.iter().sum::<u64>().max(1) as f64;
-        [self.counts[0] as f64 / n, self.counts[1] as f64 / n, self.counts[2] as f64 / n]
+        [
+            self.counts[0] as f64 / n,
+            self.counts[1] as f64 / n,
+            self.counts[2] as f64 / n,
+        ]
     }
     pub fn merge(&mut self, o: &TernaryReport) {
         self.groups += o.groups;
@@ -78,6 +82,9 @@ mod tests {
         assert!(r.ok() && r.groups == 8, "{r:?}");
         let s = r.shares();
         assert!((s.iter().sum::<f64>() - 1.0).abs() < 1e-12 && s[1] > 0.1 && s[0] > 0.1);
-        assert!(!verify_projected(&w, 128).unwrap().ok(), "raw weights are not ternary");
+        assert!(
+            !verify_projected(&w, 128).unwrap().ok(),
+            "raw weights are not ternary"
+        );
     }
 }

@@ -7,13 +7,13 @@
 //! `.tmp-*` directory, which resume ignores (and removes), so the previous checkpoint is intact.
 
 use super::config::TrainConfig;
+use super::optim::AdamW;
 use crate::data::DataPosition;
 use crate::error::{Error, Result};
 use crate::files::write_atomic;
 use crate::model::io::save_checkpoint;
 use crate::model::{params::Params, Qwen3Config};
 use crate::quant::QuantConfig;
-use super::optim::AdamW;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -67,7 +67,8 @@ pub fn save(out_dir: &Path, p: &CheckpointParts) -> Result<PathBuf> {
     p.opt.save(&opt_tmp)?;
     fsync_file(&opt_tmp)?;
     std::fs::rename(&opt_tmp, tmp.join(OPTIMIZER_FILE)).map_err(|e| Error::io(&tmp, e))?;
-    let cfg_text = toml::to_string_pretty(p.train_cfg).map_err(|e| Error::Msg(format!("serializing config: {e}")))?;
+    let cfg_text = toml::to_string_pretty(p.train_cfg)
+        .map_err(|e| Error::Msg(format!("serializing config: {e}")))?;
     write_atomic(&tmp.join(CONFIG_COPY), cfg_text.as_bytes())?;
     let state = serde_json::to_string_pretty(p.state).expect("state serializes");
     write_atomic(&tmp.join(STATE_FILE), state.as_bytes())?;
@@ -88,7 +89,9 @@ pub fn save(out_dir: &Path, p: &CheckpointParts) -> Result<PathBuf> {
 }
 
 fn fsync_file(p: &Path) -> Result<()> {
-    std::fs::File::open(p).and_then(|f| f.sync_all()).map_err(|e| Error::io(p, e))
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(p, e))
 }
 
 fn fsync_dir(p: &Path) -> Result<()> {
@@ -106,12 +109,18 @@ fn fsync_dir(p: &Path) -> Result<()> {
 pub fn list(out_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let root = checkpoints_dir(out_dir);
     let mut v = Vec::new();
-    let Ok(rd) = std::fs::read_dir(&root) else { return Ok(v) };
+    let Ok(rd) = std::fs::read_dir(&root) else {
+        return Ok(v);
+    };
     for e in rd {
         let e = e.map_err(|e| Error::io(&root, e))?;
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(num) = name.strip_prefix("step-") else { continue };
-        let Ok(step) = num.parse::<usize>() else { continue };
+        let Some(num) = name.strip_prefix("step-") else {
+            continue;
+        };
+        let Ok(step) = num.parse::<usize>() else {
+            continue;
+        };
         if read_state(&e.path()).is_ok() {
             v.push((step, e.path()));
         }

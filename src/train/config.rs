@@ -92,8 +92,19 @@ impl ModelSection {
     fn arch_keys_set(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
         macro_rules! chk { ($($f:ident),*) => { $( if self.$f.is_some() { v.push(stringify!($f)); } )* } }
-        chk!(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
-             head_dim, vocab_size, rope_theta, rms_norm_eps, max_position_embeddings, tie_word_embeddings);
+        chk!(
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size,
+            rope_theta,
+            rms_norm_eps,
+            max_position_embeddings,
+            tie_word_embeddings
+        );
         v
     }
 
@@ -117,7 +128,14 @@ impl ModelSection {
     }
 
     pub fn quant(&self) -> QuantConfig {
-        QuantConfig { ternary: self.ternary, group_size: self.group_size, scale: self.scale, ramp: 1.0, embeddings: self.ternary_embeddings, ..Default::default() }
+        QuantConfig {
+            ternary: self.ternary,
+            group_size: self.group_size,
+            scale: self.scale,
+            ramp: 1.0,
+            embeddings: self.ternary_embeddings,
+            ..Default::default()
+        }
     }
 }
 
@@ -239,7 +257,10 @@ pub struct EvalSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        Self { every: 100, batches: 20 }
+        Self {
+            every: 100,
+            batches: 20,
+        }
     }
 }
 
@@ -255,7 +276,10 @@ pub struct CheckpointSection {
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        Self { every: 500, keep: 3 }
+        Self {
+            every: 500,
+            keep: 3,
+        }
     }
 }
 
@@ -269,26 +293,40 @@ impl TrainConfig {
 
     pub fn from_toml_str(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
         // Parse once as typed config: toml's errors carry the line and column of the bad key.
-        toml::from_str::<TrainConfig>(text).map_err(|e| cfg_err(origin, e.to_string().trim_end()))?;
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| cfg_err(origin, e.to_string()))?;
+        toml::from_str::<TrainConfig>(text)
+            .map_err(|e| cfg_err(origin, e.to_string().trim_end()))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| cfg_err(origin, e.to_string()))?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let cfg: TrainConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            let key = e.path().to_string();
-            cfg_err(&format!("{origin} (with --set overrides)"), format!("key '{key}': {}", e.into_inner()))
-        })?;
+        let cfg: TrainConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                cfg_err(
+                    &format!("{origin} (with --set overrides)"),
+                    format!("key '{key}': {}", e.into_inner()),
+                )
+            })?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
 
     pub fn validate(&self, origin: &str) -> Result<()> {
         let bad = |key: &str, expected: &str, found: String| {
-            Err(cfg_err(origin, format!("key '{key}': expected {expected}, found {found}")))
+            Err(cfg_err(
+                origin,
+                format!("key '{key}': expected {expected}, found {found}"),
+            ))
         };
         let m = &self.model;
         if m.source.trim().is_empty() {
-            return bad("model.source", "\"scratch\", a checkpoint directory or a hub id", "\"\"".into());
+            return bad(
+                "model.source",
+                "\"scratch\", a checkpoint directory or a hub id",
+                "\"\"".into(),
+            );
         }
         if !m.is_scratch() && !m.arch_keys_set().is_empty() {
             return Err(cfg_err(
@@ -312,10 +350,18 @@ impl TrainConfig {
             return bad("data.seq_len", "an integer >= 2", d.seq_len.to_string());
         }
         if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
-            return bad("data.val_fraction", "a number in (0, 1)", d.val_fraction.to_string());
+            return bad(
+                "data.val_fraction",
+                "a number in (0, 1)",
+                d.val_fraction.to_string(),
+            );
         }
         let t = &self.train;
-        for (k, v) in [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum_steps", t.grad_accum_steps)] {
+        for (k, v) in [
+            ("train.steps", t.steps),
+            ("train.batch_size", t.batch_size),
+            ("train.grad_accum_steps", t.grad_accum_steps),
+        ] {
             if v == 0 {
                 return bad(k, "a positive integer", "0".into());
             }
@@ -324,7 +370,11 @@ impl TrainConfig {
             return bad("train.lr", "a positive number", t.lr.to_string());
         }
         if !(t.min_lr() >= 0.0 && t.min_lr() <= t.lr) {
-            return bad("train.min_lr", "a number in [0, train.lr]", t.min_lr().to_string());
+            return bad(
+                "train.min_lr",
+                "a number in [0, train.lr]",
+                t.min_lr().to_string(),
+            );
         }
         for (k, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
             if !(0.0..1.0).contains(&v) {
@@ -335,15 +385,24 @@ impl TrainConfig {
             return bad("train.eps", "a positive number", t.eps.to_string());
         }
         if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
-            return bad("train.weight_decay", "a number >= 0", t.weight_decay.to_string());
+            return bad(
+                "train.weight_decay",
+                "a number >= 0",
+                t.weight_decay.to_string(),
+            );
         }
         if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
-            return bad("train.max_grad_norm", "a number >= 0 (0 = no clipping)", t.max_grad_norm.to_string());
+            return bad(
+                "train.max_grad_norm",
+                "a number >= 0 (0 = no clipping)",
+                t.max_grad_norm.to_string(),
+            );
         }
         if self.checkpoint.keep == 0 {
             return bad("checkpoint.keep", "a positive integer", "0".into());
         }
-        crate::device::parse_device(&t.device).map_err(|e| cfg_err(origin, format!("key 'train.device': {e}")))?;
+        crate::device::parse_device(&t.device)
+            .map_err(|e| cfg_err(origin, format!("key 'train.device': {e}")))?;
         Ok(())
     }
 }
@@ -360,17 +419,23 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<()> {
     };
     let (key, raw) = (key.trim(), raw.trim());
     let Some((section, field)) = key.split_once('.') else {
-        return err(format!("key '{key}' must be section.key (sections: model, data, train, eval, checkpoint)"));
+        return err(format!(
+            "key '{key}' must be section.key (sections: model, data, train, eval, checkpoint)"
+        ));
     };
     if !["model", "data", "train", "eval", "checkpoint"].contains(&section) {
-        return err(format!("unknown section '{section}' (expected model, data, train, eval or checkpoint)"));
+        return err(format!(
+            "unknown section '{section}' (expected model, data, train, eval or checkpoint)"
+        ));
     }
     // A TOML literal (number, bool, quoted string, array) or else a bare string.
     let value = match format!("v = {raw}").parse::<toml::Table>() {
         Ok(mut t) => t.remove("v").expect("parsed key"),
         Err(_) => toml::Value::String(raw.to_string()),
     };
-    let sec = table.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let sec = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     match sec.as_table_mut() {
         Some(t) => {
             t.insert(field.to_string(), value);
@@ -400,7 +465,13 @@ mod tests {
     fn overrides_apply_with_toml_or_bare_values() {
         let c = parse(
             "[train]\nsteps = 5\n",
-            &["train.steps=20", "model.source=Qwen/Qwen3-0.6B", "model.scale=max_abs", "train.lr=1e-4", "model.ternary=false"],
+            &[
+                "train.steps=20",
+                "model.source=Qwen/Qwen3-0.6B",
+                "model.scale=max_abs",
+                "train.lr=1e-4",
+                "model.ternary=false",
+            ],
         )
         .unwrap();
         assert_eq!(c.train.steps, 20);
@@ -412,27 +483,56 @@ mod tests {
 
     #[test]
     fn errors_name_file_key_line_and_expectation() {
-        let e = parse("[train]\nsteps = 5\nstepz = 3\n", &[]).unwrap_err().to_string();
-        assert!(e.contains("test.toml") && e.contains("stepz") && e.contains("line 3"), "{e}");
-        let e = parse("[train]\nlr = \"fast\"\n", &[]).unwrap_err().to_string();
-        assert!(e.contains("test.toml") && e.contains("line 2") && e.contains("lr"), "{e}");
+        let e = parse("[train]\nsteps = 5\nstepz = 3\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("test.toml") && e.contains("stepz") && e.contains("line 3"),
+            "{e}"
+        );
+        let e = parse("[train]\nlr = \"fast\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("test.toml") && e.contains("line 2") && e.contains("lr"),
+            "{e}"
+        );
         let e = parse("[train]\nlr = -1.0\n", &[]).unwrap_err().to_string();
-        assert!(e.contains("train.lr") && e.contains("positive") && e.contains("-1"), "{e}");
+        assert!(
+            e.contains("train.lr") && e.contains("positive") && e.contains("-1"),
+            "{e}"
+        );
         let e = parse("", &["train.steps=abc"]).unwrap_err().to_string();
         assert!(e.contains("train.steps") && e.contains("--set"), "{e}");
         let e = parse("", &["trian.steps=3"]).unwrap_err().to_string();
         assert!(e.contains("unknown section 'trian'"), "{e}");
         let e = parse("", &["train.nope=3"]).unwrap_err().to_string();
         assert!(e.contains("nope"), "{e}");
-        let e = parse("[model]\nsource = \"Qwen/Qwen3-0.6B\"\nhidden_size = 64\n", &[]).unwrap_err().to_string();
+        let e = parse(
+            "[model]\nsource = \"Qwen/Qwen3-0.6B\"\nhidden_size = 64\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("hidden_size") && e.contains("scratch"), "{e}");
-        let e = parse("[model]\nscale = \"median\"\n", &[]).unwrap_err().to_string();
+        let e = parse("[model]\nscale = \"median\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("scale") && e.contains("line 2"), "{e}");
-        let e = parse("[data]\nval_fraction = 1.5\n", &[]).unwrap_err().to_string();
+        let e = parse("[data]\nval_fraction = 1.5\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("data.val_fraction"), "{e}");
-        let e = parse("[model]\nnum_attention_heads = 6\nnum_key_value_heads = 4\n", &[]).unwrap_err().to_string();
+        let e = parse(
+            "[model]\nnum_attention_heads = 6\nnum_key_value_heads = 4\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("multiple"), "{e}");
-        let e = parse("[train]\ndevice = \"tpu\"\n", &[]).unwrap_err().to_string();
+        let e = parse("[train]\ndevice = \"tpu\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("train.device"), "{e}");
     }
 }

@@ -35,22 +35,45 @@ pub type Grads = BTreeMap<String, Tensor>;
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig) -> Self {
-        Self { cfg, t: 0, m: BTreeMap::new(), v: BTreeMap::new(), kernels: Kernels::default() }
+        Self {
+            cfg,
+            t: 0,
+            m: BTreeMap::new(),
+            v: BTreeMap::new(),
+            kernels: Kernels::default(),
+        }
     }
 
     /// One update with learning rate `lr`: every parameter must have a gradient.
     pub fn step(&mut self, params: &Params, grads: &Grads, lr: f64) -> Result<()> {
         self.t += 1;
-        let AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd } = self.cfg;
+        let AdamWConfig {
+            beta1: b1,
+            beta2: b2,
+            eps,
+            weight_decay: wd,
+        } = self.cfg;
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for (name, var) in params.iter() {
-            let g = grads.get(name).ok_or_else(|| Error::Msg(format!("no gradient for parameter '{name}'")))?;
+            let g = grads
+                .get(name)
+                .ok_or_else(|| Error::Msg(format!("no gradient for parameter '{name}'")))?;
             let decay = (wd > 0.0 && !is_norm(name)).then(|| 1.0 - lr * wd);
-            let s = AdamWScalars { beta1: b1, beta2: b2, bc1, bc2, eps, lr, decay };
+            let s = AdamWScalars {
+                beta1: b1,
+                beta2: b2,
+                bc1,
+                bc2,
+                eps,
+                lr,
+                decay,
+            };
             // Taken out of the maps first, so the old moments are freed as soon as the new exist.
             let (m_old, v_old) = (self.m.remove(name), self.v.remove(name));
-            let (w2, m2, v2) = self.kernels.adamw(var.as_tensor(), g, m_old.as_ref(), v_old.as_ref(), s)?;
+            let (w2, m2, v2) =
+                self.kernels
+                    .adamw(var.as_tensor(), g, m_old.as_ref(), v_old.as_ref(), s)?;
             drop((m_old, v_old));
             var.set(&w2)?;
             self.m.insert(name.clone(), m2);
@@ -76,7 +99,13 @@ impl AdamW {
         Ok(())
     }
 
-    pub fn load(cfg: AdamWConfig, t: u64, path: &Path, params: &Params, device: &Device) -> Result<Self> {
+    pub fn load(
+        cfg: AdamWConfig,
+        t: u64,
+        path: &Path,
+        params: &Params,
+        device: &Device,
+    ) -> Result<Self> {
         let tensors = candle_core::safetensors::load(path, device)
             .map_err(|e| Error::checkpoint(path, format!("cannot read optimizer state: {e}")))?;
         let mut s = Self::new(cfg);
@@ -87,13 +116,17 @@ impl AdamW {
         for (name, var) in params.iter() {
             for (prefix, map) in [("m", &mut s.m), ("v", &mut s.v)] {
                 let key = format!("{prefix}.{name}");
-                let ten = tensors
-                    .get(&key)
-                    .ok_or_else(|| Error::checkpoint(path, format!("optimizer state lacks '{key}'")))?;
+                let ten = tensors.get(&key).ok_or_else(|| {
+                    Error::checkpoint(path, format!("optimizer state lacks '{key}'"))
+                })?;
                 if ten.dims() != var.as_tensor().dims() {
                     return Err(Error::checkpoint(
                         path,
-                        format!("'{key}': expected shape {:?}, found {:?}", var.as_tensor().dims(), ten.dims()),
+                        format!(
+                            "'{key}': expected shape {:?}, found {:?}",
+                            var.as_tensor().dims(),
+                            ten.dims()
+                        ),
                     ));
                 }
                 map.insert(name.clone(), ten.clone());
@@ -107,7 +140,11 @@ impl AdamW {
 pub fn global_norm(grads: &Grads) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.values() {
-        sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(sq.sqrt())
 }
@@ -124,7 +161,11 @@ pub fn clip(grads: &mut Grads, norm: f64, max_norm: f64) -> Result<()> {
 }
 
 /// Adds `grads` of one micro-batch into the accumulator.
-pub fn accumulate(acc: &mut Grads, params: &Params, store: &candle_core::backprop::GradStore) -> Result<()> {
+pub fn accumulate(
+    acc: &mut Grads,
+    params: &Params,
+    store: &candle_core::backprop::GradStore,
+) -> Result<()> {
     for (name, var) in params.iter() {
         let g = store
             .get(var.as_tensor())
@@ -150,27 +191,57 @@ mod tests {
     #[test]
     fn fused_update_matches_the_composed_update() {
         let dev = Device::Cpu;
-        let init = |seed: u32| -> Vec<f32> { (0..5000).map(|i| (((i * 7919 + seed * 104729) % 2001) as f32 / 1000.0) - 1.0).collect() };
+        let init = |seed: u32| -> Vec<f32> {
+            (0..5000)
+                .map(|i| (((i * 7919 + seed * 104729) % 2001) as f32 / 1000.0) - 1.0)
+                .collect()
+        };
         let mk = || {
             Params::from_tensors([
-                ("a.weight".to_string(), Tensor::from_vec(init(1), (50, 100), &dev).unwrap()),
-                ("x.input_layernorm.weight".to_string(), Tensor::from_vec(init(2)[..100].to_vec(), 100, &dev).unwrap()),
+                (
+                    "a.weight".to_string(),
+                    Tensor::from_vec(init(1), (50, 100), &dev).unwrap(),
+                ),
+                (
+                    "x.input_layernorm.weight".to_string(),
+                    Tensor::from_vec(init(2)[..100].to_vec(), 100, &dev).unwrap(),
+                ),
             ])
             .unwrap()
         };
         let (pf, pc) = (mk(), mk());
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let (mut of, mut oc) = (AdamW::new(cfg), AdamW::new(cfg));
         oc.kernels = Kernels::Reference;
         for step in 0..4u32 {
             let mut grads = Grads::new();
-            grads.insert("a.weight".into(), Tensor::from_vec(init(10 + step), (50, 100), &dev).unwrap());
-            grads.insert("x.input_layernorm.weight".into(), Tensor::from_vec(init(20 + step)[..100].to_vec(), 100, &dev).unwrap());
+            grads.insert(
+                "a.weight".into(),
+                Tensor::from_vec(init(10 + step), (50, 100), &dev).unwrap(),
+            );
+            grads.insert(
+                "x.input_layernorm.weight".into(),
+                Tensor::from_vec(init(20 + step)[..100].to_vec(), 100, &dev).unwrap(),
+            );
             of.step(&pf, &grads, 1e-2).unwrap();
             oc.step(&pc, &grads, 1e-2).unwrap();
         }
         for ((n, a), (_, b)) in pf.iter().zip(pc.iter()) {
-            let d = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = (a.as_tensor() - b.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(d < 1e-6, "{n}: fused vs composed differ by {d}");
         }
     }
@@ -179,19 +250,40 @@ mod tests {
     fn first_step_matches_the_formula_and_skips_decay_on_norms() {
         let dev = Device::Cpu;
         let params = Params::from_tensors([
-            ("a.weight".to_string(), Tensor::new(&[1.0f32, -2.0], &dev).unwrap()),
-            ("x.input_layernorm.weight".to_string(), Tensor::new(&[1.0f32, 1.0], &dev).unwrap()),
+            (
+                "a.weight".to_string(),
+                Tensor::new(&[1.0f32, -2.0], &dev).unwrap(),
+            ),
+            (
+                "x.input_layernorm.weight".to_string(),
+                Tensor::new(&[1.0f32, 1.0], &dev).unwrap(),
+            ),
         ])
         .unwrap();
         let mut grads = Grads::new();
-        grads.insert("a.weight".into(), Tensor::new(&[0.5f32, -0.25], &dev).unwrap());
-        grads.insert("x.input_layernorm.weight".into(), Tensor::new(&[0.1f32, 0.0], &dev).unwrap());
-        let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 });
+        grads.insert(
+            "a.weight".into(),
+            Tensor::new(&[0.5f32, -0.25], &dev).unwrap(),
+        );
+        grads.insert(
+            "x.input_layernorm.weight".into(),
+            Tensor::new(&[0.1f32, 0.0], &dev).unwrap(),
+        );
+        let mut opt = AdamW::new(AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        });
         opt.step(&params, &grads, 0.01).unwrap();
         let a = params.tensor("a.weight").unwrap().to_vec1::<f32>().unwrap();
         assert!((a[0] - (1.0 * (1.0 - 0.001) - 0.01)).abs() < 1e-6, "{a:?}");
         assert!((a[1] - (-2.0 * (1.0 - 0.001) + 0.01)).abs() < 1e-6, "{a:?}");
-        let n = params.tensor("x.input_layernorm.weight").unwrap().to_vec1::<f32>().unwrap();
+        let n = params
+            .tensor("x.input_layernorm.weight")
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!((n[0] - 0.99).abs() < 1e-6 && n[1] == 1.0, "{n:?}");
     }
 

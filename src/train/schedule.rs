@@ -14,7 +14,9 @@ pub fn lr_at(step: usize, t: &TrainSection) -> f64 {
     match t.schedule {
         Schedule::Constant => lr,
         Schedule::Linear => lr - (lr - min_lr) * progress,
-        Schedule::Cosine => min_lr + (lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        Schedule::Cosine => {
+            min_lr + (lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
     }
 }
 
@@ -33,14 +35,26 @@ mod tests {
 
     #[test]
     fn warmup_then_cosine_to_min_lr() {
-        let t = TrainSection { steps: 110, warmup_steps: 10, lr: 1.0, min_lr: Some(0.1), ..Default::default() };
+        let t = TrainSection {
+            steps: 110,
+            warmup_steps: 10,
+            lr: 1.0,
+            min_lr: Some(0.1),
+            ..Default::default()
+        };
         assert!((lr_at(1, &t) - 0.1).abs() < 1e-12);
         assert!((lr_at(10, &t) - 1.0).abs() < 1e-12);
         assert!((lr_at(60, &t) - 0.55).abs() < 1e-12);
         assert!((lr_at(110, &t) - 0.1).abs() < 1e-12);
-        let l = TrainSection { schedule: Schedule::Linear, ..t.clone() };
+        let l = TrainSection {
+            schedule: Schedule::Linear,
+            ..t.clone()
+        };
         assert!((lr_at(60, &l) - 0.55).abs() < 1e-12);
-        let c = TrainSection { schedule: Schedule::Constant, ..t };
+        let c = TrainSection {
+            schedule: Schedule::Constant,
+            ..t
+        };
         assert_eq!(lr_at(100, &c), 1.0);
         assert_eq!(ramp_at(5, 0), 1.0);
         assert_eq!(ramp_at(5, 10), 0.5);

@@ -13,7 +13,12 @@ use std::time::Instant;
 /// cross-entropy over the full logits).
 pub fn batch_loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Result<Tensor> {
     let h = model.forward(inp, &mut NoCache::new())?;
-    model.kernels.lm_head_loss(&h.flatten_to(1)?, &model.head_latent()?, &model.head_quant(), &tgt.flatten_all()?)
+    model.kernels.lm_head_loss(
+        &h.flatten_to(1)?,
+        &model.head_latent()?,
+        &model.head_quant(),
+        &tgt.flatten_all()?,
+    )
 }
 
 /// Mean next-token cross-entropy over windows `[B, T+1]` (inputs = all but the last token).
@@ -78,7 +83,10 @@ pub fn train_step(
         drop(loss); // the graph: every activation of the forward
         r.backward_s += t1.elapsed().as_secs_f64();
         r.peak_rss_after_backward = crate::mem::peak_rss_bytes();
-        r.params_with_grad = params.iter().filter(|(_, v)| store.get(v.as_tensor()).is_some()).count();
+        r.params_with_grad = params
+            .iter()
+            .filter(|(_, v)| store.get(v.as_tensor()).is_some())
+            .count();
         accumulate(&mut grads, params, &store)?;
     }
     let t2 = Instant::now();

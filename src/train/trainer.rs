@@ -14,8 +14,8 @@ use crate::data::{load_split, Batcher};
 use crate::device::parse_device;
 use crate::error::{Error, Result};
 use crate::hub::{resolve_model_dir, HubOptions};
-use crate::model::params::{is_norm, Params};
 use crate::kernels::Kernels;
+use crate::model::params::{is_norm, Params};
 use crate::model::{load_checkpoint, Qwen3, Qwen3Config};
 use crate::quant::verify::{verify_projected, TernaryReport};
 use crate::quant::QuantConfig;
@@ -33,7 +33,11 @@ use std::time::Instant;
 pub const MAX_BAD_STEPS: usize = 5;
 
 /// Prompts of the samples printed at the end of a run.
-pub const SAMPLE_PROMPTS: [&str; 3] = ["A compiler is", "The Internet", "In computer science, a stack"];
+pub const SAMPLE_PROMPTS: [&str; 3] = [
+    "A compiler is",
+    "The Internet",
+    "In computer science, a stack",
+];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Control {
@@ -95,16 +99,28 @@ pub struct TrainOutcome {
 
 /// Mean NLL of the validation tokens under `windows` (the plain scheme of `tern eval` with
 /// ctx = seq_len + 1), on a frozen (graph-free) copy of the model.
-pub fn evaluate(model: &Qwen3, val: &[u32], windows: &[crate::eval::Window], batch: usize) -> Result<f64> {
+pub fn evaluate(
+    model: &Qwen3,
+    val: &[u32],
+    windows: &[crate::eval::Window],
+    batch: usize,
+) -> Result<f64> {
     let nll = crate::eval::score(&model.freeze()?, val, windows, batch)?;
     Ok(crate::eval::perplexity(&nll).nll)
 }
 
 /// Verifies the projection of every ternary weight (what export writes).
-pub fn verify_model(params: &Params, quant: &QuantConfig) -> Result<(TernaryReport, Vec<(String, TernaryReport)>)> {
+pub fn verify_model(
+    params: &Params,
+    quant: &QuantConfig,
+) -> Result<(TernaryReport, Vec<(String, TernaryReport)>)> {
     let mut total = TernaryReport::default();
     let mut per = Vec::new();
-    let q = QuantConfig { ternary: true, ramp: 1.0, ..*quant };
+    let q = QuantConfig {
+        ternary: true,
+        ramp: 1.0,
+        ..*quant
+    };
     for (name, var) in params.iter() {
         if is_norm(name) {
             continue;
@@ -157,7 +173,10 @@ impl Metrics {
 pub fn read_metrics(out_dir: &Path) -> (Vec<(usize, f64)>, Vec<(usize, f64)>) {
     let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap_or_default();
     let (mut train, mut val) = (Vec::new(), Vec::new());
-    for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
         let step = v.get("step").and_then(|s| s.as_u64()).unwrap_or(0) as usize;
         if let Some(l) = v.get("loss").and_then(|x| x.as_f64()) {
             train.push((step, l));
@@ -187,7 +206,10 @@ fn resume_dir(path: &Path) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     checkpoint::latest(path)?.ok_or_else(|| {
-        Error::Msg(format!("--resume: no complete checkpoint under {}", checkpoint::checkpoints_dir(path).display()))
+        Error::Msg(format!(
+            "--resume: no complete checkpoint under {}",
+            checkpoint::checkpoints_dir(path).display()
+        ))
     })
 }
 
@@ -200,13 +222,24 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     let tok = Tokenizer::load(&cfg.data.tokenizer, &hub)?;
 
     // Model, optimizer and position: fresh or from a checkpoint.
-    let adam_cfg = AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+    let adam_cfg = AdamWConfig {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+    };
     let resumed = opts.resume.as_deref().map(resume_dir).transpose()?;
     let (arch, params, mut opt, mut state) = match &resumed {
         Some(dir) => {
             let st = checkpoint::read_state(dir)?;
             let ck = load_checkpoint(dir, DType::F32, &device)?;
-            let opt = AdamW::load(adam_cfg, st.adam_t, &dir.join(checkpoint::OPTIMIZER_FILE), &ck.params, &device)?;
+            let opt = AdamW::load(
+                adam_cfg,
+                st.adam_t,
+                &dir.join(checkpoint::OPTIMIZER_FILE),
+                &ck.params,
+                &device,
+            )?;
             tracing::info!("resuming from {} (step {})", dir.display(), st.step);
             (ck.config, ck.params, opt, st)
         }
@@ -237,10 +270,24 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     }
     let mut model = Qwen3::new(&arch, cfg.model.quant(), &params)?.with_kernels(cfg.train.kernels);
 
-    let split = load_split(&cfg.data.train_file, &tok, cfg.data.val_fraction, cfg.data.seq_len)?;
+    let split = load_split(
+        &cfg.data.train_file,
+        &tok,
+        cfg.data.val_fraction,
+        cfg.data.seq_len,
+    )?;
     // Validation = `tern eval --split val --ctx <seq_len+1>` (all of it when eval.batches = 0).
-    let all_val = crate::eval::plan(split.val.len(), cfg.data.seq_len + 1, None, crate::eval::Scheme::Plain)?;
-    let n_val = if cfg.eval.batches == 0 { all_val.len() } else { (cfg.eval.batches * t.batch_size).min(all_val.len()) };
+    let all_val = crate::eval::plan(
+        split.val.len(),
+        cfg.data.seq_len + 1,
+        None,
+        crate::eval::Scheme::Plain,
+    )?;
+    let n_val = if cfg.eval.batches == 0 {
+        all_val.len()
+    } else {
+        (cfg.eval.batches * t.batch_size).min(all_val.len())
+    };
     let val = &all_val[..n_val];
     let mut batcher = Batcher::new(cfg.data.seq_len, cfg.data.seed);
     batcher.pos = state.data;
@@ -248,7 +295,11 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     tracing::info!(
         "{} params ({}), {} train / {} val tokens, {} tokens per step",
         params.num_elements(),
-        if cfg.model.ternary { "ternary" } else { "full precision" },
+        if cfg.model.ternary {
+            "ternary"
+        } else {
+            "full precision"
+        },
         split.train.len(),
         split.val.len(),
         tokens_per_step
@@ -260,12 +311,18 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
         let ppl = loss.exp();
         metrics.write(&json!({"step": step, "val_loss": loss, "val_ppl": ppl}));
         let (train_curve, val_curve) = read_metrics(&out_dir);
-        if let Err(e) = crate::plot::plot_losses(&out_dir.join("loss.png"), &train_curve, &val_curve) {
+        if let Err(e) =
+            crate::plot::plot_losses(&out_dir.join("loss.png"), &train_curve, &val_curve)
+        {
             tracing::warn!("loss.png not drawn: {e}");
         }
         Ok((loss, ppl))
     };
-    let mut last_val = if resumed.is_none() { Some(eval_and_log(&model, 0, &mut metrics)?) } else { None };
+    let mut last_val = if resumed.is_none() {
+        Some(eval_and_log(&model, 0, &mut metrics)?)
+    } else {
+        None
+    };
 
     let pb = progress_bar(opts.progress, t.steps, state.step);
     let save = |state: &RunState, opt: &AdamW, model: &Qwen3| -> Result<PathBuf> {
@@ -296,10 +353,25 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
 
         let batch = |batcher: &mut Batcher| -> Result<Tensor> {
             let flat = batcher.next_batch(&split.train, t.batch_size);
-            Ok(Tensor::from_vec(flat, (t.batch_size, cfg.data.seq_len + 1), &device)?)
+            Ok(Tensor::from_vec(
+                flat,
+                (t.batch_size, cfg.data.seq_len + 1),
+                &device,
+            )?)
         };
-        let step_cfg = StepConfig { lr, max_grad_norm: t.max_grad_norm, inject_nan: opts.fault_nan_steps.contains(&step) };
-        let r = train_step(&model, &params, &mut opt, t.grad_accum_steps, || batch(&mut batcher), step_cfg)?;
+        let step_cfg = StepConfig {
+            lr,
+            max_grad_norm: t.max_grad_norm,
+            inject_nan: opts.fault_nan_steps.contains(&step),
+        };
+        let r = train_step(
+            &model,
+            &params,
+            &mut opt,
+            t.grad_accum_steps,
+            || batch(&mut batcher),
+            step_cfg,
+        )?;
         let (loss_sum, grad_norm, finite) = (r.loss, r.grad_norm, r.applied);
         if finite {
             state.bad_steps_in_a_row = 0;
@@ -327,7 +399,10 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
         metrics.write(&serde_json::to_value(&m).expect("metrics serialize"));
         losses.push((step, loss_sum));
         pb.set_position(step as u64);
-        let line = format!("loss {loss_sum:.4} lr {lr:.2e} gnorm {grad_norm:.3} {:.0} tok/s", m.tokens_per_sec);
+        let line = format!(
+            "loss {loss_sum:.4} lr {lr:.2e} gnorm {grad_norm:.3} {:.0} tok/s",
+            m.tokens_per_sec
+        );
         if pb.is_hidden() {
             if step % 10 == 0 || step == 1 {
                 tracing::info!("step {step}/{}: {line}", t.steps);
@@ -347,7 +422,10 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
         }
         if cfg.eval.every > 0 && step % cfg.eval.every == 0 && step < t.steps {
             let (vl, vp) = eval_and_log(&model, step, &mut metrics)?;
-            say(&pb, format!("step {step}: val loss {vl:.4}, val PPL {vp:.2}"));
+            say(
+                &pb,
+                format!("step {step}: val loss {vl:.4}, val PPL {vp:.2}"),
+            );
             last_val = Some((vl, vp));
         }
         if cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0 {
@@ -372,21 +450,54 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
         _ => save(&state, &opt, &model)?,
     };
     let (report, _) = verify_model(&params, &model.quant)?;
-    let samples = if opts.samples && !interrupted { samples(&model, &tok)? } else { vec![] };
-    let summary = summarize(cfg, &state, &out_dir, val_loss, val_ppl, &report, &samples, &ckpt);
-    crate::files::write_atomic(&out_dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("json").as_bytes())?;
-    Ok(TrainOutcome { last_step: state.step, losses, val_loss, val_ppl, interrupted, checkpoint: ckpt, summary })
+    let samples = if opts.samples && !interrupted {
+        samples(&model, &tok)?
+    } else {
+        vec![]
+    };
+    let summary = summarize(
+        cfg, &state, &out_dir, val_loss, val_ppl, &report, &samples, &ckpt,
+    );
+    crate::files::write_atomic(
+        &out_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)
+            .expect("json")
+            .as_bytes(),
+    )?;
+    Ok(TrainOutcome {
+        last_step: state.step,
+        losses,
+        val_loss,
+        val_ppl,
+        interrupted,
+        checkpoint: ckpt,
+        summary,
+    })
 }
 
 fn samples(model: &Qwen3, tok: &Tokenizer) -> Result<Vec<(String, String)>> {
     let frozen = model.freeze()?;
     let mut eos = tok.eos_ids();
     eos.extend(model.cfg.eos_ids());
-    let prompts = SAMPLE_PROMPTS.iter().map(|p| tok.encode(p)).collect::<Result<Vec<_>>>()?;
-    let greedy = crate::decode::sampler::SamplerConfig { temp: 0.0, ..Default::default() };
-    let cfg = crate::decode::generate::GenerateConfig { max_new: 40, sampler: greedy, eos };
+    let prompts = SAMPLE_PROMPTS
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<Result<Vec<_>>>()?;
+    let greedy = crate::decode::sampler::SamplerConfig {
+        temp: 0.0,
+        ..Default::default()
+    };
+    let cfg = crate::decode::generate::GenerateConfig {
+        max_new: 40,
+        sampler: greedy,
+        eos,
+    };
     let out = crate::decode::generate::generate_batch(&frozen, &prompts, &cfg, |_, _| false)?;
-    SAMPLE_PROMPTS.iter().zip(out).map(|(p, (ids, _))| Ok((p.to_string(), tok.decode(&ids)?))).collect()
+    SAMPLE_PROMPTS
+        .iter()
+        .zip(out)
+        .map(|(p, (ids, _))| Ok((p.to_string(), tok.decode(&ids)?)))
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -446,8 +557,10 @@ fn progress_bar(show: bool, steps: usize, start: usize) -> indicatif::ProgressBa
     }
     let pb = indicatif::ProgressBar::new(steps as u64);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} ETA {eta}]")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise} ETA {eta}]",
+        )
+        .expect("valid template"),
     );
     pb.set_position(start as u64);
     pb

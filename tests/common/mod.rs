@@ -62,9 +62,30 @@ pub fn write_word_tokenizer(path: &Path, words: &[&str]) {
 }
 
 pub const WORDS: [&str; 24] = [
-    "the", "a", "compiler", "translates", "program", "into", "machine", "code", "stack", "holds",
-    "values", "queue", "orders", "jobs", "kernel", "schedules", "processes", "network", "carries",
-    "packets", "cache", "stores", "data", ".",
+    "the",
+    "a",
+    "compiler",
+    "translates",
+    "program",
+    "into",
+    "machine",
+    "code",
+    "stack",
+    "holds",
+    "values",
+    "queue",
+    "orders",
+    "jobs",
+    "kernel",
+    "schedules",
+    "processes",
+    "network",
+    "carries",
+    "packets",
+    "cache",
+    "stores",
+    "data",
+    ".",
 ];
 
 /// A corpus with learnable structure: subject-verb-object sentences from fixed triples, so a
@@ -135,7 +156,12 @@ keep = 2
 }
 
 /// A small Qwen3 architecture (2 layers, 4 heads over 2 KV heads) for tests.
-pub fn small_config(hidden: usize, intermediate: usize, head_dim: usize, vocab: usize) -> tern::model::Qwen3Config {
+pub fn small_config(
+    hidden: usize,
+    intermediate: usize,
+    head_dim: usize,
+    vocab: usize,
+) -> tern::model::Qwen3Config {
     let mut c = tern::model::Qwen3Config::qwen3_0_6b();
     c.hidden_size = hidden;
     c.intermediate_size = intermediate;
