@@ -9,6 +9,7 @@
 //!   once with up to ctx-1 tokens of context.
 //! - llama: what llama-perplexity does: chunks of `ctx` (a trailing partial chunk dropped), only
 //!   the second half of each chunk scored (tokens ctx/2+1 .. ctx-1 of the chunk).
+//!
 //! PPL = exp(mean NLL); its error is exp(mean) * stderr(NLL), as llama.cpp prints it.
 
 use crate::error::{Error, Result};

@@ -409,17 +409,24 @@ mod tests {
         (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
     }
 
+    /// Query, key and value heads and the head size.
+    #[derive(Clone, Copy)]
+    struct Heads {
+        heads: usize,
+        kv: usize,
+        hd: usize,
+    }
+
     /// Plain attention over contiguous `[kv, len, hd]` K/V for a query at `pos`.
     fn contiguous_attention(
         k: &[f32],
         v: &[f32],
         len: usize,
         q: &[f32],
-        heads: usize,
-        kv: usize,
-        hd: usize,
+        shape: Heads,
         pos: usize,
     ) -> Vec<f32> {
+        let Heads { heads, kv, hd } = shape;
         let g = heads / kv;
         let mut out = vec![0f32; heads * hd];
         for h in 0..heads {
@@ -453,8 +460,9 @@ mod tests {
         let mut truth = vec![];
         // Interleave appends (one or several tokens at a time) across sequences.
         for (&s, &len) in seqs.iter().zip(&lens) {
-            let (mut ks, mut vs): (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) =
-                (vec![vec![]; layers], vec![vec![]; layers]);
+            // Per layer, the K (and V) rows appended so far.
+            let mut ks: Vec<Vec<Vec<f32>>> = vec![vec![]; layers];
+            let mut vs: Vec<Vec<Vec<f32>>> = vec![vec![]; layers];
             let mut done = 0;
             while done < len {
                 let n = (1 + done % 3).min(len - done);
@@ -487,7 +495,7 @@ mod tests {
                 for pos in [0, len / 2, len - 1] {
                     let q = rnd(heads * hd, &mut rng);
                     let got = cache.attend(l, s, pos, &q, heads).unwrap();
-                    let want = contiguous_attention(&k, &v, len, &q, heads, kv, hd, pos);
+                    let want = contiguous_attention(&k, &v, len, &q, Heads { heads, kv, hd }, pos);
                     assert!(
                         got.iter().all(|x| x.is_finite()),
                         "NaN leaked from an unused slot"

@@ -27,7 +27,7 @@ pub fn type_size(ggml_type: u32, n: u64) -> Option<u64> {
         t => {
             let p = Packing::from_ggml_type(t)?;
             let b = p.block() as u64;
-            (n % b == 0).then(|| n / b * p.block_bytes() as u64)
+            n.is_multiple_of(b).then(|| n / b * p.block_bytes() as u64)
         }
     }
 }

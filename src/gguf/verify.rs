@@ -91,12 +91,13 @@ pub fn verify_gguf(
             let per_group = g / p.block();
             for (gi, sc) in scales.chunks(per_group.max(1)).enumerate() {
                 chk.groups += 1;
-                if sc.iter().any(|x| !x.is_finite() || *x < 0.0)
-                    || sc.iter().any(|x| x.to_bits() != sc[0].to_bits())
+                if (sc.iter().any(|x| !x.is_finite() || *x < 0.0)
+                    || sc.iter().any(|x| x.to_bits() != sc[0].to_bits()))
+                    && chk.problems.len() < 5
                 {
-                    if chk.problems.len() < 5 {
-                        chk.problems.push(format!("row {r} group {gi}: scales {sc:?} are not one finite non-negative value"));
-                    }
+                    chk.problems.push(format!(
+                        "row {r} group {gi}: scales {sc:?} are not one finite non-negative value"
+                    ));
                 }
             }
             if let Some((sc, ss, sg)) = &src {

@@ -83,7 +83,7 @@ impl Dims {
         1.0 / (self.d as f64).sqrt()
     }
     fn check(&self, cfg: &FlashConfig) -> candle_core::Result<()> {
-        if self.kv == 0 || self.h % self.kv != 0 {
+        if self.kv == 0 || !self.h.is_multiple_of(self.kv) {
             candle_core::bail!(
                 "flash attention: {} query heads do not split over {} KV heads",
                 self.h,

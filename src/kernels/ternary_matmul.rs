@@ -50,7 +50,7 @@ impl PackedMatrix {
         packing: Packing,
     ) -> crate::Result<Self> {
         let need = rows * packing.row_bytes(cols);
-        if cols % packing.block() != 0 || start + need > buf.len() {
+        if !cols.is_multiple_of(packing.block()) || start + need > buf.len() {
             return Err(crate::Error::Msg(format!(
                 "packed matrix [{rows}, {cols}] ({packing:?}) does not fit its buffer of {} bytes at {start}",
                 buf.len()

@@ -53,12 +53,12 @@ impl Packing {
 /// Checks that a `[rows, cols]` weight with groups of `group` can be packed losslessly.
 pub fn check_packable(name: &str, cols: usize, group: usize, p: Packing) -> Result<()> {
     let b = p.block();
-    if cols % b != 0 {
+    if !cols.is_multiple_of(b) {
         return Err(Error::Msg(format!(
             "{name}: row length {cols} is not a multiple of the {b}-weight {p:?} block"
         )));
     }
-    if group % b != 0 {
+    if !group.is_multiple_of(b) {
         return Err(Error::Msg(format!(
             "{name}: group size {group} is not a multiple of the {b}-weight {p:?} block, so its scales cannot be \
              written losslessly (use group_size {b} or a multiple, or --format f16)"

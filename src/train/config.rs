@@ -12,24 +12,13 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct TrainConfig {
     pub model: ModelSection,
     pub data: DataSection,
     pub train: TrainSection,
     pub eval: EvalSection,
     pub checkpoint: CheckpointSection,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            model: ModelSection::default(),
-            data: DataSection::default(),
-            train: TrainSection::default(),
-            eval: EvalSection::default(),
-            checkpoint: CheckpointSection::default(),
-        }
-    }
 }
 
 /// `[model]`. `source` = "scratch" | a local HF-layout directory | a hub id. The architecture keys
@@ -134,7 +123,6 @@ impl ModelSection {
             scale: self.scale,
             ramp: 1.0,
             embeddings: self.ternary_embeddings,
-            ..Default::default()
         }
     }
 }
@@ -381,7 +369,7 @@ impl TrainConfig {
                 return bad(k, "a number in [0, 1)", v.to_string());
             }
         }
-        if !(t.eps > 0.0) {
+        if t.eps <= 0.0 || t.eps.is_nan() {
             return bad("train.eps", "a positive number", t.eps.to_string());
         }
         if !(t.weight_decay >= 0.0 && t.weight_decay.is_finite()) {
@@ -391,7 +379,8 @@ impl TrainConfig {
                 t.weight_decay.to_string(),
             );
         }
-        if !(t.max_grad_norm >= 0.0 && t.max_grad_norm.is_finite()) {
+        // NaN fails both tests.
+        if t.max_grad_norm < 0.0 || !t.max_grad_norm.is_finite() {
             return bad(
                 "train.max_grad_norm",
                 "a number >= 0 (0 = no clipping)",

@@ -59,7 +59,7 @@ impl AdamW {
             let g = grads
                 .get(name)
                 .ok_or_else(|| Error::Msg(format!("no gradient for parameter '{name}'")))?;
-            let decay = (wd > 0.0 && !is_norm(name)).then(|| 1.0 - lr * wd);
+            let decay = (wd > 0.0 && !is_norm(name)).then_some(1.0 - lr * wd);
             let s = AdamWScalars {
                 beta1: b1,
                 beta2: b2,

@@ -58,13 +58,19 @@ pub struct StepMetrics {
     pub skipped: bool,
 }
 
+/// A callback after every step (tests stop runs with it).
+pub type OnStep = Box<dyn FnMut(&StepMetrics) -> Control>;
+
+/// (step, value) pairs of a metric.
+pub type Curve = Vec<(usize, f64)>;
+
 pub struct TrainOptions {
     /// Resume from the newest checkpoint under this out_dir (or this checkpoint directory).
     pub resume: Option<PathBuf>,
     /// Set by Ctrl-C: finish the current step, save a checkpoint, return `interrupted`.
     pub interrupt: Arc<AtomicBool>,
     /// Called after every step; `Control::Stop` ends the run like an interrupt.
-    pub on_step: Option<Box<dyn FnMut(&StepMetrics) -> Control>>,
+    pub on_step: Option<OnStep>,
     pub progress: bool,
     /// Generate the end-of-run samples (needs the tokenizer's decoder).
     pub samples: bool,
@@ -170,7 +176,7 @@ impl Metrics {
 }
 
 /// Records of metrics.jsonl: (step, loss) pairs and (step, val_loss) pairs.
-pub fn read_metrics(out_dir: &Path) -> (Vec<(usize, f64)>, Vec<(usize, f64)>) {
+pub fn read_metrics(out_dir: &Path) -> (Curve, Curve) {
     let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap_or_default();
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for v in text
@@ -455,9 +461,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     } else {
         vec![]
     };
-    let summary = summarize(
-        cfg, &state, &out_dir, val_loss, val_ppl, &report, &samples, &ckpt,
-    );
+    let summary = summarize(cfg, &state, &out_dir, val_loss, &report, &samples, &ckpt);
     crate::files::write_atomic(
         &out_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)
@@ -500,13 +504,12 @@ fn samples(model: &Qwen3, tok: &Tokenizer) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
+/// summary.json; the validation PPL is exp(val_loss), as every evaluation computes it.
 fn summarize(
     cfg: &TrainConfig,
     state: &RunState,
     out_dir: &Path,
     val_loss: f64,
-    val_ppl: f64,
     report: &TernaryReport,
     samples: &[(String, String)],
     ckpt: &Path,
@@ -525,7 +528,7 @@ fn summarize(
         "val_loss_first": val.first().map(|x| x.1),
         "val_ppl_first": val.first().map(|x| x.1.exp()),
         "val_loss": val_loss,
-        "val_ppl": val_ppl,
+        "val_ppl": val_loss.exp(),
         "elapsed_s": state.elapsed_s,
         "tokens_per_sec": state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
         "peak_rss_gib": crate::mem::peak_rss_bytes().map(crate::mem::gib),
