@@ -142,6 +142,82 @@ pub fn score(model: &Qwen3, tokens: &[u32], windows: &[Window], batch: usize) ->
     Ok(out)
 }
 
+/// How far a model's next-token distributions are from a base model's on the same tokens (what
+/// `llama-perplexity --kl-divergence` reports).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KlStats {
+    /// Mean over scored tokens of KL(base || model), in nats.
+    pub mean_kl: f64,
+    /// Standard error of that mean.
+    pub kl_stderr: f64,
+    /// Largest per-token KL.
+    pub max_kl: f64,
+    /// Share of scored tokens where both models rank the same token first.
+    pub same_top: f64,
+    pub tokens: usize,
+}
+
+/// Index of the largest logit (the first on ties).
+fn top(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
+}
+
+/// Log-softmax of one row of logits, in f64.
+fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v)) as f64;
+    let z = row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+    row.iter().map(|&v| v as f64 - z).collect()
+}
+
+/// Compares `model` against `base` on the scored positions of `windows`, one window at a time
+/// (the full `[T, vocab]` logits of both exist for one window only).
+pub fn kl_divergence(
+    model: &Qwen3,
+    base: &Qwen3,
+    tokens: &[u32],
+    windows: &[Window],
+) -> Result<KlStats> {
+    if model.cfg.vocab_size != base.cfg.vocab_size {
+        return Err(Error::Msg(format!(
+            "--kl-base: vocabularies differ ({} vs {})",
+            model.cfg.vocab_size, base.cfg.vocab_size
+        )));
+    }
+    let (mut kls, mut same) = (Vec::new(), 0usize);
+    for w in windows {
+        let ids = &tokens[w.start..w.start + w.len - 1];
+        let logits = |m: &Qwen3| -> Result<Vec<Vec<f32>>> {
+            let ids = Tensor::new(ids, m.device())?.unsqueeze(0)?;
+            let h = m.forward(&ids, &mut NoCache::new())?.squeeze(0)?;
+            let h = h.narrow(0, w.score_from - 1, w.len - w.score_from)?;
+            Ok(m.logits(&h)?.to_dtype(candle_core::DType::F32)?.to_vec2()?)
+        };
+        for (a, b) in logits(model)?.iter().zip(logits(base)?.iter()) {
+            let (la, lb) = (log_softmax(a), log_softmax(b));
+            kls.push(
+                lb.iter()
+                    .zip(&la)
+                    .map(|(pb, pa)| pb.exp() * (pb - pa))
+                    .sum::<f64>()
+                    .max(0.0),
+            );
+            same += usize::from(top(a) == top(b));
+        }
+    }
+    let n = kls.len().max(1) as f64;
+    let mean = kls.iter().sum::<f64>() / n;
+    let var = kls.iter().map(|k| (k - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    Ok(KlStats {
+        mean_kl: mean,
+        kl_stderr: (var / n).sqrt(),
+        max_kl: kls.iter().fold(0f64, |a, &b| a.max(b)),
+        same_top: same as f64 / n,
+        tokens: kls.len(),
+    })
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Perplexity {
     pub ppl: f64,

@@ -293,21 +293,46 @@ fn eval_of_the_q2_0_export_equals_eval_of_the_checkpoint_in_ternary_mode() {
         let w = tern::eval::plan(ids.len(), 16, None, tern::eval::Scheme::Plain).unwrap();
         let pd = tern::eval::perplexity(&tern::eval::score(&dense, &ids, &w, 2).unwrap());
         let pp = tern::eval::perplexity(&tern::eval::score(&packed, &ids, &w, 2).unwrap());
+        // The packed model quantizes its activations to int8 (per 64-block absmax): its PPL
+        // follows the checkpoint's within that rounding (0.25% on these random fixtures), and its
+        // distributions stay close (KL per token, as llama-perplexity --kl-divergence).
+        let kl = tern::eval::kl_divergence(&packed, &dense, &ids, &w).unwrap();
+        assert!(kl.mean_kl < 1e-3 && kl.same_top >= 0.9, "{name}: {kl:?}");
         assert!(
-            (pd.ppl - pp.ppl).abs() <= 1e-3 * pd.ppl,
+            (pd.ppl - pp.ppl).abs() <= 1e-2 * pd.ppl,
             "{name}: checkpoint PPL {} vs q2_0 PPL {}",
             pd.ppl,
             pp.ppl
         );
-        // Logits agree up to the f16 rounding of the scales.
+        // Logits agree up to the f16 rounding of the scales and the int8 activations: within 2%
+        // of the largest logit.
         let a = dense.full_logits(&input_ids(&exp)).unwrap();
         let b = packed.full_logits(&input_ids(&exp)).unwrap();
+        let top = a
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = max_abs_diff(&a, &b);
         assert!(
-            max_abs_diff(&a, &b) < 2e-2,
-            "{name}: {}",
-            max_abs_diff(&a, &b)
+            d < 2e-2 * top,
+            "{name}: logits differ by {d} (largest logit {top})"
         );
-        // The packed model never holds a dense copy: its layers keep only the file's bytes.
-        assert!(std::sync::Arc::strong_count(&file.bytes) > 10);
+        // The packed model holds no dense copy of a ternary weight: 2.5 bits per weight when rows
+        // are multiples of 128, at most 5 when a row is one 64-block padded to 128 (these fixtures).
+        let packed_weights: usize = packed
+            .packed_matrices()
+            .iter()
+            .map(|m| m.rows * m.cols)
+            .sum();
+        let resident: usize = packed.packed_matrices().iter().map(|m| m.bytes()).sum();
+        assert!(
+            packed_weights > 0 && resident * 8 <= packed_weights * 5,
+            "{resident} bytes for {packed_weights} weights"
+        );
     }
 }

@@ -38,13 +38,14 @@ pub enum Cmd {
         #[arg(long, default_value_t = 5, value_parser = super::at_least_one)]
         reps: usize,
     },
-    /// Decode speed: tokens/s of greedy generation from a checkpoint (dense f32 weights,
-    /// projected once) and from its packed GGUF export (2-bit codes multiplied directly).
+    /// Decode speed: prefill and decode tokens/s of greedy generation (batch 1, synthetic prompt
+    /// ids) from a checkpoint (dense f32 weights, projected once) and/or a GGUF (packed 2-bit
+    /// weights, int8 activations).
     Decode {
         /// A tern checkpoint dir (dense).
         #[arg(long)]
-        model: String,
-        /// Its .gguf export (packed).
+        model: Option<String>,
+        /// A .gguf export (packed).
         #[arg(long)]
         gguf: Option<PathBuf>,
         /// Prompt length in tokens (synthetic ids).
@@ -52,6 +53,23 @@ pub enum Cmd {
         prompt: usize,
         #[arg(short = 'n', long, default_value_t = 64, value_parser = super::at_least_one)]
         tokens: usize,
+        /// One JSON line per model instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes a scratch-initialized checkpoint of an architecture (random weights, for speed
+    /// measurements at the real shape): config.json, model.safetensors, tokenizer.json if given.
+    MakeModel {
+        /// `qwen3-0.6b`, a tern .toml config or an HF config.json.
+        #[arg(long, default_value = "qwen3-0.6b")]
+        arch: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// tokenizer.json to copy beside it (needed by export and llama.cpp).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// One training step as `tern train` runs it (forward + loss + backward + clipping + AdamW)
     /// at a given architecture, scratch init: wall time per phase and peak resident memory.
@@ -109,7 +127,14 @@ pub fn run(cmd: Cmd) -> Result<i32> {
             gguf,
             prompt,
             tokens,
-        } => decode(&model, gguf, prompt, tokens)?,
+            json,
+        } => decode(model, gguf, prompt, tokens, json)?,
+        Cmd::MakeModel {
+            arch,
+            out,
+            tokenizer,
+            seed,
+        } => make_model(&arch, &out, tokenizer.as_deref(), seed)?,
         Cmd::Step {
             arch,
             batch,
@@ -200,32 +225,66 @@ fn step(b: &bench::step::StepBench, arch: &str, device: &str) -> Result<()> {
     Ok(())
 }
 
-fn decode(model: &str, gguf: Option<PathBuf>, prompt: usize, n: usize) -> Result<()> {
-    let rss0 = tern::mem::rss_bytes().unwrap_or(0);
-    let mut runs = vec![(
-        "dense f32 (projected once)".to_string(),
-        super::load_model(model, Precision::Ternary, "cpu")?.model,
-    )];
-    if let Some(g) = gguf {
-        runs.push((
-            format!("packed {}", g.display()),
-            super::load_model(&g.display().to_string(), Precision::Ternary, "cpu")?.model,
-        ));
-    }
-    let mib = |b: u64| b as f64 / 1048576.0;
-    println!(
-        "rss after loading: {:.1} MiB (from {:.1} MiB)",
-        mib(tern::mem::rss_bytes().unwrap_or(0)),
-        mib(rss0)
+fn decode(
+    model: Option<String>,
+    gguf: Option<PathBuf>,
+    prompt: usize,
+    n: usize,
+    json: bool,
+) -> Result<()> {
+    anyhow::ensure!(
+        model.is_some() || gguf.is_some(),
+        "give --model CHECKPOINT and/or --gguf FILE"
     );
-    for (name, m) in &runs {
-        let s = bench::decode::measure(m, prompt, n)?;
-        println!(
-            "{name}: prefill {prompt} tokens {:.3} s; decode {:.1} tokens/s ({} tokens)",
-            s.prefill_s,
-            s.decode_tok_s,
-            s.decode_tokens + 1
-        );
+    let mut specs: Vec<(&str, String)> = Vec::new();
+    specs.extend(model.map(|m| ("dense f32 (projected once)", m)));
+    specs.extend(gguf.map(|g| ("packed 2-bit, int8 activations", g.display().to_string())));
+    for (kind, spec) in specs {
+        let rss0 = tern::mem::rss_bytes().unwrap_or(0);
+        let t0 = std::time::Instant::now();
+        let m = super::load_model(&spec, Precision::Ternary, "cpu")?.model;
+        let load_s = t0.elapsed().as_secs_f64();
+        let rss = tern::mem::rss_bytes().unwrap_or(0);
+        let s = bench::decode::measure(&m, prompt, n)?;
+        let isa = tern::kernels::ternary_matmul::Isa::detect().name();
+        if json {
+            let v = serde_json::json!({"model": spec, "kind": kind, "threads": rayon::current_num_threads(),
+                "kernel": if m.is_packed() { isa } else { "dense f32" }, "load_s": load_s,
+                "rss_after_load_mib": rss as f64 / 1048576.0, "rss_before_load_mib": rss0 as f64 / 1048576.0,
+                "prompt_tokens": s.prompt_tokens, "prefill_s": s.prefill_s, "prefill_tok_s": s.prefill_tok_s,
+                "decode_tokens": s.decode_tokens, "decode_tok_s": s.decode_tok_s});
+            println!("{v}");
+        } else {
+            println!(
+                "{kind} {spec} ({}; {} threads): load {load_s:.2} s, rss {:.1} MiB; prefill {prompt} tokens {:.3} s \
+                 ({:.1} tokens/s); decode {:.1} tokens/s ({} tokens)",
+                if m.is_packed() { isa } else { "dense" },
+                rayon::current_num_threads(),
+                rss as f64 / 1048576.0,
+                s.prefill_s,
+                s.prefill_tok_s,
+                s.decode_tok_s,
+                s.decode_tokens
+            );
+        }
     }
+    Ok(())
+}
+
+fn make_model(
+    arch: &str,
+    out: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
+    seed: u64,
+) -> Result<()> {
+    let cfg = arch_config(arch)?;
+    let cpu = candle_core::Device::Cpu;
+    let params = tern::model::Params::scratch(&cfg, seed, candle_core::DType::F32, &cpu)?;
+    tern::model::save_checkpoint(out, &cfg, &QuantConfig::default(), &params, tokenizer)?;
+    println!(
+        "wrote {} ({} parameters, scratch init, seed {seed})",
+        out.display(),
+        params.num_elements()
+    );
     Ok(())
 }

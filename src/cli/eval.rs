@@ -39,6 +39,11 @@ pub struct Args {
     /// Windows per forward.
     #[arg(long, default_value_t = 4, value_parser = super::at_least_one)]
     batch: usize,
+    /// Also compare against this base model on the same tokens: mean KL(base || model), its
+    /// largest value and the share of tokens with the same top token (as llama-perplexity's
+    /// --kl-divergence). Same tokenizer; e.g. a GGUF export against its checkpoint.
+    #[arg(long = "kl-base")]
+    kl_base: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -75,18 +80,43 @@ pub fn run(a: Args) -> Result<i32> {
     let secs = t0.elapsed().as_secs_f64();
     let p = perplexity(&nll);
     let tps = p.tokens as f64 / secs.max(1e-9);
+    let kl = match &a.kl_base {
+        Some(spec) => {
+            let base = super::load_model(spec, a.m.precision, &a.m.device)
+                .with_context(|| format!("--kl-base {spec}"))?;
+            Some(tern::eval::kl_divergence(
+                &loaded.model,
+                &base.model,
+                &tokens,
+                &windows,
+            )?)
+        }
+        None => None,
+    };
     if a.json {
-        let v = serde_json::json!({"ppl": p.ppl, "ppl_stderr": p.ppl_stderr, "nll": p.nll, "tokens": p.tokens, "tokens_per_sec": tps});
+        let mut v = serde_json::json!({"ppl": p.ppl, "ppl_stderr": p.ppl_stderr, "nll": p.nll, "tokens": p.tokens, "tokens_per_sec": tps});
+        if let Some(k) = &kl {
+            v["kl"] = serde_json::to_value(k)?;
+        }
         println!("{v}");
     } else {
         println!("PPL = {:.4} +/- {:.4}", p.ppl, p.ppl_stderr);
         println!(
-            "{} tokens scored in {} windows, mean NLL {:.6}, {:.1} tokens/s",
+            "{} tokens scored in {} windows, mean NLL {:.6}, {tps:.1} tokens/s",
             p.tokens,
             windows.len(),
-            p.nll,
-            tps
+            p.nll
         );
+        if let Some(k) = &kl {
+            println!(
+                "KL(base || model) = {:.6} +/- {:.6} nats (max {:.4}); same top token {:.2}% of {} tokens",
+                k.mean_kl,
+                k.kl_stderr,
+                k.max_kl,
+                100.0 * k.same_top,
+                k.tokens
+            );
+        }
     }
     Ok(0)
 }

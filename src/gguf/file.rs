@@ -123,8 +123,25 @@ pub struct GgufFile {
     pub metadata: Vec<(String, Value)>,
     pub tensors: Vec<TensorInfo>,
     pub data_offset: usize,
-    /// The whole file; shared with packed matrices that multiply straight from it.
-    pub bytes: std::sync::Arc<Vec<u8>>,
+    /// The whole file: memory-mapped when read from disk.
+    pub bytes: FileBytes,
+}
+
+/// A GGUF file's bytes: mapped read-only from disk (loading touches only what it reads, and
+/// the pages are the page cache's, not a copy), or owned (a file just written, tests).
+pub enum FileBytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            FileBytes::Mapped(m) => m,
+            FileBytes::Owned(v) => v,
+        }
+    }
 }
 
 struct Reader<'a> {
@@ -209,14 +226,24 @@ impl<'a> Reader<'a> {
 }
 
 impl GgufFile {
+    /// Maps the file read-only and parses its header.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::parse(path, bytes)
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: mapped read-only; tern never writes a file it has mapped (exports are written
+        // under a temporary name and renamed). Another process truncating the file while it is
+        // mapped would make reads fault, as with any mmap-based loader (llama.cpp's included).
+        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+        Self::parse_bytes(path, FileBytes::Mapped(map))
     }
 
+    /// Parses a GGUF held in memory.
     pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::parse_bytes(path, FileBytes::Owned(bytes))
+    }
+
+    fn parse_bytes(path: &Path, bytes: FileBytes) -> Result<Self> {
         let mut r = Reader {
-            b: &bytes,
+            b: &bytes[..],
             pos: 0,
             path,
         };
@@ -305,7 +332,7 @@ impl GgufFile {
             metadata,
             tensors,
             data_offset,
-            bytes: std::sync::Arc::new(bytes),
+            bytes,
         })
     }
 

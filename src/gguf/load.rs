@@ -78,14 +78,7 @@ pub fn load_model(file: &GgufFile) -> Result<Qwen3> {
                 shape_of(hf)
             )));
         }
-        let start = file.data_offset + t.offset as usize;
-        Ok(Some(PackedMatrix::new(
-            file.bytes.clone(),
-            start,
-            rows,
-            cols,
-            p,
-        )?))
+        Ok(Some(PackedMatrix::new(file.data(t), rows, cols, p)?))
     };
     let lin = |hf: &str| -> Result<TernaryLinear> {
         match packed(hf)? {

@@ -1,29 +1,49 @@
-//! Matrix multiply straight from packed 2-bit ternary weights (GGUF Q2_0 / PQ2_0 blocks), for
-//! inference from an exported file without a dense f32 copy of the weights.
+//! Matrix multiply straight from packed 2-bit ternary weights with int8 activations, for
+//! inference from an exported GGUF (Q2_0 / PQ2_0) without a dense copy of the weights.
 //!
-//! `y[n, rows] = x[n, cols] @ W^T` where each row of W is a run of blocks `{f16 d, 2-bit codes}`.
-//! Per block: the codes are expanded once through a 256-entry table (one byte -> four values in
-//! {-1, 0, +1}), every input vector takes a dot product with them (adds and subtracts: the
-//! multiplications by -1/0/+1 vectorize), and the block's scale multiplies the sum once.
-//! Parallel over output rows. Memory: the packed bytes plus one block of expanded codes per
-//! thread. Reference: [`matmul_reference`] (dequantize the whole matrix, then a dense product).
+//! `y[n, rows] = x[n, cols] @ W^T`, W ternary (codes t in {-1, 0, +1}, one scale per 64
+//! weights). Three steps:
 //!
-//! On a GPU the same layout maps to one warp per output row (or tile of rows), each lane
-//! expanding a byte of codes with the table in shared memory, and a warp reduction per block.
+//! 1. Load time, [`PackedMatrix::new`]: each row is repacked into super-blocks of 128 weights:
+//!    32 bytes of codes `q = t + 1` in {0, 1, 2} where byte `l` holds the codes of elements
+//!    `l, l + 32, l + 64, l + 96` at bits 0, 2, 4, 6, plus one f32 scale per 64 weights. Shifting
+//!    the 32 bytes by 2k and masking with 3 then yields elements `32k .. 32k + 32` in order: one
+//!    vector load and four shift/and pairs unpack 128 weights, with no shuffles. Resident size:
+//!    2 bits per weight plus 0.5 bit of f32 scale (the file's f16 scale is 0.25).
+//! 2. Per call, [`QuantizedRows::new`]: each activation row is quantized per 64-block, absmax
+//!    to int8 (`x ~ s * xq`, s = max|x| / 127), with the block's sum of `xq` kept, as llama.cpp's
+//!    Q8 and bitnet.cpp's I2_S do.
+//! 3. The dot products in integers: `sum_j t_j xq_j = sum_j q_j xq_j - sum_j xq_j`, where the
+//!    first sum is exactly what `maddubs` (u8 x i8, AVX2) or `dpbusd` (AVX-512 VNNI / AVX-VNNI)
+//!    compute; each 64-block's integer dot is scaled by `w_scale * x_scale` into an f32
+//!    accumulator. Several tokens share one unpacking of the codes (tiles of up to 4 tokens),
+//!    so prefill is a packed GEMM, not a loop of matrix-vector products.
+//!
+//! Kernels: AVX-512 VNNI (256-bit, `avx512vnni` + `avx512vl`), AVX-VNNI, AVX2, and a portable
+//! one written to auto-vectorize; [`Isa::detect`] picks one at run time, and every one is tested
+//! against [`matmul_reference`] (dequantize, then f32) and against the portable kernel on odd
+//! shapes. On a GPU the same layout maps to `dp4a` / IMMA with the planes unpacked in registers.
 
-use crate::quant::codec::{dequantize_row, Packing};
-use half::f16;
+use crate::quant::codec::Packing;
 use rayon::prelude::*;
-use std::sync::Arc;
 
-/// Byte -> its four codes as -1.0 / 0.0 / +1.0 (code 3 = +2 is mapped to +2 for fidelity).
-const LUT: [[f32; 4]; 256] = {
-    let mut t = [[0f32; 4]; 256];
+/// Weights per super-block (one 32-byte vector of 2-bit codes).
+const SB: usize = 128;
+/// Weights per scale (and per activation quantization block).
+const BLK: usize = 64;
+/// Tokens that share one unpacking of a row's codes.
+const TILE: usize = 4;
+/// Rows that share one load of a token's activations (decode).
+const ROWS: usize = 4;
+
+/// A byte of four 2-bit codes -> the four codes in the low bits of four bytes (little endian).
+const SPREAD: [u32; 256] = {
+    let mut t = [0u32; 256];
     let mut b = 0;
     while b < 256 {
         let mut k = 0;
         while k < 4 {
-            t[b][k] = (((b >> (2 * k)) & 3) as i32 - 1) as f32;
+            t[b] |= (((b >> (2 * k)) & 3) as u32) << (8 * k);
             k += 1;
         }
         b += 1;
@@ -31,93 +51,490 @@ const LUT: [[f32; 4]; 256] = {
     t
 };
 
-/// A `[rows, cols]` ternary matrix in packed blocks, borrowing a shared buffer (the GGUF file).
+/// The instruction set a kernel uses, chosen once per call by CPU feature detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512Vnni,
+    AvxVnni,
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    /// The fastest kernel this CPU runs (`TERN_ISA=portable|avx2|avxvnni|avx512vnni` overrides,
+    /// for benchmarks and tests; an ISA the CPU lacks falls back to detection).
+    pub fn detect() -> Isa {
+        let all = Isa::available();
+        let forced = std::env::var("TERN_ISA")
+            .ok()
+            .and_then(|v| all.iter().copied().find(|i| i.name() == v));
+        forced.unwrap_or(all[0])
+    }
+
+    /// Every ISA this CPU can run, fastest first (always ends with `Portable`).
+    pub fn available() -> Vec<Isa> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                v.push(Isa::Avx512Vnni);
+            }
+            if is_x86_feature_detected!("avxvnni") {
+                v.push(Isa::AvxVnni);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+            }
+        }
+        v.push(Isa::Portable);
+        v
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Vnni => "avx512vnni",
+            Isa::AvxVnni => "avxvnni",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+/// A `[rows, cols]` ternary matrix in the kernel layout (module doc, step 1).
 #[derive(Clone, Debug)]
 pub struct PackedMatrix {
-    buf: Arc<Vec<u8>>,
-    start: usize,
+    /// `rows * sbs * 32` bytes of codes.
+    codes: Vec<u8>,
+    /// `rows * 2 * sbs` scales (0 for the padding block of an odd block count).
+    scales: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
-    pub packing: Packing,
+    /// Super-blocks per row.
+    sbs: usize,
 }
 
 impl PackedMatrix {
-    pub fn new(
-        buf: Arc<Vec<u8>>,
-        start: usize,
-        rows: usize,
-        cols: usize,
-        packing: Packing,
-    ) -> crate::Result<Self> {
-        let need = rows * packing.row_bytes(cols);
-        if !cols.is_multiple_of(packing.block()) || start + need > buf.len() {
+    /// Repacks `rows` rows of GGUF blocks (`bytes`, row-major) into the kernel layout.
+    pub fn new(bytes: &[u8], rows: usize, cols: usize, packing: Packing) -> crate::Result<Self> {
+        let rb = packing.row_bytes(cols);
+        if !cols.is_multiple_of(packing.block()) || bytes.len() < rows * rb {
             return Err(crate::Error::Msg(format!(
-                "packed matrix [{rows}, {cols}] ({packing:?}) does not fit its buffer of {} bytes at {start}",
-                buf.len()
+                "packed matrix [{rows}, {cols}] ({packing:?}) does not fit its {} bytes",
+                bytes.len()
             )));
         }
+        let sbs = cols.div_ceil(SB);
+        let mut codes = vec![0u8; rows * sbs * 32];
+        let mut scales = vec![0f32; rows * sbs * 2];
+        let (bb, per) = (packing.block_bytes(), packing.block() / BLK);
+        codes
+            .par_chunks_mut(sbs * 32)
+            .zip(scales.par_chunks_mut(sbs * 2))
+            .enumerate()
+            .for_each(|(r, (c, s))| {
+                for (fb, blk) in bytes[r * rb..(r + 1) * rb].chunks_exact(bb).enumerate() {
+                    let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
+                    for k in 0..per {
+                        s[fb * per + k] = d; // Q2_0: one scale per 64, PQ2_0: per 128
+                    }
+                    // Source byte i of the block holds elements 4i..4i+3 (2 bits each, in order);
+                    // in the super-block they sit in plane e / 32 of bytes e % 32 .. e % 32 + 3.
+                    for (i, &byte) in blk[2..].iter().enumerate() {
+                        let e = fb * packing.block() + 4 * i; // element index in the row
+                        let (sb, within) = (e / SB, e % SB);
+                        let spread = SPREAD[byte as usize] << (2 * (within / 32));
+                        let at = sb * 32 + within % 32;
+                        let dst =
+                            u32::from_le_bytes([c[at], c[at + 1], c[at + 2], c[at + 3]]) | spread;
+                        c[at..at + 4].copy_from_slice(&dst.to_le_bytes());
+                    }
+                }
+            });
         Ok(Self {
-            buf,
-            start,
+            codes,
+            scales,
             rows,
             cols,
-            packing,
+            sbs,
         })
     }
 
+    /// Resident bytes of the repacked codes and scales.
     pub fn bytes(&self) -> usize {
-        self.rows * self.packing.row_bytes(self.cols)
+        self.codes.len() + 4 * self.scales.len()
     }
 
-    fn row_bytes(&self, r: usize) -> &[u8] {
-        let rb = self.packing.row_bytes(self.cols);
-        &self.buf[self.start + r * rb..self.start + (r + 1) * rb]
-    }
-
-    /// Row `r` dequantized (embedding lookup).
+    /// Row `r` dequantized (embedding lookup; the reference).
     pub fn row(&self, r: usize) -> Vec<f32> {
-        dequantize_row(self.row_bytes(r), self.cols, self.packing)
+        let c = &self.codes[r * self.sbs * 32..];
+        let s = &self.scales[r * self.sbs * 2..];
+        (0..self.cols)
+            .map(|j| {
+                let (sb, e) = (j / SB, j % SB);
+                let q = (c[sb * 32 + e % 32] >> (2 * (e / 32))) & 3;
+                (q as f32 - 1.0) * s[j / BLK]
+            })
+            .collect()
     }
 
-    /// `x: [n, cols]` row-major -> `[n, rows]` row-major.
+    /// `x: [n, cols]` row-major -> `[n, rows]` row-major, with the detected kernel.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.matmul_with(Isa::detect(), x, n)
+    }
+
+    /// [`PackedMatrix::matmul`] with a given kernel (it must be one of [`Isa::available`]).
+    pub fn matmul_with(&self, isa: Isa, x: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(x.len(), n * self.cols, "input length");
-        let b = self.packing.block();
-        let bb = self.packing.block_bytes();
-        let cols = self.cols;
+        let xq = QuantizedRows::new(x, n, self.cols, self.sbs);
+        // Rows in chunks so each task amortizes its scheduling over real work.
+        let chunk = (self.rows / (4 * rayon::current_num_threads()).max(1))
+            .clamp(1, 64)
+            .next_multiple_of(ROWS);
         let mut yt = vec![0f32; self.rows * n];
-        yt.par_chunks_mut(n).enumerate().for_each(|(r, out)| {
-            for (bi, blk) in self.row_bytes(r).chunks_exact(bb).enumerate() {
-                let d = f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
-                if d == 0.0 {
-                    continue;
+        let (cb, sb) = (self.sbs * 32, self.sbs * 2);
+        if n == 1 {
+            // Decode: ROWS rows per call share each load of the activations.
+            let xs = [xq.row(0)];
+            yt.par_chunks_mut(chunk).enumerate().for_each(|(ci, out)| {
+                for (g, o) in out.chunks_mut(ROWS).enumerate() {
+                    let r = ci * chunk + g * ROWS;
+                    let rr = r..r + o.len();
+                    let (codes, ws) = (
+                        &self.codes[rr.start * cb..rr.end * cb],
+                        &self.scales[rr.start * sb..rr.end * sb],
+                    );
+                    dot_rows(isa, codes, ws, &xs[0], o);
                 }
-                for (i, o) in out.iter_mut().enumerate() {
-                    let xs = &x[i * cols + bi * b..i * cols + (bi + 1) * b];
-                    // Four lanes, one table entry (four codes) per byte: no intermediate buffer,
-                    // so the compiler keeps everything in vector registers.
-                    let mut acc = [0f32; 4];
-                    for (byte, x4) in blk[2..].iter().zip(xs.chunks_exact(4)) {
-                        let t = &LUT[*byte as usize];
-                        for k in 0..4 {
-                            acc[k] += t[k] * x4[k];
-                        }
-                    }
-                    *o += d * ((acc[0] + acc[1]) + (acc[2] + acc[3]));
-                }
-            }
-        });
-        let mut y = vec![0f32; n * self.rows];
-        for r in 0..self.rows {
-            for i in 0..n {
-                y[i * self.rows + r] = yt[r * n + i];
-            }
+            });
+            return yt;
         }
-        y
+        yt.par_chunks_mut(chunk * n)
+            .enumerate()
+            .for_each(|(ci, out)| {
+                for (k, out_r) in out.chunks_mut(n).enumerate() {
+                    let r = ci * chunk + k;
+                    let codes = &self.codes[r * self.sbs * 32..(r + 1) * self.sbs * 32];
+                    let ws = &self.scales[r * self.sbs * 2..(r + 1) * self.sbs * 2];
+                    for (t0, o) in (0..n).step_by(TILE).zip(out_r.chunks_mut(TILE)) {
+                        dot_tile(isa, codes, ws, &xq, t0, o);
+                    }
+                }
+            });
+        transpose(&yt, self.rows, n)
     }
 }
 
-/// Plain reference: dequantize every row, then a dense product.
+/// `[rows, n]` -> `[n, rows]`, in cache-sized blocks.
+fn transpose(a: &[f32], rows: usize, n: usize) -> Vec<f32> {
+    const B: usize = 64;
+    let mut y = vec![0f32; n * rows];
+    y.par_chunks_mut(B * rows)
+        .enumerate()
+        .for_each(|(ib, out)| {
+            let i0 = ib * B;
+            for r0 in (0..rows).step_by(B) {
+                for r in r0..(r0 + B).min(rows) {
+                    for (di, o) in out.chunks_mut(rows).enumerate() {
+                        o[r] = a[r * n + i0 + di];
+                    }
+                }
+            }
+        });
+    y
+}
+
+/// Activation rows quantized per 64-block (module doc, step 2), zero-padded to whole
+/// super-blocks.
+pub struct QuantizedRows {
+    /// `n * sbs * 128` int8 values.
+    q: Vec<i8>,
+    /// `n * sbs * 2` scales and sums of the quantized values.
+    scale: Vec<f32>,
+    sum: Vec<i32>,
+    sbs: usize,
+}
+
+impl QuantizedRows {
+    pub fn new(x: &[f32], n: usize, cols: usize, sbs: usize) -> Self {
+        let width = sbs * SB;
+        let mut q = vec![0i8; n * width];
+        let mut scale = vec![0f32; n * sbs * 2];
+        let mut sum = vec![0i32; n * sbs * 2];
+        for i in 0..n {
+            let row = &x[i * cols..(i + 1) * cols];
+            for (b, blk) in row.chunks(BLK).enumerate() {
+                let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                if amax == 0.0 || !amax.is_finite() {
+                    continue; // all zero (or not finite: the block reads as zero)
+                }
+                let inv = 127.0 / amax;
+                let dst = &mut q[i * width + b * BLK..i * width + b * BLK + blk.len()];
+                let mut s = 0i32;
+                for (d, v) in dst.iter_mut().zip(blk) {
+                    *d = (v * inv).round() as i8;
+                    s += *d as i32;
+                }
+                scale[i * sbs * 2 + b] = amax / 127.0;
+                sum[i * sbs * 2 + b] = s;
+            }
+        }
+        Self { q, scale, sum, sbs }
+    }
+
+    fn row(&self, i: usize) -> (&[i8], &[f32], &[i32]) {
+        let (w, s) = (self.sbs * SB, self.sbs * 2);
+        (
+            &self.q[i * w..(i + 1) * w],
+            &self.scale[i * s..(i + 1) * s],
+            &self.sum[i * s..(i + 1) * s],
+        )
+    }
+}
+
+/// `out[k] = W_row . x[t0 + k]` for the tokens of one tile (at most `TILE`).
+fn dot_tile(isa: Isa, codes: &[u8], ws: &[f32], xq: &QuantizedRows, t0: usize, out: &mut [f32]) {
+    let mut tile: [XRow; TILE] = [(&[], &[], &[]); TILE];
+    for (k, t) in tile.iter_mut().enumerate().take(out.len()) {
+        *t = xq.row(t0 + k);
+    }
+    dot_tile_isa(isa, codes, ws, &tile[..out.len()], out)
+}
+
+fn dot_tile_isa(isa: Isa, codes: &[u8], ws: &[f32], rows: &[XRow], out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.
+        Isa::Avx512Vnni => unsafe { x86::dot_tile_avx512vnni(codes, ws, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::AvxVnni => unsafe { x86::dot_tile_avxvnni(codes, ws, rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::dot_tile_avx2(codes, ws, rows, out) },
+        _ => dot_tile_portable(codes, ws, rows, out),
+    }
+}
+
+/// `out[j] = W_{row j} . x` for up to `ROWS` consecutive rows (`codes`, `ws` hold them in order).
+fn dot_rows(isa: Isa, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+    let (cb, sb) = (codes.len() / out.len(), ws.len() / out.len());
+    match (isa, out.len()) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.
+        (Isa::Avx512Vnni, ROWS) => unsafe { x86::rows_avx512vnni(codes, ws, x, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Isa::AvxVnni, ROWS) => unsafe { x86::rows_avxvnni(codes, ws, x, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Isa::Avx2, ROWS) => unsafe { x86::rows_avx2(codes, ws, x, out) },
+        _ => {
+            for (j, o) in out.iter_mut().enumerate() {
+                let (c, w) = (&codes[j * cb..(j + 1) * cb], &ws[j * sb..(j + 1) * sb]);
+                match isa {
+                    Isa::Portable => {
+                        dot_tile_portable(c, w, std::slice::from_ref(x), std::slice::from_mut(o))
+                    }
+                    _ => dot_tile_isa(isa, c, w, std::slice::from_ref(x), std::slice::from_mut(o)),
+                }
+            }
+        }
+    }
+}
+
+/// One token's activations: int8 values, per-block scales and per-block sums.
+type XRow<'a> = (&'a [i8], &'a [f32], &'a [i32]);
+
+/// The portable kernel: the same integer math in plain loops (they auto-vectorize).
+fn dot_tile_portable(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
+    for (o, &(xq, xsc, xsum)) in out.iter_mut().zip(xs) {
+        let mut acc = 0f32;
+        for (sb, c) in codes.chunks_exact(32).enumerate() {
+            let x = &xq[sb * SB..(sb + 1) * SB];
+            for h in 0..2 {
+                let mut dot = 0i32;
+                for k in 2 * h..2 * h + 2 {
+                    let xk = &x[32 * k..32 * k + 32];
+                    dot += c
+                        .iter()
+                        .zip(xk)
+                        .map(|(&b, &v)| ((b >> (2 * k)) & 3) as i32 * v as i32)
+                        .sum::<i32>();
+                }
+                let b = 2 * sb + h;
+                acc += (dot - xsum[b]) as f32 * (ws[b] * xsc[b]);
+            }
+        }
+        *o = acc;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{XRow, SB};
+    use std::arch::x86_64::*;
+
+    /// Horizontal sum of 8 floats.
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The tile loop shared by the x86 kernels; `dot2(p_a, x_a, p_b, x_b)` is the i32x8 sum of
+    /// two 32-wide u8 x i8 dot products (the only part that differs between ISAs).
+    #[inline(always)]
+    unsafe fn tile<const T: usize>(
+        codes: &[u8],
+        ws: &[f32],
+        xs: &[XRow],
+        out: &mut [f32],
+        dot2: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
+    ) {
+        // T is a constant: the token loop unrolls and the accumulators stay in registers.
+        let mask = _mm256_set1_epi8(3);
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut corr = [0f32; T];
+        for sb in 0..codes.len() / 32 {
+            let c = _mm256_loadu_si256(codes.as_ptr().add(sb * 32) as *const __m256i);
+            let p = [
+                _mm256_and_si256(c, mask),
+                _mm256_and_si256(_mm256_srli_epi16(c, 2), mask),
+                _mm256_and_si256(_mm256_srli_epi16(c, 4), mask),
+                _mm256_and_si256(_mm256_srli_epi16(c, 6), mask),
+            ];
+            let (b0, b1) = (2 * sb, 2 * sb + 1);
+            for k in 0..T {
+                let (xq, xsc, xsum) = xs[k];
+                let xp = xq.as_ptr().add(sb * SB);
+                let x = |o: usize| _mm256_loadu_si256(xp.add(o) as *const __m256i);
+                let d0 = dot2(p[0], x(0), p[1], x(32));
+                let d1 = dot2(p[2], x(64), p[3], x(96));
+                let (s0, s1) = (ws[b0] * xsc[b0], ws[b1] * xsc[b1]);
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(s0), acc[k]);
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(s1), acc[k]);
+                corr[k] += xsum[b0] as f32 * s0 + xsum[b1] as f32 * s1;
+            }
+        }
+        for k in 0..T {
+            out[k] = hsum(acc[k]) - corr[k];
+        }
+    }
+
+    /// [`tile`] at the tile's token count (1..=TILE).
+    #[inline(always)]
+    unsafe fn tile_n(
+        codes: &[u8],
+        ws: &[f32],
+        xs: &[XRow],
+        out: &mut [f32],
+        dot2: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i + Copy,
+    ) {
+        match xs.len() {
+            4 => tile::<4>(codes, ws, xs, out, dot2),
+            3 => tile::<3>(codes, ws, xs, out, dot2),
+            2 => tile::<2>(codes, ws, xs, out, dot2),
+            _ => tile::<1>(codes, ws, xs, out, dot2),
+        }
+    }
+
+    /// `ROWS` rows against one token: each load of the activations serves every row.
+    #[inline(always)]
+    unsafe fn rows(
+        codes: &[u8],
+        ws: &[f32],
+        x: &XRow,
+        out: &mut [f32],
+        dot2: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
+    ) {
+        const R: usize = super::ROWS;
+        let (cb, sbw) = (codes.len() / R, ws.len() / R);
+        let (xq, xsc, xsum) = *x;
+        let mask = _mm256_set1_epi8(3);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut corr = [0f32; R];
+        for sb in 0..cb / 32 {
+            let xp = xq.as_ptr().add(sb * SB);
+            let xv = [0, 32, 64, 96].map(|o| _mm256_loadu_si256(xp.add(o) as *const __m256i));
+            let (b0, b1) = (2 * sb, 2 * sb + 1);
+            for j in 0..R {
+                let c = _mm256_loadu_si256(codes.as_ptr().add(j * cb + sb * 32) as *const __m256i);
+                let p0 = _mm256_and_si256(c, mask);
+                let p1 = _mm256_and_si256(_mm256_srli_epi16(c, 2), mask);
+                let p2 = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+                let p3 = _mm256_and_si256(_mm256_srli_epi16(c, 6), mask);
+                let d0 = dot2(p0, xv[0], p1, xv[1]);
+                let d1 = dot2(p2, xv[2], p3, xv[3]);
+                let (s0, s1) = (ws[j * sbw + b0] * xsc[b0], ws[j * sbw + b1] * xsc[b1]);
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(s0), acc[j]);
+                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(s1), acc[j]);
+                corr[j] += xsum[b0] as f32 * s0 + xsum[b1] as f32 * s1;
+            }
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = hsum(acc[j]) - corr[j];
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_avx2(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+        let ones = _mm256_set1_epi16(1);
+        rows(codes, ws, x, out, |pa, xa, pb, xb| {
+            let s = _mm256_add_epi16(_mm256_maddubs_epi16(pa, xa), _mm256_maddubs_epi16(pb, xb));
+            _mm256_madd_epi16(s, ones)
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub unsafe fn rows_avx512vnni(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+        rows(codes, ws, x, out, |pa, xa, pb, xb| {
+            _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), pa, xa), pb, xb)
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn rows_avxvnni(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+        rows(codes, ws, x, out, |pa, xa, pb, xb| {
+            _mm256_dpbusd_avx_epi32(
+                _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), pa, xa),
+                pb,
+                xb,
+            )
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_tile_avx2(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
+        let ones = _mm256_set1_epi16(1);
+        tile_n(codes, ws, xs, out, move |pa, xa, pb, xb| {
+            // u8 (0..3) x i8 pairs summed to i16: at most 2 * 3 * 127 per lane, no saturation.
+            let s = _mm256_add_epi16(_mm256_maddubs_epi16(pa, xa), _mm256_maddubs_epi16(pb, xb));
+            _mm256_madd_epi16(s, ones)
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub unsafe fn dot_tile_avx512vnni(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
+        tile_n(codes, ws, xs, out, move |pa, xa, pb, xb| {
+            _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), pa, xa), pb, xb)
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn dot_tile_avxvnni(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
+        tile_n(codes, ws, xs, out, move |pa, xa, pb, xb| {
+            _mm256_dpbusd_avx_epi32(
+                _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), pa, xa),
+                pb,
+                xb,
+            )
+        })
+    }
+}
+
+/// Plain reference: dequantize every row, then a dense f32 product.
 pub fn matmul_reference(m: &PackedMatrix, x: &[f32], n: usize) -> Vec<f32> {
     let w: Vec<Vec<f32>> = (0..m.rows).map(|r| m.row(r)).collect();
     let mut y = vec![0f32; n * m.rows];
@@ -136,32 +553,115 @@ pub fn matmul_reference(m: &PackedMatrix, x: &[f32], n: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::codec::pack_row;
+    use crate::quant::codec::{dequantize_row, pack_row};
+
+    fn packed(rows: usize, cols: usize, p: Packing, group: usize) -> (Vec<u8>, PackedMatrix) {
+        let mut buf = Vec::new();
+        for r in 0..rows {
+            let codes: Vec<i8> = (0..cols)
+                .map(|j| (((r * 31 + j * 17 + j / 7) % 3) as i8) - 1)
+                .collect();
+            let scales: Vec<f32> = (0..cols.div_ceil(group))
+                .map(|g| 0.01 * (r + 1) as f32 + 0.3 * g as f32)
+                .collect();
+            pack_row(&codes, &scales, group, p, &mut buf);
+        }
+        let m = PackedMatrix::new(&buf, rows, cols, p).unwrap();
+        (buf, m)
+    }
+
+    fn input(n: usize, cols: usize) -> Vec<f32> {
+        (0..n * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0 + if i % 97 == 0 { 3.0 } else { 0.0 })
+            .collect()
+    }
 
     #[test]
-    fn packed_matmul_equals_dequantize_then_dense() {
-        for p in [Packing::Q2_0, Packing::PQ2_0] {
-            let (rows, cols, n) = (37, 256, 5);
-            let mut buf = vec![0u8; 3]; // a non-zero start offset
-            for r in 0..rows {
-                let codes: Vec<i8> = (0..cols)
-                    .map(|j| (((r * 31 + j * 17) % 3) as i8) - 1)
-                    .collect();
-                let scales = [0.01 * (r + 1) as f32, 0.5];
-                pack_row(&codes, &scales, 128, p, &mut buf);
+    fn repacked_rows_equal_the_file_rows() {
+        for (p, cols, group) in [
+            (Packing::Q2_0, 64, 64),
+            (Packing::Q2_0, 320, 64),
+            (Packing::PQ2_0, 384, 128),
+        ] {
+            let (buf, m) = packed(5, cols, p, group);
+            let rb = p.row_bytes(cols);
+            for r in 0..5 {
+                assert_eq!(
+                    m.row(r),
+                    dequantize_row(&buf[r * rb..(r + 1) * rb], cols, p),
+                    "{p:?} cols {cols} row {r}"
+                );
             }
-            let m = PackedMatrix::new(Arc::new(buf), 3, rows, cols, p).unwrap();
-            let x: Vec<f32> = (0..n * cols)
-                .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-                .collect();
-            let (a, b) = (m.matmul(&x, n), matmul_reference(&m, &x, n));
-            let worst = a
-                .iter()
-                .zip(&b)
-                .map(|(u, v)| (u - v).abs())
-                .fold(0f32, f32::max);
-            assert!(worst < 1e-4, "{p:?}: {worst}");
         }
-        assert!(PackedMatrix::new(Arc::new(vec![0; 10]), 0, 2, 64, Packing::Q2_0).is_err());
+        assert!(PackedMatrix::new(&[0; 10], 2, 64, Packing::Q2_0).is_err());
+    }
+
+    /// Every kernel this CPU runs, on odd shapes (a lone 64-block, an odd block count, token
+    /// counts that leave partial tiles): within the int8 rounding bound of dequantize + f32
+    /// (each activation is off by at most half its block's step, so an output is off by at most
+    /// sum_j |w_j| * step_j / 2), and equal to the portable kernel up to f32 summation order.
+    #[test]
+    fn every_kernel_matches_the_reference_and_the_portable_kernel() {
+        for (p, rows, cols, group) in [
+            (Packing::Q2_0, 7, 64, 64),
+            (Packing::Q2_0, 37, 320, 64),
+            (Packing::PQ2_0, 19, 384, 128),
+        ] {
+            let (_, m) = packed(rows, cols, p, group);
+            for n in [1, 3, 6] {
+                let x = input(n, cols);
+                let reference = matmul_reference(&m, &x, n);
+                let portable = m.matmul_with(Isa::Portable, &x, n);
+                let bound = |i: usize, r: usize| -> f32 {
+                    let xi = &x[i * cols..(i + 1) * cols];
+                    let w = m.row(r);
+                    let step = |j: usize| {
+                        xi[j / BLK * BLK..((j / BLK + 1) * BLK).min(cols)]
+                            .iter()
+                            .fold(0f32, |a, v| a.max(v.abs()))
+                            / 127.0
+                    };
+                    (0..cols).map(|j| w[j].abs() * step(j) / 2.0).sum::<f32>() * 1.001 + 1e-6
+                };
+                for isa in Isa::available() {
+                    let y = m.matmul_with(isa, &x, n);
+                    for (k, ((a, r), q)) in y.iter().zip(&reference).zip(&portable).enumerate() {
+                        let (i, row) = (k / rows, k % rows);
+                        let at = format!("{isa:?} {p:?} [{rows},{cols}] n {n} token {i} row {row}");
+                        assert!(
+                            (a - r).abs() <= bound(i, row),
+                            "{at}: {a} vs reference {r} (bound {})",
+                            bound(i, row)
+                        );
+                        assert!(
+                            (a - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                            "{at}: {a} vs portable {q}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The integer kernel is exact given its quantized inputs: against an f64 sum over the
+    /// dequantized int8 activations and the ternary weights.
+    #[test]
+    fn integer_dot_products_are_exact_on_quantized_inputs() {
+        let (cols, rows, n) = (320, 5, 2);
+        let (_, m) = packed(rows, cols, Packing::Q2_0, 64);
+        let x = input(n, cols);
+        let xq = QuantizedRows::new(&x, n, cols, m.sbs);
+        let y = m.matmul_with(Isa::Portable, &x, n);
+        for i in 0..n {
+            let (q, s, _) = xq.row(i);
+            let xd: Vec<f64> = (0..cols).map(|j| q[j] as f64 * s[j / BLK] as f64).collect();
+            for r in 0..rows {
+                let want: f64 = m.row(r).iter().zip(&xd).map(|(w, v)| *w as f64 * v).sum();
+                assert!(
+                    (y[i * rows + r] as f64 - want).abs() < 1e-4 * want.abs().max(1.0),
+                    "{i},{r}"
+                );
+            }
+        }
     }
 }

@@ -18,6 +18,7 @@ use super::layers::{packed_linear, RmsNorm, TernaryEmbedding, TernaryLinear};
 use super::params::{self, LayerTensor, Params};
 use crate::error::{Error, Result};
 use crate::kernels::rope::Rope;
+use crate::kernels::ternary_matmul::PackedMatrix;
 use crate::kernels::{linear, Kernels};
 use crate::quant::QuantConfig;
 use candle_core::{DType, Device, Tensor};
@@ -274,6 +275,19 @@ impl Qwen3 {
     /// True when the weights are packed 2-bit blocks from a GGUF file (inference only).
     pub fn is_packed(&self) -> bool {
         self.embed.packed.is_some()
+    }
+
+    /// Every packed weight matrix (a GGUF model's ternary tensors; empty for a dense model).
+    pub fn packed_matrices(&self) -> Vec<&PackedMatrix> {
+        let mut out: Vec<&PackedMatrix> = self.embed.packed.iter().collect();
+        for l in &self.layers {
+            let (a, m) = (&l.attn, &l.mlp);
+            for lin in [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down] {
+                out.extend(lin.packed.as_ref());
+            }
+        }
+        out.extend(self.lm_head.as_ref().and_then(|h| h.packed.as_ref()));
+        out
     }
 
     /// The LM head's *latent* weight `[vocab, hidden]` (the embedding when tied), for a loss that
