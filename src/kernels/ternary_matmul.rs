@@ -352,15 +352,16 @@ fn dot_tile_portable(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
         for (sb, c) in codes.chunks_exact(32).enumerate() {
             let x = &xq[sb * SB..(sb + 1) * SB];
             for h in 0..2 {
-                let mut dot = 0i32;
+                // i16 lanes (|q * x| <= 381, two planes <= 762): the widths SSE2 and NEON
+                // multiply-add natively, so this vectorizes without any target feature.
+                let mut lanes = [0i16; 32];
                 for k in 2 * h..2 * h + 2 {
                     let xk = &x[32 * k..32 * k + 32];
-                    dot += c
-                        .iter()
-                        .zip(xk)
-                        .map(|(&b, &v)| ((b >> (2 * k)) & 3) as i32 * v as i32)
-                        .sum::<i32>();
+                    for ((l, &b), &v) in lanes.iter_mut().zip(c).zip(xk) {
+                        *l += ((b >> (2 * k)) & 3) as i16 * v as i16;
+                    }
                 }
+                let dot: i32 = lanes.iter().map(|&v| v as i32).sum();
                 let b = 2 * sb + h;
                 acc += (dot - xsum[b]) as f32 * (ws[b] * xsc[b]);
             }
@@ -440,6 +441,9 @@ mod x86 {
         }
     }
 
+    /// Bytes ahead of the current codes to prefetch (8 KiB: measured best of 1-8 KiB at 0.6B).
+    const PREFETCH: usize = 8192;
+
     /// `ROWS` rows against one token: each load of the activations serves every row.
     #[inline(always)]
     unsafe fn rows(
@@ -460,7 +464,11 @@ mod x86 {
             let xv = [0, 32, 64, 96].map(|o| _mm256_loadu_si256(xp.add(o) as *const __m256i));
             let (b0, b1) = (2 * sb, 2 * sb + 1);
             for j in 0..R {
-                let c = _mm256_loadu_si256(codes.as_ptr().add(j * cb + sb * 32) as *const __m256i);
+                let at = codes.as_ptr().add(j * cb + sb * 32);
+                // The weights stream through once: ask for the next row groups' codes early
+                // (a hint; an address past the matrix is never dereferenced).
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
+                let c = _mm256_loadu_si256(at as *const __m256i);
                 let p0 = _mm256_and_si256(c, mask);
                 let p1 = _mm256_and_si256(_mm256_srli_epi16(c, 2), mask);
                 let p2 = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
