@@ -8,7 +8,8 @@ use crate::kernels::Kernels;
 use crate::quant::QuantConfig;
 use candle_core::{Device, Tensor, D};
 
-/// `y = x @ W^T` with a ternary `W: [out, in]` (Qwen3 projections have no bias). For inference
+/// `y = x @ W^T` with a ternary `W: [out, in]` (Qwen3 projections have no bias), or, for the
+/// embedding, rows of `W` looked up by token id. For inference
 /// from a GGUF file the weight may instead be packed 2-bit blocks (`packed`), multiplied
 /// directly; `weight` is then an empty placeholder.
 #[derive(Debug, Clone)]
@@ -72,29 +73,11 @@ pub fn packed_linear(x: &Tensor, m: &PackedMatrix) -> Result<Tensor> {
     Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
 }
 
-/// Token embedding `[vocab, hidden]` whose rows are ternary; doubles as the tied LM head.
-/// May be packed (GGUF inference), like [`TernaryLinear`].
-#[derive(Debug, Clone)]
-pub struct TernaryEmbedding {
-    pub weight: Tensor,
-    pub packed: Option<PackedMatrix>,
-}
+/// The token embedding `[vocab, hidden]` is the same kind of matrix: its rows are looked up
+/// ([`TernaryLinear::lookup`]), and as the tied LM head it multiplies like any other layer.
+pub type TernaryEmbedding = TernaryLinear;
 
-impl TernaryEmbedding {
-    pub fn new(weight: Tensor) -> Self {
-        Self {
-            weight,
-            packed: None,
-        }
-    }
-
-    pub fn from_packed(m: PackedMatrix) -> Result<Self> {
-        Ok(Self {
-            weight: Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?,
-            packed: Some(m),
-        })
-    }
-
+impl TernaryLinear {
     /// Rows for `ids: [B, T]`: `[B, T, hidden]`. Dense rows are looked up first and projected
     /// after (groups lie along rows, so this equals looking up the projected matrix) and no
     /// projected `[V, H]` copy is made.
@@ -117,16 +100,6 @@ impl TernaryEmbedding {
             v.extend(m.row(id as usize));
         }
         Ok(Tensor::from_vec(v, (b, t, m.cols), &Device::Cpu)?)
-    }
-
-    pub fn freeze(&self, quant: &QuantConfig, kernels: Kernels) -> Result<Self> {
-        if self.packed.is_some() {
-            return Ok(self.clone());
-        }
-        Ok(Self {
-            weight: kernels.effective_weight(&self.weight, quant)?.detach(),
-            packed: None,
-        })
     }
 }
 

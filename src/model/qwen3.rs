@@ -14,12 +14,12 @@
 
 use super::cache::{Cache, NoCache, Positions, StepInfo};
 use super::config::Qwen3Config;
-use super::layers::{packed_linear, RmsNorm, TernaryEmbedding, TernaryLinear};
+use super::layers::{RmsNorm, TernaryEmbedding, TernaryLinear};
 use super::params::{self, LayerTensor, Params};
 use crate::error::{Error, Result};
 use crate::kernels::rope::Rope;
 use crate::kernels::ternary_matmul::PackedMatrix;
-use crate::kernels::{linear, Kernels};
+use crate::kernels::Kernels;
 use crate::quant::QuantConfig;
 use candle_core::{DType, Device, Tensor};
 
@@ -342,16 +342,8 @@ impl Qwen3 {
 
     /// Logits `[..., vocab]` of hidden states `[..., H]`.
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        match (&self.lm_head, &self.embed.packed) {
-            (Some(head), _) => head.forward(h, &self.head_quant(), self.kernels),
-            (None, Some(p)) => packed_linear(h, p),
-            (None, None) => linear(
-                h,
-                &self
-                    .kernels
-                    .effective_weight(&self.embed.weight, &self.head_quant())?,
-            ),
-        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        head.forward(h, &self.head_quant(), self.kernels)
     }
 
     /// Logits `[B, T, vocab]` of every position of `ids`, nothing cached (tests, small inputs).
