@@ -111,6 +111,9 @@ pub struct PackedMatrix {
     pub cols: usize,
     /// Super-blocks per row.
     sbs: usize,
+    /// Every row's two 64-block scales per super-block are equal (tern's group-128 exports):
+    /// activations are then quantized per 128 and a super-block takes one scale, not two.
+    wide: bool,
 }
 
 impl PackedMatrix {
@@ -150,12 +153,17 @@ impl PackedMatrix {
                     }
                 }
             });
+        let wide = cols.is_multiple_of(SB)
+            && scales
+                .chunks_exact(2)
+                .all(|p| p[0].to_bits() == p[1].to_bits());
         Ok(Self {
             codes,
             scales,
             rows,
             cols,
             sbs,
+            wide,
         })
     }
 
@@ -185,7 +193,7 @@ impl PackedMatrix {
     /// [`PackedMatrix::matmul`] with a given kernel (it must be one of [`Isa::available`]).
     pub fn matmul_with(&self, isa: Isa, x: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(x.len(), n * self.cols, "input length");
-        let xq = QuantizedRows::new(x, n, self.cols, self.sbs);
+        let xq = QuantizedRows::new(x, n, self.cols, self.sbs, self.wide);
         // Rows in chunks so each task amortizes its scheduling over real work.
         let chunk = (self.rows / (4 * rayon::current_num_threads()).max(1))
             .clamp(1, 64)
@@ -203,7 +211,7 @@ impl PackedMatrix {
                         &self.codes[rr.start * cb..rr.end * cb],
                         &self.scales[rr.start * sb..rr.end * sb],
                     );
-                    dot_rows(isa, codes, ws, &xs[0], o);
+                    dot_rows(isa, self.wide, codes, ws, &xs[0], o);
                 }
             });
             return yt;
@@ -216,7 +224,7 @@ impl PackedMatrix {
                     let codes = &self.codes[r * self.sbs * 32..(r + 1) * self.sbs * 32];
                     let ws = &self.scales[r * self.sbs * 2..(r + 1) * self.sbs * 2];
                     for (t0, o) in (0..n).step_by(TILE).zip(out_r.chunks_mut(TILE)) {
-                        dot_tile(isa, codes, ws, &xq, t0, o);
+                        dot_tile(isa, self.wide, codes, ws, &xq, t0, o);
                     }
                 }
             });
@@ -255,14 +263,18 @@ pub struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    pub fn new(x: &[f32], n: usize, cols: usize, sbs: usize) -> Self {
+    /// `wide`: quantize per 128 (the scale stored for both 64-blocks, the sum in the first):
+    /// the same data for the per-64 math, one scale per super-block for the wide kernels.
+    pub fn new(x: &[f32], n: usize, cols: usize, sbs: usize, wide: bool) -> Self {
+        let blk_len = if wide { SB } else { BLK };
         let width = sbs * SB;
         let mut q = vec![0i8; n * width];
         let mut scale = vec![0f32; n * sbs * 2];
         let mut sum = vec![0i32; n * sbs * 2];
         for i in 0..n {
             let row = &x[i * cols..(i + 1) * cols];
-            for (b, blk) in row.chunks(BLK).enumerate() {
+            for (c, blk) in row.chunks(blk_len).enumerate() {
+                let b = c * blk_len / BLK;
                 let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
                 if amax == 0.0 || !amax.is_finite() {
                     continue; // all zero (or not finite: the block reads as zero)
@@ -275,6 +287,9 @@ impl QuantizedRows {
                     s += *d as i32;
                 }
                 scale[i * sbs * 2 + b] = amax / 127.0;
+                if wide {
+                    scale[i * sbs * 2 + b + 1] = amax / 127.0;
+                }
                 sum[i * sbs * 2 + b] = s;
             }
         }
@@ -292,42 +307,50 @@ impl QuantizedRows {
 }
 
 /// `out[k] = W_row . x[t0 + k]` for the tokens of one tile (at most `TILE`).
-fn dot_tile(isa: Isa, codes: &[u8], ws: &[f32], xq: &QuantizedRows, t0: usize, out: &mut [f32]) {
+fn dot_tile(
+    isa: Isa,
+    wide: bool,
+    codes: &[u8],
+    ws: &[f32],
+    xq: &QuantizedRows,
+    t0: usize,
+    out: &mut [f32],
+) {
     let mut tile: [XRow; TILE] = [(&[], &[], &[]); TILE];
     for (k, t) in tile.iter_mut().enumerate().take(out.len()) {
         *t = xq.row(t0 + k);
     }
-    dot_tile_isa(isa, codes, ws, &tile[..out.len()], out)
+    dot_tile_isa(isa, wide, codes, ws, &tile[..out.len()], out)
 }
 
-fn dot_tile_isa(isa: Isa, codes: &[u8], ws: &[f32], rows: &[XRow], out: &mut [f32]) {
+fn dot_tile_isa(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], rows: &[XRow], out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.
-        Isa::Avx512Vnni => unsafe { x86::dot_tile_avx512vnni(codes, ws, rows, out) },
+        Isa::Avx512Vnni => unsafe { x86::dot_tile_avx512vnni(wide, codes, ws, rows, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::AvxVnni => unsafe { x86::dot_tile_avxvnni(codes, ws, rows, out) },
+        Isa::AvxVnni => unsafe { x86::dot_tile_avxvnni(wide, codes, ws, rows, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::dot_tile_avx2(codes, ws, rows, out) },
+        Isa::Avx2 => unsafe { x86::dot_tile_avx2(wide, codes, ws, rows, out) },
         _ => dot_tile_portable(codes, ws, rows, out),
     }
 }
 
 /// `out[j] = W_{row j} . x` for up to `ROWS` consecutive rows (`codes`, `ws` hold them in order).
-fn dot_rows(isa: Isa, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+fn dot_rows(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
     let (cb, sb) = (codes.len() / out.len(), ws.len() / out.len());
     match (isa, out.len()) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.
-        (Isa::Avx512Vnni, ROWS) => unsafe { x86::rows_avx512vnni(codes, ws, x, out) },
+        (Isa::Avx512Vnni, ROWS) => unsafe { x86::rows_avx512vnni(wide, codes, ws, x, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        (Isa::AvxVnni, ROWS) => unsafe { x86::rows_avxvnni(codes, ws, x, out) },
+        (Isa::AvxVnni, ROWS) => unsafe { x86::rows_avxvnni(wide, codes, ws, x, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        (Isa::Avx2, ROWS) => unsafe { x86::rows_avx2(codes, ws, x, out) },
+        (Isa::Avx2, ROWS) => unsafe { x86::rows_avx2(wide, codes, ws, x, out) },
         _ => {
             for (j, o) in out.iter_mut().enumerate() {
                 let (c, w) = (&codes[j * cb..(j + 1) * cb], &ws[j * sb..(j + 1) * sb]);
@@ -335,7 +358,14 @@ fn dot_rows(isa: Isa, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
                     Isa::Portable => {
                         dot_tile_portable(c, w, std::slice::from_ref(x), std::slice::from_mut(o))
                     }
-                    _ => dot_tile_isa(isa, c, w, std::slice::from_ref(x), std::slice::from_mut(o)),
+                    _ => dot_tile_isa(
+                        isa,
+                        wide,
+                        c,
+                        w,
+                        std::slice::from_ref(x),
+                        std::slice::from_mut(o),
+                    ),
                 }
             }
         }
@@ -387,7 +417,7 @@ mod x86 {
     /// The tile loop shared by the x86 kernels; `dot2(p_a, x_a, p_b, x_b)` is the i32x8 sum of
     /// two 32-wide u8 x i8 dot products (the only part that differs between ISAs).
     #[inline(always)]
-    unsafe fn tile<const T: usize>(
+    unsafe fn tile<const T: usize, const WIDE: bool>(
         codes: &[u8],
         ws: &[f32],
         xs: &[XRow],
@@ -413,10 +443,18 @@ mod x86 {
                 let x = |o: usize| _mm256_loadu_si256(xp.add(o) as *const __m256i);
                 let d0 = dot2(p[0], x(0), p[1], x(32));
                 let d1 = dot2(p[2], x(64), p[3], x(96));
-                let (s0, s1) = (ws[b0] * xsc[b0], ws[b1] * xsc[b1]);
-                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(s0), acc[k]);
-                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(s1), acc[k]);
-                corr[k] += xsum[b0] as f32 * s0 + xsum[b1] as f32 * s1;
+                if WIDE {
+                    // One scale for the super-block: add the integer dots first.
+                    let s0 = ws[b0] * xsc[b0];
+                    let d = _mm256_add_epi32(d0, d1);
+                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s0), acc[k]);
+                    corr[k] += xsum[b0] as f32 * s0;
+                } else {
+                    let (s0, s1) = (ws[b0] * xsc[b0], ws[b1] * xsc[b1]);
+                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(s0), acc[k]);
+                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(s1), acc[k]);
+                    corr[k] += xsum[b0] as f32 * s0 + xsum[b1] as f32 * s1;
+                }
             }
         }
         for k in 0..T {
@@ -427,17 +465,39 @@ mod x86 {
     /// [`tile`] at the tile's token count (1..=TILE).
     #[inline(always)]
     unsafe fn tile_n(
+        wide: bool,
         codes: &[u8],
         ws: &[f32],
         xs: &[XRow],
         out: &mut [f32],
         dot2: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i + Copy,
     ) {
-        match xs.len() {
-            4 => tile::<4>(codes, ws, xs, out, dot2),
-            3 => tile::<3>(codes, ws, xs, out, dot2),
-            2 => tile::<2>(codes, ws, xs, out, dot2),
-            _ => tile::<1>(codes, ws, xs, out, dot2),
+        match (xs.len(), wide) {
+            (4, true) => tile::<4, true>(codes, ws, xs, out, dot2),
+            (3, true) => tile::<3, true>(codes, ws, xs, out, dot2),
+            (2, true) => tile::<2, true>(codes, ws, xs, out, dot2),
+            (_, true) => tile::<1, true>(codes, ws, xs, out, dot2),
+            (4, false) => tile::<4, false>(codes, ws, xs, out, dot2),
+            (3, false) => tile::<3, false>(codes, ws, xs, out, dot2),
+            (2, false) => tile::<2, false>(codes, ws, xs, out, dot2),
+            (_, false) => tile::<1, false>(codes, ws, xs, out, dot2),
+        }
+    }
+
+    /// [`rows`] with one scale per super-block (`wide`) or two.
+    #[inline(always)]
+    unsafe fn rows_w(
+        wide: bool,
+        codes: &[u8],
+        ws: &[f32],
+        x: &XRow,
+        out: &mut [f32],
+        dot2: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
+    ) {
+        if wide {
+            rows::<true>(codes, ws, x, out, dot2)
+        } else {
+            rows::<false>(codes, ws, x, out, dot2)
         }
     }
 
@@ -446,7 +506,7 @@ mod x86 {
 
     /// `ROWS` rows against one token: each load of the activations serves every row.
     #[inline(always)]
-    unsafe fn rows(
+    unsafe fn rows<const WIDE: bool>(
         codes: &[u8],
         ws: &[f32],
         x: &XRow,
@@ -475,10 +535,17 @@ mod x86 {
                 let p3 = _mm256_and_si256(_mm256_srli_epi16(c, 6), mask);
                 let d0 = dot2(p0, xv[0], p1, xv[1]);
                 let d1 = dot2(p2, xv[2], p3, xv[3]);
-                let (s0, s1) = (ws[j * sbw + b0] * xsc[b0], ws[j * sbw + b1] * xsc[b1]);
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(s0), acc[j]);
-                acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(s1), acc[j]);
-                corr[j] += xsum[b0] as f32 * s0 + xsum[b1] as f32 * s1;
+                if WIDE {
+                    let s0 = ws[j * sbw + b0] * xsc[b0];
+                    let d = _mm256_add_epi32(d0, d1);
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s0), acc[j]);
+                    corr[j] += xsum[b0] as f32 * s0;
+                } else {
+                    let (s0, s1) = (ws[j * sbw + b0] * xsc[b0], ws[j * sbw + b1] * xsc[b1]);
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(s0), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(s1), acc[j]);
+                    corr[j] += xsum[b0] as f32 * s0 + xsum[b1] as f32 * s1;
+                }
             }
         }
         for (j, o) in out.iter_mut().enumerate() {
@@ -487,24 +554,24 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn rows_avx2(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+    pub unsafe fn rows_avx2(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
         let ones = _mm256_set1_epi16(1);
-        rows(codes, ws, x, out, |pa, xa, pb, xb| {
+        rows_w(wide, codes, ws, x, out, move |pa, xa, pb, xb| {
             let s = _mm256_add_epi16(_mm256_maddubs_epi16(pa, xa), _mm256_maddubs_epi16(pb, xb));
             _mm256_madd_epi16(s, ones)
         })
     }
 
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub unsafe fn rows_avx512vnni(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        rows(codes, ws, x, out, |pa, xa, pb, xb| {
+    pub unsafe fn rows_avx512vnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+        rows_w(wide, codes, ws, x, out, move |pa, xa, pb, xb| {
             _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), pa, xa), pb, xb)
         })
     }
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub unsafe fn rows_avxvnni(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        rows(codes, ws, x, out, |pa, xa, pb, xb| {
+    pub unsafe fn rows_avxvnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+        rows_w(wide, codes, ws, x, out, move |pa, xa, pb, xb| {
             _mm256_dpbusd_avx_epi32(
                 _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), pa, xa),
                 pb,
@@ -514,9 +581,15 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_tile_avx2(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
+    pub unsafe fn dot_tile_avx2(
+        wide: bool,
+        codes: &[u8],
+        ws: &[f32],
+        xs: &[XRow],
+        out: &mut [f32],
+    ) {
         let ones = _mm256_set1_epi16(1);
-        tile_n(codes, ws, xs, out, move |pa, xa, pb, xb| {
+        tile_n(wide, codes, ws, xs, out, move |pa, xa, pb, xb| {
             // u8 (0..3) x i8 pairs summed to i16: at most 2 * 3 * 127 per lane, no saturation.
             let s = _mm256_add_epi16(_mm256_maddubs_epi16(pa, xa), _mm256_maddubs_epi16(pb, xb));
             _mm256_madd_epi16(s, ones)
@@ -524,15 +597,27 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub unsafe fn dot_tile_avx512vnni(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
-        tile_n(codes, ws, xs, out, move |pa, xa, pb, xb| {
+    pub unsafe fn dot_tile_avx512vnni(
+        wide: bool,
+        codes: &[u8],
+        ws: &[f32],
+        xs: &[XRow],
+        out: &mut [f32],
+    ) {
+        tile_n(wide, codes, ws, xs, out, move |pa, xa, pb, xb| {
             _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), pa, xa), pb, xb)
         })
     }
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub unsafe fn dot_tile_avxvnni(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
-        tile_n(codes, ws, xs, out, move |pa, xa, pb, xb| {
+    pub unsafe fn dot_tile_avxvnni(
+        wide: bool,
+        codes: &[u8],
+        ws: &[f32],
+        xs: &[XRow],
+        out: &mut [f32],
+    ) {
+        tile_n(wide, codes, ws, xs, out, move |pa, xa, pb, xb| {
             _mm256_dpbusd_avx_epi32(
                 _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), pa, xa),
                 pb,
@@ -610,26 +695,28 @@ mod tests {
     /// sum_j |w_j| * step_j / 2), and equal to the portable kernel up to f32 summation order.
     #[test]
     fn every_kernel_matches_the_reference_and_the_portable_kernel() {
-        for (p, rows, cols, group) in [
-            (Packing::Q2_0, 7, 64, 64),
-            (Packing::Q2_0, 37, 320, 64),
-            (Packing::PQ2_0, 19, 384, 128),
+        // (packing, rows, cols, group, wide): group-128 scales take the one-scale kernels.
+        for (p, rows, cols, group, wide) in [
+            (Packing::Q2_0, 7, 64, 64, false),
+            (Packing::Q2_0, 37, 320, 64, false),
+            (Packing::Q2_0, 11, 384, 128, true),
+            (Packing::PQ2_0, 19, 384, 128, true),
         ] {
             let (_, m) = packed(rows, cols, p, group);
+            assert_eq!(m.wide, wide, "{p:?} group {group}");
             for n in [1, 3, 6] {
                 let x = input(n, cols);
+                let xq = QuantizedRows::new(&x, n, cols, m.sbs, m.wide);
                 let reference = matmul_reference(&m, &x, n);
                 let portable = m.matmul_with(Isa::Portable, &x, n);
+                // Each activation is off by at most half the step of its quantization block.
                 let bound = |i: usize, r: usize| -> f32 {
-                    let xi = &x[i * cols..(i + 1) * cols];
-                    let w = m.row(r);
-                    let step = |j: usize| {
-                        xi[j / BLK * BLK..((j / BLK + 1) * BLK).min(cols)]
-                            .iter()
-                            .fold(0f32, |a, v| a.max(v.abs()))
-                            / 127.0
-                    };
-                    (0..cols).map(|j| w[j].abs() * step(j) / 2.0).sum::<f32>() * 1.001 + 1e-6
+                    let (w, step) = (m.row(r), xq.row(i).1);
+                    (0..cols)
+                        .map(|j| w[j].abs() * step[j / BLK] / 2.0)
+                        .sum::<f32>()
+                        * 1.001
+                        + 1e-6
                 };
                 for isa in Isa::available() {
                     let y = m.matmul_with(isa, &x, n);
@@ -655,10 +742,16 @@ mod tests {
     /// dequantized int8 activations and the ternary weights.
     #[test]
     fn integer_dot_products_are_exact_on_quantized_inputs() {
-        let (cols, rows, n) = (320, 5, 2);
-        let (_, m) = packed(rows, cols, Packing::Q2_0, 64);
+        for (cols, group) in [(320, 64), (384, 128)] {
+            integer_dots_exact(cols, group);
+        }
+    }
+
+    fn integer_dots_exact(cols: usize, group: usize) {
+        let (rows, n) = (5, 2);
+        let (_, m) = packed(rows, cols, Packing::Q2_0, group);
         let x = input(n, cols);
-        let xq = QuantizedRows::new(&x, n, cols, m.sbs);
+        let xq = QuantizedRows::new(&x, n, cols, m.sbs, m.wide);
         let y = m.matmul_with(Isa::Portable, &x, n);
         for i in 0..n {
             let (q, s, _) = xq.row(i);
