@@ -76,7 +76,10 @@ impl Isa {
         let mut v = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+            if is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bw")
+            {
                 v.push(Isa::Avx512Vnni);
             }
             if is_x86_feature_detected!("avxvnni") {
@@ -219,12 +222,15 @@ impl PackedMatrix {
         yt.par_chunks_mut(chunk * n)
             .enumerate()
             .for_each(|(ci, out)| {
-                for (k, out_r) in out.chunks_mut(n).enumerate() {
-                    let r = ci * chunk + k;
-                    let codes = &self.codes[r * self.sbs * 32..(r + 1) * self.sbs * 32];
-                    let ws = &self.scales[r * self.sbs * 2..(r + 1) * self.sbs * 2];
-                    for (t0, o) in (0..n).step_by(TILE).zip(out_r.chunks_mut(TILE)) {
-                        dot_tile(isa, self.wide, codes, ws, &xq, t0, o);
+                // Token tiles outside, the task's rows inside: the rows' codes (at most 64 rows)
+                // stay in L1 while each tile's activations are read once per task, not per row.
+                for t0 in (0..n).step_by(TILE) {
+                    let tn = TILE.min(n - t0);
+                    for (k, out_r) in out.chunks_mut(n).enumerate() {
+                        let r = ci * chunk + k;
+                        let codes = &self.codes[r * cb..(r + 1) * cb];
+                        let ws = &self.scales[r * sb..(r + 1) * sb];
+                        dot_tile(isa, self.wide, codes, ws, &xq, t0, &mut out_r[t0..t0 + tn]);
                     }
                 }
             });
@@ -502,7 +508,7 @@ mod x86 {
     }
 
     /// Bytes ahead of the current codes to prefetch (8 KiB: measured best of 1-8 KiB at 0.6B).
-    const PREFETCH: usize = 8192;
+    pub(super) const PREFETCH: usize = 8192;
 
     /// `ROWS` rows against one token: each load of the activations serves every row.
     #[inline(always)]
@@ -562,11 +568,13 @@ mod x86 {
         })
     }
 
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
     pub unsafe fn rows_avx512vnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        rows_w(wide, codes, ws, x, out, move |pa, xa, pb, xb| {
-            _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), pa, xa), pb, xb)
-        })
+        if wide {
+            z::rows::<true>(codes, ws, x, out)
+        } else {
+            z::rows::<false>(codes, ws, x, out)
+        }
     }
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
@@ -596,7 +604,7 @@ mod x86 {
         })
     }
 
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
     pub unsafe fn dot_tile_avx512vnni(
         wide: bool,
         codes: &[u8],
@@ -604,9 +612,120 @@ mod x86 {
         xs: &[XRow],
         out: &mut [f32],
     ) {
-        tile_n(wide, codes, ws, xs, out, move |pa, xa, pb, xb| {
-            _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), pa, xa), pb, xb)
-        })
+        match (xs.len(), wide) {
+            (4, true) => z::tile::<4, true>(codes, ws, xs, out),
+            (3, true) => z::tile::<3, true>(codes, ws, xs, out),
+            (2, true) => z::tile::<2, true>(codes, ws, xs, out),
+            (_, true) => z::tile::<1, true>(codes, ws, xs, out),
+            (4, false) => z::tile::<4, false>(codes, ws, xs, out),
+            (3, false) => z::tile::<3, false>(codes, ws, xs, out),
+            (2, false) => z::tile::<2, false>(codes, ws, xs, out),
+            (_, false) => z::tile::<1, false>(codes, ws, xs, out),
+        }
+    }
+
+    /// The AVX-512 VNNI kernels on 512-bit vectors: a super-block's 32 code bytes are
+    /// broadcast to both halves of a zmm and shifted per half (planes 0|1, then 2|3), so each
+    /// `vpdpbusd` does 64 multiply-adds: two per super-block and token instead of four.
+    mod z {
+        use super::super::{XRow, SB};
+        use std::arch::x86_64::*;
+
+        /// Planes (0|1) and (2|3) of 32 code bytes as two zmm of u8 in {0, 1, 2}.
+        #[inline(always)]
+        pub unsafe fn planes(at: *const u8) -> (__m512i, __m512i) {
+            let c = _mm512_broadcast_i64x4(_mm256_loadu_si256(at as *const __m256i));
+            let mask = _mm512_set1_epi8(3);
+            let shift = |lo: i16, hi: i16| {
+                _mm512_inserti64x4(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi), 1)
+            };
+            (
+                _mm512_and_si512(_mm512_srlv_epi16(c, shift(0, 2)), mask),
+                _mm512_and_si512(_mm512_srlv_epi16(c, shift(4, 6)), mask),
+            )
+        }
+
+        /// One token's contribution of one super-block to `acc` (and its correction to `corr`).
+        #[inline(always)]
+        pub unsafe fn step<const WIDE: bool>(
+            p: (__m512i, __m512i),
+            x: &XRow,
+            sb: usize,
+            w0: f32,
+            w1: f32,
+            acc: &mut __m512,
+            corr: &mut f32,
+        ) {
+            let (xq, xsc, xsum) = *x;
+            let xp = xq.as_ptr().add(sb * SB);
+            let x01 = _mm512_loadu_si512(xp as *const __m512i);
+            let x23 = _mm512_loadu_si512(xp.add(64) as *const __m512i);
+            let (b0, b1) = (2 * sb, 2 * sb + 1);
+            if WIDE {
+                let d = _mm512_dpbusd_epi32(
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), p.0, x01),
+                    p.1,
+                    x23,
+                );
+                let s0 = w0 * xsc[b0];
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s0), *acc);
+                *corr += xsum[b0] as f32 * s0;
+            } else {
+                let d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), p.0, x01);
+                let d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), p.1, x23);
+                let (s0, s1) = (w0 * xsc[b0], w1 * xsc[b1]);
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(s0), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(s1), *acc);
+                *corr += xsum[b0] as f32 * s0 + xsum[b1] as f32 * s1;
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        pub unsafe fn tile<const T: usize, const WIDE: bool>(
+            codes: &[u8],
+            ws: &[f32],
+            xs: &[XRow],
+            out: &mut [f32],
+        ) {
+            let mut acc = [_mm512_setzero_ps(); T];
+            let mut corr = [0f32; T];
+            for sb in 0..codes.len() / 32 {
+                let p = planes(codes.as_ptr().add(sb * 32));
+                for k in 0..T {
+                    step::<WIDE>(
+                        p,
+                        &xs[k],
+                        sb,
+                        ws[2 * sb],
+                        ws[2 * sb + 1],
+                        &mut acc[k],
+                        &mut corr[k],
+                    );
+                }
+            }
+            for k in 0..T {
+                out[k] = _mm512_reduce_add_ps(acc[k]) - corr[k];
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        pub unsafe fn rows<const WIDE: bool>(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+            const R: usize = super::super::ROWS;
+            let (cb, sbw) = (codes.len() / R, ws.len() / R);
+            let mut acc = [_mm512_setzero_ps(); R];
+            let mut corr = [0f32; R];
+            for sb in 0..cb / 32 {
+                for j in 0..R {
+                    let at = codes.as_ptr().add(j * cb + sb * 32);
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(super::PREFETCH) as *const i8);
+                    let (w0, w1) = (ws[j * sbw + 2 * sb], ws[j * sbw + 2 * sb + 1]);
+                    step::<WIDE>(planes(at), x, sb, w0, w1, &mut acc[j], &mut corr[j]);
+                }
+            }
+            for j in 0..R {
+                out[j] = _mm512_reduce_add_ps(acc[j]) - corr[j];
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
