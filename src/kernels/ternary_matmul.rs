@@ -628,7 +628,7 @@ mod x86 {
     /// broadcast to both halves of a zmm and shifted per half (planes 0|1, then 2|3), so each
     /// `vpdpbusd` does 64 multiply-adds: two per super-block and token instead of four.
     mod z {
-        use super::super::{XRow, SB};
+        use crate::kernels::ternary_matmul::{XRow, SB};
         use std::arch::x86_64::*;
 
         /// Planes (0|1) and (2|3) of 32 code bytes as two zmm of u8 in {0, 1, 2}.
@@ -710,7 +710,7 @@ mod x86 {
 
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
         pub unsafe fn rows<const WIDE: bool>(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-            const R: usize = super::super::ROWS;
+            const R: usize = crate::kernels::ternary_matmul::ROWS;
             let (cb, sbw) = (codes.len() / R, ws.len() / R);
             let mut acc = [_mm512_setzero_ps(); R];
             let mut corr = [0f32; R];
