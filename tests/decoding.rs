@@ -233,6 +233,14 @@ fn paged_kv_cache_generation_equals_the_contiguous_cache() {
                 top_p: 1.0,
                 min_p: 0.0,
                 seed: 3,
+                ..Default::default()
+            },
+            // The repetition penalty sees each row's own prompt and tokens in both caches.
+            SamplerConfig {
+                temp: 0.0,
+                repeat_penalty: 1.5,
+                repeat_last_n: 8,
+                ..Default::default()
             },
         ] {
             let cfg = GenerateConfig {

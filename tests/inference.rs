@@ -80,6 +80,7 @@ fn batch_generation_equals_each_prompt_alone_greedy_and_seeded() {
             top_p: 1.0,
             min_p: 0.0,
             seed: 7,
+            ..Default::default()
         },
     ] {
         let cfg = GenerateConfig {
@@ -113,6 +114,7 @@ fn batch_generation_equals_each_prompt_alone_greedy_and_seeded() {
                 top_p: 1.0,
                 min_p: 0.0,
                 seed,
+                ..Default::default()
             },
             eos: vec![],
         };

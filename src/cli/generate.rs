@@ -52,6 +52,12 @@ pub struct Args {
     /// Drop tokens with probability < min_p * p(most likely) (0 = off).
     #[arg(long = "min-p", default_value_t = 0.05)]
     min_p: f64,
+    /// Repetition penalty on the last --repeat-last-n tokens (1 = off, llama-cli's meaning).
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    repeat_penalty: f64,
+    /// Tokens the repetition penalty looks back over (0 = off).
+    #[arg(long = "repeat-last-n", default_value_t = 64)]
+    repeat_last_n: usize,
     /// Sampling seed (prompt i uses seed + i).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -94,6 +100,8 @@ pub fn run(mut a: Args) -> Result<i32> {
         top_p: a.top_p,
         min_p: a.min_p,
         seed: a.seed,
+        repeat_penalty: a.repeat_penalty,
+        repeat_last_n: a.repeat_last_n,
     };
     sampler.validate()?;
     for f in &a.prompt_files {

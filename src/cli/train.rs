@@ -103,12 +103,17 @@ fn print_summary(s: &serde_json::Value) {
         share("share_zero"),
         share("share_plus1")
     );
-    for x in s["samples"].as_array().into_iter().flatten() {
-        println!(
-            "sample: {}{}",
-            x["prompt"].as_str().unwrap_or(""),
-            x["text"].as_str().unwrap_or("")
-        );
+    for (key, label) in [
+        ("samples", "sample (greedy)"),
+        ("samples_sampled", "sample (temp 0.8)"),
+    ] {
+        for x in s[key].as_array().into_iter().flatten() {
+            println!(
+                "{label}: {}{}",
+                x["prompt"].as_str().unwrap_or(""),
+                x["text"].as_str().unwrap_or("")
+            );
+        }
     }
     println!("checkpoint: {}", s["checkpoint"].as_str().unwrap_or("-"));
 }

@@ -74,6 +74,20 @@ pub fn paged_forward(
     Ok(model.logits(&h)?.to_dtype(DType::F32)?.to_vec2()?)
 }
 
+/// One sampler per row: row r draws with seed `seed + r`, its prompt seen by the repetition
+/// penalty.
+fn row_samplers(cfg: &SamplerConfig, prompts: &[Vec<u32>]) -> Vec<Sampler> {
+    let seeded = |r: usize| SamplerConfig {
+        seed: cfg.seed.wrapping_add(r as u64),
+        ..*cfg
+    };
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(r, p)| Sampler::new(seeded(r)).with_history(p))
+        .collect()
+}
+
 /// Every prompt non-empty and inside the vocabulary.
 pub fn check_prompts(prompts: &[Vec<u32>], vocab: usize) -> Result<()> {
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
@@ -111,14 +125,7 @@ pub fn generate_batch(
         .zip(&pad)
         .flat_map(|(p, &n)| std::iter::repeat_n(0u32, n).chain(p.iter().copied()))
         .collect();
-    let mut samplers: Vec<Sampler> = (0..b)
-        .map(|r| {
-            Sampler::new(SamplerConfig {
-                seed: cfg.sampler.seed.wrapping_add(r as u64),
-                ..cfg.sampler
-            })
-        })
-        .collect();
+    let mut samplers = row_samplers(&cfg.sampler, prompts);
     let mut out: Vec<(Vec<u32>, Option<Finish>)> = vec![(Vec::new(), None); b];
     let mut cache = KvCache::with_padding(model.cfg.num_hidden_layers, pad);
     let mut rows = last_logits(
@@ -171,14 +178,7 @@ pub fn generate_paged(
     let c = &model.cfg;
     let mut cache = PagedKvCache::new(c.num_hidden_layers, c.kv_heads(), c.head_dim(), block_size);
     let seqs: Vec<usize> = prompts.iter().map(|_| cache.add_seq()).collect();
-    let mut samplers: Vec<Sampler> = (0..prompts.len())
-        .map(|r| {
-            Sampler::new(SamplerConfig {
-                seed: cfg.sampler.seed.wrapping_add(r as u64),
-                ..cfg.sampler
-            })
-        })
-        .collect();
+    let mut samplers = row_samplers(&cfg.sampler, prompts);
     let mut out: Vec<(Vec<u32>, Option<Finish>)> = vec![(Vec::new(), None); prompts.len()];
     let mut batch: Vec<(usize, Vec<u32>)> = seqs
         .iter()

@@ -1,6 +1,11 @@
 //! Token sampling with llama.cpp's flag meanings, applied in llama.cpp's default order:
-//! top-k -> top-p -> min-p -> temperature -> draw. `temp <= 0` is greedy (argmax, ties to the
-//! lower id). top_k = 0, top_p = 1 and min_p = 0 disable their filters. Seeded and deterministic.
+//! repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw. `temp <= 0` is greedy
+//! (argmax of the penalized logits, ties to the lower id). top_k = 0, top_p = 1, min_p = 0 and
+//! repeat_penalty = 1 disable their steps. Seeded and deterministic.
+//!
+//! Repetition penalty (llama-cli's `--repeat-penalty`, `--repeat-last-n`): every distinct token
+//! among the last `repeat_last_n` of the sequence (prompt included) has its logit divided by the
+//! penalty when positive and multiplied by it when negative.
 
 use rand::{Rng, SeedableRng};
 
@@ -11,6 +16,10 @@ pub struct SamplerConfig {
     pub top_p: f64,
     pub min_p: f64,
     pub seed: u64,
+    /// 1 = off.
+    pub repeat_penalty: f64,
+    /// How many of the last tokens the penalty looks at (0 = none).
+    pub repeat_last_n: usize,
 }
 
 impl Default for SamplerConfig {
@@ -21,6 +30,8 @@ impl Default for SamplerConfig {
             top_p: 0.95,
             min_p: 0.05,
             seed: 0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
         }
     }
 }
@@ -46,6 +57,12 @@ impl SamplerConfig {
                 self.min_p
             ));
         }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return bad(format!(
+                "--repeat-penalty: expected a number > 0 (1 = off), found {}",
+                self.repeat_penalty
+            ));
+        }
         Ok(())
     }
 }
@@ -53,6 +70,8 @@ impl SamplerConfig {
 pub struct Sampler {
     cfg: SamplerConfig,
     rng: rand::rngs::StdRng,
+    /// The sequence so far (prompt and sampled tokens), for the repetition penalty.
+    history: Vec<u32>,
 }
 
 /// Index of the largest value, the lowest index among ties (NaN never wins).
@@ -71,10 +90,46 @@ impl Sampler {
         Self {
             cfg,
             rng: rand::rngs::StdRng::seed_from_u64(cfg.seed),
+            history: Vec::new(),
         }
     }
 
+    /// The sampler for a sequence that starts with `prompt` (seen by the repetition penalty).
+    pub fn with_history(mut self, prompt: &[u32]) -> Self {
+        self.history = prompt.to_vec();
+        self
+    }
+
+    /// Draws the next token and appends it to the history.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let t = match self.penalized(logits) {
+            Some(p) => self.draw(&p),
+            None => self.draw(logits),
+        };
+        self.history.push(t);
+        t
+    }
+
+    /// The logits with the repetition penalty applied, or None when it changes nothing.
+    fn penalized(&self, logits: &[f32]) -> Option<Vec<f32>> {
+        let (pen, n) = (self.cfg.repeat_penalty as f32, self.cfg.repeat_last_n);
+        if pen == 1.0 || n == 0 || self.history.is_empty() {
+            return None;
+        }
+        let mut out = logits.to_vec();
+        let recent = &self.history[self.history.len().saturating_sub(n)..];
+        let mut seen = std::collections::HashSet::new();
+        let v = out.len();
+        for &t in recent.iter().filter(|&&t| (t as usize) < v) {
+            if seen.insert(t) {
+                let l = &mut out[t as usize];
+                *l = if *l > 0.0 { *l / pen } else { *l * pen };
+            }
+        }
+        Some(out)
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
         if self.cfg.temp <= 0.0 {
             return argmax(logits);
         }
@@ -146,6 +201,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits_of_recent_tokens() {
+        let cfg = SamplerConfig {
+            temp: 0.0,
+            repeat_penalty: 2.0,
+            repeat_last_n: 2,
+            ..Default::default()
+        };
+        // Token 1 leads (3.0) but was just seen: 3.0 / 2 = 1.5 < 2.0 (token 2).
+        let mut s = Sampler::new(cfg).with_history(&[1]);
+        assert_eq!(
+            s.penalized(&[0.0, 3.0, 2.0, -1.0]).unwrap(),
+            vec![0.0, 1.5, 2.0, -1.0]
+        );
+        assert_eq!(s.sample(&[0.0, 3.0, 2.0, -1.0]), 2);
+        // A negative logit is multiplied (made less likely); a token repeated counts once.
+        let s = Sampler::new(cfg).with_history(&[3, 3]);
+        assert_eq!(
+            s.penalized(&[0.0, 1.0, 0.5, -1.0]).unwrap(),
+            vec![0.0, 1.0, 0.5, -2.0]
+        );
+        // Only the last `repeat_last_n` tokens count: token 1 fell out of the window.
+        let s = Sampler::new(cfg).with_history(&[1, 0, 2]);
+        assert_eq!(s.penalized(&[1.0, 3.0, 2.0]).unwrap(), vec![0.5, 3.0, 1.0]);
+        // Penalty 1 changes nothing (and the greedy path sees the raw logits).
+        let s = Sampler::new(SamplerConfig {
+            repeat_penalty: 1.0,
+            ..cfg
+        })
+        .with_history(&[1]);
+        assert!(s.penalized(&[0.0, 3.0]).is_none());
+        assert!(SamplerConfig {
+            repeat_penalty: 0.0,
+            ..cfg
+        }
+        .validate()
+        .is_err());
+    }
+
+    #[test]
     fn greedy_takes_the_lowest_id_among_ties() {
         let mut s = Sampler::new(SamplerConfig {
             temp: 0.0,
@@ -167,6 +261,7 @@ mod tests {
             top_p: 1.0,
             min_p: 0.0,
             seed: 1,
+            ..Default::default()
         };
         // top-k 3 keeps {3, 2, 1} with probabilities {0.444, 0.333, 0.222} (llama.cpp's test)
         let v = draw(SamplerConfig { top_k: 3, ..base });

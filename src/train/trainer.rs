@@ -479,7 +479,27 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     })
 }
 
-fn samples(model: &Qwen3, tok: &Tokenizer) -> Result<Vec<(String, String)>> {
+/// Settings of the sampled end-of-run continuations: llama-cli's defaults (temperature 0.8,
+/// top-k 40, top-p 0.95, min-p 0.05) with a fixed seed.
+pub const SAMPLED: crate::decode::sampler::SamplerConfig = crate::decode::sampler::SamplerConfig {
+    temp: 0.8,
+    top_k: 40,
+    top_p: 0.95,
+    min_p: 0.05,
+    seed: 1234,
+    repeat_penalty: 1.0,
+    repeat_last_n: 64,
+};
+
+/// One end-of-run sample: the prompt, its greedy continuation and a sampled one ([`SAMPLED`]).
+pub struct Sample {
+    pub prompt: String,
+    pub greedy: String,
+    pub sampled: String,
+}
+
+fn samples(model: &Qwen3, tok: &Tokenizer) -> Result<Vec<Sample>> {
+    use crate::decode::generate::{generate_batch, GenerateConfig};
     let frozen = model.freeze()?;
     let mut eos = tok.eos_ids();
     eos.extend(model.cfg.eos_ids());
@@ -487,21 +507,29 @@ fn samples(model: &Qwen3, tok: &Tokenizer) -> Result<Vec<(String, String)>> {
         .iter()
         .map(|p| tok.encode(p))
         .collect::<Result<Vec<_>>>()?;
-    let greedy = crate::decode::sampler::SamplerConfig {
+    let run = |sampler| -> Result<Vec<String>> {
+        let cfg = GenerateConfig {
+            max_new: 40,
+            sampler,
+            eos: eos.clone(),
+        };
+        let out = generate_batch(&frozen, &prompts, &cfg, |_, _| false)?;
+        out.iter().map(|(ids, _)| tok.decode(ids)).collect()
+    };
+    let greedy = run(crate::decode::sampler::SamplerConfig {
         temp: 0.0,
         ..Default::default()
-    };
-    let cfg = crate::decode::generate::GenerateConfig {
-        max_new: 40,
-        sampler: greedy,
-        eos,
-    };
-    let out = crate::decode::generate::generate_batch(&frozen, &prompts, &cfg, |_, _| false)?;
-    SAMPLE_PROMPTS
+    })?;
+    let sampled = run(SAMPLED)?;
+    Ok(SAMPLE_PROMPTS
         .iter()
-        .zip(out)
-        .map(|(p, (ids, _))| Ok((p.to_string(), tok.decode(&ids)?)))
-        .collect()
+        .zip(greedy.into_iter().zip(sampled))
+        .map(|(p, (greedy, sampled))| Sample {
+            prompt: p.to_string(),
+            greedy,
+            sampled,
+        })
+        .collect())
 }
 
 /// summary.json; the validation PPL is exp(val_loss), as every evaluation computes it.
@@ -511,7 +539,7 @@ fn summarize(
     out_dir: &Path,
     val_loss: f64,
     report: &TernaryReport,
-    samples: &[(String, String)],
+    samples: &[Sample],
     ckpt: &Path,
 ) -> serde_json::Value {
     let (train, val) = read_metrics(out_dir);
@@ -540,7 +568,10 @@ fn summarize(
             "share_zero": shares[1],
             "share_plus1": shares[2],
         },
-        "samples": samples.iter().map(|(p, t)| json!({"prompt": p, "text": t})).collect::<Vec<_>>(),
+        "samples": samples.iter().map(|x| json!({"prompt": x.prompt, "text": x.greedy})).collect::<Vec<_>>(),
+        "samples_sampled": samples.iter().map(|x| json!({"prompt": x.prompt, "text": x.sampled})).collect::<Vec<_>>(),
+        "samples_sampled_settings": {"temp": SAMPLED.temp, "top_k": SAMPLED.top_k, "top_p": SAMPLED.top_p,
+            "min_p": SAMPLED.min_p, "seed": SAMPLED.seed},
         "checkpoint": ckpt.display().to_string(),
     })
 }
