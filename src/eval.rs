@@ -22,19 +22,6 @@ pub enum Scheme {
     Llama,
 }
 
-impl std::str::FromStr for Scheme {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "plain" => Ok(Scheme::Plain),
-            "llama" => Ok(Scheme::Llama),
-            o => Err(Error::Msg(format!(
-                "--scheme: expected 'plain' or 'llama', found '{o}'"
-            ))),
-        }
-    }
-}
-
 /// Tokens `[start, start + len)` of the stream; positions `score_from..len` are scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {

@@ -17,19 +17,6 @@ pub enum Precision {
     Full,
 }
 
-impl std::str::FromStr for Precision {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "ternary" => Ok(Precision::Ternary),
-            "full" => Ok(Precision::Full),
-            o => Err(Error::Msg(format!(
-                "--precision: expected 'ternary' or 'full', found '{o}'"
-            ))),
-        }
-    }
-}
-
 pub struct LoadedModel {
     pub model: Qwen3,
     pub quant: QuantConfig,

@@ -25,21 +25,6 @@ pub enum Format {
     F32,
 }
 
-impl std::str::FromStr for Format {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "q2_0" => Ok(Format::Q2_0),
-            "pq2_0" => Ok(Format::PQ2_0),
-            "f16" => Ok(Format::F16),
-            "f32" => Ok(Format::F32),
-            o => Err(Error::Msg(format!(
-                "--format: expected q2_0, pq2_0, f16 or f32, found '{o}'"
-            ))),
-        }
-    }
-}
-
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ExportReport {
     pub bytes: u64,

@@ -104,19 +104,6 @@ pub enum Kernels {
     Reference,
 }
 
-impl std::str::FromStr for Kernels {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fused" => Ok(Kernels::Fused),
-            "reference" => Ok(Kernels::Reference),
-            o => Err(crate::Error::Msg(format!(
-                "kernels: expected 'fused' or 'reference', found '{o}'"
-            ))),
-        }
-    }
-}
-
 impl Kernels {
     pub fn fused(self) -> bool {
         self == Kernels::Fused

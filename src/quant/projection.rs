@@ -33,19 +33,6 @@ pub enum ScaleRule {
     MaxAbs,
 }
 
-impl std::str::FromStr for ScaleRule {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "mean_abs" => Ok(ScaleRule::MeanAbs),
-            "max_abs" => Ok(ScaleRule::MaxAbs),
-            o => Err(Error::Msg(format!(
-                "scale rule: expected \"mean_abs\" or \"max_abs\", found \"{o}\""
-            ))),
-        }
-    }
-}
-
 impl std::fmt::Display for ScaleRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
