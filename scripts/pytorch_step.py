@@ -9,6 +9,12 @@ global-norm clipping at 1.0 and torch.optim.AdamW (betas 0.9/0.95, wd 0.1). Same
 
     /opt/pyref/bin/python scripts/pytorch_step.py --arch configs/tiny.toml --batch 8 --seq 128 --steps 6
     /opt/pyref/bin/python scripts/pytorch_step.py --arch qwen3-0.6b --batch 1 --seq 512 --steps 2
+    python3 scripts/pytorch_step.py --device cuda --dtype bf16 --arch qwen3-0.6b --batch 8 --seq 512
+
+On a GPU: --dtype bf16 runs the step under torch.autocast (bf16 GEMMs, f32 master weights and
+AdamW state), timed with CUDA synchronization; peak GPU memory is torch.cuda.max_memory_allocated.
+Without transformers installed (the GPU machines have PyTorch only) the same Qwen3 is built from
+plain torch modules below (--impl plain).
 """
 import argparse
 import json
@@ -18,7 +24,78 @@ import tomllib
 
 import torch
 import torch.nn.functional as F
-from transformers import Qwen3Config, Qwen3ForCausalLM
+
+try:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+except ImportError:  # the GPU machines: PyTorch only
+    Qwen3Config = Qwen3ForCausalLM = None
+
+
+class Cfg(dict):
+    __getattr__ = dict.__getitem__
+
+
+class Rms(torch.nn.Module):
+    def __init__(self, n, eps):
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(torch.ones(n)), eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
+
+
+class Block(torch.nn.Module):
+    """One Qwen3 decoder layer (q/k RMSNorm, RoPE, GQA, SwiGLU), as transformers computes it."""
+
+    def __init__(self, c):
+        super().__init__()
+        h, hd, nh, nkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        lin = lambda i, o: torch.nn.Linear(i, o, bias=False)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = lin(h, nh * hd), lin(h, nkv * hd), lin(h, nkv * hd), lin(nh * hd, h)
+        self.gate_proj, self.up_proj, self.down_proj = lin(h, c.intermediate_size), lin(h, c.intermediate_size), lin(c.intermediate_size, h)
+        self.input_layernorm, self.post_attention_layernorm = Rms(h, c.rms_norm_eps), Rms(h, c.rms_norm_eps)
+        self.q_norm, self.k_norm = Rms(hd, c.rms_norm_eps), Rms(hd, c.rms_norm_eps)
+        self.nh, self.nkv, self.hd = nh, nkv, hd
+
+    def forward(self, x, cos, sin):
+        b, t, _ = x.shape
+        h = self.input_layernorm(x)
+        q = self.q_norm(self.q_proj(h).view(b, t, self.nh, self.hd)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(h).view(b, t, self.nkv, self.hd)).transpose(1, 2)
+        v = self.v_proj(h).view(b, t, self.nkv, self.hd).transpose(1, 2)
+        rot = lambda z: torch.cat((-z[..., self.hd // 2:], z[..., : self.hd // 2]), -1)
+        q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class PlainQwen3(torch.nn.Module):
+    """Qwen3ForCausalLM's computation with a tied head, from plain torch modules."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.embed_tokens = torch.nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = torch.nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.norm = Rms(c.hidden_size, c.rms_norm_eps)
+        for m in self.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, input_ids):
+        t, hd = input_ids.shape[1], self.c.head_dim
+        inv = 1.0 / (self.c.rope_theta ** (torch.arange(0, hd, 2, device=input_ids.device).float() / hd))
+        ang = torch.outer(torch.arange(t, device=input_ids.device).float(), inv)
+        ang = torch.cat((ang, ang), -1)
+        x = self.embed_tokens(input_ids)
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        x = self.norm(x)
+        return Cfg(logits=F.linear(x, project_ste(self.embed_tokens.weight, 128, "mean_abs")))
 
 
 def project_ste(w, group, rule):
@@ -58,7 +135,7 @@ def arch_config(arch):
         base.update({k: m[k] for k in keys if k in m})
     elif arch != "qwen3-0.6b":
         raise SystemExit(f"--arch: expected qwen3-0.6b or a tern .toml config, found {arch}")
-    return Qwen3Config(**base)
+    return base
 
 
 def main():
@@ -70,36 +147,60 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation: sdpa or eager")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16"], help="bf16: autocast mixed precision")
+    ap.add_argument("--impl", default="auto", choices=["auto", "transformers", "plain"],
+                    help="transformers' Qwen3ForCausalLM, or the plain-torch copy above (auto: transformers if installed)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    cfg = arch_config(a.arch)
-    cfg._attn_implementation = a.attn
-    model = Qwen3ForCausalLM(cfg).float().train()
+    base = arch_config(a.arch)
+    impl = a.impl if a.impl != "auto" else ("transformers" if Qwen3ForCausalLM else "plain")
+    if impl == "transformers":
+        cfg = Qwen3Config(**base)
+        cfg._attn_implementation = a.attn
+        model = Qwen3ForCausalLM(cfg)
+    else:
+        cfg = Cfg(base)
+        model = PlainQwen3(cfg)
+    dev = torch.device(a.device)
+    model = model.float().to(dev).train()
     make_ternary(model, 128, "mean_abs")
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
     decay = [p for n, p in model.named_parameters() if "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if "norm" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
     n = a.batch * (a.seq + 1)
-    ids = torch.tensor([(i * 2654435761 + a.seed) % cfg.vocab_size for i in range(n)]).view(a.batch, a.seq + 1)
+    ids = torch.tensor([(i * 2654435761 + a.seed) % cfg.vocab_size for i in range(n)]).view(a.batch, a.seq + 1).to(dev)
     inp, tgt = ids[:, :-1], ids[:, 1:]
     times = []
     for step in range(a.steps):
+        sync()
         t0 = time.perf_counter()
-        logits = model(input_ids=inp).logits
-        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), tgt.reshape(-1))
+        with autocast:
+            logits = model(input_ids=inp).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), tgt.reshape(-1))
         del logits
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         dt = time.perf_counter() - t0
         times.append(dt)
+        if step == 0:
+            first_loss = loss.item()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(f"step {step}: loss {loss.item():.4f}, {dt:.2f}s, {a.batch * a.seq / dt:.0f} tokens/s, peak rss {rss:.2f} GiB")
     steady = times[1:] or times
     print(json.dumps({"torch": torch.__version__, "threads": a.threads, "arch": a.arch, "batch": a.batch, "seq": a.seq,
+                      "impl": impl, "device": a.device, "dtype": a.dtype,
+                      "gpu": torch.cuda.get_device_name() if cuda else None,
+                      "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                      "loss_first": first_loss, "loss_last": loss.item(),
                       "attn": a.attn, "median_step_s": sorted(steady)[len(steady) // 2],
                       "tokens_per_s": a.batch * a.seq / sorted(steady)[len(steady) // 2],
                       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))

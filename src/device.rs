@@ -54,6 +54,19 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// The CPU's model name (Linux: /proc/cpuinfo), for benchmark records; "unknown" elsewhere.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 pub fn device_name(d: &Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),

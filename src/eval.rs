@@ -213,6 +213,33 @@ pub struct Perplexity {
     pub tokens: usize,
 }
 
+/// Target token of every scored position, in [`score`]'s order.
+pub fn scored_targets(tokens: &[u32], windows: &[Window]) -> Vec<u32> {
+    windows
+        .iter()
+        .flat_map(|w| {
+            tokens[w.start + w.score_from..w.start + w.len]
+                .iter()
+                .copied()
+        })
+        .collect()
+}
+
+/// Mean bytes of text per scored token (`byte_len` from `Tokenizer::token_byte_lengths`): bits
+/// per byte = mean NLL / (ln 2 x this). Unlike perplexity it compares across tokenizers.
+pub fn bytes_per_token(targets: &[u32], byte_len: &[u32]) -> f64 {
+    let bytes: u64 = targets
+        .iter()
+        .map(|&t| byte_len.get(t as usize).copied().unwrap_or(0) as u64)
+        .sum();
+    bytes as f64 / targets.len().max(1) as f64
+}
+
+/// Bits per byte of a mean NLL (nats per token).
+pub fn bits_per_byte(mean_nll: f64, bytes_per_token: f64) -> f64 {
+    mean_nll / (std::f64::consts::LN_2 * bytes_per_token)
+}
+
 pub fn perplexity(nll: &[f64]) -> Perplexity {
     let n = nll.len().max(1) as f64;
     let mean = nll.iter().sum::<f64>() / n;
@@ -269,6 +296,18 @@ mod tests {
         let c = scored(21, &w);
         assert_eq!(&c[..8], &[0, 0, 0, 0, 0, 1, 1, 1]);
         assert!(c[16..].iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn bits_per_byte_counts_the_scored_targets_bytes() {
+        // Windows [0,4) scoring 1..4 and [4,6) scoring 5: targets are tokens 1,2,3,5.
+        let w = plan(6, 4, None, Scheme::Plain).unwrap();
+        let tokens = [0, 1, 2, 3, 4, 5];
+        assert_eq!(scored_targets(&tokens, &w), vec![1, 2, 3, 5]);
+        let byte_len = [9, 1, 2, 3, 100, 2];
+        assert_eq!(bytes_per_token(&[1, 2, 3, 5], &byte_len), 2.0);
+        // ln 2 nats per token over 2 bytes per token = half a bit per byte.
+        assert!((bits_per_byte(std::f64::consts::LN_2, 2.0) - 0.5).abs() < 1e-12);
     }
 
     #[test]

@@ -51,6 +51,13 @@ enum Cmd {
     Verify(cli::verify::Args),
     /// Draws the validation-loss curves of several runs into one PNG (ablations).
     Plot(cli::plot::Args),
+    /// The compiled backends, the devices that open, the CPU's kernel ISA.
+    Info(cli::info::Args),
+    /// Tokenizers for from-scratch models (`tern tokenizer train`).
+    Tokenizer {
+        #[command(subcommand)]
+        what: cli::tokenizer::Cmd,
+    },
     /// Benchmarks (figures for NOTES.md).
     Bench {
         #[command(subcommand)]
@@ -91,6 +98,8 @@ fn main() {
         Cmd::Export(a) => cli::export::run(a),
         Cmd::Verify(a) => cli::verify::run(a),
         Cmd::Plot(a) => cli::plot::run(a),
+        Cmd::Info(a) => cli::info::run(a),
+        Cmd::Tokenizer { what } => cli::tokenizer::run(what),
         Cmd::Bench { what } => cli::bench::run(what),
     });
     match res {

@@ -287,3 +287,109 @@ fn bad_requests_are_refused_and_inputs_stay_untouched() {
         "a command changed its input checkpoint"
     );
 }
+
+#[test]
+fn tokenizer_train_fits_a_bpe_that_train_and_eval_use_with_bits_per_byte() {
+    let d = tempfile::tempdir().unwrap();
+    let corpus = d.path().join("corpus.txt");
+    write_corpus(&corpus, 400);
+    let before = std::fs::read(&corpus).unwrap();
+    let tok = d.path().join("bpe.json");
+    let (c, t) = (corpus.display().to_string(), tok.display().to_string());
+
+    // Refused: --out naming the input, and a vocabulary below 256 bytes + 26 added tokens.
+    let o = tern(
+        &[
+            "tokenizer",
+            "train",
+            "--data",
+            &c,
+            "--vocab-size",
+            "300",
+            "--out",
+            &c,
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--out"), "{}", stderr(&o));
+    let o = tern(
+        &[
+            "tokenizer",
+            "train",
+            "--data",
+            &c,
+            "--vocab-size",
+            "100",
+            "--out",
+            &t,
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("--vocab-size") && !tok.exists(),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(&corpus).unwrap(),
+        before,
+        "the corpus was modified"
+    );
+
+    let o = tern(
+        &[
+            "tokenizer",
+            "train",
+            "--data",
+            &c,
+            "--vocab-size",
+            "300",
+            "--out",
+            &t,
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("300 tokens"), "{out}");
+
+    // A scratch model trains on it (EOS from the tokenizer: id 2) and eval reports bits per byte.
+    let cfg = d.path().join("cfg.toml");
+    let text = tiny_train_config(d.path())
+        .replace("vocab_size = 32", "vocab_size = 300")
+        .replace(&format!("{}/tok.json", d.path().display()), &t)
+        .replace(&format!("{}/train.txt", d.path().display()), &c)
+        .replace("steps = 30", "steps = 4");
+    std::fs::write(&cfg, text).unwrap();
+    let o = tern(
+        &["train", "--config", &cfg.display().to_string(), "--quiet"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("bits per byte"));
+    let ck = d.path().join("run/checkpoints/step-00000004");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["eos_token_id"], 2, "{config}");
+    assert_eq!(config["bos_token_id"], 0, "{config}");
+    let o = tern(
+        &[
+            "eval",
+            "--model",
+            &ck.display().to_string(),
+            "--data",
+            &c,
+            "--ctx",
+            "32",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let expect = v["nll"].as_f64().unwrap()
+        / (std::f64::consts::LN_2 * v["bytes_per_token"].as_f64().unwrap());
+    assert!((v["bpb"].as_f64().unwrap() - expect).abs() < 1e-9, "{v}");
+}

@@ -45,6 +45,13 @@ fn smoke_run_learns_and_writes_its_outputs() {
     );
     assert_eq!(s["ternary_check"]["ok"], true);
     assert_eq!(s["samples"].as_array().unwrap().len(), 3);
+    // Bits per byte = val loss / (ln 2 x bytes per scored token); the word tokenizer's tokens
+    // are words of a few bytes (the space is a token of its own).
+    let bpt = s["val_bytes_per_token"].as_f64().unwrap();
+    assert!(bpt > 1.0 && bpt < 12.0, "{s}");
+    let bpb = s["val_loss"].as_f64().unwrap() / (std::f64::consts::LN_2 * bpt);
+    assert!((s["val_bpb"].as_f64().unwrap() - bpb).abs() < 1e-9, "{s}");
+    assert!((out.val_bpb - bpb).abs() < 1e-9);
     let run = d.path().join("run");
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let recs: Vec<serde_json::Value> = lines

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use tern::bench;
-use tern::kernels::Kernels;
+use tern::kernels::{ComputeDtype, Kernels};
 use tern::mem::gib;
 use tern::model::Qwen3Config;
 use tern::quant::{QuantConfig, ScaleRule};
@@ -98,6 +98,12 @@ pub enum Cmd {
         /// attention, candle's cross-entropy over the full logits, composed AdamW).
         #[arg(long, value_enum, default_value_t = Kernels::Fused)]
         kernels: Kernels,
+        /// `f32`, or `bf16` mixed precision (GPU only).
+        #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
+        dtype: ComputeDtype,
+        /// Also print one JSON line: median tokens/s of the steps after the warm-up, and more.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -146,6 +152,8 @@ pub fn run(cmd: Cmd) -> Result<i32> {
             device,
             seed,
             kernels,
+            dtype,
+            json,
         } => {
             let quant = QuantConfig {
                 ternary: precision == Precision::Ternary,
@@ -161,8 +169,9 @@ pub fn run(cmd: Cmd) -> Result<i32> {
                 seq,
                 steps,
                 seed,
+                dtype,
             };
-            step(&b, &arch, &device)?;
+            step(&b, &arch, &device, json)?;
         }
     }
     Ok(0)
@@ -185,15 +194,16 @@ fn arch_config(arch: &str) -> Result<Qwen3Config> {
     }
 }
 
-fn step(b: &bench::step::StepBench, arch: &str, device: &str) -> Result<()> {
+fn step(b: &bench::step::StepBench, arch: &str, device: &str, json: bool) -> Result<()> {
     let device = tern::device::parse_device(device)?;
     let (cfg, peak) = (&b.arch, |x: Option<u64>| gib(x.unwrap_or(0)));
     println!(
-        "arch {arch}: {} layers, hidden {}, vocab {}; {} on {}; batch {} seq {}",
+        "arch {arch}: {} layers, hidden {}, vocab {}; {} in {:?} on {}; batch {} seq {}",
         cfg.num_hidden_layers,
         cfg.hidden_size,
         cfg.vocab_size,
         if b.quant.ternary { "ternary" } else { "full" },
+        b.dtype,
         tern::device::device_name(&device),
         b.batch,
         b.seq
@@ -222,6 +232,24 @@ fn step(b: &bench::step::StepBench, arch: &str, device: &str) -> Result<()> {
         run.init_s,
         peak(run.rss_after_init)
     );
+    if json {
+        let mut tps: Vec<f64> = run
+            .steps
+            .iter()
+            .skip(1)
+            .map(|r| (b.batch * b.seq) as f64 / (r.forward_s + r.backward_s + r.optimizer_s))
+            .collect();
+        tps.sort_by(f64::total_cmp);
+        let v = serde_json::json!({
+            "arch": arch, "device": tern::device::device_name(&device), "dtype": b.dtype,
+            "ternary": b.quant.ternary, "kernels": b.kernels, "batch": b.batch, "seq": b.seq,
+            "timed_steps": tps.len(), "tokens_per_s": tps.get(tps.len() / 2),
+            "loss_first": run.steps.first().map(|r| r.loss), "loss_last": run.steps.last().map(|r| r.loss),
+            "params_with_grad": run.steps.last().map(|r| r.params_with_grad), "tensors": run.tensors,
+            "peak_rss_gib": tern::mem::peak_rss_bytes().map(gib),
+        });
+        println!("{v}");
+    }
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use super::ModelArgs;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::time::Instant;
-use tern::eval::{perplexity, plan, score, Scheme};
+use tern::eval::{bits_per_byte, bytes_per_token, perplexity, plan, score, scored_targets, Scheme};
 
 /// Which tokens of `--data` are scored.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,11 @@ pub fn run(a: Args) -> Result<i32> {
     let nll = score(&loaded.model, &tokens, &windows, a.batch)?;
     let secs = t0.elapsed().as_secs_f64();
     let p = perplexity(&nll);
+    let bpt = bytes_per_token(
+        &scored_targets(&tokens, &windows),
+        &tok.token_byte_lengths(),
+    );
+    let bpb = bits_per_byte(p.nll, bpt);
     let tps = p.tokens as f64 / secs.max(1e-9);
     let kl = match &a.kl_base {
         Some(spec) => {
@@ -94,13 +99,17 @@ pub fn run(a: Args) -> Result<i32> {
         None => None,
     };
     if a.json {
-        let mut v = serde_json::json!({"ppl": p.ppl, "ppl_stderr": p.ppl_stderr, "nll": p.nll, "tokens": p.tokens, "tokens_per_sec": tps});
+        let mut v = serde_json::json!({"ppl": p.ppl, "ppl_stderr": p.ppl_stderr, "nll": p.nll, "tokens": p.tokens, "tokens_per_sec": tps,
+            "bpb": bpb, "bytes_per_token": bpt});
         if let Some(k) = &kl {
             v["kl"] = serde_json::to_value(k)?;
         }
         println!("{v}");
     } else {
-        println!("PPL = {:.4} +/- {:.4}", p.ppl, p.ppl_stderr);
+        println!(
+            "PPL = {:.4} +/- {:.4}, {bpb:.4} bits per byte ({bpt:.3} bytes per token)",
+            p.ppl, p.ppl_stderr
+        );
         println!(
             "{} tokens scored in {} windows, mean NLL {:.6}, {tps:.1} tokens/s",
             p.tokens,

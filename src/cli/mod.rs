@@ -5,7 +5,9 @@ pub mod bench;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod info;
 pub mod plot;
+pub mod tokenizer;
 pub mod train;
 pub mod verify;
 

@@ -82,11 +82,13 @@ fn print_summary(s: &serde_json::Value) {
         f("train_loss_last10_mean")
     );
     println!(
-        "val loss {} -> {} | val PPL {} -> {}",
+        "val loss {} -> {} | val PPL {} -> {} | bits per byte {} -> {}",
         f("val_loss_first"),
         f("val_loss"),
         f("val_ppl_first"),
-        f("val_ppl")
+        f("val_ppl"),
+        f("val_bpb_first"),
+        f("val_bpb")
     );
     let t = &s["ternary_check"];
     let share = |k: &str| t[k].as_f64().unwrap_or(0.0);

@@ -10,6 +10,7 @@ use super::topk::TopK;
 use crate::error::{Error, Result};
 use candle_core::cuda_backend::cudarc;
 use candle_core::{DType, Device, Storage, Tensor};
+use cudarc::driver::PushKernelArg;
 
 const SOURCE: &str = include_str!("softmax_topk.cu");
 const MAX_K: usize = 1024;

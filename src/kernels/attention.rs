@@ -31,7 +31,15 @@ pub fn attention(
             .reshape((b, kv_heads, g * t, tk))?,
         None => scores,
     };
-    let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    // Half-precision scores are normalized in f32 (as autocast does): exp and the row sum lose
+    // too much in bf16's 8-bit mantissa.
+    let p = match scores.dtype() {
+        DType::BF16 | DType::F16 => {
+            candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+                .to_dtype(q.dtype())?
+        }
+        _ => candle_nn::ops::softmax(&scores, D::Minus1)?,
+    };
     Ok(p.matmul(v)?.reshape((b, nh, t, hd))?)
 }
 

@@ -81,6 +81,48 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_dims)?)
 }
 
+/// dtype of activations and GEMMs in training (`[train] dtype`, `tern bench step --dtype`):
+/// `bf16` is mixed precision (f32 latent weights, AdamW state, norms, softmax and loss; bf16
+/// GEMMs), for GPUs: candle's CPU backend widens bf16 GEMMs to f32, so the CPU refuses it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl ComputeDtype {
+    pub fn dtype(self) -> DType {
+        match self {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+        }
+    }
+
+    /// The dtype to train with on `device`, or why not (bf16 on the CPU).
+    pub fn for_device(self, device: &Device) -> Result<DType> {
+        if self == ComputeDtype::Bf16 && device.is_cpu() {
+            return Err(crate::error::Error::Msg(
+                "dtype = \"bf16\" needs a GPU (train.device = \"cuda\"): candle's CPU backend has no \
+                 bf16 GEMM (it widens to f32, slower than f32 itself). Use dtype = \"f32\" on the CPU"
+                    .into(),
+            ));
+        }
+        Ok(self.dtype())
+    }
+}
+
 /// Which implementation runs for norms, RoPE, attention, the projection, the ternary linear
 /// layer, the LM-head loss and the optimizer. Fused kernels exist for the CPU (f32/f64); on
 /// other devices and dtypes every op falls back to its reference, here and nowhere else.
@@ -109,8 +151,13 @@ impl Kernels {
         self == Kernels::Fused
     }
 
-    /// RMSNorm over the last dim.
+    /// RMSNorm over the last dim. Mixed precision (x in bf16, weight f32): computed in the
+    /// weight's dtype and returned in x's, as autocast runs norms.
     pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        if x.dtype() != w.dtype() {
+            let y = self.rms_norm(&x.to_dtype(w.dtype())?, w, eps)?;
+            return Ok(y.to_dtype(x.dtype())?);
+        }
         match self {
             Kernels::Fused => norm::rms_norm(x, w, eps),
             Kernels::Reference => norm::rms_norm_reference(x, w, eps),
@@ -163,7 +210,12 @@ impl Kernels {
 
     /// `x @ P(w)^T` of a ternary linear layer (`P` = projection + STE, or identity in full
     /// precision). Fused: one op that re-projects in the backward instead of keeping `P(w)`.
+    /// Mixed precision (x in bf16, latent f32): the projection runs on the f32 latent and its
+    /// result is cast to x's dtype for the GEMM (the gradient flows back through the cast).
     pub fn ternary_linear(self, x: &Tensor, w: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
+        if x.dtype() != w.dtype() {
+            return linear(x, &self.effective_weight(w, quant)?.to_dtype(x.dtype())?);
+        }
         if self.fused() && ternary_linear::supported(x, w, quant) {
             ternary_linear::ternary_linear(x, w, quant)
         } else {
@@ -174,6 +226,7 @@ impl Kernels {
     /// Mean next-token cross-entropy of hidden states `h: [N, H]` under the LM head given by its
     /// latent weight `[V, H]` (projected under `quant`), for `targets: [N]`. Fused: chunked over
     /// tokens, the `[N, V]` logits never exist; reference: candle's cross-entropy over them.
+    /// Mixed precision (h in bf16): the head GEMM in bf16, the logits and the loss in f32.
     pub fn lm_head_loss(
         self,
         h: &Tensor,
@@ -181,6 +234,13 @@ impl Kernels {
         quant: &QuantConfig,
         targets: &Tensor,
     ) -> Result<Tensor> {
+        if h.dtype() != head_latent.dtype() {
+            let w = self
+                .effective_weight(head_latent, quant)?
+                .to_dtype(h.dtype())?;
+            let logits = linear(h, &w)?.to_dtype(head_latent.dtype())?;
+            return Ok(candle_nn::loss::cross_entropy(&logits, targets)?);
+        }
         match self {
             Kernels::Fused => {
                 let chunk = cross_entropy::default_chunk(head_latent.dim(0)?);

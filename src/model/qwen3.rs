@@ -146,6 +146,9 @@ pub struct Qwen3 {
     pub quant: QuantConfig,
     /// Fused kernels or the plain references (a run-time choice, not stored in checkpoints).
     pub kernels: Kernels,
+    /// dtype of the activations and GEMMs: the weights' (f32) or bf16 for mixed precision, where
+    /// the latent weights, norms, softmax and loss stay f32 ([`Qwen3::with_compute_dtype`]).
+    pub compute: DType,
     embed: TernaryEmbedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -168,6 +171,12 @@ impl Qwen3 {
 
     pub fn with_kernels(self, kernels: Kernels) -> Self {
         Self { kernels, ..self }
+    }
+
+    /// Mixed precision: activations and GEMMs in `dtype` (bf16), weights kept as they are (the
+    /// f32 latents the optimizer updates). `Kernels` casts at each op's boundary.
+    pub fn with_compute_dtype(self, compute: DType) -> Self {
+        Self { compute, ..self }
     }
 
     /// Builds the model from its weights by HF name: `lin` for projections (and an untied LM
@@ -216,6 +225,7 @@ impl Qwen3 {
             cfg: cfg.clone(),
             quant,
             kernels: Kernels::default(),
+            compute: norm_w(params::FINAL_NORM)?.dtype(),
             embed,
             layers,
             norm: RmsNorm::new(norm_w(params::FINAL_NORM)?, eps),
@@ -247,6 +257,7 @@ impl Qwen3 {
                 ..self.quant
             },
             kernels: k,
+            compute: self.compute,
             embed: self.embed.freeze(&q.for_embeddings(), k)?,
             layers,
             norm: self.norm.detached(),
@@ -316,8 +327,11 @@ impl Qwen3 {
     /// what `cache` holds (and appending to it). Training and scoring pass a [`NoCache`].
     pub fn forward(&self, ids: &Tensor, cache: &mut dyn Cache) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let mut x = self.embed.lookup(ids, &self.head_quant(), self.kernels)?;
-        let (dt, dev) = (self.dtype(), self.device());
+        let mut x = self
+            .embed
+            .lookup(ids, &self.head_quant(), self.kernels)?
+            .to_dtype(self.compute)?;
+        let (dt, dev) = (self.compute, self.device());
         let step = StepInfo {
             batch: b,
             new_tokens: t,
@@ -340,10 +354,14 @@ impl Qwen3 {
         self.norm.forward(&x, self.kernels)
     }
 
-    /// Logits `[..., vocab]` of hidden states `[..., H]`.
+    /// Logits `[..., vocab]` of hidden states `[..., H]`, in the weights' dtype.
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        head.forward(h, &self.head_quant(), self.kernels)
+        // Mixed precision: the head GEMM runs in the compute dtype, the logits come back in the
+        // weights' (f32) for sampling and losses.
+        Ok(head
+            .forward(h, &self.head_quant(), self.kernels)?
+            .to_dtype(self.dtype())?)
     }
 
     /// Logits `[B, T, vocab]` of every position of `ids`, nothing cached (tests, small inputs).
@@ -357,7 +375,8 @@ impl Qwen3 {
         use crate::kernels::cross_entropy::{default_chunk, lm_head_token_nll, nll_of_logits};
         let chunk = default_chunk(self.cfg.vocab_size);
         if !self.is_packed() {
-            return lm_head_token_nll(h, &self.head_weight()?, targets, chunk);
+            let w = self.head_weight()?;
+            return lm_head_token_nll(&h.to_dtype(w.dtype())?, &w, targets, chunk);
         }
         let n = h.dim(0)?;
         let tgt: Vec<u32> = targets.to_dtype(DType::U32)?.to_vec1()?;

@@ -201,6 +201,9 @@ pub struct TrainSection {
     pub out_dir: PathBuf,
     /// "fused" (tern's kernels, default) | "reference" (plain candle ops; for benchmarks)
     pub kernels: crate::kernels::Kernels,
+    /// "f32" (default) | "bf16": mixed precision on a GPU (bf16 GEMMs and activations, f32
+    /// latent weights, optimizer state, norms and loss)
+    pub dtype: crate::kernels::ComputeDtype,
 }
 
 impl Default for TrainSection {
@@ -223,6 +226,7 @@ impl Default for TrainSection {
             device: "auto".into(),
             out_dir: "runs/default".into(),
             kernels: crate::kernels::Kernels::Fused,
+            dtype: crate::kernels::ComputeDtype::F32,
         }
     }
 }

@@ -98,6 +98,8 @@ pub struct TrainOutcome {
     pub losses: Vec<(usize, f64)>,
     pub val_loss: f64,
     pub val_ppl: f64,
+    /// Bits per byte of the validation text (val_loss over ln 2 x bytes per scored token).
+    pub val_bpb: f64,
     pub interrupted: bool,
     pub checkpoint: PathBuf,
     pub summary: serde_json::Value,
@@ -195,10 +197,20 @@ pub fn read_metrics(out_dir: &Path) -> (Curve, Curve) {
 }
 
 /// Where the model comes from at the start of a run.
-fn initial_params(cfg: &TrainConfig, device: &Device) -> Result<(Qwen3Config, Params)> {
+fn initial_params(
+    cfg: &TrainConfig,
+    tok: &Tokenizer,
+    device: &Device,
+) -> Result<(Qwen3Config, Params)> {
     let m = &cfg.model;
     if m.is_scratch() {
-        let arch = m.scratch_config();
+        let mut arch = m.scratch_config();
+        // A scratch model's BOS/EOS are its tokenizer's (a corpus-trained one numbers them 0 and 2).
+        let id = |t: &str| tok.token_id(t).map(|i| serde_json::json!(i));
+        arch.bos_token_id = id("<|endoftext|>").or(arch.bos_token_id);
+        arch.eos_token_id = id("<|im_end|>")
+            .or(id("<|endoftext|>"))
+            .or(arch.eos_token_id);
         let params = Params::scratch(&arch, cfg.train.seed, DType::F32, device)?;
         return Ok((arch, params));
     }
@@ -250,7 +262,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
             (ck.config, ck.params, opt, st)
         }
         None => {
-            let (arch, params) = initial_params(cfg, &device)?;
+            let (arch, params) = initial_params(cfg, &tok, &device)?;
             let st = RunState {
                 format: 1,
                 step: 0,
@@ -274,7 +286,10 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
             arch.vocab_size
         )));
     }
-    let mut model = Qwen3::new(&arch, cfg.model.quant(), &params)?.with_kernels(cfg.train.kernels);
+    let compute = cfg.train.dtype.for_device(&device)?;
+    let mut model = Qwen3::new(&arch, cfg.model.quant(), &params)?
+        .with_kernels(cfg.train.kernels)
+        .with_compute_dtype(compute);
 
     let split = load_split(
         &cfg.data.train_file,
@@ -295,6 +310,12 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
         (cfg.eval.batches * t.batch_size).min(all_val.len())
     };
     let val = &all_val[..n_val];
+    // Bits per byte = val loss / (ln 2 x bytes per scored token): comparable across tokenizers.
+    let val_bpt = crate::eval::bytes_per_token(
+        &crate::eval::scored_targets(&split.val, val),
+        &tok.token_byte_lengths(),
+    );
+    let bpb = |loss: f64| crate::eval::bits_per_byte(loss, val_bpt);
     let mut batcher = Batcher::new(cfg.data.seq_len, cfg.data.seed);
     batcher.pos = state.data;
     let tokens_per_step = (t.batch_size * cfg.data.seq_len * t.grad_accum_steps) as u64;
@@ -315,7 +336,8 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     let eval_and_log = |model: &Qwen3, step: usize, metrics: &mut Metrics| -> Result<(f64, f64)> {
         let loss = evaluate(model, &split.val, val, t.batch_size)?;
         let ppl = loss.exp();
-        metrics.write(&json!({"step": step, "val_loss": loss, "val_ppl": ppl}));
+        metrics
+            .write(&json!({"step": step, "val_loss": loss, "val_ppl": ppl, "val_bpb": bpb(loss)}));
         let (train_curve, val_curve) = read_metrics(&out_dir);
         if let Err(e) =
             crate::plot::plot_losses(&out_dir.join("loss.png"), &train_curve, &val_curve)
@@ -430,7 +452,10 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
             let (vl, vp) = eval_and_log(&model, step, &mut metrics)?;
             say(
                 &pb,
-                format!("step {step}: val loss {vl:.4}, val PPL {vp:.2}"),
+                format!(
+                    "step {step}: val loss {vl:.4}, val PPL {vp:.2}, {:.4} bits per byte",
+                    bpb(vl)
+                ),
             );
             last_val = Some((vl, vp));
         }
@@ -461,7 +486,15 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     } else {
         vec![]
     };
-    let summary = summarize(cfg, &state, &out_dir, val_loss, &report, &samples, &ckpt);
+    let summary = summarize(
+        cfg,
+        &state,
+        &out_dir,
+        (val_loss, val_bpt),
+        &report,
+        &samples,
+        &ckpt,
+    );
     crate::files::write_atomic(
         &out_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)
@@ -473,6 +506,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
         losses,
         val_loss,
         val_ppl,
+        val_bpb: bpb(val_loss),
         interrupted,
         checkpoint: ckpt,
         summary,
@@ -532,12 +566,13 @@ fn samples(model: &Qwen3, tok: &Tokenizer) -> Result<Vec<Sample>> {
         .collect())
 }
 
-/// summary.json; the validation PPL is exp(val_loss), as every evaluation computes it.
+/// summary.json; the validation PPL is exp(val_loss), as every evaluation computes it, and bits
+/// per byte is val_loss / (ln 2 x `val_bpt`, the validation bytes per scored token).
 fn summarize(
     cfg: &TrainConfig,
     state: &RunState,
     out_dir: &Path,
-    val_loss: f64,
+    (val_loss, val_bpt): (f64, f64),
     report: &TernaryReport,
     samples: &[Sample],
     ckpt: &Path,
@@ -557,6 +592,9 @@ fn summarize(
         "val_ppl_first": val.first().map(|x| x.1.exp()),
         "val_loss": val_loss,
         "val_ppl": val_loss.exp(),
+        "val_bpb_first": val.first().map(|x| crate::eval::bits_per_byte(x.1, val_bpt)),
+        "val_bpb": crate::eval::bits_per_byte(val_loss, val_bpt),
+        "val_bytes_per_token": val_bpt,
         "elapsed_s": state.elapsed_s,
         "tokens_per_sec": state.tokens_seen as f64 / state.elapsed_s.max(1e-9),
         "peak_rss_gib": crate::mem::peak_rss_bytes().map(crate::mem::gib),
