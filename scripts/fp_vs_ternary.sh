@@ -5,7 +5,8 @@
 #   ternary        configs/tiny.toml as is (ternary from scratch), all steps
 #   fp -> ternary  configs/tiny-fp.toml (full precision, the first half of the steps), then
 #                  configs/tiny-from-fp.toml (ternary, quantization ramped in, the second half)
-#   scripts/fp_vs_ternary.sh OUT_DIR      (needs target/release/tern and the tiny default's data)
+#   [STEPS=N] scripts/fp_vs_ternary.sh OUT_DIR   (needs target/release/tern and the default's data)
+# STEPS (default: configs/tiny.toml's) is the total for every row; warmup is 5% of each run.
 # A run whose summary.json exists is not rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,10 +14,9 @@ OUT=${1:?usage: scripts/fp_vs_ternary.sh OUT_DIR}
 SEEDS=${SEEDS:-"0 1"}
 TERN=./target/release/tern
 steps() { python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["train"]["steps"])' "$1"; }
-N=$(steps configs/tiny.toml)
-HALF=$(steps configs/tiny-fp.toml)
-FT=$(steps configs/tiny-from-fp.toml)
-[ $((HALF + FT)) -eq "$N" ] || { echo "tiny-fp ($HALF) + tiny-from-fp ($FT) steps must add up to tiny ($N)" >&2; exit 1; }
+N=${STEPS:-$(steps configs/tiny.toml)}
+HALF=$((N / 2))
+FT=$((N - HALF))
 mkdir -p "$OUT"
 run() {  # run NAME CONFIG [--set ...]
   local name=$1 cfg=$2; shift 2
@@ -26,10 +26,12 @@ run() {  # run NAME CONFIG [--set ...]
 }
 for s in $SEEDS; do
   seed=(--set train.seed="$s" --set data.seed="$s")
-  run "fp-s$s" configs/tiny.toml --set model.ternary=false "${seed[@]}"
-  run "ternary-s$s" configs/tiny.toml "${seed[@]}"
-  run "fp-half-s$s" configs/tiny-fp.toml "${seed[@]}"
-  run "fp-to-ternary-s$s" configs/tiny-from-fp.toml "${seed[@]}" \
+  all=(--set train.steps="$N" --set train.warmup_steps="$((N / 20))")
+  run "fp-s$s" configs/tiny.toml --set model.ternary=false "${seed[@]}" "${all[@]}"
+  run "ternary-s$s" configs/tiny.toml "${seed[@]}" "${all[@]}"
+  run "fp-half-s$s" configs/tiny-fp.toml "${seed[@]}" --set train.steps="$HALF" --set train.warmup_steps="$((HALF / 20))"
+  run "fp-to-ternary-s$s" configs/tiny-from-fp.toml "${seed[@]}" --set train.steps="$FT" \
+    --set train.warmup_steps="$((FT / 20))" --set train.ste_ramp_steps="$((FT / 10))" \
     --set model.source="\"$OUT/fp-half-s$s/checkpoints/step-$(printf %08d "$HALF")\""
 done
 python3 - "$OUT" "$SEEDS" <<'PY'

@@ -13,7 +13,7 @@
 //! ```text
 //! error mem                     errors; heap and RSS readings
 //! device files plot hub quant   devices; atomic writes; PNG plots; HF dirs and hub ids; quantization math
-//! tokenizer kernels             BPE tokenizer; fused ops beside their references, and the one choice
+//! tokenizer kernels             BPE tokenizer (load, train); fused ops beside their references, the one choice
 //! data model                    text -> batches; Qwen3 (names, layers, caches, forward, checkpoint IO)
 //! gguf decode eval              GGUF format, export, packed load; generation; perplexity
 //! train                         config, optimizer, step, checkpoints, the loop

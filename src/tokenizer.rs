@@ -1,4 +1,5 @@
-//! The model's tokenizer: a Hugging Face `tokenizer.json`, from a path or a hub id.
+//! The model's tokenizer: a Hugging Face `tokenizer.json`, from a path or a hub id; and training
+//! one ([`train_bpe`]): a byte-level BPE fitted to a text for models trained from scratch.
 
 use crate::error::{Error, Result};
 use crate::hub::{looks_like_hub_id, resolve_file, HubOptions};

@@ -297,60 +297,34 @@ fn tokenizer_train_fits_a_bpe_that_train_and_eval_use_with_bits_per_byte() {
     let tok = d.path().join("bpe.json");
     let (c, t) = (corpus.display().to_string(), tok.display().to_string());
 
+    let train_tok = |vocab: &str, out: &str| {
+        tern(
+            &[
+                "tokenizer",
+                "train",
+                "--data",
+                &c,
+                "--vocab-size",
+                vocab,
+                "--out",
+                out,
+            ],
+            &[],
+        )
+    };
+
     // Refused: --out naming the input, and a vocabulary below 256 bytes + 26 added tokens.
-    let o = tern(
-        &[
-            "tokenizer",
-            "train",
-            "--data",
-            &c,
-            "--vocab-size",
-            "300",
-            "--out",
-            &c,
-        ],
-        &[],
-    );
+    let o = train_tok("300", &c);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("--out"), "{}", stderr(&o));
-    let o = tern(
-        &[
-            "tokenizer",
-            "train",
-            "--data",
-            &c,
-            "--vocab-size",
-            "100",
-            "--out",
-            &t,
-        ],
-        &[],
-    );
+    let o = train_tok("100", &t);
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("--vocab-size") && !tok.exists(),
-        "{}",
-        stderr(&o)
-    );
-    assert_eq!(
-        std::fs::read(&corpus).unwrap(),
-        before,
-        "the corpus was modified"
-    );
+    let e = stderr(&o);
+    assert!(e.contains("--vocab-size") && !tok.exists(), "{e}");
+    let after = std::fs::read(&corpus).unwrap();
+    assert_eq!(after, before, "the corpus was modified");
 
-    let o = tern(
-        &[
-            "tokenizer",
-            "train",
-            "--data",
-            &c,
-            "--vocab-size",
-            "300",
-            "--out",
-            &t,
-        ],
-        &[],
-    );
+    let o = train_tok("300", &t);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("300 tokens"), "{out}");

@@ -202,12 +202,17 @@ pub fn lm_head_cross_entropy_ste(
     targets: &Tensor,
     chunk: usize,
 ) -> Result<Tensor> {
-    let wq = super::Kernels::Fused.effective_weight(&w_latent.detach(), quant)?;
+    // Mixed precision: the head GEMMs run in h's dtype (bf16), the softmax and dW in the latent's.
+    let wq = super::Kernels::Fused
+        .effective_weight(&w_latent.detach(), quant)?
+        .to_dtype(h.dtype())?;
     let group_rows = (256usize << 20) / (4 * w_latent.dim(0)?.max(1));
     lm_head_cross_entropy_grouped(h, w_latent, &wq, targets, chunk, group_rows)
 }
 
-/// `w` receives the gradient; `w_compute` (detached, same shape) is what the logits use.
+/// `w` receives the gradient; `w_compute` (detached, same shape) is what the logits use. With
+/// mixed precision `h` and `w_compute` are bf16 and `w` f32: the GEMMs run in bf16, the logits'
+/// softmax, the loss and the accumulated `dW` in f32.
 fn lm_head_cross_entropy_grouped(
     h: &Tensor,
     w: &Tensor,
@@ -242,7 +247,7 @@ fn lm_head_cross_entropy_grouped(
         let mut dl_parts = Vec::with_capacity(gn.div_ceil(chunk));
         for start in (g0..g0 + gn).step_by(chunk) {
             let c = chunk.min(g0 + gn - start);
-            let logits = hd.narrow(0, start, c)?.matmul(&wt)?;
+            let logits = hd.narrow(0, start, c)?.matmul(&wt)?.to_dtype(w.dtype())?;
             let (chunk_nll, dlogits) = if logits.device().is_cpu() && logits.dtype() == DType::F32 {
                 let flat = logits.flatten_all()?.to_vec1::<f32>()?;
                 drop(logits);
@@ -262,6 +267,7 @@ fn lm_head_cross_entropy_grouped(
                 (l.iter().sum::<f64>(), d.expect("grad requested"))
             };
             nll += chunk_nll;
+            let dlogits = dlogits.to_dtype(wd.dtype())?;
             dh_parts.push(dlogits.matmul(&wd)?);
             dl_parts.push(dlogits);
         }
@@ -271,7 +277,10 @@ fn lm_head_cross_entropy_grouped(
             Tensor::cat(&dl_parts, 0)?
         };
         drop(dl_parts);
-        let part = dl.t()?.matmul(&hd.narrow(0, g0, gn)?)?;
+        let part = dl
+            .t()?
+            .matmul(&hd.narrow(0, g0, gn)?)?
+            .to_dtype(w.dtype())?;
         dw = Some(match dw {
             None => part,
             Some(acc) => (acc + part)?,
@@ -280,10 +289,11 @@ fn lm_head_cross_entropy_grouped(
     let dh = Tensor::cat(&dh_parts, 0)?;
     let dw = match dw {
         Some(d) => d,
-        None => Tensor::zeros((vocab, hidden), wd.dtype(), wd.device())?,
+        None => Tensor::zeros((vocab, hidden), w.dtype(), w.device())?,
     };
-    let value = Tensor::new((nll * scale) as f32, h.device())?.to_dtype(h.dtype())?;
-    Ok(((value + inject(h, dh)?)? + inject(w, dw)?)?)
+    let value = Tensor::new((nll * scale) as f32, h.device())?.to_dtype(w.dtype())?;
+    let through_h = inject(h, dh)?.to_dtype(w.dtype())?;
+    Ok(((value + through_h)? + inject(w, dw)?)?)
 }
 
 /// NLL of each row of already computed logits `[c, vocab]` (row-major) for `targets`.

@@ -226,7 +226,8 @@ impl Kernels {
     /// Mean next-token cross-entropy of hidden states `h: [N, H]` under the LM head given by its
     /// latent weight `[V, H]` (projected under `quant`), for `targets: [N]`. Fused: chunked over
     /// tokens, the `[N, V]` logits never exist; reference: candle's cross-entropy over them.
-    /// Mixed precision (h in bf16): the head GEMM in bf16, the logits and the loss in f32.
+    /// Mixed precision (h in bf16): the head GEMMs in bf16, the logits' softmax and the loss in
+    /// the latent's dtype (f32), chunked or not alike.
     pub fn lm_head_loss(
         self,
         h: &Tensor,
@@ -234,20 +235,16 @@ impl Kernels {
         quant: &QuantConfig,
         targets: &Tensor,
     ) -> Result<Tensor> {
-        if h.dtype() != head_latent.dtype() {
-            let w = self
-                .effective_weight(head_latent, quant)?
-                .to_dtype(h.dtype())?;
-            let logits = linear(h, &w)?.to_dtype(head_latent.dtype())?;
-            return Ok(candle_nn::loss::cross_entropy(&logits, targets)?);
-        }
         match self {
             Kernels::Fused => {
                 let chunk = cross_entropy::default_chunk(head_latent.dim(0)?);
                 cross_entropy::lm_head_cross_entropy_ste(h, head_latent, quant, targets, chunk)
             }
             Kernels::Reference => {
-                let logits = linear(h, &self.effective_weight(head_latent, quant)?)?;
+                let w = self
+                    .effective_weight(head_latent, quant)?
+                    .to_dtype(h.dtype())?;
+                let logits = linear(h, &w)?.to_dtype(head_latent.dtype())?;
                 Ok(candle_nn::loss::cross_entropy(&logits, targets)?)
             }
         }
