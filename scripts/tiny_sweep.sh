@@ -2,8 +2,8 @@
 # The tiny default's shape by measurement (issue 16): each candidate (vocab x width x depth)
 # trains for the SAME wall-time budget (steps = budget x its measured tokens/s / tokens per step,
 # fixed in the table below so reruns are deterministic), two seeds each; prints bits per byte.
-#   scripts/tiny_sweep.sh OUT_DIR            (needs target/release/tern and data/foldoc-*.json:
-#                                             tern tokenizer train --data data/train_data.txt ...)
+#   scripts/tiny_sweep.sh OUT_DIR            (needs target/release/tern and data/train_data.txt;
+#                                             fits data/foldoc-VOCAB.json where missing)
 # Rows: name vocab hidden ffn layers head_dim steps. Heads: hidden/head_dim, KV heads half of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,7 @@ v4096-w192-d6 4096 192 576 6 48 596"}
 mkdir -p "$OUT"
 while read -r name vocab hidden ffn layers hd steps; do
   [ -z "$name" ] && continue
+  scripts/foldoc_tokenizer.sh "$vocab" >/dev/null
   heads=$((hidden / hd))
   for seed in $SEEDS; do
     run="$OUT/$name-s$seed"

@@ -25,7 +25,7 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    /// configs/tiny.toml's model and batch.
+    /// configs/tiny.toml's model and batch (its own 8,192-token vocabulary since session 5).
     pub fn tiny() -> Self {
         Self {
             name: "tiny",
@@ -36,7 +36,7 @@ impl Sizes {
             heads: 4,
             kv_heads: 2,
             head_dim: 32,
-            vocab: 151_936,
+            vocab: 8_192,
         }
     }
     /// One Qwen3-0.6B layer (and its head) at batch 1, seq 512.

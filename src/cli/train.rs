@@ -115,6 +115,11 @@ fn print_summary(s: &serde_json::Value) {
                 x["prompt"].as_str().unwrap_or(""),
                 x["text"].as_str().unwrap_or("")
             );
+            println!(
+                "  (first 32 words: {:.0}% distinct, longest repeat {})",
+                100.0 * x["distinct_word_share"].as_f64().unwrap_or(0.0),
+                x["longest_word_run"]
+            );
         }
     }
     println!("checkpoint: {}", s["checkpoint"].as_str().unwrap_or("-"));

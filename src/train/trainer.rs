@@ -606,12 +606,35 @@ fn summarize(
             "share_zero": shares[1],
             "share_plus1": shares[2],
         },
-        "samples": samples.iter().map(|x| json!({"prompt": x.prompt, "text": x.greedy})).collect::<Vec<_>>(),
-        "samples_sampled": samples.iter().map(|x| json!({"prompt": x.prompt, "text": x.sampled})).collect::<Vec<_>>(),
+        "samples": samples.iter().map(|x| sample_json(&x.prompt, &x.greedy)).collect::<Vec<_>>(),
+        "samples_sampled": samples.iter().map(|x| sample_json(&x.prompt, &x.sampled)).collect::<Vec<_>>(),
         "samples_sampled_settings": {"temp": SAMPLED.temp, "top_k": SAMPLED.top_k, "top_p": SAMPLED.top_p,
             "min_p": SAMPLED.min_p, "seed": SAMPLED.seed},
         "checkpoint": ckpt.display().to_string(),
     })
+}
+
+/// A sample with its degeneracy measures over its first 32 words: the share of distinct words
+/// and the longest run of one word repeated ("the the the" = 3).
+fn sample_json(prompt: &str, text: &str) -> serde_json::Value {
+    let (distinct, run) = word_stats(text, 32);
+    json!({"prompt": prompt, "text": text, "distinct_word_share": distinct, "longest_word_run": run})
+}
+
+/// (distinct words / words, longest run of one repeated word) over the first `n` words.
+fn word_stats(text: &str, n: usize) -> (f64, usize) {
+    let words: Vec<&str> = text.split_whitespace().take(n).collect();
+    let distinct: std::collections::HashSet<&str> = words.iter().copied().collect();
+    let (mut run, mut longest) = (0, 0);
+    for (i, w) in words.iter().enumerate() {
+        run = if i > 0 && words[i - 1] == *w {
+            run + 1
+        } else {
+            1
+        };
+        longest = longest.max(run);
+    }
+    (distinct.len() as f64 / words.len().max(1) as f64, longest)
 }
 
 /// A line for the user: above the progress bar, or in the log when there is none.
@@ -636,4 +659,18 @@ fn progress_bar(show: bool, steps: usize, start: usize) -> indicatif::ProgressBa
     );
     pb.set_position(start as u64);
     pb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::word_stats;
+
+    #[test]
+    fn word_stats_measure_distinct_words_and_the_longest_repeat() {
+        assert_eq!(word_stats("the the the cat", 32), (0.5, 3));
+        assert_eq!(word_stats("a b c d", 32), (1.0, 1));
+        // Only the first n words count; no words at all is not a division by zero.
+        assert_eq!(word_stats("x y y y y y", 3), (2.0 / 3.0, 2));
+        assert_eq!(word_stats("", 32), (0.0, 0));
+    }
 }
