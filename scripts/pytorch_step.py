@@ -65,6 +65,7 @@ class Block(torch.nn.Module):
         k = self.k_norm(self.k_proj(h).view(b, t, self.nkv, self.hd)).transpose(1, 2)
         v = self.v_proj(h).view(b, t, self.nkv, self.hd).transpose(1, 2)
         rot = lambda z: torch.cat((-z[..., self.hd // 2:], z[..., : self.hd // 2]), -1)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast q and k are bf16
         q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         x = x + self.o_proj(o.transpose(1, 2).reshape(b, t, -1))

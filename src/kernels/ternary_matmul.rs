@@ -272,32 +272,24 @@ impl QuantizedRows {
     /// `wide`: quantize per 128 (the scale stored for both 64-blocks, the sum in the first):
     /// the same data for the per-64 math, one scale per super-block for the wide kernels.
     pub fn new(x: &[f32], n: usize, cols: usize, sbs: usize, wide: bool) -> Self {
-        let blk_len = if wide { SB } else { BLK };
         let width = sbs * SB;
         let mut q = vec![0i8; n * width];
         let mut scale = vec![0f32; n * sbs * 2];
         let mut sum = vec![0i32; n * sbs * 2];
-        for i in 0..n {
-            let row = &x[i * cols..(i + 1) * cols];
-            for (c, blk) in row.chunks(blk_len).enumerate() {
-                let b = c * blk_len / BLK;
-                let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-                if amax == 0.0 || !amax.is_finite() {
-                    continue; // all zero (or not finite: the block reads as zero)
-                }
-                let inv = 127.0 / amax;
-                let dst = &mut q[i * width + b * BLK..i * width + b * BLK + blk.len()];
-                let mut s = 0i32;
-                for (d, v) in dst.iter_mut().zip(blk) {
-                    *d = (v * inv).round() as i8;
-                    s += *d as i32;
-                }
-                scale[i * sbs * 2 + b] = amax / 127.0;
-                if wide {
-                    scale[i * sbs * 2 + b + 1] = amax / 127.0;
-                }
-                sum[i * sbs * 2 + b] = s;
-            }
+        // Prefill quantizes hundreds of rows per matmul: in parallel (decode's one row is not
+        // worth a fork).
+        if n >= 8 {
+            q.par_chunks_mut(width)
+                .zip(scale.par_chunks_mut(sbs * 2))
+                .zip(sum.par_chunks_mut(sbs * 2))
+                .zip(x.par_chunks(cols))
+                .for_each(|(((q, s), m), x)| quantize_row(x, wide, q, s, m));
+        } else {
+            q.chunks_mut(width)
+                .zip(scale.chunks_mut(sbs * 2))
+                .zip(sum.chunks_mut(sbs * 2))
+                .zip(x.chunks(cols))
+                .for_each(|(((q, s), m), x)| quantize_row(x, wide, q, s, m));
         }
         Self { q, scale, sum, sbs }
     }
@@ -309,6 +301,30 @@ impl QuantizedRows {
             &self.scale[i * s..(i + 1) * s],
             &self.sum[i * s..(i + 1) * s],
         )
+    }
+}
+
+/// One activation row quantized per 64-block (per 128 when `wide`: the scale stored for both
+/// 64-blocks, the sum in the first) into `q` (zero-padded), `scale` and `sum`.
+fn quantize_row(x: &[f32], wide: bool, q: &mut [i8], scale: &mut [f32], sum: &mut [i32]) {
+    let blk_len = if wide { SB } else { BLK };
+    for (c, blk) in x.chunks(blk_len).enumerate() {
+        let b = c * blk_len / BLK;
+        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if amax == 0.0 || !amax.is_finite() {
+            continue; // all zero (or not finite: the block reads as zero)
+        }
+        let inv = 127.0 / amax;
+        let mut s = 0i32;
+        for (d, v) in q[b * BLK..b * BLK + blk.len()].iter_mut().zip(blk) {
+            *d = (v * inv).round() as i8;
+            s += *d as i32;
+        }
+        scale[b] = amax / 127.0;
+        if wide {
+            scale[b + 1] = amax / 127.0;
+        }
+        sum[b] = s;
     }
 }
 
@@ -823,7 +839,8 @@ mod tests {
         ] {
             let (_, m) = packed(rows, cols, p, group);
             assert_eq!(m.wide, wide, "{p:?} group {group}");
-            for n in [1, 3, 6] {
+            // 9 tokens: the activations are quantized in parallel (8 or more rows).
+            for n in [1, 3, 6, 9] {
                 let x = input(n, cols);
                 let xq = QuantizedRows::new(&x, n, cols, m.sbs, m.wide);
                 let reference = matmul_reference(&m, &x, n);

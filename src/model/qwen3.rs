@@ -221,14 +221,15 @@ impl Qwen3 {
         } else {
             Some(lin(params::LM_HEAD)?)
         };
+        let norm = RmsNorm::new(norm_w(params::FINAL_NORM)?, eps);
         Ok(Self {
             cfg: cfg.clone(),
             quant,
             kernels: Kernels::default(),
-            compute: norm_w(params::FINAL_NORM)?.dtype(),
+            compute: norm.weight.dtype(),
             embed,
             layers,
-            norm: RmsNorm::new(norm_w(params::FINAL_NORM)?, eps),
+            norm,
             lm_head,
             rope: Rope::new(cfg.head_dim(), cfg.rope_theta),
         })
