@@ -13,8 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: scripts/fp_vs_ternary.sh OUT_DIR}
 SEEDS=${SEEDS:-"0 1"}
 TERN=./target/release/tern
-steps() { python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["train"]["steps"])' "$1"; }
-N=${STEPS:-$(steps configs/tiny.toml)}
+N=${STEPS:-$(sed -n 's/^steps *= *\([0-9]*\).*/\1/p' configs/tiny.toml | head -1)}
 HALF=$((N / 2))
 FT=$((N - HALF))
 mkdir -p "$OUT"

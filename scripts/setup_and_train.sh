@@ -8,5 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch_assets.sh
 cargo build --release
-scripts/foldoc_tokenizer.sh "$(python3 -c 'import tomllib; print(tomllib.load(open("configs/tiny.toml", "rb"))["model"]["vocab_size"])')"
+# The vocabulary size configs/tiny.toml sets (its `vocab_size = N` line).
+vocab=$(sed -n 's/^vocab_size *= *\([0-9]*\).*/\1/p' configs/tiny.toml | head -1)
+scripts/foldoc_tokenizer.sh "$vocab"
 exec ./target/release/tern train --config configs/tiny.toml "$@"
