@@ -78,7 +78,7 @@ impl StepBench {
             // the optimizer, so the phases add up to the step's wall time.
             device.synchronize()?;
             let wall = t0.elapsed().as_secs_f64();
-            r.optimizer_s += (wall - (r.forward_s + r.backward_s + r.optimizer_s)).max(0.0);
+            r.optimizer_s += (wall - r.total_s()).max(0.0);
             on_step(i, &r);
             steps.push(r);
         }

@@ -209,7 +209,7 @@ fn step(b: &bench::step::StepBench, arch: &str, device: &str, json: bool) -> Res
         b.seq
     );
     let run = b.run(&device, |i, r| {
-        let total = r.forward_s + r.backward_s + r.optimizer_s;
+        let total = r.total_s();
         println!(
             "step {i}{}: loss {:.4}, forward {:.2}s, backward {:.2}s, optimizer {:.2}s, total {total:.2}s, {:.0} tokens/s, \
              params with grad {}, peak rss {:.2} GiB (after forward {:.2}, after backward {:.2})",
@@ -237,7 +237,7 @@ fn step(b: &bench::step::StepBench, arch: &str, device: &str, json: bool) -> Res
             .steps
             .iter()
             .skip(1)
-            .map(|r| (b.batch * b.seq) as f64 / (r.forward_s + r.backward_s + r.optimizer_s))
+            .map(|r| (b.batch * b.seq) as f64 / r.total_s())
             .collect();
         tps.sort_by(f64::total_cmp);
         let v = serde_json::json!({

@@ -33,14 +33,11 @@ fn backends() -> Vec<&'static str> {
 fn devices() -> (Vec<String>, Vec<String>) {
     let mut ok = vec!["cpu".to_string()];
     let mut failed = Vec::new();
-    for kind in ["cuda", "metal"] {
-        let compiled = match kind {
-            "cuda" => candle_core::utils::cuda_is_available(),
-            _ => candle_core::utils::metal_is_available(),
-        };
-        if !compiled {
-            continue;
-        }
+    let compiled = [
+        ("cuda", candle_core::utils::cuda_is_available()),
+        ("metal", candle_core::utils::metal_is_available()),
+    ];
+    for (kind, _) in compiled.into_iter().filter(|k| k.1) {
         for n in 0..16 {
             let spec = format!("{kind}:{n}");
             match tern::device::parse_device(&spec) {

@@ -46,6 +46,13 @@ pub struct StepReport {
     pub peak_rss_after_backward: Option<u64>,
 }
 
+impl StepReport {
+    /// Seconds of the whole step: forward, backward and optimizer.
+    pub fn total_s(&self) -> f64 {
+        self.forward_s + self.backward_s + self.optimizer_s
+    }
+}
+
 /// Settings of one step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepConfig {
