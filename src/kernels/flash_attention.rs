@@ -141,6 +141,7 @@ impl Visible {
     }
 }
 
+#[inline(always)]
 fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     // Eight independent accumulators so the compiler vectorizes the loop.
     let mut acc = [T::zero(); 8];
@@ -159,6 +160,7 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
 }
 
 /// y += a * x
+#[inline(always)]
 fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
     for (o, &v) in y.iter_mut().zip(x) {
         *o = *o + a * v;
@@ -173,80 +175,172 @@ pub fn forward<T: Float + Send + Sync>(
     dims: Dims,
     cfg: &FlashConfig,
 ) -> (Vec<T>, Vec<T>) {
+    forward_strided(q, k, v, dims, dims.tk * dims.d, cfg)
+}
+
+/// [`forward`] with K/V heads `kv_stride` elements apart (each head's `Tk` rows of `d`
+/// contiguous): a KV cache's buffer `[B, KV, capacity, d]` is read in place, not copied.
+pub fn forward_strided<T: Float + Send + Sync>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    dims: Dims,
+    kv_stride: usize,
+    cfg: &FlashConfig,
+) -> (Vec<T>, Vec<T>) {
     let Dims {
         t, tk, d, h, kv, ..
     } = dims;
     let (tile, g) = (cfg.tile, dims.group());
-    let scale = T::from(dims.scale()).unwrap_or_else(T::one);
     let mut o = vec![T::zero(); q.len()];
     let mut lse = vec![T::zero(); dims.b * h * t];
+    let wide = SimdLevel::detect();
     o.par_chunks_mut(t * d)
         .zip(lse.par_chunks_mut(t))
         .enumerate()
         .for_each(|(bh, (o_head, l_head))| {
             let (b, hh) = (bh / h, bh % h);
             let vis = Visible::new(&dims, cfg, b);
-            let kv_base = (b * kv + hh / g) * tk * d;
-            let (kh, vh) = (&k[kv_base..kv_base + tk * d], &v[kv_base..kv_base + tk * d]);
-            let q_head = &q[bh * t * d..(bh + 1) * t * d];
+            let kv_base = (b * kv + hh / g) * kv_stride;
+            let head = Head {
+                q: &q[bh * t * d..(bh + 1) * t * d],
+                k: &k[kv_base..kv_base + tk * d],
+                v: &v[kv_base..kv_base + tk * d],
+                vis,
+                dims,
+                tile,
+            };
             o_head
                 .par_chunks_mut(tile * d)
                 .zip(l_head.par_chunks_mut(tile))
                 .enumerate()
-                .for_each(|(qt, (o_tile, l_tile))| {
-                    let i0 = qt * tile;
-                    let rows = l_tile.len();
-                    let mut m = vec![T::neg_infinity(); rows];
-                    let mut l = vec![T::zero(); rows];
-                    let mut s = vec![T::zero(); tile];
-                    // Keys any row of this tile can see: tiles outside lo..hi are skipped whole.
-                    let lo = vis.range(i0).0;
-                    let hi = vis.range(i0 + rows - 1).1;
-                    let mut j0 = lo - lo % tile;
-                    while j0 < hi {
-                        let j1 = (j0 + tile).min(tk);
-                        for r in 0..rows {
-                            let (rlo, rhi) = vis.range(i0 + r);
-                            let (a, z) = (rlo.max(j0), rhi.min(j1));
-                            if a >= z {
-                                continue; // this row sees nothing here: the fully-masked hazard
-                            }
-                            let qi = &q_head[(i0 + r) * d..(i0 + r + 1) * d];
-                            let mut mt = T::neg_infinity();
-                            for j in a..z {
-                                let sj = dot(qi, &kh[j * d..(j + 1) * d]) * scale;
-                                s[j - j0] = sj;
-                                mt = mt.max(sj);
-                            }
-                            let m_new = m[r].max(mt);
-                            let acc = &mut o_tile[r * d..(r + 1) * d];
-                            if m[r] != m_new {
-                                let f = (m[r] - m_new).exp(); // 0 when m was -inf
-                                l[r] = l[r] * f;
-                                acc.iter_mut().for_each(|x| *x = *x * f);
-                                m[r] = m_new;
-                            }
-                            for j in a..z {
-                                let p = (s[j - j0] - m_new).exp();
-                                l[r] = l[r] + p;
-                                axpy(acc, p, &vh[j * d..(j + 1) * d]);
-                            }
-                        }
-                        j0 = j1;
-                    }
-                    for r in 0..rows {
-                        let acc = &mut o_tile[r * d..(r + 1) * d];
-                        if l[r] > T::zero() {
-                            let inv = l[r].recip();
-                            acc.iter_mut().for_each(|x| *x = *x * inv);
-                            l_tile[r] = m[r] + l[r].ln();
-                        } else {
-                            l_tile[r] = T::neg_infinity();
-                        }
-                    }
-                });
+                .for_each(|(qt, (o_tile, l_tile))| wide.run(&head, qt * tile, o_tile, l_tile));
         });
     (o, lse)
+}
+
+/// One (batch, head): its queries, its KV head's keys and values, and what each row sees.
+struct Head<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    vis: Visible,
+    dims: Dims,
+    tile: usize,
+}
+
+/// The vector width the forward tiles are compiled for, detected at run time (the crate is
+/// built for baseline x86-64, whose 128-bit SSE2 would run `dot`/`axpy` at a quarter of
+/// AVX-512's width).
+#[derive(Clone, Copy)]
+enum SimdLevel {
+    Baseline,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl SimdLevel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return SimdLevel::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Baseline
+    }
+
+    fn run<T: Float>(self, head: &Head<T>, i0: usize, o: &mut [T], l: &mut [T]) {
+        match self {
+            SimdLevel::Baseline => fwd_tile(head, i0, o, l),
+            // SAFETY: `detect` chose these only where the CPU has the features.
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 => unsafe { fwd_tile_avx2(head, i0, o, l) },
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 => unsafe { fwd_tile_avx512(head, i0, o, l) },
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fwd_tile_avx2<T: Float>(head: &Head<T>, i0: usize, o: &mut [T], l: &mut [T]) {
+    fwd_tile(head, i0, o, l)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn fwd_tile_avx512<T: Float>(head: &Head<T>, i0: usize, o: &mut [T], l: &mut [T]) {
+    fwd_tile(head, i0, o, l)
+}
+
+/// The forward of one tile of query rows `i0..i0 + l.len()`: output rows `o` and their L.
+#[inline(always)]
+fn fwd_tile<T: Float>(head: &Head<T>, i0: usize, o_tile: &mut [T], l_tile: &mut [T]) {
+    let Head {
+        q: q_head,
+        k: kh,
+        v: vh,
+        vis,
+        dims,
+        tile,
+    } = *head;
+    let (tk, d) = (dims.tk, dims.d);
+    let scale = T::from(dims.scale()).unwrap_or_else(T::one);
+    let rows = l_tile.len();
+    let mut m = vec![T::neg_infinity(); rows];
+    let mut l = vec![T::zero(); rows];
+    let mut s = vec![T::zero(); tile];
+    // Keys any row of this tile can see: tiles outside lo..hi are skipped whole.
+    let lo = vis.range(i0).0;
+    let hi = vis.range(i0 + rows - 1).1;
+    let mut j0 = lo - lo % tile;
+    while j0 < hi {
+        let j1 = (j0 + tile).min(tk);
+        for r in 0..rows {
+            let (rlo, rhi) = vis.range(i0 + r);
+            let (a, z) = (rlo.max(j0), rhi.min(j1));
+            if a >= z {
+                continue; // this row sees nothing here: the fully-masked hazard
+            }
+            let qi = &q_head[(i0 + r) * d..(i0 + r + 1) * d];
+            let mut mt = T::neg_infinity();
+            for j in a..z {
+                let sj = dot(qi, &kh[j * d..(j + 1) * d]) * scale;
+                s[j - j0] = sj;
+                mt = mt.max(sj);
+            }
+            let m_new = m[r].max(mt);
+            let acc = &mut o_tile[r * d..(r + 1) * d];
+            if m[r] != m_new {
+                let f = (m[r] - m_new).exp(); // 0 when m was -inf
+                l[r] = l[r] * f;
+                acc.iter_mut().for_each(|x| *x = *x * f);
+                m[r] = m_new;
+            }
+            for j in a..z {
+                let p = (s[j - j0] - m_new).exp();
+                l[r] = l[r] + p;
+                axpy(acc, p, &vh[j * d..(j + 1) * d]);
+            }
+        }
+        j0 = j1;
+    }
+    for r in 0..rows {
+        let acc = &mut o_tile[r * d..(r + 1) * d];
+        if l[r] > T::zero() {
+            let inv = l[r].recip();
+            acc.iter_mut().for_each(|x| *x = *x * inv);
+            l_tile[r] = m[r] + l[r].ln();
+        } else {
+            l_tile[r] = T::neg_infinity();
+        }
+    }
 }
 
 /// Gradients of one (query row, key row) pair: p = exp(s - L), ds = p * (dP - D).
@@ -393,9 +487,10 @@ impl FlashOp {
         k: &[T],
         v: &[T],
         dims: Dims,
+        kv_stride: usize,
         shape: Shape,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (o, lse) = forward(q, k, v, dims, &self.cfg);
+        let (o, lse) = forward_strided(q, k, v, dims, kv_stride, &self.cfg);
         *self.lse.lock().expect("lse lock") =
             lse.iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).collect();
         Ok((T::to_cpu_storage_owned(o), shape))
@@ -450,19 +545,25 @@ impl CustomOp3 for FlashOp {
             );
         }
         let shape = ql.shape().clone();
+        let stride = match (kv_head_stride(kl), kv_head_stride(vl)) {
+            (Some(a), Some(b)) if a == b => a,
+            _ => candle_core::bail!("flash attention: k and v need one layout of whole rows"),
+        };
         match (qs, ks, vs) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => self.fwd(
                 contiguous_slice(q, ql, "flash attention: q")?,
-                contiguous_slice(k, kl, "flash attention: k")?,
-                contiguous_slice(v, vl, "flash attention: v")?,
+                kv_slice(k, kl, stride)?,
+                kv_slice(v, vl, stride)?,
                 dims,
+                stride,
                 shape,
             ),
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => self.fwd(
                 contiguous_slice(q, ql, "flash attention: q")?,
-                contiguous_slice(k, kl, "flash attention: k")?,
-                contiguous_slice(v, vl, "flash attention: v")?,
+                kv_slice(k, kl, stride)?,
+                kv_slice(v, vl, stride)?,
                 dims,
+                stride,
                 shape,
             ),
             _ => candle_core::bail!("flash attention: q, k, v must share one dtype, f32 or f64"),
@@ -500,8 +601,45 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &FlashConfig) ->
         cfg: cfg.clone(),
         lse: Mutex::new(Vec::new()),
     };
-    Ok(q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+    // K/V are read in place when each head's rows are contiguous (a KV cache's buffer viewed
+    // up to its length); anything else is copied once.
+    let in_place = |t: &Tensor| match kv_head_stride(t.layout()) {
+        Some(_) => Ok(t.clone()),
+        None => t.contiguous(),
+    };
+    let (mut k, mut v) = (in_place(k)?, in_place(v)?);
+    if kv_head_stride(k.layout()) != kv_head_stride(v.layout()) {
+        (k, v) = (k.contiguous()?, v.contiguous()?);
+    }
+    Ok(q.contiguous()?.apply_op3(&k, &v, op)?)
+}
+
+/// Elements between consecutive heads of K or V `[B, KV, Tk, d]` when each head's `Tk * d`
+/// values are contiguous and the heads evenly spaced (contiguous, or a cache buffer
+/// `[B, KV, capacity, d]` narrowed to `Tk`); `None` for any other layout.
+fn kv_head_stride(l: &Layout) -> Option<usize> {
+    let (dims, st) = (l.dims(), l.stride());
+    let [b, kv, tk, d] = *dims else { return None };
+    let rows_ok = (d <= 1 || st[3] == 1) && (tk <= 1 || st[2] == d);
+    // Head (b, h) sits at (b * kv + h) * stride: one stride for both indices.
+    let heads_ok = b <= 1 || kv <= 1 || st[0] == st[1] * kv;
+    let stride = match (b, kv) {
+        (_, 2..) => st[1],
+        (2.., _) => st[0],
+        _ => tk * d,
+    };
+    (rows_ok && heads_ok && stride >= tk * d).then_some(stride)
+}
+
+/// The values of K or V from its first element, checked to hold every head at `stride`.
+fn kv_slice<'a, T>(data: &'a [T], l: &Layout, stride: usize) -> candle_core::Result<&'a [T]> {
+    let (dims, start) = (l.dims(), l.start_offset());
+    let heads = dims[0] * dims[1];
+    let need = heads.saturating_sub(1) * stride + dims[2] * dims[3];
+    match data.get(start..start + need) {
+        Some(s) => Ok(s),
+        None => candle_core::bail!("flash attention: k/v layout {l:?} outside its storage"),
+    }
 }
 
 /// Additive mask `[B, 1, 1, T, Tk]` (0 or -inf) for `cfg`, shaped for [`super::attention::attention`].
@@ -635,6 +773,34 @@ mod tests {
                 "b{b} h{h} kv{kv} t{t} tk{tk} d{d} tile{tile} causal{causal}: rel err {err}"
             );
         }
+    }
+
+    /// K/V read in place from a wider buffer (a KV cache's `[B, KV, capacity, d]` narrowed to
+    /// its length) give the same output as contiguous K/V, and no copy is needed to run.
+    #[test]
+    fn strided_kv_heads_match_contiguous_kv() {
+        let (b, h, kv, t, tk, d, cap) = (2, 4, 2, 3, 37, 16, 64);
+        let (q, k, v) = qkv(b, h, kv, t, tk, d, DType::F32);
+        let buf = |x: &Tensor| {
+            let z = Tensor::zeros((b, kv, cap, d), DType::F32, &Device::Cpu).unwrap();
+            z.slice_set(x, 2, 0).unwrap();
+            z.narrow(2, 0, tk).unwrap()
+        };
+        let (ks, vs) = (buf(&k), buf(&v));
+        assert!(!ks.is_contiguous());
+        assert_eq!(kv_head_stride(ks.layout()), Some(cap * d));
+        assert_eq!(kv_head_stride(k.layout()), Some(tk * d));
+        // A layout whose rows are not contiguous is copied, not misread.
+        assert_eq!(kv_head_stride(k.transpose(2, 3).unwrap().layout()), None);
+        let cfg = FlashConfig {
+            tile: 8,
+            ..FlashConfig::default()
+        };
+        let want = flash_attention(&q, &k, &v, &cfg).unwrap();
+        let got = flash_attention(&q, &ks, &vs, &cfg).unwrap();
+        assert_eq!(max_rel(&got, &want), 0.0);
+        let reference = attention_reference(&q, &k, &v, &cfg).unwrap();
+        assert!(max_rel(&got, &reference) < 1e-5);
     }
 
     #[test]

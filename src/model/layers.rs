@@ -55,6 +55,13 @@ impl TernaryLinear {
 
 /// `x @ W^T` with packed `W` (CPU, no gradient): `x: [..., in]`.
 pub fn packed_linear(x: &Tensor, m: &PackedMatrix) -> Result<Tensor> {
+    let mut out = packed_linear_many(x, &[m])?;
+    Ok(out.pop().expect("one matrix, one output"))
+}
+
+/// `x @ W_m^T` for several packed matrices reading the same `x` (one activation quantization,
+/// one parallel region: `ternary_matmul::matmul_many`).
+fn packed_linear_many(x: &Tensor, mats: &[&PackedMatrix]) -> Result<Vec<Tensor>> {
     if !x.device().is_cpu() {
         return Err(Error::Msg(
             "packed (GGUF) weights run on the CPU only; use --device cpu".into(),
@@ -66,11 +73,36 @@ pub fn packed_linear(x: &Tensor, m: &PackedMatrix) -> Result<Tensor> {
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    debug_assert_eq!(dims.last().copied(), Some(m.cols));
-    let y = m.matmul(&flat, n);
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("rank >= 1") = m.rows;
-    Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
+    let ys = crate::kernels::ternary_matmul::matmul_many(mats, &flat, n);
+    ys.into_iter()
+        .zip(mats)
+        .map(|(y, m)| {
+            let mut out_dims = dims.clone();
+            *out_dims.last_mut().expect("rank >= 1") = m.rows;
+            Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
+        })
+        .collect()
+}
+
+/// `x @ W^T` of several layers that read the same `x` (q/k/v, gate/up): packed ones share one
+/// quantization of `x` and one parallel region; dense ones run one by one.
+pub fn forward_many<const N: usize>(
+    layers: [&TernaryLinear; N],
+    x: &Tensor,
+    quant: &QuantConfig,
+    kernels: Kernels,
+) -> Result<[Tensor; N]> {
+    let packed: Vec<&PackedMatrix> = layers.iter().filter_map(|l| l.packed.as_ref()).collect();
+    let out: Vec<Tensor> = if packed.len() == N {
+        packed_linear_many(x, &packed)?
+    } else {
+        layers
+            .iter()
+            .map(|l| l.forward(x, quant, kernels))
+            .collect::<Result<_>>()?
+    };
+    out.try_into()
+        .map_err(|_| Error::Msg("forward_many: one output per layer".into()))
 }
 
 /// The token embedding `[vocab, hidden]` is the same kind of matrix: its rows are looked up

@@ -14,7 +14,7 @@
 
 use super::cache::{Cache, NoCache, Positions, StepInfo};
 use super::config::Qwen3Config;
-use super::layers::{RmsNorm, TernaryEmbedding, TernaryLinear};
+use super::layers::{forward_many, RmsNorm, TernaryEmbedding, TernaryLinear};
 use super::params::{self, LayerTensor, Params};
 use crate::error::{Error, Result};
 use crate::kernels::rope::Rope;
@@ -49,20 +49,10 @@ impl Attention {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_norm.forward(
-            &self.q.forward(x, quant, kern)?.reshape((b, t, nh, hd))?,
-            kern,
-        )?;
-        let k = self.k_norm.forward(
-            &self.k.forward(x, quant, kern)?.reshape((b, t, nkv, hd))?,
-            kern,
-        )?;
-        let v = self
-            .v
-            .forward(x, quant, kern)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let [q, k, v] = forward_many([&self.q, &self.k, &self.v], x, quant, kern)?;
+        let q = self.q_norm.forward(&q.reshape((b, t, nh, hd))?, kern)?;
+        let k = self.k_norm.forward(&k.reshape((b, t, nkv, hd))?, kern)?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         Ok((kern.rope(&q, cos, sin)?, kern.rope(&k, cos, sin)?, v))
     }
 
@@ -97,7 +87,8 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, quant: &QuantConfig, kern: Kernels) -> Result<Tensor> {
-        let h = (self.gate.forward(x, quant, kern)?.silu()? * self.up.forward(x, quant, kern)?)?;
+        let [gate, up] = forward_many([&self.gate, &self.up], x, quant, kern)?;
+        let h = (gate.silu()? * up)?;
         self.down.forward(&h, quant, kern)
     }
     fn freeze(&self, quant: &QuantConfig, kern: Kernels) -> Result<Self> {
