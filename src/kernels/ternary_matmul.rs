@@ -481,6 +481,14 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
+    /// `-sum` in lane 0 of an otherwise zero i32x8: added to a super-block's integer dot it
+    /// applies the correction `sum t*x = sum q*x - sum x` (module doc) in integers, instead of
+    /// a float correction per token and block.
+    #[inline(always)]
+    unsafe fn start(sum: i32) -> __m256i {
+        _mm256_zextsi128_si256(_mm_cvtsi32_si128(-sum))
+    }
+
     /// The tile loop shared by the x86 kernels; `dot2(p_a, x_a, p_b, x_b)` is the i32x8 sum of
     /// two 32-wide u8 x i8 dot products (the only part that differs between ISAs).
     #[inline(always)]
@@ -494,7 +502,6 @@ mod x86 {
         // T is a constant: the token loop unrolls and the accumulators stay in registers.
         let mask = _mm256_set1_epi8(3);
         let mut acc = [_mm256_setzero_ps(); T];
-        let mut corr = [0f32; T];
         for sb in 0..codes.len() / 32 {
             let c = _mm256_loadu_si256(codes.as_ptr().add(sb * 32) as *const __m256i);
             let p = [
@@ -511,21 +518,24 @@ mod x86 {
                 let d0 = dot2(p[0], x(0), p[1], x(32));
                 let d1 = dot2(p[2], x(64), p[3], x(96));
                 if WIDE {
-                    // One scale for the super-block: add the integer dots first.
+                    // One scale for the super-block: add the integer dots (and the integer
+                    // correction, see `start`) first.
                     let s0 = ws[b0] * xsc[b0];
-                    let d = _mm256_add_epi32(d0, d1);
+                    let d = _mm256_add_epi32(_mm256_add_epi32(d0, d1), start(xsum[b0]));
                     acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s0), acc[k]);
-                    corr[k] += xsum[b0] as f32 * s0;
                 } else {
                     let (s0, s1) = (ws[b0] * xsc[b0], ws[b1] * xsc[b1]);
+                    let (d0, d1) = (
+                        _mm256_add_epi32(d0, start(xsum[b0])),
+                        _mm256_add_epi32(d1, start(xsum[b1])),
+                    );
                     acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(s0), acc[k]);
                     acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(s1), acc[k]);
-                    corr[k] += xsum[b0] as f32 * s0 + xsum[b1] as f32 * s1;
                 }
             }
         }
         for k in 0..T {
-            out[k] = hsum(acc[k]) - corr[k];
+            out[k] = hsum(acc[k]);
         }
     }
 
@@ -585,7 +595,6 @@ mod x86 {
         let (xq, xsc, xsum) = *x;
         let mask = _mm256_set1_epi8(3);
         let mut acc = [_mm256_setzero_ps(); R];
-        let mut corr = [0f32; R];
         for sb in 0..cb / 32 {
             let xp = xq.as_ptr().add(sb * SB);
             let xv = [0, 32, 64, 96].map(|o| _mm256_loadu_si256(xp.add(o) as *const __m256i));
@@ -604,19 +613,21 @@ mod x86 {
                 let d1 = dot2(p2, xv[2], p3, xv[3]);
                 if WIDE {
                     let s0 = ws[j * sbw + b0] * xsc[b0];
-                    let d = _mm256_add_epi32(d0, d1);
+                    let d = _mm256_add_epi32(_mm256_add_epi32(d0, d1), start(xsum[b0]));
                     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s0), acc[j]);
-                    corr[j] += xsum[b0] as f32 * s0;
                 } else {
                     let (s0, s1) = (ws[j * sbw + b0] * xsc[b0], ws[j * sbw + b1] * xsc[b1]);
+                    let (d0, d1) = (
+                        _mm256_add_epi32(d0, start(xsum[b0])),
+                        _mm256_add_epi32(d1, start(xsum[b1])),
+                    );
                     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(s0), acc[j]);
                     acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(s1), acc[j]);
-                    corr[j] += xsum[b0] as f32 * s0 + xsum[b1] as f32 * s1;
                 }
             }
         }
         for (j, o) in out.iter_mut().enumerate() {
-            *o = hsum(acc[j]) - corr[j];
+            *o = hsum(acc[j]);
         }
     }
 
@@ -706,38 +717,61 @@ mod x86 {
             )
         }
 
-        /// One token's contribution of one super-block to `acc` (and its correction to `corr`).
+        /// One token's activations as raw pointers (read at super-block offsets without bounds
+        /// checks in the hot loop; the callers' slices cover every super-block of the row).
+        #[derive(Clone, Copy)]
+        pub struct XPtr {
+            q: *const i8,
+            scale: *const f32,
+            sum: *const i32,
+        }
+
+        impl XPtr {
+            pub fn of(x: &XRow) -> Self {
+                Self {
+                    q: x.0.as_ptr(),
+                    scale: x.1.as_ptr(),
+                    sum: x.2.as_ptr(),
+                }
+            }
+        }
+
+        /// `-sum` in lane 0 of an otherwise zero accumulator: the integer dot then starts at
+        /// the correction `sum t*x = sum q*x - sum x` (module doc), so no float correction
+        /// is kept per token.
+        #[inline(always)]
+        unsafe fn start(sum: i32) -> __m512i {
+            _mm512_zextsi128_si512(_mm_cvtsi32_si128(-sum))
+        }
+
+        /// One token's contribution of one super-block to `acc`.
         #[inline(always)]
         pub unsafe fn step<const WIDE: bool>(
             p: (__m512i, __m512i),
-            x: &XRow,
+            x: XPtr,
             sb: usize,
             w0: f32,
             w1: f32,
             acc: &mut __m512,
-            corr: &mut f32,
         ) {
-            let (xq, xsc, xsum) = *x;
-            let xp = xq.as_ptr().add(sb * SB);
+            let xp = x.q.add(sb * SB);
             let x01 = _mm512_loadu_si512(xp as *const __m512i);
             let x23 = _mm512_loadu_si512(xp.add(64) as *const __m512i);
             let (b0, b1) = (2 * sb, 2 * sb + 1);
             if WIDE {
                 let d = _mm512_dpbusd_epi32(
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), p.0, x01),
+                    _mm512_dpbusd_epi32(start(*x.sum.add(b0)), p.0, x01),
                     p.1,
                     x23,
                 );
-                let s0 = w0 * xsc[b0];
+                let s0 = w0 * *x.scale.add(b0);
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s0), *acc);
-                *corr += xsum[b0] as f32 * s0;
             } else {
-                let d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), p.0, x01);
-                let d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), p.1, x23);
-                let (s0, s1) = (w0 * xsc[b0], w1 * xsc[b1]);
+                let d0 = _mm512_dpbusd_epi32(start(*x.sum.add(b0)), p.0, x01);
+                let d1 = _mm512_dpbusd_epi32(start(*x.sum.add(b1)), p.1, x23);
+                let (s0, s1) = (w0 * *x.scale.add(b0), w1 * *x.scale.add(b1));
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(s0), *acc);
                 *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(s1), *acc);
-                *corr += xsum[b0] as f32 * s0 + xsum[b1] as f32 * s1;
             }
         }
 
@@ -748,24 +782,18 @@ mod x86 {
             xs: &[XRow],
             out: &mut [f32],
         ) {
+            let x: [XPtr; T] = std::array::from_fn(|k| XPtr::of(&xs[k]));
             let mut acc = [_mm512_setzero_ps(); T];
-            let mut corr = [0f32; T];
+            let (c, w) = (codes.as_ptr(), ws.as_ptr());
             for sb in 0..codes.len() / 32 {
-                let p = planes(codes.as_ptr().add(sb * 32));
+                let p = planes(c.add(sb * 32));
+                let (w0, w1) = (*w.add(2 * sb), *w.add(2 * sb + 1));
                 for k in 0..T {
-                    step::<WIDE>(
-                        p,
-                        &xs[k],
-                        sb,
-                        ws[2 * sb],
-                        ws[2 * sb + 1],
-                        &mut acc[k],
-                        &mut corr[k],
-                    );
+                    step::<WIDE>(p, x[k], sb, w0, w1, &mut acc[k]);
                 }
             }
             for k in 0..T {
-                out[k] = _mm512_reduce_add_ps(acc[k]) - corr[k];
+                out[k] = _mm512_reduce_add_ps(acc[k]);
             }
         }
 
@@ -773,18 +801,19 @@ mod x86 {
         pub unsafe fn rows<const WIDE: bool>(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
             const R: usize = crate::kernels::ternary_matmul::ROWS;
             let (cb, sbw) = (codes.len() / R, ws.len() / R);
+            let x = XPtr::of(x);
+            let (c, w) = (codes.as_ptr(), ws.as_ptr());
             let mut acc = [_mm512_setzero_ps(); R];
-            let mut corr = [0f32; R];
             for sb in 0..cb / 32 {
                 for j in 0..R {
-                    let at = codes.as_ptr().add(j * cb + sb * 32);
+                    let at = c.add(j * cb + sb * 32);
                     _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(super::PREFETCH) as *const i8);
-                    let (w0, w1) = (ws[j * sbw + 2 * sb], ws[j * sbw + 2 * sb + 1]);
-                    step::<WIDE>(planes(at), x, sb, w0, w1, &mut acc[j], &mut corr[j]);
+                    let (w0, w1) = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
+                    step::<WIDE>(planes(at), x, sb, w0, w1, &mut acc[j]);
                 }
             }
             for j in 0..R {
-                out[j] = _mm512_reduce_add_ps(acc[j]) - corr[j];
+                out[j] = _mm512_reduce_add_ps(acc[j]);
             }
         }
     }
