@@ -805,11 +805,11 @@ mod x86 {
             let (c, w) = (codes.as_ptr(), ws.as_ptr());
             let mut acc = [_mm512_setzero_ps(); R];
             for sb in 0..cb / 32 {
-                for j in 0..R {
+                for (j, a) in acc.iter_mut().enumerate() {
                     let at = c.add(j * cb + sb * 32);
                     _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(super::PREFETCH) as *const i8);
                     let (w0, w1) = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
-                    step::<WIDE>(planes(at), x, sb, w0, w1, &mut acc[j]);
+                    step::<WIDE>(planes(at), x, sb, w0, w1, a);
                 }
             }
             for j in 0..R {
