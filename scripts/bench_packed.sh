@@ -7,13 +7,15 @@
 #   3. `tern bench decode --gguf --json` and llama-bench at each thread count, plus the
 #      machine's read bandwidth (scripts/membw.c) for the decode bound;
 #   4. results.md (a table with the ratios) and the raw JSON lines in OUT_DIR.
-# Usage: scripts/bench_packed.sh [OUT_DIR]   (env: THREADS="1 2", PROMPT=64, GEN=32)
+#   Both sides report the mean and standard deviation of REPS timed repetitions (llama-bench -r).
+# Usage: scripts/bench_packed.sh [OUT_DIR]   (env: THREADS="1 2", PROMPT=64, GEN=32, REPS=5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/bench-packed}
 threads=${THREADS:-1 2}
 prompt=${PROMPT:-64}
 gen=${GEN:-32}
+reps=${REPS:-5}
 mkdir -p "$out"
 cargo build --release >&2
 tern=./target/release/tern
@@ -32,8 +34,8 @@ gcc -O3 -march=native -fopenmp scripts/membw.c -o "$out/membw"
 for t in $threads; do
   echo "$t $("$out/membw" "$t")" >> "$out/membw.txt"
   # Separate processes: each load and RSS is its own.
-  $tern bench decode --gguf "$out/q2_0.gguf" --prompt "$prompt" -n "$gen" --threads "$t" --json >> "$out/tern.jsonl"
-  "$bin/llama-bench" -m "$out/tq2_0.gguf" -m "$out/q2_0.gguf" -p "$prompt" -n "$gen" -t "$t" -o jsonl >> "$out/llama.jsonl"
+  $tern bench decode --gguf "$out/q2_0.gguf" --prompt "$prompt" -n "$gen" -r "$reps" --threads "$t" --json >> "$out/tern.jsonl"
+  "$bin/llama-bench" -m "$out/tq2_0.gguf" -m "$out/q2_0.gguf" -p "$prompt" -n "$gen" -r "$reps" -t "$t" -o jsonl >> "$out/llama.jsonl"
 done
 python3 - "$out" <<'PY'
 import json, os, sys
@@ -49,13 +51,15 @@ for t in tern:
     def llama_rate(name, gen):
         for r in llama:
             if r["n_threads"] == n and os.path.basename(r["model_filename"]) == name and (r["n_gen"] > 0) == gen:
-                return r["avg_ts"]
-        return float("nan")
+                return r["avg_ts"], r["stddev_ts"]
+        return float("nan"), float("nan")
     tq_p, tq_d = llama_rate("tq2_0.gguf", False), llama_rate("tq2_0.gguf", True)
     q2_p, q2_d = llama_rate("q2_0.gguf", False), llama_rate("q2_0.gguf", True)
     bound = bw.get(n, float("nan")) * 1e9 / q2_bytes
-    rows.append(f"| {n} | {t['prefill_tok_s']:.1f} | {t['decode_tok_s']:.1f} | {tq_p:.1f} | {tq_d:.1f} | {q2_p:.1f} | {q2_d:.1f} | "
-                f"{t['decode_tok_s']/tq_d:.2f}x | {t['prefill_tok_s']/tq_p:.2f}x | {bw.get(n, float('nan')):.1f} | {bound:.0f} | {t['decode_tok_s']/bound:.0%} |")
+    pm = lambda r: f"{r[0]:.1f} ± {r[1]:.1f}"
+    tp, td = (t["prefill_tok_s"], t.get("prefill_tok_s_sd", 0.0)), (t["decode_tok_s"], t.get("decode_tok_s_sd", 0.0))
+    rows.append(f"| {n} | {pm(tp)} | {pm(td)} | {pm(tq_p)} | {pm(tq_d)} | {pm(q2_p)} | {pm(q2_d)} | "
+                f"{td[0]/tq_d[0]:.2f}x | {tp[0]/tq_p[0]:.2f}x | {bw.get(n, float('nan')):.1f} | {bound:.0f} | {td[0]/bound:.0%} |")
 table = "\n".join(rows)
 print(table)
 open(f"{out}/results.md", "w").write(table + "\n")

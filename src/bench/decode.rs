@@ -10,15 +10,20 @@ use std::time::Instant;
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DecodeSpeed {
     pub prompt_tokens: usize,
+    /// Mean over the repetitions (each repetition's own rate, averaged, as llama-bench does).
     pub prefill_s: f64,
     pub prefill_tok_s: f64,
+    pub prefill_tok_s_sd: f64,
     pub decode_tokens: usize,
     pub decode_tok_s: f64,
+    pub decode_tok_s_sd: f64,
+    pub reps: usize,
 }
 
-/// One warm-up, then a timed prefill (1 new token) and a timed run of `n` new tokens; decode
-/// speed excludes the prefill.
-pub fn measure(model: &Qwen3, prompt: usize, n: usize) -> Result<DecodeSpeed> {
+/// One warm-up, then `reps` times a timed prefill (1 new token) and a timed run of `n` new
+/// tokens; decode speed excludes the prefill. Rates are the mean and sample standard deviation
+/// of the repetitions' rates.
+pub fn measure(model: &Qwen3, prompt: usize, n: usize, reps: usize) -> Result<DecodeSpeed> {
     let ids: Vec<u32> = (0..prompt as u32)
         .map(|i| (i * 7919 + 11) % model.cfg.vocab_size as u32)
         .collect();
@@ -42,18 +47,51 @@ pub fn measure(model: &Qwen3, prompt: usize, n: usize) -> Result<DecodeSpeed> {
         )
     };
     run(2)?;
-    let t0 = Instant::now();
-    run(1)?;
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let out = run(n)?;
-    let total = t1.elapsed().as_secs_f64();
-    let decode_tokens = out[0].0.len().saturating_sub(1);
+    let (mut prefill, mut decode, mut prefill_s, mut decode_tokens) = (vec![], vec![], 0.0, 0);
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        run(1)?;
+        let p = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let out = run(n)?;
+        let total = t1.elapsed().as_secs_f64();
+        decode_tokens = out[0].0.len().saturating_sub(1);
+        prefill_s += p;
+        prefill.push(prompt as f64 / p.max(1e-9));
+        decode.push(decode_tokens as f64 / (total - p).max(1e-9));
+    }
+    let (prefill_tok_s, prefill_tok_s_sd) = mean_sd(&prefill);
+    let (decode_tok_s, decode_tok_s_sd) = mean_sd(&decode);
     Ok(DecodeSpeed {
         prompt_tokens: prompt,
-        prefill_s,
-        prefill_tok_s: prompt as f64 / prefill_s.max(1e-9),
+        prefill_s: prefill_s / prefill.len() as f64,
+        prefill_tok_s,
+        prefill_tok_s_sd,
         decode_tokens,
-        decode_tok_s: decode_tokens as f64 / (total - prefill_s).max(1e-9),
+        decode_tok_s,
+        decode_tok_s_sd,
+        reps: prefill.len(),
     })
+}
+
+/// Mean and sample standard deviation (0 for a single value).
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mean_and_sample_sd() {
+        assert_eq!(super::mean_sd(&[3.0]), (3.0, 0.0));
+        let (m, sd) = super::mean_sd(&[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(m, 2.5);
+        assert!((sd - 1.2909944).abs() < 1e-6);
+    }
 }

@@ -53,6 +53,9 @@ pub enum Cmd {
         prompt: usize,
         #[arg(short = 'n', long, default_value_t = 64, value_parser = super::at_least_one)]
         tokens: usize,
+        /// Timed repetitions (after one warm-up); rates are their mean and standard deviation.
+        #[arg(short = 'r', long, default_value_t = 1, value_parser = super::at_least_one)]
+        reps: usize,
         /// One JSON line per model instead of text.
         #[arg(long)]
         json: bool,
@@ -133,8 +136,9 @@ pub fn run(cmd: Cmd) -> Result<i32> {
             gguf,
             prompt,
             tokens,
+            reps,
             json,
-        } => decode(model, gguf, prompt, tokens, json)?,
+        } => decode(model, gguf, prompt, tokens, reps, json)?,
         Cmd::MakeModel {
             arch,
             out,
@@ -258,6 +262,7 @@ fn decode(
     gguf: Option<PathBuf>,
     prompt: usize,
     n: usize,
+    reps: usize,
     json: bool,
 ) -> Result<()> {
     anyhow::ensure!(
@@ -273,26 +278,30 @@ fn decode(
         let m = super::load_model(&spec, Precision::Ternary, "cpu")?.model;
         let load_s = t0.elapsed().as_secs_f64();
         let rss = tern::mem::rss_bytes().unwrap_or(0);
-        let s = bench::decode::measure(&m, prompt, n)?;
+        let s = bench::decode::measure(&m, prompt, n, reps)?;
         let isa = tern::kernels::ternary_matmul::Isa::detect().name();
         if json {
             let v = serde_json::json!({"model": spec, "kind": kind, "threads": rayon::current_num_threads(),
                 "kernel": if m.is_packed() { isa } else { "dense f32" }, "load_s": load_s,
                 "rss_after_load_mib": rss as f64 / 1048576.0, "rss_before_load_mib": rss0 as f64 / 1048576.0,
                 "prompt_tokens": s.prompt_tokens, "prefill_s": s.prefill_s, "prefill_tok_s": s.prefill_tok_s,
-                "decode_tokens": s.decode_tokens, "decode_tok_s": s.decode_tok_s});
+                "prefill_tok_s_sd": s.prefill_tok_s_sd, "decode_tokens": s.decode_tokens,
+                "decode_tok_s": s.decode_tok_s, "decode_tok_s_sd": s.decode_tok_s_sd, "reps": s.reps});
             println!("{v}");
         } else {
             println!(
                 "{kind} {spec} ({}; {} threads): load {load_s:.2} s, rss {:.1} MiB; prefill {prompt} tokens {:.3} s \
-                 ({:.1} tokens/s); decode {:.1} tokens/s ({} tokens)",
+                 ({:.1} +/- {:.1} tokens/s); decode {:.1} +/- {:.1} tokens/s ({} tokens; {} reps)",
                 if m.is_packed() { isa } else { "dense" },
                 rayon::current_num_threads(),
                 rss as f64 / 1048576.0,
                 s.prefill_s,
                 s.prefill_tok_s,
+                s.prefill_tok_s_sd,
                 s.decode_tok_s,
-                s.decode_tokens
+                s.decode_tok_s_sd,
+                s.decode_tokens,
+                s.reps
             );
         }
     }

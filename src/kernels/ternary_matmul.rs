@@ -35,6 +35,9 @@ const BLK: usize = 64;
 const TILE: usize = 4;
 /// Rows that share one load of a token's activations (decode).
 const ROWS: usize = 4;
+/// Rows that share each token's activation loads in a prefill tile (AVX-512 VNNI: 2 rows x 4
+/// tokens keep 8 accumulators, 4 code planes and 2 activation vectors in registers).
+const PAIR: usize = 2;
 
 /// A byte of four 2-bit codes -> the four codes in the low bits of four bytes (little endian).
 const SPREAD: [u32; 256] = {
@@ -287,15 +290,19 @@ impl RowTask<'_> {
         }
         // Token tiles outside, the task's rows inside: the rows' codes (at most 64 rows) stay
         // in L1/L2 while each tile's activations are read once per task, not per row.
-        let mut tile = [0f32; TILE];
+        let mut tile = [0f32; PAIR * TILE];
         for t0 in (0..n).step_by(TILE) {
             let tn = TILE.min(n - t0);
-            for r in self.rows.clone() {
-                let codes = &m.codes[r * cb..(r + 1) * cb];
-                let ws = &m.scales[r * sb..(r + 1) * sb];
-                dot_tile(isa, m.wide, codes, ws, xq, t0, &mut tile[..tn]);
-                for (k, v) in tile[..tn].iter().enumerate() {
-                    *self.out.0.add((t0 + k) * m.rows + r) = *v;
+            for r in self.rows.clone().step_by(PAIR) {
+                let nr = PAIR.min(self.rows.end - r);
+                let codes = &m.codes[r * cb..(r + nr) * cb];
+                let ws = &m.scales[r * sb..(r + nr) * sb];
+                let out = &mut tile[..nr * tn];
+                dot_tile(isa, m.wide, codes, ws, xq, t0, out);
+                for (j, row) in out.chunks(tn).enumerate() {
+                    for (k, v) in row.iter().enumerate() {
+                        *self.out.0.add((t0 + k) * m.rows + r + j) = *v;
+                    }
                 }
             }
         }
@@ -373,7 +380,8 @@ fn quantize_row(x: &[f32], wide: bool, q: &mut [i8], scale: &mut [f32], sum: &mu
     }
 }
 
-/// `out[k] = W_row . x[t0 + k]` for the tokens of one tile (at most `TILE`).
+/// `out[j * tn + k] = W_{row j} . x[t0 + k]` for one or two consecutive rows (`codes`, `ws`
+/// hold them in order) and the `tn` tokens of one tile (at most `TILE`).
 fn dot_tile(
     isa: Isa,
     wide: bool,
@@ -383,11 +391,24 @@ fn dot_tile(
     t0: usize,
     out: &mut [f32],
 ) {
+    let nr = ws.len() / (2 * xq.sbs);
+    let tn = out.len() / nr;
     let mut tile: [XRow; TILE] = [(&[], &[], &[]); TILE];
-    for (k, t) in tile.iter_mut().enumerate().take(out.len()) {
+    for (k, t) in tile.iter_mut().enumerate().take(tn) {
         *t = xq.row(t0 + k);
     }
-    dot_tile_isa(isa, wide, codes, ws, &tile[..out.len()], out)
+    let xs = &tile[..tn];
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && nr == PAIR {
+        // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.
+        unsafe { x86::dot_tile2_avx512vnni(wide, codes, ws, xs, out) };
+        return;
+    }
+    let (cb, sb) = (codes.len() / nr, ws.len() / nr);
+    for (j, o) in out.chunks_mut(tn).enumerate() {
+        let (c, w) = (&codes[j * cb..(j + 1) * cb], &ws[j * sb..(j + 1) * sb]);
+        dot_tile_isa(isa, wide, c, w, xs, o);
+    }
 }
 
 fn dot_tile_isa(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], rows: &[XRow], out: &mut [f32]) {
@@ -797,6 +818,59 @@ mod x86 {
             }
         }
 
+        /// [`tile`] for two rows at once (`codes`, `ws` hold both): each token's activation
+        /// loads and integer correction serve both rows. `out` is `[2][T]`.
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        pub unsafe fn tile2<const T: usize, const WIDE: bool>(
+            codes: &[u8],
+            ws: &[f32],
+            xs: &[XRow],
+            out: &mut [f32],
+        ) {
+            let x: [XPtr; T] = std::array::from_fn(|k| XPtr::of(&xs[k]));
+            let (cb, sbw) = (codes.len() / 2, ws.len() / 2);
+            let (ca, cb_) = (codes.as_ptr(), codes.as_ptr().add(cb));
+            let (wa, wb) = (ws.as_ptr(), ws.as_ptr().add(sbw));
+            let mut acc = [[_mm512_setzero_ps(); T]; 2];
+            for sb in 0..cb / 32 {
+                let pa = planes(ca.add(sb * 32));
+                let pb = planes(cb_.add(sb * 32));
+                let w = [
+                    (*wa.add(2 * sb), *wa.add(2 * sb + 1)),
+                    (*wb.add(2 * sb), *wb.add(2 * sb + 1)),
+                ];
+                for k in 0..T {
+                    let xp = x[k].q.add(sb * SB);
+                    let x01 = _mm512_loadu_si512(xp as *const __m512i);
+                    let x23 = _mm512_loadu_si512(xp.add(64) as *const __m512i);
+                    let (b0, b1) = (2 * sb, 2 * sb + 1);
+                    let (sc0, sc1) = (*x[k].scale.add(b0), *x[k].scale.add(b1));
+                    let (z0, z1) = (start(*x[k].sum.add(b0)), start(*x[k].sum.add(b1)));
+                    for (r, p) in [pa, pb].into_iter().enumerate() {
+                        let a = &mut acc[r][k];
+                        let (w0, w1) = w[r];
+                        if WIDE {
+                            let d =
+                                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z0, p.0, x01), p.1, x23);
+                            let s0 = _mm512_set1_ps(w0 * sc0);
+                            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s0, *a);
+                        } else {
+                            let d0 = _mm512_dpbusd_epi32(z0, p.0, x01);
+                            let d1 = _mm512_dpbusd_epi32(z1, p.1, x23);
+                            let (s0, s1) = (_mm512_set1_ps(w0 * sc0), _mm512_set1_ps(w1 * sc1));
+                            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), s0, *a);
+                            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), s1, *a);
+                        }
+                    }
+                }
+            }
+            for r in 0..2 {
+                for k in 0..T {
+                    out[r * T + k] = _mm512_reduce_add_ps(acc[r][k]);
+                }
+            }
+        }
+
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
         pub unsafe fn rows<const WIDE: bool>(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
             const R: usize = crate::kernels::ternary_matmul::ROWS;
@@ -815,6 +889,27 @@ mod x86 {
             for j in 0..R {
                 out[j] = _mm512_reduce_add_ps(acc[j]);
             }
+        }
+    }
+
+    /// [`dot_tile_avx512vnni`] for two rows (`out`: `[2][xs.len()]`).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+    pub unsafe fn dot_tile2_avx512vnni(
+        wide: bool,
+        codes: &[u8],
+        ws: &[f32],
+        xs: &[XRow],
+        out: &mut [f32],
+    ) {
+        match (xs.len(), wide) {
+            (4, true) => z::tile2::<4, true>(codes, ws, xs, out),
+            (3, true) => z::tile2::<3, true>(codes, ws, xs, out),
+            (2, true) => z::tile2::<2, true>(codes, ws, xs, out),
+            (_, true) => z::tile2::<1, true>(codes, ws, xs, out),
+            (4, false) => z::tile2::<4, false>(codes, ws, xs, out),
+            (3, false) => z::tile2::<3, false>(codes, ws, xs, out),
+            (2, false) => z::tile2::<2, false>(codes, ws, xs, out),
+            (_, false) => z::tile2::<1, false>(codes, ws, xs, out),
         }
     }
 
