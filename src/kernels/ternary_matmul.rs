@@ -359,6 +359,30 @@ impl QuantizedRows {
 /// One activation row quantized per 64-block (per 128 when `wide`: the scale stored for both
 /// 64-blocks, the sum in the first) into `q` (zero-padded), `scale` and `sum`.
 fn quantize_row(x: &[f32], wide: bool, q: &mut [i8], scale: &mut [f32], sum: &mut [i32]) {
+    // Baseline x86-64 (SSE2) has no vector rounding: `round` would be a libm call per value.
+    // The same loop compiled for AVX2 rounds 8 values per instruction.
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { quantize_row_avx2(x, wide, q, scale, sum) };
+    }
+    quantize_row_body(x, wide, q, scale, sum)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(
+    x: &[f32],
+    wide: bool,
+    q: &mut [i8],
+    scale: &mut [f32],
+    sum: &mut [i32],
+) {
+    quantize_row_body(x, wide, q, scale, sum)
+}
+
+#[inline(always)]
+fn quantize_row_body(x: &[f32], wide: bool, q: &mut [i8], scale: &mut [f32], sum: &mut [i32]) {
     let blk_len = if wide { SB } else { BLK };
     for (c, blk) in x.chunks(blk_len).enumerate() {
         let b = c * blk_len / BLK;
