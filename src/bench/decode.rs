@@ -20,9 +20,9 @@ pub struct DecodeSpeed {
     pub reps: usize,
 }
 
-/// One warm-up, then `reps` times a timed prefill (1 new token) and a timed run of `n` new
-/// tokens; decode speed excludes the prefill. Rates are the mean and sample standard deviation
-/// of the repetitions' rates.
+/// One warm-up, then `reps` times a timed prefill (1 new token) and a run of `n` new tokens
+/// whose decode is timed from the first sampled token to the last (`n - 1` decode forwards, no
+/// prefill in it). Rates are the mean and sample standard deviation of the repetitions' rates.
 pub fn measure(model: &Qwen3, prompt: usize, n: usize, reps: usize) -> Result<DecodeSpeed> {
     let ids: Vec<u32> = (0..prompt as u32)
         .map(|i| (i * 7919 + 11) % model.cfg.vocab_size as u32)
@@ -35,7 +35,9 @@ pub fn measure(model: &Qwen3, prompt: usize, n: usize, reps: usize) -> Result<De
         },
         eos: vec![],
     };
-    let run = |max_new: usize| {
+    // `on_token` runs as each token is sampled: the first right after the prefill, the next
+    // ones after each decode forward, so decode is timed between the first and last token.
+    let run = |max_new: usize, stamps: &mut Vec<Instant>| {
         generate_batch(
             model,
             std::slice::from_ref(&ids),
@@ -43,22 +45,28 @@ pub fn measure(model: &Qwen3, prompt: usize, n: usize, reps: usize) -> Result<De
                 max_new,
                 ..cfg.clone()
             },
-            |_, _| false,
+            |_, _| {
+                stamps.push(Instant::now());
+                false
+            },
         )
     };
-    run(2)?;
+    run(2, &mut Vec::new())?;
     let (mut prefill, mut decode, mut prefill_s, mut decode_tokens) = (vec![], vec![], 0.0, 0);
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
-        run(1)?;
+        run(1, &mut Vec::new())?;
         let p = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let out = run(n)?;
-        let total = t1.elapsed().as_secs_f64();
-        decode_tokens = out[0].0.len().saturating_sub(1);
+        let mut stamps = Vec::with_capacity(n);
+        run(n, &mut stamps)?;
+        decode_tokens = stamps.len().saturating_sub(1);
+        let span = match (stamps.first(), stamps.last()) {
+            (Some(a), Some(b)) => (*b - *a).as_secs_f64(),
+            _ => 0.0,
+        };
         prefill_s += p;
         prefill.push(prompt as f64 / p.max(1e-9));
-        decode.push(decode_tokens as f64 / (total - p).max(1e-9));
+        decode.push(decode_tokens as f64 / span.max(1e-9));
     }
     let (prefill_tok_s, prefill_tok_s_sd) = mean_sd(&prefill);
     let (decode_tok_s, decode_tok_s_sd) = mean_sd(&decode);
