@@ -15,11 +15,15 @@
 //!    Q8 and bitnet.cpp's I2_S do.
 //! 3. The dot products in integers: `sum_j t_j xq_j = sum_j q_j xq_j - sum_j xq_j`, where the
 //!    first sum is exactly what `maddubs` (u8 x i8, AVX2) or `dpbusd` (AVX-512 VNNI / AVX-VNNI)
-//!    compute; each 64-block's integer dot is scaled by `w_scale * x_scale` into an f32
-//!    accumulator. Several tokens share one unpacking of the codes (tiles of up to 4 tokens),
-//!    so prefill is a packed GEMM, not a loop of matrix-vector products.
+//!    compute; the x86 kernels start each block's integer accumulator at `-sum_j xq_j` (lane 0),
+//!    so the correction costs no float work. Each block's integer dot is scaled by
+//!    `w_scale * x_scale` into an f32 accumulator. Several tokens share one unpacking of the
+//!    codes (tiles of up to 4 tokens; on AVX-512 VNNI 2 rows x 4 tokens share the activation
+//!    loads too), so prefill is a packed GEMM, not a loop of matrix-vector products. Matrices
+//!    that read the same input (q/k/v, gate/up) share one quantization and one parallel region
+//!    ([`matmul_many`]).
 //!
-//! Kernels: AVX-512 VNNI (256-bit, `avx512vnni` + `avx512vl`), AVX-VNNI, AVX2, and a portable
+//! Kernels: AVX-512 VNNI (512-bit, `avx512vnni` + `avx512bw`), AVX-VNNI, AVX2, and a portable
 //! one written to auto-vectorize; [`Isa::detect`] picks one at run time, and every one is tested
 //! against [`matmul_reference`] (dequantize, then f32) and against the portable kernel on odd
 //! shapes. On a GPU the same layout maps to `dp4a` / IMMA with the planes unpacked in registers.
