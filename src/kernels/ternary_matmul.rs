@@ -10,14 +10,16 @@
 //!    the 32 bytes by 2k and masking with 3 then yields elements `32k .. 32k + 32` in order: one
 //!    vector load and four shift/and pairs unpack 128 weights, with no shuffles. Resident size:
 //!    2 bits per weight plus 0.5 bit of f32 scale (the file's f16 scale is 0.25).
-//! 2. Per call, [`QuantizedRows::new`]: each activation row is quantized per 64-block, absmax
-//!    to int8 (`x ~ s * xq`, s = max|x| / 127), with the block's sum of `xq` kept, as llama.cpp's
-//!    Q8 and bitnet.cpp's I2_S do.
+//! 2. Per call, [`QuantizedRows::new`]: each activation row is quantized per 32 values (one
+//!    code plane), absmax to int8 (`x ~ s * xq`, s = max|x| / 127), as llama.cpp's Q8_0 does,
+//!    with each group's `s * sum(xq)` kept for the correction below. (Per 128 values was ~10%
+//!    faster but put 1.1% of the trained tiny model's top tokens off the f32 model's.)
 //! 3. The dot products in integers: `sum_j t_j xq_j = sum_j q_j xq_j - sum_j xq_j`, where the
 //!    first sum is exactly what `maddubs` (u8 x i8, AVX2) or `dpbusd` (AVX-512 VNNI / AVX-VNNI)
-//!    compute; the x86 kernels start each block's integer accumulator at `-sum_j xq_j` (lane 0),
-//!    so the correction costs no float work. Each block's integer dot is scaled by
-//!    `w_scale * x_scale` into an f32 accumulator. Several tokens share one unpacking of the
+//!    compute; each group's integer dot is scaled by its activation scale (on AVX-512 one
+//!    multiply scales two groups: their products sit in different lanes), a 64-block's
+//!    correction is subtracted once, and the block's weight scale multiplies into an f32
+//!    accumulator. Several tokens share one unpacking of the
 //!    codes (tiles of up to 4 tokens; on AVX-512 VNNI 2 rows x 4 tokens share the activation
 //!    loads too), so prefill is a packed GEMM, not a loop of matrix-vector products. Matrices
 //!    that read the same input (q/k/v, gate/up) share one quantization and one parallel region
@@ -33,8 +35,12 @@ use rayon::prelude::*;
 
 /// Weights per super-block (one 32-byte vector of 2-bit codes).
 const SB: usize = 128;
-/// Weights per scale (and per activation quantization block).
+/// Weights per scale in the file's Q2_0 blocks (a super-block has two).
 const BLK: usize = 64;
+/// Activation values per int8 quantization group (one code plane of a super-block).
+const GROUP: usize = 32;
+/// f32 lanes of a 64-block's activation scales (`QuantizedRows::lanes`).
+const LANES: usize = 16;
 /// Tokens that share one unpacking of a row's codes.
 const TILE: usize = 4;
 /// Rows that share one load of a token's activations (decode).
@@ -122,7 +128,7 @@ pub struct PackedMatrix {
     /// Super-blocks per row.
     sbs: usize,
     /// Every row's two 64-block scales per super-block are equal (tern's group-128 exports):
-    /// activations are then quantized per 128 and a super-block takes one scale, not two.
+    /// a super-block's two blocks are then added before one weight-scale multiply, not two.
     wide: bool,
 }
 
@@ -206,9 +212,9 @@ impl PackedMatrix {
         out.pop().expect("one matrix, one output")
     }
 
-    /// Whether `other` can take the same quantized activations (same width and scale layout).
+    /// Whether `other` can take the same quantized activations (same width).
     fn shares_input_with(&self, other: &PackedMatrix) -> bool {
-        self.cols == other.cols && self.sbs == other.sbs && self.wide == other.wide
+        self.cols == other.cols && self.sbs == other.sbs
     }
 }
 
@@ -229,7 +235,7 @@ pub fn matmul_many_with(isa: Isa, mats: &[&PackedMatrix], x: &[f32], n: usize) -
         return mats.iter().map(|m| m.matmul_with(isa, x, n)).collect();
     }
     assert_eq!(x.len(), n * first.cols, "input length");
-    let xq = QuantizedRows::new(x, n, first.cols, first.sbs, first.wide);
+    let xq = QuantizedRows::new(x, n, first.cols, first.sbs);
     let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows * n]).collect();
     // Tasks of whole row chunks so each amortizes its scheduling over real work.
     let total: usize = mats.iter().map(|m| m.rows).sum();
@@ -313,98 +319,100 @@ impl RowTask<'_> {
     }
 }
 
-/// Activation rows quantized per 64-block (module doc, step 2), zero-padded to whole
+/// Activation rows quantized per 32 values (module doc, step 2), zero-padded to whole
 /// super-blocks.
 pub struct QuantizedRows {
     /// `n * sbs * 128` int8 values.
     q: Vec<i8>,
-    /// `n * sbs * 2` scales and sums of the quantized values.
-    scale: Vec<f32>,
-    sum: Vec<i32>,
+    /// Per 64-block, 16 lanes: the scale of its first 32 values in lanes 0-7, of its second 32
+    /// in lanes 8-15 (the lanes of a 512-bit integer dot that hold those values' products).
+    lanes: Vec<f32>,
+    /// Per 64-block: `sum over its two 32-groups of scale * sum(q)`, the correction of
+    /// `sum t*x = sum q*x - sum x` in the block's units.
+    corr: Vec<f32>,
     sbs: usize,
 }
 
 impl QuantizedRows {
-    /// `wide`: quantize per 128 (the scale stored for both 64-blocks, the sum in the first):
-    /// the same data for the per-64 math, one scale per super-block for the wide kernels.
-    pub fn new(x: &[f32], n: usize, cols: usize, sbs: usize, wide: bool) -> Self {
+    pub fn new(x: &[f32], n: usize, cols: usize, sbs: usize) -> Self {
         let width = sbs * SB;
         let mut q = vec![0i8; n * width];
-        let mut scale = vec![0f32; n * sbs * 2];
-        let mut sum = vec![0i32; n * sbs * 2];
+        let mut lanes = vec![0f32; n * sbs * 2 * LANES];
+        let mut corr = vec![0f32; n * sbs * 2];
         // Prefill quantizes hundreds of rows per matmul: in parallel (decode's one row is not
         // worth a fork).
         if n >= 8 {
             q.par_chunks_mut(width)
-                .zip(scale.par_chunks_mut(sbs * 2))
-                .zip(sum.par_chunks_mut(sbs * 2))
+                .zip(lanes.par_chunks_mut(sbs * 2 * LANES))
+                .zip(corr.par_chunks_mut(sbs * 2))
                 .zip(x.par_chunks(cols))
-                .for_each(|(((q, s), m), x)| quantize_row(x, wide, q, s, m));
+                .for_each(|(((q, l), c), x)| quantize_row(x, q, l, c));
         } else {
             q.chunks_mut(width)
-                .zip(scale.chunks_mut(sbs * 2))
-                .zip(sum.chunks_mut(sbs * 2))
+                .zip(lanes.chunks_mut(sbs * 2 * LANES))
+                .zip(corr.chunks_mut(sbs * 2))
                 .zip(x.chunks(cols))
-                .for_each(|(((q, s), m), x)| quantize_row(x, wide, q, s, m));
+                .for_each(|(((q, l), c), x)| quantize_row(x, q, l, c));
         }
-        Self { q, scale, sum, sbs }
+        Self {
+            q,
+            lanes,
+            corr,
+            sbs,
+        }
     }
 
-    fn row(&self, i: usize) -> (&[i8], &[f32], &[i32]) {
-        let (w, s) = (self.sbs * SB, self.sbs * 2);
+    fn row(&self, i: usize) -> XRow<'_> {
+        let (w, l, c) = (self.sbs * SB, self.sbs * 2 * LANES, self.sbs * 2);
         (
             &self.q[i * w..(i + 1) * w],
-            &self.scale[i * s..(i + 1) * s],
-            &self.sum[i * s..(i + 1) * s],
+            &self.lanes[i * l..(i + 1) * l],
+            &self.corr[i * c..(i + 1) * c],
         )
     }
 }
 
-/// One activation row quantized per 64-block (per 128 when `wide`: the scale stored for both
-/// 64-blocks, the sum in the first) into `q` (zero-padded), `scale` and `sum`.
-fn quantize_row(x: &[f32], wide: bool, q: &mut [i8], scale: &mut [f32], sum: &mut [i32]) {
+/// The quantization step (scale) of value `j` of a row, from its lanes.
+#[cfg(test)]
+fn step_of(lanes: &[f32], j: usize) -> f32 {
+    lanes[(j / BLK) * LANES + (j % BLK) / GROUP * 8]
+}
+
+/// One activation row quantized per 32 values (absmax to int8) into `q` (zero-padded), the
+/// per-64-block `lanes` of scales and `corr` corrections.
+fn quantize_row(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: &mut [f32]) {
     // Baseline x86-64 (SSE2) has no vector rounding: `round` would be a libm call per value.
     // The same loop compiled for AVX2 rounds 8 values per instruction.
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { quantize_row_avx2(x, wide, q, scale, sum) };
+        return unsafe { quantize_row_avx2(x, q, lanes, corr) };
     }
-    quantize_row_body(x, wide, q, scale, sum)
+    quantize_row_body(x, q, lanes, corr)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2(
-    x: &[f32],
-    wide: bool,
-    q: &mut [i8],
-    scale: &mut [f32],
-    sum: &mut [i32],
-) {
-    quantize_row_body(x, wide, q, scale, sum)
+unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: &mut [f32]) {
+    quantize_row_body(x, q, lanes, corr)
 }
 
 #[inline(always)]
-fn quantize_row_body(x: &[f32], wide: bool, q: &mut [i8], scale: &mut [f32], sum: &mut [i32]) {
-    let blk_len = if wide { SB } else { BLK };
-    for (c, blk) in x.chunks(blk_len).enumerate() {
-        let b = c * blk_len / BLK;
-        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+fn quantize_row_body(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: &mut [f32]) {
+    for (g, grp) in x.chunks(GROUP).enumerate() {
+        let amax = grp.iter().fold(0f32, |m, v| m.max(v.abs()));
         if amax == 0.0 || !amax.is_finite() {
-            continue; // all zero (or not finite: the block reads as zero)
+            continue; // all zero (or not finite: the group reads as zero)
         }
         let inv = 127.0 / amax;
         let mut s = 0i32;
-        for (d, v) in q[b * BLK..b * BLK + blk.len()].iter_mut().zip(blk) {
+        for (d, v) in q[g * GROUP..g * GROUP + grp.len()].iter_mut().zip(grp) {
             *d = (v * inv).round() as i8;
             s += *d as i32;
         }
-        scale[b] = amax / 127.0;
-        if wide {
-            scale[b + 1] = amax / 127.0;
-        }
-        sum[b] = s;
+        let (b, half, scale) = (g / 2, g % 2, amax / 127.0);
+        lanes[b * LANES + half * 8..b * LANES + half * 8 + 8].fill(scale);
+        corr[b] += scale * s as f32;
     }
 }
 
@@ -488,28 +496,32 @@ fn dot_rows(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut 
     }
 }
 
-/// One token's activations: int8 values, per-block scales and per-block sums.
-type XRow<'a> = (&'a [i8], &'a [f32], &'a [i32]);
+/// One token's activations: int8 values, per-64-block scale lanes and corrections
+/// ([`QuantizedRows`]).
+type XRow<'a> = (&'a [i8], &'a [f32], &'a [f32]);
 
 /// The portable kernel: the same integer math in plain loops (they auto-vectorize).
 fn dot_tile_portable(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
-    for (o, &(xq, xsc, xsum)) in out.iter_mut().zip(xs) {
+    for (o, &(xq, lanes, corr)) in out.iter_mut().zip(xs) {
         let mut acc = 0f32;
         for (sb, c) in codes.chunks_exact(32).enumerate() {
             let x = &xq[sb * SB..(sb + 1) * SB];
             for h in 0..2 {
-                // i16 lanes (|q * x| <= 381, two planes <= 762): the widths SSE2 and NEON
-                // multiply-add natively, so this vectorizes without any target feature.
-                let mut lanes = [0i16; 32];
-                for k in 2 * h..2 * h + 2 {
-                    let xk = &x[32 * k..32 * k + 32];
-                    for ((l, &b), &v) in lanes.iter_mut().zip(c).zip(xk) {
-                        *l += ((b >> (2 * k)) & 3) as i16 * v as i16;
-                    }
-                }
-                let dot: i32 = lanes.iter().map(|&v| v as i32).sum();
                 let b = 2 * sb + h;
-                acc += (dot - xsum[b]) as f32 * (ws[b] * xsc[b]);
+                let mut f = 0f32;
+                for k in 2 * h..2 * h + 2 {
+                    // Plane k holds values 32k..32k+32, one quantization group. i16 products
+                    // (|q * x| <= 254): the width SSE2 and NEON multiply natively, so this
+                    // vectorizes without any target feature.
+                    let mut prod = [0i16; 32];
+                    let xk = &x[32 * k..32 * k + 32];
+                    for ((p, &byte), &v) in prod.iter_mut().zip(c).zip(xk) {
+                        *p = ((byte >> (2 * k)) & 3) as i16 * v as i16;
+                    }
+                    let dot: i32 = prod.iter().map(|&v| v as i32).sum();
+                    f += dot as f32 * lanes[b * LANES + (k % 2) * 8];
+                }
+                acc += (f - corr[b]) * ws[b];
             }
         }
         *o = acc;
@@ -518,8 +530,47 @@ fn dot_tile_portable(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{XRow, SB};
+    use super::{XRow, LANES, SB};
     use std::arch::x86_64::*;
+
+    /// Bytes ahead of the current codes to prefetch (8 KiB: measured best of 1-8 KiB at 0.6B).
+    pub(super) const PREFETCH: usize = 8192;
+
+    /// `f(T, WIDE)` at a tile's token count (1..=4) and scale layout: the token loop of the
+    /// tile kernels unrolls over a constant.
+    macro_rules! by_tokens {
+        ($($f:ident)::+, $n:expr, $wide:expr, ($($arg:expr),*)) => {
+            match ($n, $wide) {
+                (4, true) => $($f)::+::<4, true>($($arg),*),
+                (3, true) => $($f)::+::<3, true>($($arg),*),
+                (2, true) => $($f)::+::<2, true>($($arg),*),
+                (_, true) => $($f)::+::<1, true>($($arg),*),
+                (4, false) => $($f)::+::<4, false>($($arg),*),
+                (3, false) => $($f)::+::<3, false>($($arg),*),
+                (2, false) => $($f)::+::<2, false>($($arg),*),
+                (_, false) => $($f)::+::<1, false>($($arg),*),
+            }
+        };
+    }
+
+    /// One token's activations as raw pointers (read at super-block offsets without bounds
+    /// checks in the hot loops; the callers' slices cover every super-block of the row).
+    #[derive(Clone, Copy)]
+    pub struct XPtr {
+        q: *const i8,
+        lanes: *const f32,
+        corr: *const f32,
+    }
+
+    impl XPtr {
+        pub fn of(x: &XRow) -> Self {
+            Self {
+                q: x.0.as_ptr(),
+                lanes: x.1.as_ptr(),
+                corr: x.2.as_ptr(),
+            }
+        }
+    }
 
     /// Horizontal sum of 8 floats.
     #[inline(always)]
@@ -530,163 +581,181 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// `-sum` in lane 0 of an otherwise zero i32x8: added to a super-block's integer dot it
-    /// applies the correction `sum t*x = sum q*x - sum x` (module doc) in integers, instead of
-    /// a float correction per token and block.
+    /// The four planes of a super-block's 32 code bytes (values 32k..32k+32 in plane k) as
+    /// u8 in {0, 1, 2}.
     #[inline(always)]
-    unsafe fn start(sum: i32) -> __m256i {
-        _mm256_zextsi128_si256(_mm_cvtsi32_si128(-sum))
+    unsafe fn planes256(at: *const u8) -> [__m256i; 4] {
+        let c = _mm256_loadu_si256(at as *const __m256i);
+        let mask = _mm256_set1_epi8(3);
+        [
+            _mm256_and_si256(c, mask),
+            _mm256_and_si256(_mm256_srli_epi16(c, 2), mask),
+            _mm256_and_si256(_mm256_srli_epi16(c, 4), mask),
+            _mm256_and_si256(_mm256_srli_epi16(c, 6), mask),
+        ]
     }
 
-    /// The tile loop shared by the x86 kernels; `dot2(p_a, x_a, p_b, x_b)` is the i32x8 sum of
-    /// two 32-wide u8 x i8 dot products (the only part that differs between ISAs).
+    /// One token's contribution of one super-block on 256-bit vectors. `dot(p, x)` is the
+    /// i32x8 integer dot of 32 u8 x i8 (the only part that differs between AVX2 and
+    /// AVX-VNNI); each plane is one quantization group, scaled by its own activation scale.
     #[inline(always)]
-    unsafe fn tile<const T: usize, const WIDE: bool>(
+    unsafe fn step256<const WIDE: bool>(
+        p: &[__m256i; 4],
+        x: XPtr,
+        sb: usize,
+        w: (f32, f32),
+        acc: &mut __m256,
+        dot: &impl Fn(__m256i, __m256i) -> __m256i,
+    ) {
+        let xp = x.q.add(sb * SB);
+        let group = |k: usize| {
+            let xk = _mm256_loadu_si256(xp.add(32 * k) as *const __m256i);
+            let scale = *x.lanes.add((2 * sb + k / 2) * LANES + (k % 2) * 8);
+            (_mm256_cvtepi32_ps(dot(p[k], xk)), _mm256_set1_ps(scale))
+        };
+        // A 64-block's float dot (its correction is subtracted once per row: `corrected256`).
+        let block = |h: usize| {
+            let (d0, s0) = group(2 * h);
+            let (d1, s1) = group(2 * h + 1);
+            _mm256_fmadd_ps(d1, s1, _mm256_mul_ps(d0, s0))
+        };
+        if WIDE {
+            // One weight scale for the super-block: add the blocks first.
+            let f = _mm256_add_ps(block(0), block(1));
+            *acc = _mm256_fmadd_ps(f, _mm256_set1_ps(w.0), *acc);
+        } else {
+            *acc = _mm256_fmadd_ps(block(0), _mm256_set1_ps(w.0), *acc);
+            *acc = _mm256_fmadd_ps(block(1), _mm256_set1_ps(w.1), *acc);
+        }
+    }
+
+    /// `acc - sum_b ws[b] * corr[b]` over a row's `n` 64-block weight scales and a token's
+    /// corrections: the whole `- sum x` correction of the row, once per row and token instead
+    /// of once per block.
+    #[inline(always)]
+    unsafe fn corrected256(acc: __m256, ws: *const f32, corr: *const f32, n: usize) -> f32 {
+        let mut v = acc;
+        let mut b = 0;
+        while b + 8 <= n {
+            let (w, c) = (_mm256_loadu_ps(ws.add(b)), _mm256_loadu_ps(corr.add(b)));
+            v = _mm256_fnmadd_ps(w, c, v);
+            b += 8;
+        }
+        let mut s = hsum(v);
+        while b < n {
+            s -= *ws.add(b) * *corr.add(b);
+            b += 1;
+        }
+        s
+    }
+
+    /// One row against the `T` tokens of a tile (256-bit).
+    #[inline(always)]
+    unsafe fn tile256<const T: usize, const WIDE: bool>(
         codes: &[u8],
         ws: &[f32],
         xs: &[XRow],
         out: &mut [f32],
-        dot2: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
+        dot: &impl Fn(__m256i, __m256i) -> __m256i,
     ) {
-        // T is a constant: the token loop unrolls and the accumulators stay in registers.
-        let mask = _mm256_set1_epi8(3);
+        let x: [XPtr; T] = std::array::from_fn(|k| XPtr::of(&xs[k]));
+        let (c, w) = (codes.as_ptr(), ws.as_ptr());
         let mut acc = [_mm256_setzero_ps(); T];
         for sb in 0..codes.len() / 32 {
-            let c = _mm256_loadu_si256(codes.as_ptr().add(sb * 32) as *const __m256i);
-            let p = [
-                _mm256_and_si256(c, mask),
-                _mm256_and_si256(_mm256_srli_epi16(c, 2), mask),
-                _mm256_and_si256(_mm256_srli_epi16(c, 4), mask),
-                _mm256_and_si256(_mm256_srli_epi16(c, 6), mask),
-            ];
-            let (b0, b1) = (2 * sb, 2 * sb + 1);
+            let p = planes256(c.add(sb * 32));
+            let wsb = (*w.add(2 * sb), *w.add(2 * sb + 1));
             for k in 0..T {
-                let (xq, xsc, xsum) = xs[k];
-                let xp = xq.as_ptr().add(sb * SB);
-                let x = |o: usize| _mm256_loadu_si256(xp.add(o) as *const __m256i);
-                let d0 = dot2(p[0], x(0), p[1], x(32));
-                let d1 = dot2(p[2], x(64), p[3], x(96));
-                if WIDE {
-                    // One scale for the super-block: add the integer dots (and the integer
-                    // correction, see `start`) first.
-                    let s0 = ws[b0] * xsc[b0];
-                    let d = _mm256_add_epi32(_mm256_add_epi32(d0, d1), start(xsum[b0]));
-                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s0), acc[k]);
-                } else {
-                    let (s0, s1) = (ws[b0] * xsc[b0], ws[b1] * xsc[b1]);
-                    let (d0, d1) = (
-                        _mm256_add_epi32(d0, start(xsum[b0])),
-                        _mm256_add_epi32(d1, start(xsum[b1])),
-                    );
-                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(s0), acc[k]);
-                    acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(s1), acc[k]);
-                }
+                step256::<WIDE>(&p, x[k], sb, wsb, &mut acc[k], dot);
             }
         }
         for k in 0..T {
-            out[k] = hsum(acc[k]);
+            out[k] = corrected256(acc[k], w, x[k].corr, ws.len());
         }
     }
 
-    /// [`tile`] at the tile's token count (1..=TILE).
+    /// `ROWS` rows against one token (256-bit): each load of the activations serves every row.
     #[inline(always)]
-    unsafe fn tile_n(
-        wide: bool,
-        codes: &[u8],
-        ws: &[f32],
-        xs: &[XRow],
-        out: &mut [f32],
-        dot2: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i + Copy,
-    ) {
-        match (xs.len(), wide) {
-            (4, true) => tile::<4, true>(codes, ws, xs, out, dot2),
-            (3, true) => tile::<3, true>(codes, ws, xs, out, dot2),
-            (2, true) => tile::<2, true>(codes, ws, xs, out, dot2),
-            (_, true) => tile::<1, true>(codes, ws, xs, out, dot2),
-            (4, false) => tile::<4, false>(codes, ws, xs, out, dot2),
-            (3, false) => tile::<3, false>(codes, ws, xs, out, dot2),
-            (2, false) => tile::<2, false>(codes, ws, xs, out, dot2),
-            (_, false) => tile::<1, false>(codes, ws, xs, out, dot2),
-        }
-    }
-
-    /// [`rows`] with one scale per super-block (`wide`) or two.
-    #[inline(always)]
-    unsafe fn rows_w(
-        wide: bool,
+    unsafe fn rows256<const WIDE: bool>(
         codes: &[u8],
         ws: &[f32],
         x: &XRow,
         out: &mut [f32],
-        dot2: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
-    ) {
-        if wide {
-            rows::<true>(codes, ws, x, out, dot2)
-        } else {
-            rows::<false>(codes, ws, x, out, dot2)
-        }
-    }
-
-    /// Bytes ahead of the current codes to prefetch (8 KiB: measured best of 1-8 KiB at 0.6B).
-    pub(super) const PREFETCH: usize = 8192;
-
-    /// `ROWS` rows against one token: each load of the activations serves every row.
-    #[inline(always)]
-    unsafe fn rows<const WIDE: bool>(
-        codes: &[u8],
-        ws: &[f32],
-        x: &XRow,
-        out: &mut [f32],
-        dot2: impl Fn(__m256i, __m256i, __m256i, __m256i) -> __m256i,
+        dot: &impl Fn(__m256i, __m256i) -> __m256i,
     ) {
         const R: usize = super::ROWS;
         let (cb, sbw) = (codes.len() / R, ws.len() / R);
-        let (xq, xsc, xsum) = *x;
-        let mask = _mm256_set1_epi8(3);
+        let x = XPtr::of(x);
+        let (c, w) = (codes.as_ptr(), ws.as_ptr());
         let mut acc = [_mm256_setzero_ps(); R];
         for sb in 0..cb / 32 {
-            let xp = xq.as_ptr().add(sb * SB);
-            let xv = [0, 32, 64, 96].map(|o| _mm256_loadu_si256(xp.add(o) as *const __m256i));
-            let (b0, b1) = (2 * sb, 2 * sb + 1);
-            for j in 0..R {
-                let at = codes.as_ptr().add(j * cb + sb * 32);
+            for (j, a) in acc.iter_mut().enumerate() {
+                let at = c.add(j * cb + sb * 32);
                 // The weights stream through once: ask for the next row groups' codes early
                 // (a hint; an address past the matrix is never dereferenced).
                 _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
-                let c = _mm256_loadu_si256(at as *const __m256i);
-                let p0 = _mm256_and_si256(c, mask);
-                let p1 = _mm256_and_si256(_mm256_srli_epi16(c, 2), mask);
-                let p2 = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
-                let p3 = _mm256_and_si256(_mm256_srli_epi16(c, 6), mask);
-                let d0 = dot2(p0, xv[0], p1, xv[1]);
-                let d1 = dot2(p2, xv[2], p3, xv[3]);
-                if WIDE {
-                    let s0 = ws[j * sbw + b0] * xsc[b0];
-                    let d = _mm256_add_epi32(_mm256_add_epi32(d0, d1), start(xsum[b0]));
-                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s0), acc[j]);
-                } else {
-                    let (s0, s1) = (ws[j * sbw + b0] * xsc[b0], ws[j * sbw + b1] * xsc[b1]);
-                    let (d0, d1) = (
-                        _mm256_add_epi32(d0, start(xsum[b0])),
-                        _mm256_add_epi32(d1, start(xsum[b1])),
-                    );
-                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(s0), acc[j]);
-                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(s1), acc[j]);
-                }
+                let wsb = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
+                step256::<WIDE>(&planes256(at), x, sb, wsb, a, dot);
             }
         }
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = hsum(acc[j]);
+        for (j, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+            *o = corrected256(a, w.add(j * sbw), x.corr, sbw);
         }
+    }
+
+    /// u8 (0..2) x i8 pairs summed to i16 (at most 2 * 2 * 127 per lane, no saturation), then
+    /// to i32.
+    #[inline(always)]
+    unsafe fn dot_avx2(p: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(p, x), _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn dot_avxvnni(p: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), p, x)
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn rows_avx2(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        let ones = _mm256_set1_epi16(1);
-        rows_w(wide, codes, ws, x, out, move |pa, xa, pb, xb| {
-            let s = _mm256_add_epi16(_mm256_maddubs_epi16(pa, xa), _mm256_maddubs_epi16(pb, xb));
-            _mm256_madd_epi16(s, ones)
-        })
+        let dot = |p, x| dot_avx2(p, x);
+        if wide {
+            rows256::<true>(codes, ws, x, out, &dot)
+        } else {
+            rows256::<false>(codes, ws, x, out, &dot)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn rows_avxvnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+        let dot = |p, x| dot_avxvnni(p, x);
+        if wide {
+            rows256::<true>(codes, ws, x, out, &dot)
+        } else {
+            rows256::<false>(codes, ws, x, out, &dot)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_tile_avx2(
+        wide: bool,
+        codes: &[u8],
+        ws: &[f32],
+        xs: &[XRow],
+        out: &mut [f32],
+    ) {
+        let dot = |p, x| dot_avx2(p, x);
+        by_tokens!(tile256, xs.len(), wide, (codes, ws, xs, out, &dot))
+    }
+
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn dot_tile_avxvnni(
+        wide: bool,
+        codes: &[u8],
+        ws: &[f32],
+        xs: &[XRow],
+        out: &mut [f32],
+    ) {
+        let dot = |p, x| dot_avxvnni(p, x);
+        by_tokens!(tile256, xs.len(), wide, (codes, ws, xs, out, &dot))
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
@@ -698,33 +767,6 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub unsafe fn rows_avxvnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        rows_w(wide, codes, ws, x, out, move |pa, xa, pb, xb| {
-            _mm256_dpbusd_avx_epi32(
-                _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), pa, xa),
-                pb,
-                xb,
-            )
-        })
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_tile_avx2(
-        wide: bool,
-        codes: &[u8],
-        ws: &[f32],
-        xs: &[XRow],
-        out: &mut [f32],
-    ) {
-        let ones = _mm256_set1_epi16(1);
-        tile_n(wide, codes, ws, xs, out, move |pa, xa, pb, xb| {
-            // u8 (0..3) x i8 pairs summed to i16: at most 2 * 3 * 127 per lane, no saturation.
-            let s = _mm256_add_epi16(_mm256_maddubs_epi16(pa, xa), _mm256_maddubs_epi16(pb, xb));
-            _mm256_madd_epi16(s, ones)
-        })
-    }
-
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
     pub unsafe fn dot_tile_avx512vnni(
         wide: bool,
@@ -733,23 +775,29 @@ mod x86 {
         xs: &[XRow],
         out: &mut [f32],
     ) {
-        match (xs.len(), wide) {
-            (4, true) => z::tile::<4, true>(codes, ws, xs, out),
-            (3, true) => z::tile::<3, true>(codes, ws, xs, out),
-            (2, true) => z::tile::<2, true>(codes, ws, xs, out),
-            (_, true) => z::tile::<1, true>(codes, ws, xs, out),
-            (4, false) => z::tile::<4, false>(codes, ws, xs, out),
-            (3, false) => z::tile::<3, false>(codes, ws, xs, out),
-            (2, false) => z::tile::<2, false>(codes, ws, xs, out),
-            (_, false) => z::tile::<1, false>(codes, ws, xs, out),
-        }
+        by_tokens!(z::tile, xs.len(), wide, (codes, ws, xs, out))
+    }
+
+    /// [`dot_tile_avx512vnni`] for two rows (`out`: `[2][xs.len()]`).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+    pub unsafe fn dot_tile2_avx512vnni(
+        wide: bool,
+        codes: &[u8],
+        ws: &[f32],
+        xs: &[XRow],
+        out: &mut [f32],
+    ) {
+        by_tokens!(z::tile2, xs.len(), wide, (codes, ws, xs, out))
     }
 
     /// The AVX-512 VNNI kernels on 512-bit vectors: a super-block's 32 code bytes are
     /// broadcast to both halves of a zmm and shifted per half (planes 0|1, then 2|3), so each
-    /// `vpdpbusd` does 64 multiply-adds: two per super-block and token instead of four.
+    /// `vpdpbusd` does 64 multiply-adds: two per super-block and token. Lanes 0-7 of such a dot
+    /// hold the products of the first plane's 32 values (one quantization group), lanes 8-15
+    /// the second's: multiplying by the block's scale lanes applies both groups' scales at once.
     mod z {
-        use crate::kernels::ternary_matmul::{XRow, SB};
+        use super::{XPtr, LANES, SB};
+        use crate::kernels::ternary_matmul::XRow;
         use std::arch::x86_64::*;
 
         /// Planes (0|1) and (2|3) of 32 code bytes as two zmm of u8 in {0, 1, 2}.
@@ -766,62 +814,64 @@ mod x86 {
             )
         }
 
-        /// One token's activations as raw pointers (read at super-block offsets without bounds
-        /// checks in the hot loop; the callers' slices cover every super-block of the row).
+        /// One token's activations of one super-block, loaded once for every row using them.
         #[derive(Clone, Copy)]
-        pub struct XPtr {
-            q: *const i8,
-            scale: *const f32,
-            sum: *const i32,
+        pub struct Xsb {
+            x01: __m512i,
+            x23: __m512i,
+            l0: __m512,
+            l1: __m512,
         }
 
-        impl XPtr {
-            pub fn of(x: &XRow) -> Self {
-                Self {
-                    q: x.0.as_ptr(),
-                    scale: x.1.as_ptr(),
-                    sum: x.2.as_ptr(),
-                }
+        #[inline(always)]
+        pub unsafe fn load(x: XPtr, sb: usize) -> Xsb {
+            let xp = x.q.add(sb * SB);
+            Xsb {
+                x01: _mm512_loadu_si512(xp as *const __m512i),
+                x23: _mm512_loadu_si512(xp.add(64) as *const __m512i),
+                l0: _mm512_loadu_ps(x.lanes.add(2 * sb * LANES)),
+                l1: _mm512_loadu_ps(x.lanes.add((2 * sb + 1) * LANES)),
             }
         }
 
-        /// `-sum` in lane 0 of an otherwise zero accumulator: the integer dot then starts at
-        /// the correction `sum t*x = sum q*x - sum x` (module doc), so no float correction
-        /// is kept per token.
+        /// One row's (planes `p`, weight scales `w`) contribution of one super-block of one
+        /// token to `acc`.
         #[inline(always)]
-        unsafe fn start(sum: i32) -> __m512i {
-            _mm512_zextsi128_si512(_mm_cvtsi32_si128(-sum))
-        }
-
-        /// One token's contribution of one super-block to `acc`.
-        #[inline(always)]
-        pub unsafe fn step<const WIDE: bool>(
+        pub unsafe fn apply<const WIDE: bool>(
             p: (__m512i, __m512i),
-            x: XPtr,
-            sb: usize,
-            w0: f32,
-            w1: f32,
+            x: &Xsb,
+            w: (f32, f32),
             acc: &mut __m512,
         ) {
-            let xp = x.q.add(sb * SB);
-            let x01 = _mm512_loadu_si512(xp as *const __m512i);
-            let x23 = _mm512_loadu_si512(xp.add(64) as *const __m512i);
-            let (b0, b1) = (2 * sb, 2 * sb + 1);
+            let zero = _mm512_setzero_si512();
+            let d01 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, p.0, x.x01));
+            let d23 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, p.1, x.x23));
+            // The corrections are subtracted once per row and token (`corrected`).
             if WIDE {
-                let d = _mm512_dpbusd_epi32(
-                    _mm512_dpbusd_epi32(start(*x.sum.add(b0)), p.0, x01),
-                    p.1,
-                    x23,
-                );
-                let s0 = w0 * *x.scale.add(b0);
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(s0), *acc);
+                let f = _mm512_fmadd_ps(d23, x.l1, _mm512_mul_ps(d01, x.l0));
+                *acc = _mm512_fmadd_ps(f, _mm512_set1_ps(w.0), *acc);
             } else {
-                let d0 = _mm512_dpbusd_epi32(start(*x.sum.add(b0)), p.0, x01);
-                let d1 = _mm512_dpbusd_epi32(start(*x.sum.add(b1)), p.1, x23);
-                let (s0, s1) = (w0 * *x.scale.add(b0), w1 * *x.scale.add(b1));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(s0), *acc);
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(s1), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_mul_ps(d01, x.l0), _mm512_set1_ps(w.0), *acc);
+                *acc = _mm512_fmadd_ps(_mm512_mul_ps(d23, x.l1), _mm512_set1_ps(w.1), *acc);
             }
+        }
+
+        /// `sum(acc) - sum_b ws[b] * corr[b]` over a row's `n` 64-block weight scales and a
+        /// token's corrections (the `- sum x` of every block, once per row and token).
+        #[inline(always)]
+        pub unsafe fn corrected(acc: __m512, ws: *const f32, corr: *const f32, n: usize) -> f32 {
+            let mut v = acc;
+            for b in (0..n).step_by(16) {
+                let m: __mmask16 = if n - b >= 16 {
+                    0xffff
+                } else {
+                    (1 << (n - b)) - 1
+                };
+                let w = _mm512_maskz_loadu_ps(m, ws.add(b));
+                let c = _mm512_maskz_loadu_ps(m, corr.add(b));
+                v = _mm512_fnmadd_ps(w, c, v);
+            }
+            _mm512_reduce_add_ps(v)
         }
 
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
@@ -832,22 +882,22 @@ mod x86 {
             out: &mut [f32],
         ) {
             let x: [XPtr; T] = std::array::from_fn(|k| XPtr::of(&xs[k]));
-            let mut acc = [_mm512_setzero_ps(); T];
             let (c, w) = (codes.as_ptr(), ws.as_ptr());
+            let mut acc = [_mm512_setzero_ps(); T];
             for sb in 0..codes.len() / 32 {
                 let p = planes(c.add(sb * 32));
-                let (w0, w1) = (*w.add(2 * sb), *w.add(2 * sb + 1));
+                let wsb = (*w.add(2 * sb), *w.add(2 * sb + 1));
                 for k in 0..T {
-                    step::<WIDE>(p, x[k], sb, w0, w1, &mut acc[k]);
+                    apply::<WIDE>(p, &load(x[k], sb), wsb, &mut acc[k]);
                 }
             }
             for k in 0..T {
-                out[k] = _mm512_reduce_add_ps(acc[k]);
+                out[k] = corrected(acc[k], w, x[k].corr, ws.len());
             }
         }
 
         /// [`tile`] for two rows at once (`codes`, `ws` hold both): each token's activation
-        /// loads and integer correction serve both rows. `out` is `[2][T]`.
+        /// loads serve both rows. `out` is `[2][T]`.
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
         pub unsafe fn tile2<const T: usize, const WIDE: bool>(
             codes: &[u8],
@@ -861,44 +911,24 @@ mod x86 {
             let (wa, wb) = (ws.as_ptr(), ws.as_ptr().add(sbw));
             let mut acc = [[_mm512_setzero_ps(); T]; 2];
             for sb in 0..cb / 32 {
-                let pa = planes(ca.add(sb * 32));
-                let pb = planes(cb_.add(sb * 32));
-                let w = [
-                    (*wa.add(2 * sb), *wa.add(2 * sb + 1)),
-                    (*wb.add(2 * sb), *wb.add(2 * sb + 1)),
-                ];
+                let (pa, pb) = (planes(ca.add(sb * 32)), planes(cb_.add(sb * 32)));
+                let w_a = (*wa.add(2 * sb), *wa.add(2 * sb + 1));
+                let w_b = (*wb.add(2 * sb), *wb.add(2 * sb + 1));
                 for k in 0..T {
-                    let xp = x[k].q.add(sb * SB);
-                    let x01 = _mm512_loadu_si512(xp as *const __m512i);
-                    let x23 = _mm512_loadu_si512(xp.add(64) as *const __m512i);
-                    let (b0, b1) = (2 * sb, 2 * sb + 1);
-                    let (sc0, sc1) = (*x[k].scale.add(b0), *x[k].scale.add(b1));
-                    let (z0, z1) = (start(*x[k].sum.add(b0)), start(*x[k].sum.add(b1)));
-                    for (r, p) in [pa, pb].into_iter().enumerate() {
-                        let a = &mut acc[r][k];
-                        let (w0, w1) = w[r];
-                        if WIDE {
-                            let d =
-                                _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z0, p.0, x01), p.1, x23);
-                            let s0 = _mm512_set1_ps(w0 * sc0);
-                            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s0, *a);
-                        } else {
-                            let d0 = _mm512_dpbusd_epi32(z0, p.0, x01);
-                            let d1 = _mm512_dpbusd_epi32(z1, p.1, x23);
-                            let (s0, s1) = (_mm512_set1_ps(w0 * sc0), _mm512_set1_ps(w1 * sc1));
-                            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), s0, *a);
-                            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), s1, *a);
-                        }
-                    }
+                    let xk = load(x[k], sb);
+                    apply::<WIDE>(pa, &xk, w_a, &mut acc[0][k]);
+                    apply::<WIDE>(pb, &xk, w_b, &mut acc[1][k]);
                 }
             }
-            for r in 0..2 {
+            for (r, w) in [wa, wb].into_iter().enumerate() {
                 for k in 0..T {
-                    out[r * T + k] = _mm512_reduce_add_ps(acc[r][k]);
+                    out[r * T + k] = corrected(acc[r][k], w, x[k].corr, sbw);
                 }
             }
         }
 
+        /// `ROWS` rows against one token (decode): each load of the activations serves every
+        /// row; the codes are prefetched well ahead (they stream through once).
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
         pub unsafe fn rows<const WIDE: bool>(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
             const R: usize = crate::kernels::ternary_matmul::ROWS;
@@ -907,55 +937,18 @@ mod x86 {
             let (c, w) = (codes.as_ptr(), ws.as_ptr());
             let mut acc = [_mm512_setzero_ps(); R];
             for sb in 0..cb / 32 {
+                let xsb = load(x, sb);
                 for (j, a) in acc.iter_mut().enumerate() {
                     let at = c.add(j * cb + sb * 32);
                     _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(super::PREFETCH) as *const i8);
-                    let (w0, w1) = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
-                    step::<WIDE>(planes(at), x, sb, w0, w1, a);
+                    let wsb = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
+                    apply::<WIDE>(planes(at), &xsb, wsb, a);
                 }
             }
-            for j in 0..R {
-                out[j] = _mm512_reduce_add_ps(acc[j]);
+            for (j, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+                *o = corrected(a, w.add(j * sbw), x.corr, sbw);
             }
         }
-    }
-
-    /// [`dot_tile_avx512vnni`] for two rows (`out`: `[2][xs.len()]`).
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
-    pub unsafe fn dot_tile2_avx512vnni(
-        wide: bool,
-        codes: &[u8],
-        ws: &[f32],
-        xs: &[XRow],
-        out: &mut [f32],
-    ) {
-        match (xs.len(), wide) {
-            (4, true) => z::tile2::<4, true>(codes, ws, xs, out),
-            (3, true) => z::tile2::<3, true>(codes, ws, xs, out),
-            (2, true) => z::tile2::<2, true>(codes, ws, xs, out),
-            (_, true) => z::tile2::<1, true>(codes, ws, xs, out),
-            (4, false) => z::tile2::<4, false>(codes, ws, xs, out),
-            (3, false) => z::tile2::<3, false>(codes, ws, xs, out),
-            (2, false) => z::tile2::<2, false>(codes, ws, xs, out),
-            (_, false) => z::tile2::<1, false>(codes, ws, xs, out),
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub unsafe fn dot_tile_avxvnni(
-        wide: bool,
-        codes: &[u8],
-        ws: &[f32],
-        xs: &[XRow],
-        out: &mut [f32],
-    ) {
-        tile_n(wide, codes, ws, xs, out, move |pa, xa, pb, xb| {
-            _mm256_dpbusd_avx_epi32(
-                _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), pa, xa),
-                pb,
-                xb,
-            )
-        })
     }
 }
 
@@ -1039,14 +1032,14 @@ mod tests {
             // 9 tokens: the activations are quantized in parallel (8 or more rows).
             for n in [1, 3, 6, 9] {
                 let x = input(n, cols);
-                let xq = QuantizedRows::new(&x, n, cols, m.sbs, m.wide);
+                let xq = QuantizedRows::new(&x, n, cols, m.sbs);
                 let reference = matmul_reference(&m, &x, n);
                 let portable = m.matmul_with(Isa::Portable, &x, n);
                 // Each activation is off by at most half the step of its quantization block.
                 let bound = |i: usize, r: usize| -> f32 {
                     let (w, step) = (m.row(r), xq.row(i).1);
                     (0..cols)
-                        .map(|j| w[j].abs() * step[j / BLK] / 2.0)
+                        .map(|j| w[j].abs() * step_of(step, j) / 2.0)
                         .sum::<f32>()
                         * 1.001
                         + 1e-6
@@ -1105,11 +1098,13 @@ mod tests {
         let (rows, n) = (5, 2);
         let (_, m) = packed(rows, cols, Packing::Q2_0, group);
         let x = input(n, cols);
-        let xq = QuantizedRows::new(&x, n, cols, m.sbs, m.wide);
+        let xq = QuantizedRows::new(&x, n, cols, m.sbs);
         let y = m.matmul_with(Isa::Portable, &x, n);
         for i in 0..n {
             let (q, s, _) = xq.row(i);
-            let xd: Vec<f64> = (0..cols).map(|j| q[j] as f64 * s[j / BLK] as f64).collect();
+            let xd: Vec<f64> = (0..cols)
+                .map(|j| q[j] as f64 * step_of(s, j) as f64)
+                .collect();
             for r in 0..rows {
                 let want: f64 = m.row(r).iter().zip(&xd).map(|(w, v)| *w as f64 * v).sum();
                 assert!(
