@@ -12,8 +12,9 @@
 //!    2 bits per weight plus 0.5 bit of f32 scale (the file's f16 scale is 0.25).
 //! 2. Per call, [`QuantizedRows::new`]: each activation row is quantized per 32 values (one
 //!    code plane), absmax to int8 (`x ~ s * xq`, s = max|x| / 127), as llama.cpp's Q8_0 does,
-//!    with each group's `s * sum(xq)` kept for the correction below. (Per 128 values was ~10%
-//!    faster but put 1.1% of the trained tiny model's top tokens off the f32 model's.)
+//!    with each group's `s * sum(xq)` kept for the correction below. (Per 128 values made
+//!    prefill 15% faster but put 1.1% of the trained tiny model's top tokens off the f32
+//!    model's; NOTES.md.)
 //! 3. The dot products in integers: `sum_j t_j xq_j = sum_j q_j xq_j - sum_j xq_j`, where the
 //!    first sum is exactly what `maddubs` (u8 x i8, AVX2) or `dpbusd` (AVX-512 VNNI / AVX-VNNI)
 //!    compute; each group's integer dot is scaled by its activation scale (on AVX-512 one
