@@ -187,7 +187,7 @@ fn model_draft(
     let top = super::topk::softmax_topk(&first, width);
     let mut tree = DraftTree::default();
     for &t in &top.ids {
-        let mut branch = cache.clone();
+        let mut branch = cache.try_clone()?;
         // The branch cache must hold the whole context: run the last context token and t.
         let mut chain = vec![t];
         let mut feed = vec![*ctx.last().expect("non-empty"), t];

@@ -78,11 +78,16 @@ impl Isa {
     /// The fastest kernel this CPU runs (`TERN_ISA=portable|avx2|avxvnni|avx512vnni` overrides,
     /// for benchmarks and tests; an ISA the CPU lacks falls back to detection).
     pub fn detect() -> Isa {
-        let all = Isa::available();
-        let forced = std::env::var("TERN_ISA")
-            .ok()
-            .and_then(|v| all.iter().copied().find(|i| i.name() == v));
-        forced.unwrap_or(all[0])
+        // Decided once per process: every matmul asks (several per layer and token), and the
+        // environment lookup and feature list need not be repeated.
+        static CHOSEN: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let all = Isa::available();
+            let forced = std::env::var("TERN_ISA")
+                .ok()
+                .and_then(|v| all.iter().copied().find(|i| i.name() == v));
+            forced.unwrap_or(all[0])
+        })
     }
 
     /// Every ISA this CPU can run, fastest first (always ends with `Portable`).

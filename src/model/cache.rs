@@ -136,25 +136,28 @@ impl KvSlot {
     }
 }
 
-impl Clone for KvCache {
-    /// A deep copy of the valid positions: the clone's buffers are its own, so appending to
-    /// either never writes into the other (speculative decoding branches a draft cache).
-    fn clone(&self) -> Self {
+impl KvCache {
+    /// A deep copy of the valid positions: the copy's buffers are its own, so appending to
+    /// either never writes into the other (speculative decoding branches a draft cache). Not
+    /// `Clone`: copying a device tensor can fail.
+    pub fn try_clone(&self) -> Result<Self> {
         let layers = self
             .layers
             .iter()
             .map(|slot| {
-                slot.as_ref().map(|s| {
-                    let (k, v) = s.valid().expect("narrow within the buffer");
-                    KvSlot::owning(&k, &v).expect("copy of a CPU/GPU tensor")
-                })
+                slot.as_ref()
+                    .map(|s| {
+                        let (k, v) = s.valid()?;
+                        KvSlot::owning(&k, &v)
+                    })
+                    .transpose()
             })
-            .collect();
-        Self {
+            .collect::<Result<_>>()?;
+        Ok(Self {
             layers,
             pad: self.pad.clone(),
             mask: self.mask.clone(),
-        }
+        })
     }
 }
 
@@ -408,7 +411,7 @@ mod tests {
     fn clones_and_truncation_never_share_writes() {
         let mut a = KvCache::new(1);
         a.append(0, kv(1, 5, 1), kv(1, 5, 1)).unwrap();
-        let mut b = a.clone();
+        let mut b = a.try_clone().unwrap();
         b.append(0, kv(1, 3, 2), kv(1, 3, 2)).unwrap();
         a.truncate(2).unwrap();
         a.append(0, kv(1, 3, 3), kv(1, 3, 3)).unwrap();
