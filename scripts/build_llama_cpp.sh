@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds stock llama.cpp's llama-bench, llama-quantize, llama-perplexity and llama-completion from
-# the copy vendored in the llama-cpp-python sdist on PyPI (the only route to llama.cpp's source
-# here), with cmake and ninja from PyPI in a venv. Idempotent; the last line printed is the
+# Builds stock llama.cpp's llama-bench, llama-quantize, llama-perplexity, llama-completion and
+# llama-tokenize from the copy vendored in the llama-cpp-python sdist on PyPI (the only route to
+# llama.cpp's source here), with cmake and ninja from PyPI in a venv. Idempotent; the last line printed is the
 # directory holding the binaries.
 #   scripts/build_llama_cpp.sh [WORKDIR]   (default: build/llama.cpp, ignored by git)
 set -euo pipefail
@@ -10,7 +10,7 @@ work=${1:-build/llama.cpp}
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
 bin="$work/src/vendor/llama.cpp/build/bin"
-if [[ -x $bin/llama-bench && -x $bin/llama-quantize && -x $bin/llama-perplexity ]]; then
+if [[ -x $bin/llama-bench && -x $bin/llama-quantize && -x $bin/llama-perplexity && -x $bin/llama-tokenize ]]; then
   echo "$bin"; exit 0
 fi
 if [[ ! -x $work/venv/bin/cmake ]]; then
@@ -26,5 +26,5 @@ cd "$work/src/vendor/llama.cpp"
 PATH="$work/venv/bin:$PATH" cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_OPENSSL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_UI=OFF \
   -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF >&2
-PATH="$work/venv/bin:$PATH" cmake --build build --target llama-bench llama-quantize llama-perplexity llama-completion -j"$(nproc)" >&2
+PATH="$work/venv/bin:$PATH" cmake --build build --target llama-bench llama-quantize llama-perplexity llama-completion llama-tokenize -j"$(nproc)" >&2
 echo "$bin"

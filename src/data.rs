@@ -41,29 +41,42 @@ pub fn read_text(path: &Path) -> Result<String> {
     })
 }
 
-/// Tokenizes text paragraph-block by paragraph-block (bounded memory, same ids as one call at
-/// block boundaries that fall on blank lines).
+/// Tokenizes text block by block (bounded memory) with the same ids as one call over the whole
+/// text: blocks end between a letter and a single space followed by a letter ("word| next"),
+/// where every byte-level pre-tokenizer tern knows (GPT-2's, SmolLM's, Qwen2's, Llama-3's)
+/// ends one piece and starts the next (" next"). Blank lines are not such a place: GPT-2's rules
+/// split "\n\nNext" into "\n", "\n", "Next" but a block ending in "\n\n" into "\n\n".
 pub fn tokenize(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     const BLOCK: usize = 1 << 16;
     let mut ids = Vec::with_capacity(text.len() / 3);
     let mut rest = text;
     while !rest.is_empty() {
-        let mut cut = rest.len().min(BLOCK);
-        if cut < rest.len() {
-            // End the block just after a blank line, so no word is split across blocks.
-            match rest[..cut].rfind("\n\n") {
-                Some(i) if i > 0 => cut = i + 2,
-                _ => {
-                    while !rest.is_char_boundary(cut) {
-                        cut += 1;
-                    }
-                }
-            }
-        }
+        let cut = if rest.len() <= BLOCK {
+            rest.len()
+        } else {
+            block_end(rest, BLOCK)
+        };
         ids.extend(tok.encode(&rest[..cut])?);
         rest = &rest[cut..];
     }
     Ok(ids)
+}
+
+/// The last "letter, space, letter" position at or before `max` bytes (the cut falls before the
+/// space); without one, `max` moved to a character boundary.
+fn block_end(text: &str, max: usize) -> usize {
+    let b = text.as_bytes();
+    let letter = |i: usize| b[i].is_ascii_alphabetic();
+    (1..max.min(b.len() - 1))
+        .rev()
+        .find(|&i| b[i] == b' ' && letter(i - 1) && letter(i + 1))
+        .unwrap_or_else(|| {
+            let mut cut = max;
+            while !text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            cut
+        })
 }
 
 #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@
 //! PPL = exp(mean NLL); its error is exp(mean) * stderr(NLL), as llama.cpp prints it.
 
 use crate::error::{Error, Result};
-use crate::model::{NoCache, Qwen3};
+use crate::model::{Model, NoCache};
 use candle_core::Tensor;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -100,7 +100,7 @@ pub fn plan(n: usize, ctx: usize, stride: Option<usize>, scheme: Scheme) -> Resu
 }
 
 /// NLL of every scored token, windows batched `batch` at a time (same-length windows together).
-pub fn score(model: &Qwen3, tokens: &[u32], windows: &[Window], batch: usize) -> Result<Vec<f64>> {
+pub fn score(model: &Model, tokens: &[u32], windows: &[Window], batch: usize) -> Result<Vec<f64>> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < windows.len() {
@@ -161,8 +161,8 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
 /// Compares `model` against `base` on the scored positions of `windows`, one window at a time
 /// (the full `[T, vocab]` logits of both exist for one window only).
 pub fn kl_divergence(
-    model: &Qwen3,
-    base: &Qwen3,
+    model: &Model,
+    base: &Model,
     tokens: &[u32],
     windows: &[Window],
 ) -> Result<KlStats> {
@@ -175,7 +175,7 @@ pub fn kl_divergence(
     let (mut kls, mut same) = (Vec::new(), 0usize);
     for w in windows {
         let ids = &tokens[w.start..w.start + w.len - 1];
-        let logits = |m: &Qwen3| -> Result<Vec<Vec<f32>>> {
+        let logits = |m: &Model| -> Result<Vec<Vec<f32>>> {
             let ids = Tensor::new(ids, m.device())?.unsqueeze(0)?;
             let h = m.forward(&ids, &mut NoCache::new())?.squeeze(0)?;
             let h = h.narrow(0, w.score_from - 1, w.len - w.score_from)?;

@@ -1,4 +1,4 @@
-//! tern: train, run and export ternary Qwen3 language models on Candle.
+//! tern: train, run and export ternary language models (Qwen3 and Llama families) on Candle.
 //!
 //! Every weight of every projection, the embedding and the LM head is one of {-1, 0, +1} times a
 //! per-group scale; norms stay f32. See README.md for the commands and NOTES.md for measurements.
@@ -14,8 +14,9 @@
 //! error mem                     errors; heap and RSS readings
 //! device files plot hub quant   devices; atomic writes; PNG plots; HF dirs and hub ids; quantization math
 //! tokenizer kernels             BPE tokenizer (load, train); fused ops beside their references, the one choice
-//! data model                    text -> batches; Qwen3 (names, layers, caches, forward, checkpoint IO)
+//! data model                    text -> batches; the model (names, layers, caches, forward, checkpoint IO)
 //! gguf decode eval              GGUF format, export, packed load; generation; perplexity
+//! source                        a model spec (HF dir | hub id | GGUF) -> config, weights, tokenizer
 //! train                         config, optimizer, step, checkpoints, the loop
 //! runtime                       load any model for inference
 //! bench                         benchmarks (kernels, step, decode, top-k)
@@ -23,7 +24,9 @@
 //!
 //! - [`quant`]: the projection, the straight-through estimator, the 2-bit codec, verification.
 //! - [`kernels`]: fused kernels beside their plain references; `Kernels` picks one per op.
-//! - [`model`]: Qwen3 with one forward that takes its attention backend ([`model::Cache`]).
+//! - [`model`]: the Qwen3/Llama decoder with one forward that takes its attention backend
+//!   ([`model::Cache`]).
+//! - [`source`]: the one resolution of a model spec (HF directory, hub id, GGUF file).
 //! - [`gguf`]: GGUF reader/writer, export, verification, packed loading.
 //! - [`decode`]: sampling, generation, paged KV cache, beam search, speculative decoding.
 //! - [`train`]: the training config, loop and step; [`runtime`]: loading for inference.
@@ -46,6 +49,8 @@ pub mod model;
 pub mod decode;
 pub mod eval;
 pub mod gguf;
+
+pub mod source;
 
 pub mod train;
 

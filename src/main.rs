@@ -26,7 +26,7 @@ fn keep_freed_pages() {
 #[command(
     name = "tern",
     version,
-    about = "Train, run and export ternary Qwen3 models"
+    about = "Train, run and export ternary language models (Qwen3 and Llama families)"
 )]
 struct Cli {
     /// Worker threads for every command (default: one per core, or RAYON_NUM_THREADS).

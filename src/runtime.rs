@@ -1,10 +1,13 @@
-//! Loading a model for inference (eval, generate): a tern checkpoint directory, an HF-layout
-//! directory or a hub id, in ternary or full precision, frozen (projected once, detached).
+//! Loading a model for inference (eval, generate, the KL base, the draft model): any spec
+//! `source` resolves (a tern checkpoint, an HF-layout directory, a hub id, a GGUF file), in
+//! ternary or full precision, frozen (projected once, detached). tern's own ternary GGUF exports
+//! run packed (2-bit codes multiplied directly, CPU); other GGUFs are dequantized.
 
 use crate::error::{Error, Result};
-use crate::hub::{resolve_model_dir, HubOptions};
-use crate::model::{load_checkpoint, Qwen3};
+use crate::hub::HubOptions;
+use crate::model::{load_checkpoint, Model, Params};
 use crate::quant::QuantConfig;
+use crate::source::{gguf_tokenizer, resolve, Spec};
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::CONFIG_COPY;
 use crate::train::TrainConfig;
@@ -18,7 +21,7 @@ pub enum Precision {
 }
 
 pub struct LoadedModel {
-    pub model: Qwen3,
+    pub model: Model,
     pub quant: QuantConfig,
     pub tokenizer: Option<Tokenizer>,
     pub dir: PathBuf,
@@ -31,26 +34,37 @@ pub fn load_for_inference(
     precision: Precision,
     device: &Device,
 ) -> Result<LoadedModel> {
-    if spec.to_ascii_lowercase().ends_with(".gguf") {
-        if !device.is_cpu() {
-            return Err(Error::Msg(format!(
-                "model '{spec}': GGUF models run on the CPU only (--device cpu)"
-            )));
+    let kind = resolve(spec, &HubOptions::from_env())?;
+    if let Spec::Gguf(path) = &kind {
+        let file = crate::gguf::GgufFile::read(path)?;
+        let tokenizer = gguf_tokenizer(&file)?;
+        let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+        if crate::gguf::is_ternary(&file) {
+            // tern's export: already ternary (packed 2-bit, or projected F16/F32), run as it is.
+            if !device.is_cpu() {
+                return Err(Error::Msg(format!(
+                    "model '{spec}': packed GGUF models run on the CPU only (--device cpu)"
+                )));
+            }
+            let model = crate::gguf::load_model(&file)?;
+            let quant = model.quant;
+            return Ok(LoadedModel {
+                model,
+                quant,
+                tokenizer,
+                dir,
+                train_config: None,
+            });
         }
-        let file = crate::gguf::GgufFile::read(std::path::Path::new(spec))?;
-        let model = crate::gguf::load_model(&file)?;
-        // A tokenizer.json beside the file is used when present (else pass --tokenizer).
-        let dir = std::path::Path::new(spec)
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_default();
-        let tok = dir.join("tokenizer.json");
-        let tokenizer = if tok.is_file() {
-            Some(Tokenizer::from_file(&tok)?)
-        } else {
-            None
+        // Any other GGUF (F16, Q8_0, Q4_1, K-quants, ...): dequantized latents, projected to
+        // ternary unless --precision full.
+        let (cfg, params) = crate::gguf::latents_from_gguf(&file)?;
+        let params = on_device(params, device)?;
+        let quant = QuantConfig {
+            ternary: precision == Precision::Ternary,
+            ..QuantConfig::default()
         };
-        let quant = model.quant;
+        let model = Model::new(&cfg, quant, &params)?.freeze()?;
         return Ok(LoadedModel {
             model,
             quant,
@@ -59,13 +73,15 @@ pub fn load_for_inference(
             train_config: None,
         });
     }
-    let dir = resolve_model_dir(spec, &HubOptions::from_env())?;
+    let Spec::Dir(dir) = kind else {
+        unreachable!("GGUF handled above")
+    };
     let ck = load_checkpoint(&dir, DType::F32, device)?;
     let quant = QuantConfig {
         ternary: precision == Precision::Ternary,
         ..ck.quant.unwrap_or_default()
     };
-    let model = Qwen3::new(&ck.config, quant, &ck.params)?.freeze()?;
+    let model = Model::new(&ck.config, quant, &ck.params)?.freeze()?;
     let tokenizer = ck
         .tokenizer
         .as_deref()
@@ -84,4 +100,17 @@ pub fn load_for_inference(
         dir,
         train_config,
     })
+}
+
+/// `params` moved to `device` (a no-op on the CPU).
+fn on_device(params: Params, device: &Device) -> Result<Params> {
+    if device.is_cpu() {
+        return Ok(params);
+    }
+    Params::from_tensors(
+        params
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(device)?)))
+            .collect::<Result<Vec<_>>>()?,
+    )
 }

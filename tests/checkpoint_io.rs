@@ -7,7 +7,7 @@ use common::*;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
-use tern::model::{load_checkpoint, params::Params, save_checkpoint, Qwen3};
+use tern::model::{load_checkpoint, params::Params, save_checkpoint, Model};
 use tern::quant::{QuantConfig, ScaleRule};
 
 fn fixture_copy(name: &str) -> tempfile::TempDir {
@@ -163,7 +163,7 @@ fn saved_checkpoint_round_trips_through_the_same_loader() {
         assert_eq!(d, 0.0, "{name} changed in the round trip");
     }
     let exp = expected("untied_gqa3_bf16");
-    let m = Qwen3::new(&back.config, QuantConfig::full_precision(), &back.params).unwrap();
+    let m = Model::new(&back.config, QuantConfig::full_precision(), &back.params).unwrap();
     assert!(
         max_abs_diff(
             &m.full_logits(&input_ids(&exp)).unwrap(),
@@ -181,7 +181,7 @@ fn saved_checkpoint_round_trips_through_the_same_loader() {
 #[test]
 fn scratch_init_is_deterministic_and_scaled_by_fan_in() {
     let cfg =
-        tern::model::Qwen3Config::from_json_file(&fixtures_dir().join("tied_gqa2/config.json"))
+        tern::model::ModelConfig::from_json_file(&fixtures_dir().join("tied_gqa2/config.json"))
             .unwrap();
     let a = Params::scratch(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
     let b = Params::scratch(&cfg, 3, DType::F32, &Device::Cpu).unwrap();

@@ -9,19 +9,19 @@ use tern::decode::beam::{beam_search, BeamConfig, QwenBeams};
 use tern::decode::generate::{generate_batch, GenerateConfig};
 use tern::decode::sampler::SamplerConfig;
 use tern::model::params::Params;
-use tern::model::{load_checkpoint, Qwen3};
+use tern::model::{load_checkpoint, Model};
 use tern::quant::QuantConfig;
 
-fn fixture_model(name: &str) -> Qwen3 {
+fn fixture_model(name: &str) -> Model {
     let ck = load_checkpoint(&fixtures_dir().join(name), DType::F32, &Device::Cpu).unwrap();
-    Qwen3::new(&ck.config, QuantConfig::default(), &ck.params)
+    Model::new(&ck.config, QuantConfig::default(), &ck.params)
         .unwrap()
         .freeze()
         .unwrap()
 }
 
 /// A scratch model with a tiny vocabulary, for exhaustive search.
-fn tiny_vocab_model(vocab: usize) -> Qwen3 {
+fn tiny_vocab_model(vocab: usize) -> Model {
     let c = small_config(32, 48, 8, vocab);
     let params = Params::scratch(&c, 11, DType::F32, &Device::Cpu).unwrap();
     // Scratch init is near-uniform; sharpen it so the search has something to find.
@@ -31,7 +31,7 @@ fn tiny_vocab_model(vocab: usize) -> Qwen3 {
             .map(|(n, v)| (n.clone(), (v.as_tensor() * 8.0).unwrap())),
     )
     .unwrap();
-    Qwen3::new(&c, QuantConfig::full_precision(), &params)
+    Model::new(&c, QuantConfig::full_precision(), &params)
         .unwrap()
         .freeze()
         .unwrap()
@@ -95,7 +95,7 @@ fn batched_beam_search_equals_each_prompt_alone() {
 }
 
 /// Log-probability of `seq` after `prompt` by one full forward (no cache).
-fn sequence_logprob(m: &Qwen3, prompt: &[u32], seq: &[u32]) -> f64 {
+fn sequence_logprob(m: &Model, prompt: &[u32], seq: &[u32]) -> f64 {
     let all: Vec<u32> = prompt.iter().chain(seq).copied().collect();
     let logits = m
         .full_logits(
@@ -173,7 +173,7 @@ fn speculative_greedy_equals_plain_greedy_token_for_token() {
         &Device::Cpu,
     )
     .unwrap();
-    let draft = Qwen3::new(&ck.config, QuantConfig::full_precision(), &ck.params)
+    let draft = Model::new(&ck.config, QuantConfig::full_precision(), &ck.params)
         .unwrap()
         .freeze()
         .unwrap();

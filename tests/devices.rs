@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use tern::decode::generate::{generate_batch, GenerateConfig};
 use tern::decode::sampler::SamplerConfig;
 use tern::kernels::ComputeDtype;
-use tern::model::{Params, Qwen3, Qwen3Config};
+use tern::model::{Model, ModelConfig, Params};
 use tern::quant::QuantConfig;
 use tern::train::optim::{AdamW, AdamWConfig};
 use tern::train::step::{train_step, window_loss, StepConfig};
@@ -35,7 +35,7 @@ fn cuda(test: &str) -> Option<Device> {
     }
 }
 
-fn arch() -> Qwen3Config {
+fn arch() -> ModelConfig {
     small_config(64, 160, 16, 301)
 }
 
@@ -89,7 +89,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// (loss, gradient of every parameter by name) of one window batch.
 fn loss_and_grads(device: &Device, compute: DType) -> (f32, Vec<(String, Vec<f32>)>) {
     let params = params_on(device);
-    let model = Qwen3::new(&arch(), quant(), &params)
+    let model = Model::new(&arch(), quant(), &params)
         .unwrap()
         .with_compute_dtype(compute);
     let loss = window_loss(&model, &windows(device)).unwrap();
@@ -114,7 +114,7 @@ fn cuda_logits_match_the_cpu() {
     };
     let logits = |d: &Device| {
         let p = params_on(d);
-        let m = Qwen3::new(&arch(), quant(), &p).unwrap();
+        let m = Model::new(&arch(), quant(), &p).unwrap();
         host_vec(&m.full_logits(&windows(d)).unwrap())
     };
     let r = rel_diff(&logits(&dev), &logits(&Device::Cpu));
@@ -142,7 +142,7 @@ fn cuda_training_step_matches_the_cpu() {
     };
     let step = |d: &Device| {
         let params = params_on(d);
-        let model = Qwen3::new(&arch(), quant(), &params).unwrap();
+        let model = Model::new(&arch(), quant(), &params).unwrap();
         let mut opt = AdamW::new(AdamWConfig {
             beta1: 0.9,
             beta2: 0.95,
@@ -155,7 +155,16 @@ fn cuda_training_step_matches_the_cpu() {
             inject_nan: false,
         };
         let w = windows(d);
-        let r = train_step(&model, &params, &mut opt, 1, || Ok(w.clone()), cfg).unwrap();
+        let r = train_step(
+            &model,
+            &params,
+            &mut opt,
+            1,
+            || Ok(w.clone()),
+            cfg,
+            tern::train::step::Objective::CrossEntropy,
+        )
+        .unwrap();
         assert!(r.applied);
         let weights: Vec<Vec<f32>> = params.iter().map(|(_, v)| host_vec(v)).collect();
         (r.grad_norm, weights)
@@ -177,7 +186,7 @@ fn cuda_greedy_generation_matches_the_cpu() {
     };
     let run = |d: &Device| {
         let p = params_on(d);
-        let m = Qwen3::new(&arch(), quant(), &p).unwrap().freeze().unwrap();
+        let m = Model::new(&arch(), quant(), &p).unwrap().freeze().unwrap();
         let cfg = GenerateConfig {
             max_new: 16,
             sampler: SamplerConfig {

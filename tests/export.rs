@@ -14,16 +14,32 @@ use tern::model::{load_checkpoint, params::is_norm, Checkpoint};
 use tern::quant::codec::{unpack_row, Packing};
 use tern::quant::projection::codes_and_scales;
 use tern::quant::QuantConfig;
+use tern::tokenizer::Tokenizer;
 
-/// A minimal BPE tokenizer.json (what export reads: vocab, merges, added tokens).
-fn bpe_tokenizer(dir: &Path) -> std::path::PathBuf {
+/// A minimal byte-level BPE tokenizer.json with Qwen2's pre-tokenizer (what export reads:
+/// vocab, merges, added tokens, and the pre-tokenizer it names for llama.cpp).
+fn bpe_tokenizer(dir: &Path) -> Tokenizer {
     let p = dir.join("tokenizer.json");
+    let added = |id: u32, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let split = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     let json = serde_json::json!({
-        "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]},
-        "added_tokens": [{"id": 3, "content": "<|endoftext|>", "special": true}]
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [added(3, "<|endoftext|>")],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+        ]},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]}
     });
     std::fs::write(&p, json.to_string()).unwrap();
-    p
+    Tokenizer::from_file(&p).unwrap()
 }
 
 fn fixture() -> Checkpoint {
@@ -254,7 +270,11 @@ fn corrupted_gguf_files_are_clear_errors() {
     let type_at = name_at + first.name.len() + 4 + 8 * first.dims.len();
     let mut b = good.clone();
     b[type_at..type_at + 4].copy_from_slice(&77u32.to_le_bytes());
-    assert!(parse_err(b).contains("unsupported type id 77"));
+    let e = parse_err(b);
+    assert!(
+        e.contains(&first.name) && e.contains("unknown (77)") && e.contains("tern reads"),
+        "{e}"
+    );
     // A string length that points past the end.
     let mut b = good;
     b[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
@@ -284,7 +304,7 @@ fn eval_of_the_q2_0_export_equals_eval_of_the_checkpoint_in_ternary_mode() {
             packed.cfg.tie_word_embeddings,
             ck.config.tie_word_embeddings
         );
-        let dense = tern::model::Qwen3::new(&ck.config, QuantConfig::default(), &ck.params)
+        let dense = tern::model::Model::new(&ck.config, QuantConfig::default(), &ck.params)
             .unwrap()
             .freeze()
             .unwrap();

@@ -7,10 +7,10 @@ use common::small_config;
 
 use candle_core::{DType, Device, Tensor, Var};
 use tern::model::params::{is_norm, Params};
-use tern::model::{Qwen3, Qwen3Config};
+use tern::model::{Model, ModelConfig};
 use tern::quant::{project, QuantConfig, ScaleRule};
 
-fn tiny(tied: bool) -> Qwen3Config {
+fn tiny(tied: bool) -> ModelConfig {
     let mut c = small_config(48, 80, 12, 61);
     c.tie_word_embeddings = tied;
     c
@@ -30,7 +30,7 @@ fn batch(device: &Device, vocab: u32) -> (Tensor, Tensor) {
     (ids.narrow(1, 0, 8).unwrap(), ids.narrow(1, 1, 8).unwrap())
 }
 
-fn loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Tensor {
+fn loss(model: &Model, inp: &Tensor, tgt: &Tensor) -> Tensor {
     let logits = model.full_logits(inp).unwrap();
     candle_nn::loss::cross_entropy(&logits.flatten_to(1).unwrap(), &tgt.flatten_all().unwrap())
         .unwrap()
@@ -53,7 +53,7 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
         ] {
             let cfg = tiny(tied);
             let params = Params::scratch(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
-            let model = Qwen3::new(&cfg, q, &params).unwrap();
+            let model = Model::new(&cfg, q, &params).unwrap();
             let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
             let grads = loss(&model, &inp, &tgt).backward().unwrap();
             let expected = 1 + cfg.num_hidden_layers * 11 + 1 + usize::from(!tied);
@@ -88,7 +88,7 @@ fn projected_params(params: &Params, q: &QuantConfig) -> Params {
     .unwrap()
 }
 
-fn loss_value(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> f64 {
+fn loss_value(model: &Model, inp: &Tensor, tgt: &Tensor) -> f64 {
     loss(model, inp, tgt).to_scalar::<f64>().unwrap()
 }
 
@@ -98,12 +98,12 @@ fn ste_gradient_of_each_latent_equals_finite_differences_wrt_the_projected_weigh
         let cfg = tiny(tied);
         let q = quant();
         let latent = Params::scratch(&cfg, 7, DType::F64, &Device::Cpu).unwrap();
-        let ternary = Qwen3::new(&cfg, q, &latent).unwrap();
+        let ternary = Model::new(&cfg, q, &latent).unwrap();
         let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
         let g_ste = loss(&ternary, &inp, &tgt).backward().unwrap();
 
         let proj = projected_params(&latent, &q);
-        let full = Qwen3::new(&cfg, QuantConfig::full_precision(), &proj).unwrap();
+        let full = Model::new(&cfg, QuantConfig::full_precision(), &proj).unwrap();
         // Both models compute the same function value.
         let (l_t, l_f) = (
             loss_value(&ternary, &inp, &tgt),
@@ -144,7 +144,7 @@ fn central_difference(
     base: &[f64],
     k: usize,
     eps: f64,
-    m: &Qwen3,
+    m: &Model,
     inp: &Tensor,
     tgt: &Tensor,
 ) -> f64 {
@@ -172,7 +172,7 @@ fn fused_kernels_and_plain_references_give_the_same_gradients() {
         let params = Params::scratch(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
         let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
         let run = |kernels: Kernels| {
-            let model = Qwen3::new(&cfg, quant(), &params)
+            let model = Model::new(&cfg, quant(), &params)
                 .unwrap()
                 .with_kernels(kernels);
             let l = tern::train::step::batch_loss(&model, &inp, &tgt).unwrap();

@@ -8,12 +8,12 @@ use common::*;
 use candle_core::{DType, Device, Tensor};
 use tern::decode::generate::{generate_batch, GenerateConfig};
 use tern::decode::sampler::SamplerConfig;
-use tern::model::{load_checkpoint, KvCache, Qwen3};
+use tern::model::{load_checkpoint, KvCache, Model};
 use tern::quant::QuantConfig;
 
-fn fixture_model(name: &str) -> Qwen3 {
+fn fixture_model(name: &str) -> Model {
     let ck = load_checkpoint(&fixtures_dir().join(name), DType::F32, &Device::Cpu).unwrap();
-    Qwen3::new(&ck.config, QuantConfig::default(), &ck.params)
+    Model::new(&ck.config, QuantConfig::default(), &ck.params)
         .unwrap()
         .freeze()
         .unwrap()

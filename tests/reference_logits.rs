@@ -6,14 +6,14 @@ use common::*;
 
 use candle_core::{DType, Device, Tensor};
 use tern::hub::{resolve_model_dir, HubOptions};
-use tern::model::{load_checkpoint, KvCache, Qwen3};
+use tern::model::{load_checkpoint, KvCache, Model};
 use tern::quant::{QuantConfig, ScaleRule};
 
 const TOL: f32 = 1e-4;
 
-fn model_for(dir: &std::path::Path, quant: QuantConfig) -> Qwen3 {
+fn model_for(dir: &std::path::Path, quant: QuantConfig) -> Model {
     let ck = load_checkpoint(dir, DType::F32, &Device::Cpu).expect("fixture loads");
-    Qwen3::new(&ck.config, quant, &ck.params).unwrap()
+    Model::new(&ck.config, quant, &ck.params).unwrap()
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use crate::decode::generate::{generate_batch, GenerateConfig};
 use crate::decode::sampler::SamplerConfig;
 use crate::error::Result;
-use crate::model::Qwen3;
+use crate::model::Model;
 use std::time::Instant;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -23,7 +23,7 @@ pub struct DecodeSpeed {
 /// One warm-up, then `reps` times a timed prefill (1 new token) and a run of `n` new tokens
 /// whose decode is timed from the first sampled token to the last (`n - 1` decode forwards, no
 /// prefill in it). Rates are the mean and sample standard deviation of the repetitions' rates.
-pub fn measure(model: &Qwen3, prompt: usize, n: usize, reps: usize) -> Result<DecodeSpeed> {
+pub fn measure(model: &Model, prompt: usize, n: usize, reps: usize) -> Result<DecodeSpeed> {
     let ids: Vec<u32> = (0..prompt as u32)
         .map(|i| (i * 7919 + 11) % model.cfg.vocab_size as u32)
         .collect();

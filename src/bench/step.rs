@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::Kernels;
-use crate::model::{Params, Qwen3, Qwen3Config};
+use crate::model::{Model, ModelConfig, Params};
 use crate::quant::QuantConfig;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::step::{train_step, StepConfig, StepReport};
@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct StepBench {
-    pub arch: Qwen3Config,
+    pub arch: ModelConfig,
     pub quant: QuantConfig,
     pub kernels: Kernels,
     pub batch: usize,
@@ -47,7 +47,7 @@ impl StepBench {
         }
         let t0 = std::time::Instant::now();
         let params = Params::scratch(&self.arch, self.seed, DType::F32, device)?;
-        let model = Qwen3::new(&self.arch, self.quant, &params)?
+        let model = Model::new(&self.arch, self.quant, &params)?
             .with_kernels(self.kernels)
             .with_compute_dtype(self.dtype.for_device(device)?);
         let mut opt = AdamW::new(AdamWConfig {
@@ -73,7 +73,15 @@ impl StepBench {
         let mut steps = Vec::with_capacity(self.steps);
         for i in 0..self.steps {
             let t0 = std::time::Instant::now();
-            let mut r = train_step(&model, &params, &mut opt, 1, || Ok(ids.clone()), cfg)?;
+            let mut r = train_step(
+                &model,
+                &params,
+                &mut opt,
+                1,
+                || Ok(ids.clone()),
+                cfg,
+                crate::train::step::Objective::CrossEntropy,
+            )?;
             // GPU work is asynchronous: wait for the optimizer's kernels, and charge the wait to
             // the optimizer, so the phases add up to the step's wall time.
             device.synchronize()?;

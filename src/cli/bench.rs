@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use tern::bench;
 use tern::kernels::{ComputeDtype, Kernels};
 use tern::mem::gib;
-use tern::model::Qwen3Config;
+use tern::model::ModelConfig;
 use tern::quant::{QuantConfig, ScaleRule};
 use tern::runtime::Precision;
 
@@ -181,18 +181,19 @@ pub fn run(cmd: Cmd) -> Result<i32> {
     Ok(0)
 }
 
-fn arch_config(arch: &str) -> Result<Qwen3Config> {
+fn arch_config(arch: &str) -> Result<ModelConfig> {
     match arch {
-        "qwen3-0.6b" => Ok(Qwen3Config::qwen3_0_6b()),
+        "qwen3-0.6b" => Ok(ModelConfig::qwen3_0_6b()),
+        "smollm2-135m" => Ok(ModelConfig::smollm2_135m()),
         path if path.ends_with(".toml") => Ok(tern::train::TrainConfig::load(
             std::path::Path::new(path),
             &[],
         )?
         .model
         .scratch_config()),
-        path => Qwen3Config::from_json_file(std::path::Path::new(path)).with_context(|| {
+        path => ModelConfig::from_json_file(std::path::Path::new(path)).with_context(|| {
             format!(
-                "--arch '{path}': expected 'qwen3-0.6b', a tern .toml config or a config.json path"
+                "--arch '{path}': expected 'qwen3-0.6b', 'smollm2-135m', a tern .toml config or a config.json path"
             )
         }),
     }
@@ -315,9 +316,18 @@ fn make_model(
     seed: u64,
 ) -> Result<()> {
     let cfg = arch_config(arch)?;
+    let tokenizer = tokenizer
+        .map(|t| super::load_tokenizer(&t.display().to_string()))
+        .transpose()?;
     let cpu = candle_core::Device::Cpu;
     let params = tern::model::Params::scratch(&cfg, seed, candle_core::DType::F32, &cpu)?;
-    tern::model::save_checkpoint(out, &cfg, &QuantConfig::default(), &params, tokenizer)?;
+    tern::model::save_checkpoint(
+        out,
+        &cfg,
+        &QuantConfig::default(),
+        &params,
+        tokenizer.as_ref(),
+    )?;
     println!(
         "wrote {} ({} parameters, scratch init, seed {seed})",
         out.display(),

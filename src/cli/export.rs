@@ -7,7 +7,7 @@ use tern::runtime::Precision;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// tern checkpoint dir, HF-layout dir or hub id.
+    /// tern checkpoint dir, HF-layout dir, hub id or GGUF file (dequantized).
     #[arg(long)]
     model: String,
     /// The GGUF file to write (never one of the model's own files).
@@ -22,24 +22,17 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<i32> {
     let ck = super::load_latents(&a.model)?;
-    let mut inputs = tern::model::io::weight_files(&ck.dir)?;
-    inputs.push(ck.dir.join(tern::hub::CONFIG_FILE));
-    inputs.extend(ck.tokenizer.clone());
-    tern::files::ensure_not_an_input(&a.out, &inputs, "--out")?;
+    tern::files::ensure_not_an_input(&a.out, &ck.inputs, "--out")?;
     let quant = tern::quant::QuantConfig {
         ternary: a.precision == Precision::Ternary,
         ..ck.quant.unwrap_or_default()
     };
-    let name = ck
-        .dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "tern".into());
+    let name = ck.name();
     let r = tern::gguf::export_gguf(
         &ck.config,
         &quant,
         &ck.params,
-        ck.tokenizer.as_deref(),
+        ck.tokenizer.as_ref(),
         a.format,
         &name,
         &a.out,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tern::decode::generate::{generate_batch, generate_paged, GenerateConfig};
 use tern::decode::sampler::SamplerConfig;
-use tern::model::Qwen3;
+use tern::model::Model;
 use tern::tokenizer::Tokenizer;
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +212,7 @@ pub fn run(mut a: Args) -> Result<i32> {
 }
 
 fn print_speculative(
-    model: &Qwen3,
+    model: &Model,
     tok: &Tokenizer,
     a: &Args,
     ids: &[u32],
@@ -268,7 +268,7 @@ fn print_speculative(
 }
 
 fn print_beams(
-    model: &Qwen3,
+    model: &Model,
     tok: &Tokenizer,
     a: &Args,
     ids: &[Vec<u32>],

@@ -12,14 +12,14 @@ pub mod train;
 pub mod verify;
 
 use anyhow::{Context, Result};
-use std::path::Path;
 use tern::runtime::{LoadedModel, Precision};
 use tern::tokenizer::Tokenizer;
 
 /// How eval, generate and the benches find their model and tokenizer.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// tern checkpoint dir, HF-layout dir, hub id, or an exported .gguf (CPU, packed).
+    /// tern checkpoint dir, HF-layout dir, hub id, or a .gguf (tern's ternary exports run packed on
+    /// the CPU; other GGUFs, e.g. Q8_0/Q4_1/K-quants of Llama or Qwen3, are dequantized).
     #[arg(long)]
     pub model: String,
     /// `ternary` (default) or `full` precision (checkpoints).
@@ -37,10 +37,10 @@ impl ModelArgs {
     pub fn load(&self) -> Result<(LoadedModel, Tokenizer)> {
         let mut loaded = load_model(&self.model, self.precision, &self.device)?;
         let tok = match &self.tokenizer {
-            Some(spec) => Tokenizer::load(spec, &tern::hub::HubOptions::from_env())?,
+            Some(spec) => load_tokenizer(spec)?,
             None => loaded.tokenizer.take().with_context(|| {
                 format!(
-                    "model '{}' has no tokenizer.json beside it; pass --tokenizer",
+                    "model '{}' has no tokenizer (no tokenizer.json beside it, none in the GGUF); pass --tokenizer",
                     self.model
                 )
             })?,
@@ -49,10 +49,14 @@ impl ModelArgs {
     }
 }
 
+/// A tokenizer from a tokenizer.json path, a directory, a hub id, or a GGUF file's own.
+pub fn load_tokenizer(spec: &str) -> Result<Tokenizer> {
+    Ok(tern::source::tokenizer_from_spec(spec)?)
+}
+
 /// A model for inference on `device` (`auto` puts a packed GGUF on the CPU, where it runs).
 pub fn load_model(spec: &str, precision: Precision, device: &str) -> Result<LoadedModel> {
-    let is_gguf = spec.to_ascii_lowercase().ends_with(".gguf");
-    let device = if is_gguf && device == "auto" {
+    let device = if is_gguf(spec) && device == "auto" {
         candle_core::Device::Cpu
     } else {
         tern::device::parse_device(device)?
@@ -60,11 +64,10 @@ pub fn load_model(spec: &str, precision: Precision, device: &str) -> Result<Load
     Ok(tern::runtime::load_for_inference(spec, precision, &device)?)
 }
 
-/// A checkpoint's latent weights (f32, CPU): for export and verify.
-pub fn load_latents(spec: &str) -> Result<tern::model::Checkpoint> {
-    let dir = tern::hub::resolve_model_dir(spec, &tern::hub::HubOptions::from_env())?;
-    Ok(tern::model::load_checkpoint(
-        &dir,
+/// A model's latent weights (f32, CPU) from any spec: for export and verify.
+pub fn load_latents(spec: &str) -> Result<tern::source::Latents> {
+    Ok(tern::source::load_latents(
+        spec,
         candle_core::DType::F32,
         &candle_core::Device::Cpu,
     )?)
@@ -72,9 +75,7 @@ pub fn load_latents(spec: &str) -> Result<tern::model::Checkpoint> {
 
 /// True for a path that names a GGUF file.
 pub fn is_gguf(path: &str) -> bool {
-    Path::new(path)
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    tern::source::is_gguf_path(path)
 }
 
 /// A value parser for counts that must be at least 1.

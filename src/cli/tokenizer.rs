@@ -1,6 +1,9 @@
 //! `tern tokenizer train --data FILE --vocab-size N --out tokenizer.json`: a byte-level BPE for
 //! from-scratch models, fitted to their own text (Qwen3's pre-tokenization and added tokens, so
 //! export and llama.cpp treat it exactly like Qwen3's).
+//!
+//! `tern tokenizer encode --tokenizer SPEC (--file F | -p TEXT)`: the token ids, printed as
+//! `llama-tokenize --ids` prints them (a JSON list), from a tokenizer.json or a GGUF's own.
 
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -10,6 +13,21 @@ use std::time::Instant;
 pub enum Cmd {
     /// Train a byte-level BPE on a UTF-8 text file.
     Train(TrainArgs),
+    /// Print the token ids of a text (as `llama-tokenize --ids`: a JSON list, no BOS added).
+    Encode(EncodeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EncodeArgs {
+    /// tokenizer.json path, directory, hub id, or a GGUF file (its own tokenizer).
+    #[arg(long)]
+    tokenizer: String,
+    /// UTF-8 text file to encode (read verbatim).
+    #[arg(short = 'f', long, conflicts_with = "prompt")]
+    file: Option<PathBuf>,
+    /// Text to encode.
+    #[arg(short = 'p', long)]
+    prompt: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -28,7 +46,20 @@ pub struct TrainArgs {
 pub fn run(cmd: Cmd) -> Result<i32> {
     match cmd {
         Cmd::Train(a) => train(a),
+        Cmd::Encode(a) => encode(a),
     }
+}
+
+fn encode(a: EncodeArgs) -> Result<i32> {
+    let tok = super::load_tokenizer(&a.tokenizer)?;
+    let text = match (&a.file, &a.prompt) {
+        (Some(f), _) => tern::data::read_text(f)?,
+        (None, Some(p)) => p.clone(),
+        (None, None) => anyhow::bail!("give the text with --file F or -p TEXT"),
+    };
+    let ids = tok.encode(&text)?;
+    println!("{}", serde_json::to_string(&ids)?);
+    Ok(0)
 }
 
 fn train(a: TrainArgs) -> Result<i32> {

@@ -19,7 +19,7 @@
 use super::generate::last_logits;
 use super::topk::softmax_topk;
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Qwen3};
+use crate::model::{KvCache, Model};
 use candle_core::Tensor;
 
 /// What the search needs from a model: next-token logits per row, with rows re-gathered.
@@ -155,13 +155,13 @@ pub fn beam_search(
 
 /// [`BeamModel`] over a frozen Qwen3 with the contiguous KV cache; prompts are left-padded.
 pub struct QwenBeams<'a> {
-    model: &'a Qwen3,
+    model: &'a Model,
     /// Holds each row's left padding too (that of its prompt), gathered with the rows.
     cache: KvCache,
 }
 
 impl<'a> QwenBeams<'a> {
-    pub fn new(model: &'a Qwen3) -> Self {
+    pub fn new(model: &'a Model) -> Self {
         Self {
             model,
             cache: KvCache::new(model.cfg.num_hidden_layers),

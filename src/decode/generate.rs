@@ -4,7 +4,7 @@
 
 use super::sampler::{Sampler, SamplerConfig};
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Qwen3};
+use crate::model::{KvCache, Model};
 use candle_core::DType;
 use candle_core::Tensor;
 
@@ -46,7 +46,7 @@ fn record(
 
 /// Logits `[B][vocab]` (f32) of the last position of each row of hidden states `h: [B, T, H]`:
 /// the LM head runs on those rows only.
-pub fn last_logits(model: &Qwen3, h: &Tensor) -> Result<Vec<Vec<f32>>> {
+pub fn last_logits(model: &Model, h: &Tensor) -> Result<Vec<Vec<f32>>> {
     let t = h.dim(1)?;
     let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
     Ok(model.logits(&last)?.to_dtype(DType::F32)?.to_vec2()?)
@@ -55,7 +55,7 @@ pub fn last_logits(model: &Qwen3, h: &Tensor) -> Result<Vec<Vec<f32>>> {
 /// One forward over the paged cache: appends each `(seq, tokens)` and returns the next-token
 /// logits after each sequence's last new token. Use on a `freeze()`d model.
 pub fn paged_forward(
-    model: &Qwen3,
+    model: &Model,
     batch: &[(super::paged::SeqId, Vec<u32>)],
     cache: &mut super::paged::PagedKvCache,
 ) -> Result<Vec<Vec<f32>>> {
@@ -108,7 +108,7 @@ pub fn check_prompts(prompts: &[Vec<u32>], vocab: usize) -> Result<()> {
 /// true to stop that row (stop strings). Returns the new tokens of each row and why it stopped.
 /// Row r samples with seed `sampler.seed + r`.
 pub fn generate_batch(
-    model: &Qwen3,
+    model: &Model,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
     mut on_token: impl FnMut(usize, u32) -> bool,
@@ -164,7 +164,7 @@ pub fn generate_batch(
 /// its own block table and length), finished rows drop out of the batch and free their blocks.
 /// Same samplers and seeds, so the same tokens.
 pub fn generate_paged(
-    model: &Qwen3,
+    model: &Model,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
     block_size: usize,

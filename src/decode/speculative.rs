@@ -24,7 +24,7 @@
 use super::generate::last_logits;
 use super::sampler::argmax;
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Qwen3, TreeStep};
+use crate::model::{KvCache, Model, TreeStep};
 use candle_core::{DType, Tensor};
 
 /// A draft tree: `tokens[i]` with parent `parents[i]` (`None` = child of node 0, the last
@@ -134,7 +134,7 @@ pub enum Drafter<'a> {
     /// Prompt lookup: n-gram matches in the context.
     Ngram,
     /// A smaller model, with its own cache of the context.
-    Model { model: &'a Qwen3, cache: KvCache },
+    Model { model: &'a Model, cache: KvCache },
 }
 
 /// Prompt-lookup draft: for n = 3, 2, 1, earlier occurrences of the last n tokens (most recent
@@ -170,7 +170,7 @@ pub fn ngram_draft(ctx: &[u32], depth: usize, width: usize) -> DraftTree {
 /// Draft from a smaller model: its top `width` tokens after the context, each continued
 /// greedily to `depth` tokens (each branch on a clone of the draft's cache).
 fn model_draft(
-    model: &Qwen3,
+    model: &Model,
     cache: &mut KvCache,
     ctx: &[u32],
     depth: usize,
@@ -228,7 +228,7 @@ impl SpecStats {
 /// Greedy generation of up to `max_new` tokens with tree speculation; stops at an EOS id.
 /// Returns the new tokens (identical to plain greedy decoding) and statistics.
 pub fn generate_speculative(
-    target: &Qwen3,
+    target: &Model,
     drafter: &mut Drafter,
     prompt: &[u32],
     max_new: usize,

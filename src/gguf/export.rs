@@ -1,14 +1,18 @@
-//! Checkpoint -> GGUF: llama.cpp's qwen3 tensor names and metadata, the tokenizer as
-//! tokenizer.ggml.*, ternary weights as Q2_0 / PQ2_0 blocks (or dense F16/F32).
+//! Checkpoint -> GGUF: llama.cpp's tensor names and `{arch}.*` metadata (qwen3 or llama), the
+//! tokenizer as tokenizer.ggml.* (with its pre-tokenizer, special tokens and chat template),
+//! ternary weights as Q2_0 / PQ2_0 blocks (or dense F16/F32). A Llama model's q and k rows are
+//! interleaved the way llama.cpp's converter does it (its "normal" RoPE); Qwen3 is written as is.
 
 use super::file::{GgufFile, GgufWriter, Value, GGML_F16, GGML_F32};
+use super::load::{gather_rows, inverse, llama_rope_rows, rope_interleaved, TERN_ROPE_SCALING};
 use crate::error::{Error, Result};
 use crate::kernels::Kernels;
 use crate::model::params::{gguf_name, is_norm};
-use crate::model::{Params, Qwen3Config};
+use crate::model::{ModelConfig, Params};
 use crate::quant::codec::{self as q2, Packing};
 use crate::quant::projection::codes_and_scales;
 use crate::quant::QuantConfig;
+use crate::tokenizer::Tokenizer;
 use candle_core::DType;
 use half::f16;
 use std::path::Path;
@@ -38,15 +42,16 @@ pub struct ExportReport {
     pub ratio_to_f16: f64,
 }
 
-/// Tokenizer metadata (tokenizer.ggml.*) from a Hugging Face tokenizer.json, padded to `vocab`.
-fn tokenizer_metadata(w: &mut GgufWriter, tokenizer_json: &Path, cfg: &Qwen3Config) -> Result<()> {
-    let text = std::fs::read_to_string(tokenizer_json).map_err(|e| Error::io(tokenizer_json, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Msg(format!("{}: invalid JSON: {e}", tokenizer_json.display())))?;
-    let bad = |m: &str| Error::Msg(format!("{}: {m}", tokenizer_json.display()));
+/// Tokenizer metadata (tokenizer.ggml.*) from a tokenizer's tokenizer.json and its metadata,
+/// padded to the model's vocabulary.
+fn tokenizer_metadata(w: &mut GgufWriter, tok: &Tokenizer, cfg: &ModelConfig) -> Result<()> {
+    let origin = tok.path.display().to_string();
+    let v: serde_json::Value = serde_json::from_str(&tok.json_text()?)
+        .map_err(|e| Error::Msg(format!("{origin}: invalid JSON: {e}")))?;
+    let bad = |m: &str| Error::Msg(format!("{origin}: {m}"));
     let model = v.get("model").ok_or_else(|| bad("no 'model'"))?;
     if model.get("type").and_then(|t| t.as_str()) != Some("BPE") {
-        return Err(bad("GGUF export supports BPE tokenizers (Qwen3's) only"));
+        return Err(bad("GGUF export supports byte-level BPE tokenizers only"));
     }
     let vocab = model
         .get("vocab")
@@ -101,33 +106,45 @@ fn tokenizer_metadata(w: &mut GgufWriter, tokenizer_json: &Path, cfg: &Qwen3Conf
             _ => Err(bad("a merge is neither \"a b\" nor [a, b]")),
         })
         .collect::<Result<_>>()?;
+    let pre = tok.ggml_pre().ok_or_else(|| {
+        bad("cannot tell which llama.cpp pre-tokenizer this tokenizer.json uses (its pre_tokenizer \
+             is none tern knows); add \"tern_ggml_pre\" to tokenizer_config.json beside it")
+    })?;
     let find = |s: &str| names.iter().position(|n| n == s).map(|i| i as u32);
-    let eos = cfg
-        .eos_ids()
-        .first()
-        .copied()
+    let meta_id = |t: &Option<String>| t.as_deref().and_then(find);
+    let eos = meta_id(&tok.meta.eos_token)
+        .or_else(|| cfg.eos_ids().first().copied())
         .or_else(|| find("<|endoftext|>"))
         .unwrap_or(0);
-    let pad = find("<|endoftext|>").unwrap_or(eos);
+    let pad = meta_id(&tok.meta.pad_token)
+        .or_else(|| find("<|endoftext|>"))
+        .unwrap_or(eos);
+    let bos = meta_id(&tok.meta.bos_token).unwrap_or(pad);
     w.meta("tokenizer.ggml.model", Value::Str("gpt2".into()));
-    w.meta("tokenizer.ggml.pre", Value::Str("qwen2".into()));
+    w.meta("tokenizer.ggml.pre", Value::Str(pre));
     w.meta("tokenizer.ggml.tokens", Value::strings(names));
     w.meta("tokenizer.ggml.token_type", Value::Array(5, types));
     w.meta("tokenizer.ggml.merges", Value::strings(merges));
     w.meta("tokenizer.ggml.eos_token_id", Value::U32(eos));
     w.meta("tokenizer.ggml.padding_token_id", Value::U32(pad));
-    w.meta("tokenizer.ggml.bos_token_id", Value::U32(pad));
-    w.meta("tokenizer.ggml.add_bos_token", Value::Bool(false));
+    w.meta("tokenizer.ggml.bos_token_id", Value::U32(bos));
+    w.meta(
+        "tokenizer.ggml.add_bos_token",
+        Value::Bool(tok.meta.add_bos_token.unwrap_or(false)),
+    );
+    if let Some(t) = &tok.meta.chat_template {
+        w.meta("tokenizer.chat_template", Value::Str(t.clone()));
+    }
     Ok(())
 }
 
 /// Writes `params` as a GGUF file llama.cpp loads. Ternary tensors are the model's projection
 /// exactly (codes and group scales; only the scale is rounded to f16).
 pub fn export_gguf(
-    cfg: &Qwen3Config,
+    cfg: &ModelConfig,
     quant: &QuantConfig,
     params: &Params,
-    tokenizer_json: Option<&Path>,
+    tokenizer: Option<&Tokenizer>,
     format: Format,
     name: &str,
     out: &Path,
@@ -149,50 +166,52 @@ pub fn export_gguf(
         ));
     }
     let mut w = GgufWriter::default();
-    w.meta("general.architecture", Value::Str("qwen3".into()));
+    let arch = cfg.arch.name();
+    let u32_of = |x: usize| Value::U32(x as u32);
+    w.meta("general.architecture", Value::Str(arch.into()));
     w.meta("general.name", Value::Str(name.into()));
-    w.meta(
-        "qwen3.block_count",
-        Value::U32(cfg.num_hidden_layers as u32),
-    );
-    w.meta(
-        "qwen3.context_length",
-        Value::U32(cfg.max_position_embeddings as u32),
-    );
-    w.meta("qwen3.embedding_length", Value::U32(cfg.hidden_size as u32));
-    w.meta(
-        "qwen3.feed_forward_length",
-        Value::U32(cfg.intermediate_size as u32),
-    );
-    w.meta(
-        "qwen3.attention.head_count",
-        Value::U32(cfg.num_attention_heads as u32),
-    );
-    w.meta(
-        "qwen3.attention.head_count_kv",
-        Value::U32(cfg.kv_heads() as u32),
-    );
-    w.meta(
-        "qwen3.attention.key_length",
-        Value::U32(cfg.head_dim() as u32),
-    );
-    w.meta(
-        "qwen3.attention.value_length",
-        Value::U32(cfg.head_dim() as u32),
-    );
-    w.meta(
-        "qwen3.attention.layer_norm_rms_epsilon",
-        Value::F32(cfg.rms_norm_eps as f32),
-    );
-    w.meta("qwen3.rope.freq_base", Value::F32(cfg.rope_theta as f32));
+    let hd = cfg.head_dim();
+    let mut hparams = vec![
+        ("block_count", u32_of(cfg.num_hidden_layers)),
+        ("context_length", u32_of(cfg.max_position_embeddings)),
+        ("embedding_length", u32_of(cfg.hidden_size)),
+        ("feed_forward_length", u32_of(cfg.intermediate_size)),
+        ("attention.head_count", u32_of(cfg.num_attention_heads)),
+        ("attention.head_count_kv", u32_of(cfg.kv_heads())),
+        ("attention.key_length", u32_of(hd)),
+        ("attention.value_length", u32_of(hd)),
+        (
+            "attention.layer_norm_rms_epsilon",
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        ("rope.freq_base", Value::F32(cfg.rope_theta as f32)),
+    ];
+    if cfg.arch == crate::model::Arch::Llama {
+        hparams.push(("rope.dimension_count", u32_of(hd)));
+        hparams.push(("vocab_size", u32_of(cfg.vocab_size)));
+    }
+    for (k, v) in hparams {
+        w.meta(&format!("{arch}.{k}"), v);
+    }
     w.meta("tern.ternary", Value::Bool(quant.ternary));
     w.meta("tern.group_size", Value::U32(quant.group_size as u32));
     w.meta("tern.scale", Value::Str(quant.scale.to_string()));
-    match tokenizer_json {
+    if let Some(rs) = &cfg.rope_scaling {
+        // llama.cpp reads Llama-3 scaling as per-frequency factors; tern reads its own key.
+        let json = serde_json::to_string(rs).expect("rope scaling serializes");
+        w.meta(TERN_ROPE_SCALING, Value::Str(json));
+        let factors: Vec<u8> = rs
+            .frequency_factors(cfg.rope_theta, hd)
+            .iter()
+            .flat_map(|f| (*f as f32).to_le_bytes())
+            .collect();
+        w.tensor("rope_freqs.weight", vec![hd as u64 / 2], GGML_F32, factors);
+    }
+    match tokenizer {
         Some(t) => tokenizer_metadata(&mut w, t, cfg)?,
-        None => tracing::warn!(
-            "no tokenizer.json: the GGUF has no tokenizer and llama.cpp will not load it"
-        ),
+        None => {
+            tracing::warn!("no tokenizer: the GGUF has no tokenizer and llama.cpp will not load it")
+        }
     }
     let q = QuantConfig {
         ramp: 1.0,
@@ -203,7 +222,15 @@ pub fn export_gguf(
     let mut data_bytes = 0u64;
     for (hf, var) in params.iter() {
         let gname = gguf_name(hf)?;
-        let t = var.as_tensor().detach().to_dtype(DType::F32)?;
+        let mut t = var.as_tensor().detach().to_dtype(DType::F32)?;
+        if rope_interleaved(cfg, hf) {
+            // llama.cpp's row order for its "normal" RoPE (rows are independent, so projecting
+            // after the reordering writes the same groups).
+            let (rows, cols) = t.dims2()?;
+            let order = inverse(&llama_rope_rows(rows, cfg.head_dim()));
+            let v = gather_rows(&t.flatten_all()?.to_vec1::<f32>()?, cols, &order);
+            t = candle_core::Tensor::from_vec(v, (rows, cols), t.device())?;
+        }
         let dims: Vec<u64> = t.dims().iter().rev().map(|&d| d as u64).collect();
         let n = t.elem_count() as u64;
         weights += n;

@@ -10,6 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::quant::codec::Packing;
+use candle_core::quantized::GgmlDType;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
@@ -19,15 +20,79 @@ pub const GGML_F32: u32 = 0;
 pub const GGML_F16: u32 = 1;
 pub const GGML_BF16: u32 = 30;
 
+/// The llama.cpp quantized types candle decodes (ggml type id -> candle's type): tern reads
+/// them as f32 latents through candle; its own ternary types it decodes itself.
+pub fn candle_type(ggml_type: u32) -> Option<GgmlDType> {
+    Some(match ggml_type {
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        _ => return None,
+    })
+}
+
+/// llama.cpp's name of a ggml type id, for messages.
+pub fn type_name(ggml_type: u32) -> String {
+    let known = match ggml_type {
+        GGML_F32 => "F32",
+        GGML_F16 => "F16",
+        GGML_BF16 => "BF16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        6 => "Q5_0",
+        7 => "Q5_1",
+        8 => "Q8_0",
+        9 => "Q8_1",
+        10 => "Q2_K",
+        11 => "Q3_K",
+        12 => "Q4_K",
+        13 => "Q5_K",
+        14 => "Q6_K",
+        15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        t if Packing::from_ggml_type(t) == Some(Packing::Q2_0) => "Q2_0",
+        t if Packing::from_ggml_type(t) == Some(Packing::PQ2_0) => "PQ2_0",
+        _ => return format!("unknown ({ggml_type})"),
+    };
+    format!("{known} ({ggml_type})")
+}
+
+/// The types tern reads, for messages.
+pub const READABLE_TYPES: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K..Q8_K, Q2_0 (42), PQ2_0 (142)";
+
 /// Bytes of `n` elements of a ggml type (None for types tern does not read).
 pub fn type_size(ggml_type: u32, n: u64) -> Option<u64> {
     match ggml_type {
         GGML_F32 => Some(n * 4),
         GGML_F16 | GGML_BF16 => Some(n * 2),
         t => {
-            let p = Packing::from_ggml_type(t)?;
-            let b = p.block() as u64;
-            n.is_multiple_of(b).then(|| n / b * p.block_bytes() as u64)
+            let (block, bytes) = match (Packing::from_ggml_type(t), candle_type(t)) {
+                (Some(p), _) => (p.block() as u64, p.block_bytes() as u64),
+                (None, Some(c)) => (c.block_size() as u64, c.type_size() as u64),
+                (None, None) => return None,
+            };
+            n.is_multiple_of(block).then(|| n / block * bytes)
         }
     }
 }
@@ -306,12 +371,26 @@ impl GgufFile {
         let data_offset = r.pos.div_ceil(align) * align;
         for t in &tensors {
             let n = t.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
-            let size = n.and_then(|n| type_size(t.ggml_type, n)).ok_or_else(|| {
-                r.err(&format!(
-                    "tensor '{}': unsupported type id {} or bad dims {:?}",
-                    t.name, t.ggml_type, t.dims
-                ))
-            })?;
+            let size = match n {
+                None => {
+                    return Err(r.err(&format!("tensor '{}': dims {:?} overflow", t.name, t.dims)))
+                }
+                Some(n) => type_size(t.ggml_type, n).ok_or_else(|| {
+                    let why = if candle_type(t.ggml_type).is_some()
+                        || Packing::from_ggml_type(t.ggml_type).is_some()
+                    {
+                        format!("{n} elements are not a whole number of its blocks")
+                    } else {
+                        format!("tern reads {READABLE_TYPES}")
+                    };
+                    Error::Msg(format!(
+                        "GGUF {}: tensor '{}' has type {}: {why}",
+                        path.display(),
+                        t.name,
+                        type_name(t.ggml_type)
+                    ))
+                })?,
+            };
             let end = (data_offset as u64)
                 .checked_add(t.offset)
                 .and_then(|x| x.checked_add(size));

@@ -16,5 +16,5 @@ pub mod verify;
 
 pub use export::{export_gguf, ExportReport, Format};
 pub use file::GgufFile;
-pub use load::{config_from_gguf, load_model};
+pub use load::{config_from_gguf, is_ternary, latents_from_gguf, load_model, tokenizer_from_gguf};
 pub use verify::{verify_gguf, TensorCheck};

@@ -31,6 +31,13 @@ pub fn verify_gguf(
         .get("tern.group_size")
         .and_then(|v| v.as_u64())
         .map(|g| g as usize);
+    // A Llama file holds q/k rows interleaved (llama.cpp's RoPE order): compare in that order.
+    let cfg = super::load::config_from_gguf(file).ok();
+    let file_order = |hf: &str, rows: usize| -> Option<Vec<usize>> {
+        let cfg = cfg.as_ref()?;
+        super::load::rope_interleaved(cfg, hf)
+            .then(|| super::load::inverse(&super::load::llama_rope_rows(rows, cfg.head_dim())))
+    };
     let mut out = Vec::new();
     let by_gguf: std::collections::HashMap<String, &str> = match source {
         Some((p, _)) => p
@@ -64,7 +71,12 @@ pub fn verify_gguf(
                     continue;
                 }
                 let (c, s) = codes_and_scales(&w, q.group_size, q.scale)?;
-                Some((c.to_vec2::<f32>()?, s.to_vec2::<f32>()?, q.group_size))
+                let (mut c, mut s) = (c.to_vec2::<f32>()?, s.to_vec2::<f32>()?);
+                if let Some(order) = file_order(hf, rows) {
+                    c = order.iter().map(|&i| c[i].clone()).collect();
+                    s = order.iter().map(|&i| s[i].clone()).collect();
+                }
+                Some((c, s, q.group_size))
             }
             (Some(_), None) => {
                 chk.problems

@@ -250,6 +250,42 @@ impl Kernels {
         }
     }
 
+    /// [`Kernels::lm_head_loss`] with logit distillation from a frozen teacher: `(1 - a) CE +
+    /// a T^2 KL(teacher || student)`. Fused: chunked over tokens (neither model's `[N, V]` logits
+    /// exist), also returning the mean CE and KL; reference: full logits, composed ops.
+    pub fn lm_head_distill_loss(
+        self,
+        h: &Tensor,
+        head_latent: &Tensor,
+        quant: &QuantConfig,
+        targets: &Tensor,
+        teacher: &cross_entropy::Teacher,
+    ) -> Result<(Tensor, Option<cross_entropy::LossParts>)> {
+        match self {
+            Kernels::Fused => {
+                let chunk = cross_entropy::default_chunk(head_latent.dim(0)?);
+                let (loss, parts) = cross_entropy::lm_head_distill_ste(
+                    h,
+                    head_latent,
+                    quant,
+                    targets,
+                    chunk,
+                    teacher,
+                )?;
+                Ok((loss, Some(parts)))
+            }
+            Kernels::Reference => {
+                let w = self
+                    .effective_weight(head_latent, quant)?
+                    .to_dtype(h.dtype())?;
+                let h = h.to_dtype(head_latent.dtype())?;
+                let w = w.to_dtype(head_latent.dtype())?;
+                let loss = cross_entropy::distill_reference_loss(&h, &w, targets, teacher)?;
+                Ok((loss, None))
+            }
+        }
+    }
+
     /// One AdamW update of a parameter: new (w, m, v).
     pub fn adamw(
         self,

@@ -32,6 +32,11 @@ impl Rope {
         Self { inv_freq }
     }
 
+    /// Tables from given frequencies (`head_dim / 2` of them), e.g. Llama-3-scaled ones.
+    pub fn from_inv_freq(inv_freq: Vec<f32>) -> Self {
+        Self { inv_freq }
+    }
+
     /// cos and sin tables `[T, head_dim]` for the given absolute positions.
     pub fn cos_sin(
         &self,

@@ -6,7 +6,7 @@
 //! architecture; bf16/f16/f64 tensors become f32 latents. tern writes its ternary settings into
 //! config.json under `tern_quant` (ignored by transformers), so a checkpoint remembers its mode.
 
-use super::config::Qwen3Config;
+use super::config::ModelConfig;
 use super::params::{expected_shapes, Params, LM_HEAD};
 use crate::error::{Error, Result};
 use crate::files::{sync_and_rename, write_atomic};
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 /// A loaded checkpoint: architecture, parameters and where it came from.
 pub struct Checkpoint {
     pub dir: PathBuf,
-    pub config: Qwen3Config,
+    pub config: ModelConfig,
     /// The ternary settings the checkpoint was saved with (`tern_quant`), if any.
     pub quant: Option<QuantConfig>,
     pub params: Params,
@@ -106,7 +106,7 @@ pub fn load_checkpoint(dir: &Path, dtype: DType, device: &Device) -> Result<Chec
     if !config_path.is_file() {
         return Err(Error::checkpoint(dir, format!("missing {CONFIG_FILE}")));
     }
-    let config = Qwen3Config::from_json_file(&config_path)?;
+    let config = ModelConfig::from_json_file(&config_path)?;
     let quant = read_quant(&config_path)?;
     let files = weight_files(dir)?;
     let params = load_params(&files, &config, dtype, device)?;
@@ -123,7 +123,7 @@ pub fn load_checkpoint(dir: &Path, dtype: DType, device: &Device) -> Result<Chec
 /// Loads and checks every tensor of `cfg` from the given safetensors files.
 pub fn load_params(
     files: &[PathBuf],
-    cfg: &Qwen3Config,
+    cfg: &ModelConfig,
     dtype: DType,
     device: &Device,
 ) -> Result<Params> {
@@ -213,7 +213,7 @@ pub fn load_params(
 }
 
 /// Tensors a Qwen3 checkpoint may carry that tern does not need.
-fn is_ignorable(name: &str, cfg: &Qwen3Config) -> bool {
+fn is_ignorable(name: &str, cfg: &ModelConfig) -> bool {
     (name == LM_HEAD && cfg.tie_word_embeddings) || name.ends_with("rotary_emb.inv_freq")
 }
 
@@ -243,17 +243,20 @@ fn list(names: &[&str]) -> String {
 }
 
 /// The config.json tern writes: the HF fields transformers reads, plus `tern_quant`.
-pub fn config_json(cfg: &Qwen3Config, quant: &QuantConfig) -> Result<serde_json::Value> {
+pub fn config_json(cfg: &ModelConfig, quant: &QuantConfig) -> Result<serde_json::Value> {
     let mut v =
         serde_json::to_value(cfg).map_err(|e| Error::Msg(format!("serializing config: {e}")))?;
     let obj = v.as_object_mut().expect("config serializes to an object");
     obj.insert(
         "architectures".into(),
-        serde_json::json!(["Qwen3ForCausalLM"]),
+        serde_json::json!([cfg.arch.hf_class()]),
     );
-    obj.insert("model_type".into(), serde_json::json!("qwen3"));
+    obj.insert("model_type".into(), serde_json::json!(cfg.arch.name()));
     obj.insert("hidden_act".into(), serde_json::json!("silu"));
     obj.insert("attention_bias".into(), serde_json::json!(false));
+    if cfg.arch == crate::model::config::Arch::Llama {
+        obj.insert("mlp_bias".into(), serde_json::json!(false));
+    }
     obj.insert("torch_dtype".into(), serde_json::json!("float32"));
     obj.insert("head_dim".into(), serde_json::json!(cfg.head_dim()));
     obj.insert(
@@ -268,14 +271,15 @@ pub fn config_json(cfg: &Qwen3Config, quant: &QuantConfig) -> Result<serde_json:
 }
 
 /// Writes an HF-layout checkpoint into `dir` (created if needed): config.json, model.safetensors
-/// (f32) and a copy of the tokenizer when given. Files are written under temporary names and
+/// (f32) and the tokenizer when given (tokenizer.json, and tokenizer_config.json with its special
+/// tokens and chat template). Files are written under temporary names and
 /// renamed, so an interrupted save never leaves a half-written file under a real name.
 pub fn save_checkpoint(
     dir: &Path,
-    cfg: &Qwen3Config,
+    cfg: &ModelConfig,
     quant: &QuantConfig,
     params: &Params,
-    tokenizer: Option<&Path>,
+    tokenizer: Option<&crate::tokenizer::Tokenizer>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
@@ -295,11 +299,7 @@ pub fn save_checkpoint(
     let json = serde_json::to_string_pretty(&config_json(cfg, quant)?).expect("json");
     write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
     if let Some(tok) = tokenizer {
-        let dst = dir.join(TOKENIZER_FILE);
-        if tok != dst {
-            let bytes = std::fs::read(tok).map_err(|e| Error::io(tok, e))?;
-            write_atomic(&dst, &bytes)?;
-        }
+        tok.save_into(dir)?;
     }
     Ok(())
 }

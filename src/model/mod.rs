@@ -14,10 +14,10 @@ pub mod config;
 pub mod io;
 pub mod layers;
 pub mod params;
-pub mod qwen3;
+pub mod transformer;
 
 pub use cache::{Cache, KvCache, NoCache, TreeStep};
-pub use config::Qwen3Config;
+pub use config::{Arch, ModelConfig};
 pub use io::{load_checkpoint, save_checkpoint, Checkpoint};
 pub use params::Params;
-pub use qwen3::Qwen3;
+pub use transformer::Model;

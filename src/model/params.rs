@@ -1,8 +1,8 @@
-//! Named parameters of a Qwen3 model under their Hugging Face names, held as candle `Var`s so the
+//! Named parameters of a model under their Hugging Face names, held as candle `Var`s so the
 //! optimizer can update them in place while the model's tensors (which share storage) see it;
 //! and the one table of tensor names (HF and GGUF) and shapes.
 
-use super::config::Qwen3Config;
+use super::config::ModelConfig;
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
@@ -70,13 +70,26 @@ impl LayerTensor {
         }
     }
 
+    /// The tensors a layer of this architecture holds, in checkpoint order (Llama has no q/k norms).
+    pub fn of(cfg: &ModelConfig) -> impl Iterator<Item = LayerTensor> {
+        let qk_norm = cfg.arch.qk_norm();
+        Self::ALL
+            .into_iter()
+            .filter(move |t| qk_norm || !matches!(t, L::QNorm | L::KNorm))
+    }
+
+    /// llama.cpp's GGUF name of this tensor in layer `i`.
+    pub fn gguf(self, i: usize) -> String {
+        format!("blk.{i}.{}.weight", self.names().1)
+    }
+
     /// The HF name of this tensor in layer `i`.
     pub fn hf(self, i: usize) -> String {
         format!("model.layers.{i}.{}", self.names().0)
     }
 
     /// `[rows, cols]` of a projection, `[len]` of a norm.
-    pub fn shape(self, cfg: &Qwen3Config) -> Vec<usize> {
+    pub fn shape(self, cfg: &ModelConfig) -> Vec<usize> {
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
         match self {
@@ -91,7 +104,7 @@ impl LayerTensor {
     }
 }
 
-/// llama.cpp's GGUF name for an HF tensor name of Qwen3.
+/// llama.cpp's GGUF name for an HF tensor name (the same for Qwen3 and Llama).
 pub fn gguf_name(hf: &str) -> Result<String> {
     if let Some((_, g)) = GLOBAL_GGUF.iter().find(|(h, _)| *h == hf) {
         return Ok(g.to_string());
@@ -109,11 +122,11 @@ pub fn gguf_name(hf: &str) -> Result<String> {
 }
 
 /// Every tensor a checkpoint of this architecture holds, with its shape, in a fixed order.
-pub fn expected_shapes(cfg: &Qwen3Config) -> Vec<(String, Vec<usize>)> {
+pub fn expected_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let h = cfg.hidden_size;
     let mut v = vec![(EMBED.to_string(), vec![cfg.vocab_size, h])];
     for l in 0..cfg.num_hidden_layers {
-        v.extend(LayerTensor::ALL.iter().map(|t| (t.hf(l), t.shape(cfg))));
+        v.extend(LayerTensor::of(cfg).map(|t| (t.hf(l), t.shape(cfg))));
     }
     v.push((FINAL_NORM.to_string(), vec![h]));
     if !cfg.tie_word_embeddings {
@@ -170,7 +183,7 @@ impl Params {
 
     /// BitNet-style scratch init: projections and embedding ~ normal(0, fan_in^-1/2) where
     /// fan_in is the row length (input dim); norm weights = 1. Deterministic by `seed`.
-    pub fn scratch(cfg: &Qwen3Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn scratch(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut tensors = Vec::new();
         for (name, shape) in expected_shapes(cfg) {

@@ -12,7 +12,7 @@ use crate::data::DataPosition;
 use crate::error::{Error, Result};
 use crate::files::write_atomic;
 use crate::model::io::save_checkpoint;
-use crate::model::{params::Params, Qwen3Config};
+use crate::model::{params::Params, ModelConfig};
 use crate::quant::QuantConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -45,10 +45,10 @@ fn step_name(step: usize) -> String {
 
 /// Writes a complete checkpoint for `state.step`; returns its directory.
 pub struct CheckpointParts<'a> {
-    pub model_cfg: &'a Qwen3Config,
+    pub model_cfg: &'a ModelConfig,
     pub quant: &'a QuantConfig,
     pub params: &'a Params,
-    pub tokenizer: Option<&'a Path>,
+    pub tokenizer: Option<&'a crate::tokenizer::Tokenizer>,
     pub opt: &'a AdamW,
     pub train_cfg: &'a TrainConfig,
     pub state: &'a RunState,

@@ -5,7 +5,7 @@
 //! and what was expected. Architecture keys use Hugging Face names.
 
 use crate::error::{Error, Result};
-use crate::model::Qwen3Config;
+use crate::model::ModelConfig;
 use crate::quant::{QuantConfig, ScaleRule};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -21,9 +21,10 @@ pub struct TrainConfig {
     pub checkpoint: CheckpointSection,
 }
 
-/// `[model]`. `source` = "scratch" | a local HF-layout directory | a hub id. The architecture keys
-/// apply to scratch only (a checkpoint's own config.json defines its architecture); unset ones
-/// take the defaults in [`ModelSection::scratch_config`].
+/// `[model]`. `source` = "scratch" | a local HF-layout directory | a hub id | a GGUF file (any
+/// type tern reads, dequantized into f32 latents). The architecture keys apply to scratch only
+/// (a source's own config defines its architecture); unset ones take the defaults in
+/// [`ModelSection::scratch_config`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
@@ -100,8 +101,8 @@ impl ModelSection {
     /// Scratch architecture. Defaults: hidden 256, intermediate 768, 4 layers, 4 heads, 2 KV
     /// heads, head_dim 64, vocab 151936 (Qwen3 tokenizer), rope_theta 1e6, eps 1e-6,
     /// 4096 positions, tied embeddings.
-    pub fn scratch_config(&self) -> Qwen3Config {
-        let mut c = Qwen3Config::qwen3_0_6b();
+    pub fn scratch_config(&self) -> ModelConfig {
+        let mut c = ModelConfig::qwen3_0_6b();
         c.hidden_size = self.hidden_size.unwrap_or(256);
         c.intermediate_size = self.intermediate_size.unwrap_or(768);
         c.num_hidden_layers = self.num_hidden_layers.unwrap_or(4);
@@ -133,8 +134,10 @@ impl ModelSection {
 pub struct DataSection {
     /// default "data/train_data.txt"
     pub train_file: PathBuf,
-    /// tokenizer.json path or hub id; default "data/tokenizer.json"
-    pub tokenizer: String,
+    /// tokenizer.json path, directory, hub id or GGUF file; default: the source model's own
+    /// tokenizer (its tokenizer.json, or the GGUF's), or "data/tokenizer.json" for scratch
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
     /// tokens per training window (the model sees seq_len, predicts seq_len); default 256
     pub seq_len: usize,
     /// share of the token stream held out for validation (its tail); default 0.05
@@ -147,7 +150,7 @@ impl Default for DataSection {
     fn default() -> Self {
         Self {
             train_file: "data/train_data.txt".into(),
-            tokenizer: "data/tokenizer.json".into(),
+            tokenizer: None,
             seq_len: 256,
             val_fraction: 0.05,
             seed: 0,
@@ -161,6 +164,15 @@ pub enum Schedule {
     Cosine,
     Constant,
     Linear,
+}
+
+/// How the STE ramp's lambda goes from 0 to 1.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RampShape {
+    #[default]
+    Linear,
+    Cosine,
 }
 
 /// `[train]`
@@ -193,6 +205,13 @@ pub struct TrainSection {
     pub max_grad_norm: f64,
     /// STE ramp lambda 0 -> 1 over these steps; 0 = off (fully ternary from step 1); default 0
     pub ste_ramp_steps: usize,
+    /// shape of the ramp: "linear" (default) or "cosine" (slow start and end)
+    pub ste_ramp_shape: RampShape,
+    /// logit distillation from the source model (frozen, full precision): weight a of the soft
+    /// term in (1 - a) CE + a T^2 KL(teacher || student); 0 = off (default)
+    pub distill_alpha: f64,
+    /// distillation temperature T; default 1
+    pub distill_temperature: f64,
     /// default 0
     pub seed: u64,
     /// "auto" | "cpu" | "cuda[:N]" | "metal[:N]"; default "auto"
@@ -222,6 +241,9 @@ impl Default for TrainSection {
             eps: 1e-8,
             max_grad_norm: 1.0,
             ste_ramp_steps: 0,
+            ste_ramp_shape: RampShape::Linear,
+            distill_alpha: 0.0,
+            distill_temperature: 1.0,
             seed: 0,
             device: "auto".into(),
             out_dir: "runs/default".into(),
@@ -275,6 +297,18 @@ impl Default for CheckpointSection {
     }
 }
 
+impl DataSection {
+    /// The tokenizer spec to load: `tokenizer`, else the source model's own (None), else for
+    /// scratch models "data/tokenizer.json".
+    pub fn tokenizer_spec(&self, model: &ModelSection) -> Option<String> {
+        match &self.tokenizer {
+            Some(t) => Some(t.clone()),
+            None if model.is_scratch() => Some("data/tokenizer.json".into()),
+            None => None,
+        }
+    }
+}
+
 impl TrainConfig {
     /// Reads `path`, applies `overrides` ("section.key=value", value in TOML syntax or a bare
     /// string) and validates.
@@ -316,7 +350,7 @@ impl TrainConfig {
         if m.source.trim().is_empty() {
             return bad(
                 "model.source",
-                "\"scratch\", a checkpoint directory or a hub id",
+                "\"scratch\", a checkpoint directory, a hub id or a GGUF file",
                 "\"\"".into(),
             );
         }
@@ -389,6 +423,27 @@ impl TrainConfig {
                 "train.max_grad_norm",
                 "a number >= 0 (0 = no clipping)",
                 t.max_grad_norm.to_string(),
+            );
+        }
+        if !(0.0..=1.0).contains(&t.distill_alpha) {
+            return bad(
+                "train.distill_alpha",
+                "a number in [0, 1]",
+                t.distill_alpha.to_string(),
+            );
+        }
+        if !(t.distill_temperature > 0.0 && t.distill_temperature.is_finite()) {
+            return bad(
+                "train.distill_temperature",
+                "a positive number",
+                t.distill_temperature.to_string(),
+            );
+        }
+        if t.distill_alpha > 0.0 && m.is_scratch() {
+            return bad(
+                "train.distill_alpha",
+                "0 for model.source = \"scratch\" (the teacher is the source model)",
+                t.distill_alpha.to_string(),
             );
         }
         if self.checkpoint.keep == 0 {

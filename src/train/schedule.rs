@@ -1,6 +1,6 @@
 //! Learning-rate schedule and STE ramp, as pure functions of the (1-based) step.
 
-use super::config::{Schedule, TrainSection};
+use super::config::{RampShape, Schedule, TrainSection};
 
 /// LR at optimizer step `step` (1-based): linear warmup to `lr`, then cosine / linear decay to
 /// `min_lr` at the last step, or constant.
@@ -26,6 +26,16 @@ pub fn ramp_at(step: usize, ramp_steps: usize) -> f64 {
         1.0
     } else {
         (step as f64 / ramp_steps as f64).min(1.0)
+    }
+}
+
+/// The ramp of `t` at `step`: linear, or cosine-shaped `(1 - cos(pi x)) / 2` of the linear
+/// progress x (slow at both ends: the last steps before fully ternary move least).
+pub fn ramp_for(step: usize, t: &TrainSection) -> f64 {
+    let x = ramp_at(step, t.ste_ramp_steps);
+    match t.ste_ramp_shape {
+        RampShape::Linear => x,
+        RampShape::Cosine => 0.5 * (1.0 - (std::f64::consts::PI * x).cos()),
     }
 }
 
@@ -58,6 +68,13 @@ mod tests {
         assert_eq!(lr_at(100, &c), 1.0);
         assert_eq!(ramp_at(5, 0), 1.0);
         assert_eq!(ramp_at(5, 10), 0.5);
+        let r = TrainSection {
+            ste_ramp_steps: 10,
+            ste_ramp_shape: RampShape::Cosine,
+            ..Default::default()
+        };
+        assert!((ramp_for(5, &r) - 0.5).abs() < 1e-12);
+        assert!(ramp_for(1, &r) < ramp_at(1, 10) && ramp_for(10, &r) == 1.0);
         assert_eq!(ramp_at(50, 10), 1.0);
     }
 }

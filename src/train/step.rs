@@ -4,14 +4,15 @@
 
 use super::optim::{accumulate, clip, global_norm, AdamW, Grads};
 use crate::error::Result;
-use crate::model::{NoCache, Params, Qwen3};
+use crate::kernels::cross_entropy::{LossParts, Teacher};
+use crate::model::{Model, NoCache, Params};
 use candle_core::{DType, Tensor};
 use std::time::Instant;
 
 /// Mean next-token cross-entropy of `inp: [B, T]` against `tgt` (`[B*T]` or `[B, T]`), through
 /// the model's kernels (fused: the LM head inside a chunked loss; reference: candle's
 /// cross-entropy over the full logits).
-pub fn batch_loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Result<Tensor> {
+pub fn batch_loss(model: &Model, inp: &Tensor, tgt: &Tensor) -> Result<Tensor> {
     let h = model.forward(inp, &mut NoCache::new())?;
     model.kernels.lm_head_loss(
         &h.flatten_to(1)?,
@@ -21,8 +22,48 @@ pub fn batch_loss(model: &Qwen3, inp: &Tensor, tgt: &Tensor) -> Result<Tensor> {
     )
 }
 
+/// Logit distillation from a frozen teacher (the starting model in full precision): weight of
+/// the soft term and temperature.
+#[derive(Clone, Copy)]
+pub struct Distill<'a> {
+    pub teacher: &'a Model,
+    pub alpha: f64,
+    pub temperature: f64,
+}
+
+/// `(1 - a) CE + a T^2 KL(teacher || student)` of `inp` against `tgt` (the teacher runs on the
+/// same inputs, no graph), with its CE and KL parts when the fused kernel computes them.
+pub fn distill_batch_loss(
+    model: &Model,
+    d: &Distill,
+    inp: &Tensor,
+    tgt: &Tensor,
+) -> Result<(Tensor, Option<LossParts>)> {
+    let h = model.forward(inp, &mut NoCache::new())?;
+    let ht = d
+        .teacher
+        .forward(inp, &mut NoCache::new())?
+        .flatten_to(1)?
+        .to_dtype(d.teacher.dtype())?
+        .detach();
+    let wt = d.teacher.head_weight()?.detach();
+    let teacher = Teacher {
+        h: &ht,
+        w: &wt,
+        alpha: d.alpha,
+        temperature: d.temperature,
+    };
+    model.kernels.lm_head_distill_loss(
+        &h.flatten_to(1)?,
+        &model.head_latent()?,
+        &model.head_quant(),
+        &tgt.flatten_all()?,
+        &teacher,
+    )
+}
+
 /// Mean next-token cross-entropy over windows `[B, T+1]` (inputs = all but the last token).
-pub fn window_loss(model: &Qwen3, windows: &Tensor) -> Result<Tensor> {
+pub fn window_loss(model: &Model, windows: &Tensor) -> Result<Tensor> {
     let t = windows.dim(1)? - 1;
     batch_loss(model, &windows.narrow(1, 0, t)?, &windows.narrow(1, 1, t)?)
 }
@@ -33,6 +74,8 @@ pub fn window_loss(model: &Qwen3, windows: &Tensor) -> Result<Tensor> {
 pub struct StepReport {
     /// Sum over micro-batches of each one's mean loss / micro-batches (the step's mean loss).
     pub loss: f64,
+    /// With distillation: the step's mean CE and KL (the loss combines them).
+    pub parts: Option<LossParts>,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     /// False when the loss or the gradient was not finite and the update was skipped.
@@ -63,22 +106,44 @@ pub struct StepConfig {
     pub inject_nan: bool,
 }
 
+/// What a step minimizes: next-token cross-entropy, or the distillation loss.
+#[derive(Clone, Copy)]
+pub enum Objective<'a> {
+    CrossEntropy,
+    Distill(Distill<'a>),
+}
+
 /// Runs one optimizer step over `windows` (one `[B, T+1]` tensor per micro-batch, produced on
 /// demand so only one is alive at a time).
 pub fn train_step(
-    model: &Qwen3,
+    model: &Model,
     params: &Params,
     opt: &mut AdamW,
     micro_batches: usize,
     mut windows: impl FnMut() -> Result<Tensor>,
     cfg: StepConfig,
+    objective: Objective,
 ) -> Result<StepReport> {
     let mut r = StepReport::default();
     let mut grads = Grads::new();
     for _ in 0..micro_batches {
         let t0 = Instant::now();
         let ids = windows()?;
-        let mut loss = (window_loss(model, &ids)? / micro_batches as f64)?;
+        let mut loss = match &objective {
+            Objective::CrossEntropy => window_loss(model, &ids)?,
+            Objective::Distill(d) => {
+                let t = ids.dim(1)? - 1;
+                let (loss, parts) =
+                    distill_batch_loss(model, d, &ids.narrow(1, 0, t)?, &ids.narrow(1, 1, t)?)?;
+                if let Some(p) = parts {
+                    let acc = r.parts.get_or_insert_with(LossParts::default);
+                    acc.ce += p.ce / micro_batches as f64;
+                    acc.kl += p.kl / micro_batches as f64;
+                }
+                loss
+            }
+        };
+        loss = (loss / micro_batches as f64)?;
         if cfg.inject_nan {
             loss = (loss * f64::NAN)?;
         }

@@ -8,17 +8,17 @@
 use super::checkpoint::{self, CheckpointParts, RunState};
 use super::config::TrainConfig;
 use super::optim::{AdamW, AdamWConfig};
-use super::schedule::{lr_at, ramp_at};
-use super::step::{train_step, StepConfig};
+use super::schedule::{lr_at, ramp_for};
+use super::step::{train_step, Distill, Objective, StepConfig};
 use crate::data::{load_split, Batcher};
 use crate::device::parse_device;
 use crate::error::{Error, Result};
-use crate::hub::{resolve_model_dir, HubOptions};
 use crate::kernels::Kernels;
 use crate::model::params::{is_norm, Params};
-use crate::model::{load_checkpoint, Qwen3, Qwen3Config};
+use crate::model::{load_checkpoint, Model, ModelConfig};
 use crate::quant::verify::{verify_projected, TernaryReport};
 use crate::quant::QuantConfig;
+use crate::source;
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
@@ -56,6 +56,11 @@ pub struct StepMetrics {
     pub elapsed_s: f64,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// With distillation: the step's mean cross-entropy and KL(teacher || student).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ce: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
 }
 
 /// A callback after every step (tests stop runs with it).
@@ -108,7 +113,7 @@ pub struct TrainOutcome {
 /// Mean NLL of the validation tokens under `windows` (the plain scheme of `tern eval` with
 /// ctx = seq_len + 1), on a frozen (graph-free) copy of the model.
 pub fn evaluate(
-    model: &Qwen3,
+    model: &Model,
     val: &[u32],
     windows: &[crate::eval::Window],
     batch: usize,
@@ -201,7 +206,7 @@ fn initial_params(
     cfg: &TrainConfig,
     tok: &Tokenizer,
     device: &Device,
-) -> Result<(Qwen3Config, Params)> {
+) -> Result<(ModelConfig, Params)> {
     let m = &cfg.model;
     if m.is_scratch() {
         let mut arch = m.scratch_config();
@@ -214,9 +219,35 @@ fn initial_params(
         let params = Params::scratch(&arch, cfg.train.seed, DType::F32, device)?;
         return Ok((arch, params));
     }
-    let dir = resolve_model_dir(&m.source, &HubOptions::from_env())?;
-    let ck = load_checkpoint(&dir, DType::F32, device)?;
-    Ok((ck.config, ck.params))
+    let src = source::load_latents(&m.source, DType::F32, device)?;
+    Ok((src.config, src.params))
+}
+
+/// The training tokenizer: `data.tokenizer`, else the source model's own.
+fn training_tokenizer(cfg: &TrainConfig) -> Result<Tokenizer> {
+    match cfg.data.tokenizer_spec(&cfg.model) {
+        Some(spec) => source::tokenizer_from_spec(&spec),
+        None => source::load_tokenizer(&cfg.model.source)?.ok_or_else(|| {
+            Error::Msg(format!(
+                "model.source '{}' has no tokenizer (no tokenizer.json, none in the GGUF): set data.tokenizer",
+                cfg.model.source
+            ))
+        }),
+    }
+}
+
+/// The distillation teacher: the source model in full precision, frozen.
+fn teacher_model(cfg: &TrainConfig, arch: &ModelConfig, device: &Device) -> Result<Model> {
+    let src = source::load_latents(&cfg.model.source, DType::F32, device)?;
+    if src.config.vocab_size != arch.vocab_size {
+        return Err(Error::Msg(format!(
+            "distillation: the teacher '{}' has vocab_size {}, the student {}",
+            cfg.model.source, src.config.vocab_size, arch.vocab_size
+        )));
+    }
+    Model::new(&src.config, QuantConfig::full_precision(), &src.params)?
+        .with_kernels(cfg.train.kernels)
+        .freeze()
 }
 
 fn resume_dir(path: &Path) -> Result<PathBuf> {
@@ -236,8 +267,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     let out_dir = t.out_dir.clone();
     std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
     let device = parse_device(&t.device)?;
-    let hub = HubOptions::from_env();
-    let tok = Tokenizer::load(&cfg.data.tokenizer, &hub)?;
+    let tok = training_tokenizer(cfg)?;
 
     // Model, optimizer and position: fresh or from a checkpoint.
     let adam_cfg = AdamWConfig {
@@ -287,9 +317,22 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
         )));
     }
     let compute = cfg.train.dtype.for_device(&device)?;
-    let mut model = Qwen3::new(&arch, cfg.model.quant(), &params)?
+    let mut model = Model::new(&arch, cfg.model.quant(), &params)?
         .with_kernels(cfg.train.kernels)
         .with_compute_dtype(compute);
+    let teacher = if t.distill_alpha > 0.0 {
+        Some(teacher_model(cfg, &arch, &device)?)
+    } else {
+        None
+    };
+    let objective = match &teacher {
+        Some(teacher) => Objective::Distill(Distill {
+            teacher,
+            alpha: t.distill_alpha,
+            temperature: t.distill_temperature,
+        }),
+        None => Objective::CrossEntropy,
+    };
 
     let split = load_split(
         &cfg.data.train_file,
@@ -333,7 +376,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     );
 
     let mut metrics = Metrics::open(&out_dir, resumed.as_ref().map(|_| state.step))?;
-    let eval_and_log = |model: &Qwen3, step: usize, metrics: &mut Metrics| -> Result<(f64, f64)> {
+    let eval_and_log = |model: &Model, step: usize, metrics: &mut Metrics| -> Result<(f64, f64)> {
         let loss = evaluate(model, &split.val, val, t.batch_size)?;
         let ppl = loss.exp();
         metrics
@@ -353,12 +396,12 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     };
 
     let pb = progress_bar(opts.progress, t.steps, state.step);
-    let save = |state: &RunState, opt: &AdamW, model: &Qwen3| -> Result<PathBuf> {
+    let save = |state: &RunState, opt: &AdamW, model: &Model| -> Result<PathBuf> {
         let parts = CheckpointParts {
             model_cfg: &arch,
             quant: &model.quant,
             params: &params,
-            tokenizer: Some(&tok.path),
+            tokenizer: Some(&tok),
             opt,
             train_cfg: cfg,
             state,
@@ -376,7 +419,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     while state.step < t.steps {
         let step = state.step + 1;
         let step_start = Instant::now();
-        model.quant.ramp = ramp_at(step, t.ste_ramp_steps);
+        model.quant.ramp = ramp_for(step, t);
         let lr = lr_at(step, t);
 
         let batch = |batcher: &mut Batcher| -> Result<Tensor> {
@@ -399,6 +442,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
             t.grad_accum_steps,
             || batch(&mut batcher),
             step_cfg,
+            objective,
         )?;
         let (loss_sum, grad_norm, finite) = (r.loss, r.grad_norm, r.applied);
         if finite {
@@ -423,6 +467,8 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
             tokens_per_sec: tokens_per_step as f64 / dt,
             elapsed_s: state.elapsed_s,
             skipped: !finite,
+            ce: r.parts.map(|p| p.ce),
+            kl: r.parts.map(|p| p.kl),
         };
         metrics.write(&serde_json::to_value(&m).expect("metrics serialize"));
         losses.push((step, loss_sum));
@@ -532,7 +578,7 @@ pub struct Sample {
     pub sampled: String,
 }
 
-fn samples(model: &Qwen3, tok: &Tokenizer) -> Result<Vec<Sample>> {
+fn samples(model: &Model, tok: &Tokenizer) -> Result<Vec<Sample>> {
     use crate::decode::generate::{generate_batch, GenerateConfig};
     let frozen = model.freeze()?;
     let mut eos = tok.eos_ids();

@@ -8,6 +8,17 @@ pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3")
 }
 
+/// tests/fixtures/llama (scripts/make_llama_fixtures.py).
+pub fn llama_fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama")
+}
+
+/// The expected tensors of a Llama fixture.
+pub fn llama_expected(name: &str) -> std::collections::HashMap<String, Tensor> {
+    let p = llama_fixtures_dir().join(format!("{name}.expected.safetensors"));
+    candle_core::safetensors::load(&p, &Device::Cpu).expect("expected logits file")
+}
+
 pub const FIXTURES: [&str; 3] = ["tied_gqa2", "untied_gqa3_bf16", "hidden96_sharded_f16"];
 
 /// The expected tensors transformers wrote for fixture `name`.
@@ -166,8 +177,8 @@ pub fn small_config(
     intermediate: usize,
     head_dim: usize,
     vocab: usize,
-) -> tern::model::Qwen3Config {
-    let mut c = tern::model::Qwen3Config::qwen3_0_6b();
+) -> tern::model::ModelConfig {
+    let mut c = tern::model::ModelConfig::qwen3_0_6b();
     c.hidden_size = hidden;
     c.intermediate_size = intermediate;
     c.num_hidden_layers = 2;

@@ -1,8 +1,9 @@
-//! Qwen3 decoder, written from the architecture (not candle-transformers' inference-only model):
+//! The decoder of the Qwen3 and Llama families, written from the architecture (not
+//! candle-transformers' inference-only models):
 //!
 //! ```text
 //! ids -> embed -> N x [ x += attn(rms(x)); x += mlp(rms(x)) ] -> rms -> lm_head (tied or not)
-//! attn: q,k,v proj -> per-head RMSNorm on q and k -> RoPE -> causal GQA softmax -> o proj
+//! attn: q,k,v proj -> per-head RMSNorm on q and k (Qwen3 only) -> RoPE -> causal GQA softmax -> o proj
 //! mlp:  down(silu(gate(x)) * up(x))
 //! ```
 //!
@@ -13,7 +14,7 @@
 //! none of the fused candle ops that silently drop gradients is used, see shared/REFERENCE.md).
 
 use super::cache::{Cache, NoCache, Positions, StepInfo};
-use super::config::Qwen3Config;
+use super::config::ModelConfig;
 use super::layers::{forward_many, RmsNorm, TernaryEmbedding, TernaryLinear};
 use super::params::{self, LayerTensor, Params};
 use crate::error::{Error, Result};
@@ -29,8 +30,9 @@ struct Attention {
     k: TernaryLinear,
     v: TernaryLinear,
     o: TernaryLinear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
+    /// Qwen3's per-head norms of q and k (None for Llama).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -38,7 +40,7 @@ struct Attention {
 
 impl Attention {
     /// q `[B, H, T, hd]`, k and v `[B, KV, T, hd]` of `x: [B, T, hidden]`: projections, q/k
-    /// norms and RoPE.
+    /// norms (Qwen3) and RoPE.
     fn qkv(
         &self,
         x: &Tensor,
@@ -50,8 +52,12 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let [q, k, v] = forward_many([&self.q, &self.k, &self.v], x, quant, kern)?;
-        let q = self.q_norm.forward(&q.reshape((b, t, nh, hd))?, kern)?;
-        let k = self.k_norm.forward(&k.reshape((b, t, nkv, hd))?, kern)?;
+        let norm = |n: &Option<RmsNorm>, x: Tensor| match n {
+            Some(n) => n.forward(&x, kern),
+            None => Ok(x),
+        };
+        let q = norm(&self.q_norm, q.reshape((b, t, nh, hd))?)?;
+        let k = norm(&self.k_norm, k.reshape((b, t, nkv, hd))?)?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         Ok((kern.rope(&q, cos, sin)?, kern.rope(&k, cos, sin)?, v))
     }
@@ -71,8 +77,8 @@ impl Attention {
             k: self.k.freeze(quant, kern)?,
             v: self.v.freeze(quant, kern)?,
             o: self.o.freeze(quant, kern)?,
-            q_norm: self.q_norm.detached(),
-            k_norm: self.k_norm.detached(),
+            q_norm: self.q_norm.as_ref().map(RmsNorm::detached),
+            k_norm: self.k_norm.as_ref().map(RmsNorm::detached),
             ..*self
         })
     }
@@ -117,7 +123,7 @@ impl Layer {
         rope: (&Tensor, &Tensor),
         index: usize,
         cache: &mut dyn Cache,
-        m: &Qwen3,
+        m: &Model,
     ) -> Result<Tensor> {
         let (quant, kern) = (&m.quant, m.kernels);
         let h = self.input_norm.forward(x, kern)?;
@@ -132,8 +138,8 @@ impl Layer {
 }
 
 #[derive(Debug, Clone)]
-pub struct Qwen3 {
-    pub cfg: Qwen3Config,
+pub struct Model {
+    pub cfg: ModelConfig,
     pub quant: QuantConfig,
     /// Fused kernels or the plain references (a run-time choice, not stored in checkpoints).
     pub kernels: Kernels,
@@ -147,10 +153,10 @@ pub struct Qwen3 {
     rope: Rope,
 }
 
-impl Qwen3 {
+impl Model {
     /// Builds the model over `params` (sharing their storage: optimizer updates are seen), with
     /// the fused kernels (see [`Qwen3::with_kernels`]).
-    pub fn new(cfg: &Qwen3Config, quant: QuantConfig, params: &Params) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, quant: QuantConfig, params: &Params) -> Result<Self> {
         Self::from_parts(
             cfg,
             quant,
@@ -173,7 +179,7 @@ impl Qwen3 {
     /// Builds the model from its weights by HF name: `lin` for projections (and an untied LM
     /// head), `norm_w` for RMSNorm weights. Used by [`Qwen3::new`] and the GGUF loader.
     pub fn from_parts(
-        cfg: &Qwen3Config,
+        cfg: &ModelConfig,
         quant: QuantConfig,
         lin: impl Fn(&str) -> Result<TernaryLinear>,
         norm_w: impl Fn(&str) -> Result<Tensor>,
@@ -181,6 +187,7 @@ impl Qwen3 {
     ) -> Result<Self> {
         quant.validate()?;
         let eps = cfg.rms_norm_eps;
+        let qk_norm = cfg.arch.qk_norm();
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let lin = |t: LayerTensor| lin(&t.hf(i));
@@ -194,8 +201,8 @@ impl Qwen3 {
                     k: lin(LayerTensor::K)?,
                     v: lin(LayerTensor::V)?,
                     o: lin(LayerTensor::O)?,
-                    q_norm: norm(LayerTensor::QNorm)?,
-                    k_norm: norm(LayerTensor::KNorm)?,
+                    q_norm: qk_norm.then(|| norm(LayerTensor::QNorm)).transpose()?,
+                    k_norm: qk_norm.then(|| norm(LayerTensor::KNorm)).transpose()?,
                     heads: cfg.num_attention_heads,
                     kv_heads: cfg.kv_heads(),
                     head_dim: cfg.head_dim(),
@@ -222,7 +229,7 @@ impl Qwen3 {
             layers,
             norm,
             lm_head,
-            rope: Rope::new(cfg.head_dim(), cfg.rope_theta),
+            rope: Rope::from_inv_freq(cfg.rope_inv_freq()),
         })
     }
 
