@@ -634,6 +634,73 @@ mod tests {
         assert_eq!(total as usize, text.len());
     }
 
+    fn ggml_vocab(pre: &str, add_bos: Option<bool>) -> GgmlVocab {
+        let mut tokens: Vec<String> = vec!["<s>".into(), "</s>".into()];
+        tokens.extend(["a", "b", "ab", "Ġ", "Ġab", "1", "2"].map(String::from));
+        GgmlVocab {
+            model: "gpt2".into(),
+            pre: pre.into(),
+            token_types: [3, 3, 1, 1, 1, 1, 1, 1, 1].into(),
+            tokens,
+            merges: vec!["a b".into(), "Ġ ab".into()],
+            bos: Some(0),
+            eos: Some(1),
+            pad: None,
+            add_bos,
+            chat_template: Some("{{ messages }}".into()),
+        }
+    }
+
+    #[test]
+    fn a_ggml_vocabulary_builds_a_tokenizer_with_its_specials_and_split_rules() {
+        let tok =
+            Tokenizer::from_ggml(ggml_vocab("smollm", Some(true)), Path::new("m.gguf")).unwrap();
+        // "ab ab" -> "ab", "Ġab"; digits one by one under smollm's rules; specials whole.
+        assert_eq!(tok.encode("ab ab12</s>").unwrap(), vec![4, 6, 7, 8, 1]);
+        assert_eq!(tok.bos_to_add(), Some(0));
+        assert_eq!(tok.eos_ids(), vec![1]);
+        assert_eq!(tok.meta.chat_template.as_deref(), Some("{{ messages }}"));
+        let no_bos = Tokenizer::from_ggml(ggml_vocab("gpt2", None), Path::new("m.gguf")).unwrap();
+        assert_eq!(no_bos.bos_to_add(), None);
+        // The saved pair (tokenizer.json + tokenizer_config.json) reads back the same.
+        let d = tempfile::tempdir().unwrap();
+        tok.save_into(d.path()).unwrap();
+        let back = Tokenizer::from_file(&d.path().join("tokenizer.json")).unwrap();
+        assert_eq!(back.meta, tok.meta);
+        assert_eq!(back.ggml_pre().as_deref(), Some("smollm"));
+        assert_eq!(
+            back.encode("ab ab12").unwrap(),
+            tok.encode("ab ab12").unwrap()
+        );
+        let e = Tokenizer::from_ggml(ggml_vocab("nope", None), Path::new("m.gguf"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("m.gguf") && e.contains("nope") && e.contains("smollm"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_pre_tokenizer_is_recognized_in_hub_and_llama_cpp_spellings() {
+        let qwen = serde_json::json!({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]}});
+        assert_eq!(detect_pre(&qwen), Some("qwen2"));
+        let smol = serde_json::json!({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}]}});
+        assert_eq!(detect_pre(&smol), Some("smollm"));
+        let gpt2 =
+            serde_json::json!({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false}});
+        assert_eq!(detect_pre(&gpt2), Some("gpt-2"));
+        assert_eq!(
+            detect_pre(&serde_json::json!({"pre_tokenizer": {"type": "Whitespace"}})),
+            None
+        );
+    }
+
     #[test]
     fn too_small_a_vocabulary_is_refused_with_the_minimum() {
         let e = train_bpe(TEXT, 200).err().unwrap().to_string();

@@ -36,6 +36,89 @@ fn loss(model: &Model, inp: &Tensor, tgt: &Tensor) -> Tensor {
         .unwrap()
 }
 
+/// Llama (no q/k norms) as well: every parameter of that family gets its gradient too.
+#[test]
+fn every_llama_parameter_gets_a_finite_nonzero_gradient() {
+    for tied in [true, false] {
+        let mut cfg = tiny(tied);
+        cfg.arch = tern::model::Arch::Llama;
+        let params = Params::scratch(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(
+            params.len(),
+            1 + cfg.num_hidden_layers * 9 + 1 + usize::from(!tied)
+        );
+        let model = Model::new(&cfg, quant(), &params).unwrap();
+        let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
+        let grads = loss(&model, &inp, &tgt).backward().unwrap();
+        for (name, var) in params.iter() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}"));
+            let max = g.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let max = max.to_scalar::<f32>().unwrap();
+            assert!(max > 0.0 && max.is_finite(), "{name}: {max}");
+        }
+    }
+}
+
+/// Distillation: the fused chunked loss gives every student parameter the gradient the plain
+/// full-logits reference gives it, and the frozen teacher none.
+#[test]
+fn distillation_reaches_every_student_parameter_as_the_reference_does() {
+    use tern::kernels::Kernels;
+    use tern::train::step::{distill_batch_loss, Distill};
+    for tied in [true, false] {
+        let cfg = tiny(tied);
+        let params = Params::scratch(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+        let teacher_params = Params::scratch(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
+        let teacher = Model::new(&cfg, QuantConfig::full_precision(), &teacher_params)
+            .unwrap()
+            .freeze()
+            .unwrap();
+        let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
+        let d = Distill {
+            teacher: &teacher,
+            alpha: 0.6,
+            temperature: 2.0,
+        };
+        let grads = |k: Kernels| {
+            let m = Model::new(&cfg, quant(), &params).unwrap().with_kernels(k);
+            let (loss, _) = distill_batch_loss(&m, &d, &inp, &tgt).unwrap();
+            (loss.to_scalar::<f32>().unwrap(), loss.backward().unwrap())
+        };
+        let (lf, gf) = grads(Kernels::Fused);
+        let (lr, gr) = grads(Kernels::Reference);
+        assert!((lf - lr).abs() < 1e-4 * lr.abs().max(1.0), "{lf} vs {lr}");
+        for (name, var) in params.iter() {
+            let a = gf
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: none"));
+            let b = gr.get(var.as_tensor()).unwrap();
+            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = scale.to_scalar::<f32>().unwrap();
+            let diff = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
+            let diff = diff.to_scalar::<f32>().unwrap();
+            assert!(
+                scale > 0.0 && diff <= 1e-3 * scale,
+                "{name}: {diff} of {scale}"
+            );
+        }
+        for (name, var) in teacher_params.iter() {
+            assert!(
+                gf.get(var.as_tensor()).is_none(),
+                "teacher {name} got a gradient"
+            );
+        }
+    }
+}
+
 #[test]
 fn every_parameter_gets_a_finite_nonzero_gradient() {
     for tied in [true, false] {

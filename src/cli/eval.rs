@@ -75,6 +75,14 @@ pub fn run(a: Args) -> Result<i32> {
         }
     };
     let windows = plan(tokens.len(), a.ctx, a.stride, a.scheme)?;
+    let mut tokens = tokens;
+    if let (Scheme::Llama, Some(bos)) = (a.scheme, tok.bos_to_add()) {
+        // llama-perplexity puts BOS in each chunk's first place when the model asks for one
+        // (that token is context only, never scored).
+        for w in &windows {
+            tokens[w.start] = bos;
+        }
+    }
     let t0 = Instant::now();
     let nll = score(&loaded.model, &tokens, &windows, a.batch)?;
     let secs = t0.elapsed().as_secs_f64();

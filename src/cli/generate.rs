@@ -118,10 +118,12 @@ pub fn run(mut a: Args) -> Result<i32> {
         "--beams and --speculative cannot be combined"
     );
     let (loaded, tok) = a.m.load()?;
+    // A BOS first when the tokenizer asks for one (add_bos_token), as llama-cli does.
+    let bos: Vec<u32> = tok.bos_to_add().into_iter().collect();
     let ids = a
         .prompts
         .iter()
-        .map(|p| tok.encode(p))
+        .map(|p| Ok([bos.clone(), tok.encode(p)?].concat()))
         .collect::<tern::Result<Vec<_>>>()?;
     let mut eos = tok.eos_ids();
     eos.extend(loaded.model.cfg.eos_ids());

@@ -35,14 +35,41 @@ impl ProjectSte {
             .zip(w.par_chunks(cols))
             .for_each(|(o_row, w_row)| {
                 for (o, g) in o_row.chunks_mut(self.group).zip(w_row.chunks(self.group)) {
-                    let s = match self.rule {
-                        ScaleRule::MeanAbs => {
-                            g.iter().fold(T::zero(), |a, &x| a + x.abs()) / T::from_usize(g.len())
+                    let lambda = T::from_f64(self.lambda);
+                    let mean =
+                        || g.iter().fold(T::zero(), |a, &x| a + x.abs()) / T::from_usize(g.len());
+                    if self.rule == ScaleRule::Twn {
+                        // Codes sign(w) above 0.7 mean|w|; scale the mean |w| of those.
+                        let thr = mean() * T::from_f64(crate::quant::projection::TWN_THRESHOLD);
+                        let (mut sum, mut n) = (T::zero(), 0usize);
+                        for &x in g {
+                            if x.abs() > thr {
+                                sum = sum + x.abs();
+                                n += 1;
+                            }
                         }
+                        let s = if n == 0 {
+                            T::zero()
+                        } else {
+                            sum / T::from_usize(n)
+                        };
+                        for (oi, &x) in o.iter_mut().zip(g) {
+                            let t = if x > thr {
+                                T::from_f64(1.0)
+                            } else if x < T::zero() - thr {
+                                T::from_f64(-1.0)
+                            } else {
+                                T::zero()
+                            };
+                            *oi = x + lambda * (t * s - x);
+                        }
+                        continue;
+                    }
+                    let s = match self.rule {
                         ScaleRule::MaxAbs => g.iter().fold(T::zero(), |a, &x| a.max(x.abs())),
+                        _ => mean(),
                     };
                     let div = s.max(T::tiny());
-                    let lambda = T::from_f64(self.lambda);
                     for (oi, &x) in o.iter_mut().zip(g) {
                         let t = (x / div).ternary_step();
                         *oi = x + lambda * (t * s - x);
@@ -57,6 +84,7 @@ impl ProjectSte {
 pub(crate) mod num_like {
     pub trait Num:
         Copy
+        + PartialOrd
         + Send
         + Sync
         + std::ops::Add<Output = Self>
@@ -179,7 +207,7 @@ mod tests {
 
     #[test]
     fn fused_projection_equals_the_composed_reference_and_passes_gradients_straight_through() {
-        for rule in [ScaleRule::MeanAbs, ScaleRule::MaxAbs] {
+        for rule in [ScaleRule::MeanAbs, ScaleRule::MaxAbs, ScaleRule::Twn] {
             for lambda in [1.0, 0.3] {
                 let w =
                     Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 300), &Device::Cpu).unwrap())

@@ -30,6 +30,8 @@ pub struct TrainConfig {
 pub struct ModelSection {
     /// default "scratch"
     pub source: String,
+    /// "qwen3" (default) or "llama": the family of a scratch model
+    pub model_type: Option<crate::model::Arch>,
     pub hidden_size: Option<usize>,
     pub intermediate_size: Option<usize>,
     pub num_hidden_layers: Option<usize>,
@@ -55,6 +57,7 @@ impl Default for ModelSection {
     fn default() -> Self {
         Self {
             source: "scratch".into(),
+            model_type: None,
             hidden_size: None,
             intermediate_size: None,
             num_hidden_layers: None,
@@ -83,6 +86,7 @@ impl ModelSection {
         let mut v = Vec::new();
         macro_rules! chk { ($($f:ident),*) => { $( if self.$f.is_some() { v.push(stringify!($f)); } )* } }
         chk!(
+            model_type,
             hidden_size,
             intermediate_size,
             num_hidden_layers,
@@ -98,11 +102,12 @@ impl ModelSection {
         v
     }
 
-    /// Scratch architecture. Defaults: hidden 256, intermediate 768, 4 layers, 4 heads, 2 KV
+    /// Scratch architecture. Defaults: Qwen3, hidden 256, intermediate 768, 4 layers, 4 heads, 2 KV
     /// heads, head_dim 64, vocab 151936 (Qwen3 tokenizer), rope_theta 1e6, eps 1e-6,
     /// 4096 positions, tied embeddings.
     pub fn scratch_config(&self) -> ModelConfig {
         let mut c = ModelConfig::qwen3_0_6b();
+        c.arch = self.model_type.unwrap_or_default();
         c.hidden_size = self.hidden_size.unwrap_or(256);
         c.intermediate_size = self.intermediate_size.unwrap_or(768);
         c.num_hidden_layers = self.num_hidden_layers.unwrap_or(4);
