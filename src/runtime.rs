@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::hub::HubOptions;
-use crate::model::{load_checkpoint, Model, Params};
+use crate::model::{load_checkpoint, Model};
 use crate::quant::QuantConfig;
 use crate::source::{gguf_tokenizer, resolve, Spec};
 use crate::tokenizer::Tokenizer;
@@ -34,48 +34,52 @@ pub fn load_for_inference(
     precision: Precision,
     device: &Device,
 ) -> Result<LoadedModel> {
-    let kind = resolve(spec, &HubOptions::from_env())?;
-    if let Spec::Gguf(path) = &kind {
-        let file = crate::gguf::GgufFile::read(path)?;
-        let tokenizer = gguf_tokenizer(&file)?;
-        let dir = path.parent().map(PathBuf::from).unwrap_or_default();
-        if crate::gguf::is_ternary(&file) {
-            // tern's export: already ternary (packed 2-bit, or projected F16/F32), run as it is.
-            if !device.is_cpu() {
-                return Err(Error::Msg(format!(
-                    "model '{spec}': packed GGUF models run on the CPU only (--device cpu)"
-                )));
-            }
-            let model = crate::gguf::load_model(&file)?;
-            let quant = model.quant;
-            return Ok(LoadedModel {
-                model,
-                quant,
-                tokenizer,
-                dir,
-                train_config: None,
-            });
+    match resolve(spec, &HubOptions::from_env())? {
+        Spec::Gguf(path) => load_gguf(spec, &path, precision, device),
+        Spec::Dir(dir) => load_dir(dir, precision, device),
+    }
+}
+
+/// A GGUF: tern's ternary exports as they are (packed 2-bit or projected dense, CPU); any other
+/// (F16, Q8_0, Q4_1, K-quants, ...) as dequantized latents, projected unless `--precision full`.
+fn load_gguf(
+    spec: &str,
+    path: &std::path::Path,
+    precision: Precision,
+    device: &Device,
+) -> Result<LoadedModel> {
+    let file = crate::gguf::GgufFile::read(path)?;
+    let tokenizer = gguf_tokenizer(&file)?;
+    let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+    let (model, quant) = if crate::gguf::is_ternary(&file) {
+        if !device.is_cpu() {
+            return Err(Error::Msg(format!(
+                "model '{spec}': packed GGUF models run on the CPU only (--device cpu)"
+            )));
         }
-        // Any other GGUF (F16, Q8_0, Q4_1, K-quants, ...): dequantized latents, projected to
-        // ternary unless --precision full.
+        let model = crate::gguf::load_model(&file)?;
+        let quant = model.quant;
+        (model, quant)
+    } else {
         let (cfg, params) = crate::gguf::latents_from_gguf(&file)?;
-        let params = on_device(params, device)?;
+        let params = crate::source::params_on(params, device, DType::F32)?;
         let quant = QuantConfig {
             ternary: precision == Precision::Ternary,
             ..QuantConfig::default()
         };
-        let model = Model::new(&cfg, quant, &params)?.freeze()?;
-        return Ok(LoadedModel {
-            model,
-            quant,
-            tokenizer,
-            dir,
-            train_config: None,
-        });
-    }
-    let Spec::Dir(dir) = kind else {
-        unreachable!("GGUF handled above")
+        (Model::new(&cfg, quant, &params)?.freeze()?, quant)
     };
+    Ok(LoadedModel {
+        model,
+        quant,
+        tokenizer,
+        dir,
+        train_config: None,
+    })
+}
+
+/// An HF-layout directory (a tern checkpoint brings its training config along).
+fn load_dir(dir: PathBuf, precision: Precision, device: &Device) -> Result<LoadedModel> {
     let ck = load_checkpoint(&dir, DType::F32, device)?;
     let quant = QuantConfig {
         ternary: precision == Precision::Ternary,
@@ -100,17 +104,4 @@ pub fn load_for_inference(
         dir,
         train_config,
     })
-}
-
-/// `params` moved to `device` (a no-op on the CPU).
-fn on_device(params: Params, device: &Device) -> Result<Params> {
-    if device.is_cpu() {
-        return Ok(params);
-    }
-    Params::from_tensors(
-        params
-            .iter()
-            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(device)?)))
-            .collect::<Result<Vec<_>>>()?,
-    )
 }

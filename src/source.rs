@@ -143,19 +143,7 @@ pub fn load_latents(spec: &str, dtype: DType, device: &Device) -> Result<Latents
         Spec::Gguf(path) => {
             let file = GgufFile::read(path)?;
             let (config, params) = gguf::latents_from_gguf(&file)?;
-            let params = if device.is_cpu() && dtype == DType::F32 {
-                params
-            } else {
-                Params::from_tensors(
-                    params
-                        .iter()
-                        .map(|(n, v)| {
-                            let t = v.as_tensor().to_device(device)?.to_dtype(dtype)?;
-                            Ok::<_, Error>((n.clone(), t))
-                        })
-                        .collect::<Result<Vec<_>>>()?,
-                )?
-            };
+            let params = params_on(params, device, dtype)?;
             let tokenizer = gguf_tokenizer(&file)?;
             let mut inputs = vec![path.clone()];
             inputs.extend(tokenizer.as_ref().map(|t| t.path.clone()));
@@ -169,6 +157,20 @@ pub fn load_latents(spec: &str, dtype: DType, device: &Device) -> Result<Latents
             })
         }
     }
+}
+
+/// `params` (f32 on the CPU, as GGUF latents are read) on `device` in `dtype`; no copy when they
+/// already are.
+pub fn params_on(params: Params, device: &Device, dtype: DType) -> Result<Params> {
+    if device.is_cpu() && dtype == DType::F32 {
+        return Ok(params);
+    }
+    Params::from_tensors(
+        params
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().to_device(device)?.to_dtype(dtype)?)))
+            .collect::<Result<Vec<_>>>()?,
+    )
 }
 
 /// The tokenizer of a model spec (None when the model has none), without loading its weights.
