@@ -3,7 +3,7 @@
 //! to the projected weight (f64, central differences).
 
 mod common;
-use common::small_config;
+use common::{max_abs, small_config};
 
 use candle_core::{DType, Device, Tensor, Var};
 use tern::model::params::{is_norm, Params};
@@ -94,17 +94,7 @@ fn distillation_reaches_every_student_parameter_as_the_reference_does() {
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{name}: none"));
             let b = gr.get(var.as_tensor()).unwrap();
-            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-            let scale = scale.to_scalar::<f32>().unwrap();
-            let diff = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap();
+            let (scale, diff) = (max_abs(b), max_abs(&(a - b).unwrap()));
             assert!(
                 scale > 0.0 && diff <= 1e-3 * scale,
                 "{name}: {diff} of {scale}"

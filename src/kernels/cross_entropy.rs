@@ -564,6 +564,7 @@ pub fn lm_head_token_nll(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::max_abs_diff;
     use candle_core::Var;
 
     fn check(n: usize, hidden: usize, vocab: usize, chunk: usize, group: usize) {
@@ -602,16 +603,7 @@ mod tests {
         for v in [&h, &w] {
             let a = gr.get(v.as_tensor()).unwrap();
             let b = gf.get(v.as_tensor()).unwrap();
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(a, b);
             assert!(d < 1e-5, "grad max |diff| {d} (n={n}, chunk={chunk})");
         }
     }
@@ -688,16 +680,7 @@ mod tests {
         for v in [&h, &w] {
             let a = gr.get(v.as_tensor()).unwrap();
             let b = gf.get(v.as_tensor()).unwrap();
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(a, b);
             assert!(
                 d < 2e-5,
                 "grad max |diff| {d} (n={n}, chunk={chunk}, T={t})"

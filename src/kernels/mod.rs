@@ -29,6 +29,26 @@ pub mod rope;
 pub mod ternary_linear;
 pub mod ternary_matmul;
 
+/// Test support shared by every kernel's comparison with its reference.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{DType, Tensor};
+
+    /// The largest |a - b| over all elements, in f64 (any float dtype, any shape).
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+}
+
 use crate::error::Result;
 use crate::quant::QuantConfig;
 use candle_core::{DType, Device, Tensor};

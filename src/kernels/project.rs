@@ -188,6 +188,7 @@ pub fn project_ste_reference(w: &Tensor, quant: &QuantConfig) -> Result<Tensor> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::max_abs_diff;
     use crate::quant::projection::{project, ste};
     use candle_core::{Device, Var};
 
@@ -226,18 +227,8 @@ mod tests {
                     lambda,
                 )
                 .unwrap();
-                let d = (&fused - &reference)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap();
-                assert!(
-                    d.to_scalar::<f32>().unwrap() < 1e-6,
-                    "{rule} lambda {lambda}"
-                );
+                let d = max_abs_diff(&fused, &reference);
+                assert!(d < 1e-6, "{rule} lambda {lambda}");
                 let c = Tensor::randn(0f32, 1.0, (9, 300), &Device::Cpu).unwrap();
                 let g = (fused * &c).unwrap().sum_all().unwrap().backward().unwrap();
                 let gw = g.get(w.as_tensor()).unwrap();

@@ -219,6 +219,7 @@ pub fn rope_transposed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::max_abs_diff as max_abs;
     use candle_core::{Device, Var};
 
     fn randn(shape: &[usize], seed: u64, dt: DType) -> Tensor {
@@ -229,21 +230,6 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu)
             .unwrap()
             .to_dtype(dt)
-            .unwrap()
-    }
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
             .unwrap()
     }
 

@@ -184,6 +184,7 @@ pub fn accumulate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::max_abs_diff;
 
     /// One AdamW step by hand: m = (1-b1) g, v = (1-b2) g^2, bias-corrected update = sign(g)
     /// (up to eps), decoupled decay w *= (1 - lr*wd) except on norms.
@@ -232,16 +233,7 @@ mod tests {
             oc.step(&pc, &grads, 1e-2).unwrap();
         }
         for ((n, a), (_, b)) in pf.iter().zip(pc.iter()) {
-            let d = (a.as_tensor() - b.as_tensor())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(a.as_tensor(), b.as_tensor());
             assert!(d < 1e-6, "{n}: fused vs composed differ by {d}");
         }
     }
