@@ -24,6 +24,12 @@ fn hf_llama() -> tern::model::Checkpoint {
     .unwrap()
 }
 
+/// A checkpoint written as a full-precision F32 GGUF (what these tests read back as a source).
+fn export_f32(ck: &tern::model::Checkpoint, path: &std::path::Path) {
+    let fp = QuantConfig::full_precision();
+    export_gguf(&ck.config, &fp, &ck.params, None, Format::F32, "t", path).unwrap();
+}
+
 #[test]
 fn hf_llama_logits_match_transformers_full_and_ternary() {
     let ck = hf_llama();
@@ -97,16 +103,7 @@ fn llama_export_round_trips_through_llama_cpp_layout() {
     let ck = hf_llama();
     let d = tempfile::tempdir().unwrap();
     let f32_path = d.path().join("m-f32.gguf");
-    export_gguf(
-        &ck.config,
-        &QuantConfig::full_precision(),
-        &ck.params,
-        None,
-        Format::F32,
-        "t",
-        &f32_path,
-    )
-    .unwrap();
+    export_f32(&ck, &f32_path);
     let file = GgufFile::read(&f32_path).unwrap();
     assert_eq!(
         file.get("general.architecture").unwrap().as_str(),
@@ -231,16 +228,7 @@ fn qwen3_gguf_as_a_source_equals_its_checkpoint() {
     let ck = load_checkpoint(&fixtures_dir().join("tied_gqa2"), DType::F32, &Device::Cpu).unwrap();
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("q.gguf");
-    export_gguf(
-        &ck.config,
-        &QuantConfig::full_precision(),
-        &ck.params,
-        None,
-        Format::F32,
-        "t",
-        &p,
-    )
-    .unwrap();
+    export_f32(&ck, &p);
     let (cfg, params) = latents_from_gguf(&GgufFile::read(&p).unwrap()).unwrap();
     assert_eq!(cfg.arch, Arch::Qwen3);
     let exp = expected("tied_gqa2");
