@@ -13,7 +13,7 @@
 #   qat-distill       the same plus logit distillation from the FP model (SHORT)
 #   qat-distill-s1    the same, seed 1                              qat-distill-long (LONG)
 #   qat-ramp-s1       qat-ramp, seed 1
-#   scratch           ternary from scratch at SmolLM2's shape and tokenizer (SHORT)
+#   scratch           ternary from scratch at SmolLM2's shape and tokenizer (SHORT)   scratch-long (LONG)
 # Finished rows are reused (their eval JSON is kept), so the table can be extended. Each row
 # writes OUT_DIR/ROW/{metrics.jsonl,summary.json,eval-val.json,eval-english.json,wall_s}; the table
 # goes to OUT_DIR/results.md. Env: SHORT=64, LONG=256, RECIPE="--set k=v ..." (the QAT recipe).
@@ -61,6 +61,15 @@ train_row() { # NAME STEPS ARGS...
   evaluate "$ck" "$dir"
 }
 
+# Ternary from scratch at SmolLM2's shape and tokenizer (its own learning rate, no ramp, no teacher).
+scratch=(--set model.source='"scratch"' --set model.model_type='"llama"'
+  --set model.hidden_size=576 --set model.intermediate_size=1536 --set model.num_hidden_layers=30
+  --set model.num_attention_heads=9 --set model.num_key_value_heads=3 --set model.head_dim=64
+  --set model.vocab_size=49152 --set model.rope_theta=100000.0 --set model.rms_norm_eps=1e-5
+  --set model.max_position_embeddings=8192 --set data.tokenizer="\"$gguf\""
+  --set train.distill_alpha=0.0 --set train.ste_ramp_steps=0 --set train.lr=2e-3
+  --set train.min_lr=2e-4 --set train.weight_decay=0.1)
+
 for row in "${rows[@]}"; do
   echo "== $row" >&2
   case $row in
@@ -76,13 +85,8 @@ for row in "${rows[@]}"; do
     qat-distill) train_row "$row" "$short" "${recipe[@]}" ;;
     qat-distill-s1) train_row "$row" "$short" "${recipe[@]}" --set train.seed=1 --set data.seed=1 ;;
     qat-distill-long) train_row "$row" "$long" "${recipe[@]}" ;;
-    scratch) train_row "$row" "$short" --set model.source='"scratch"' --set model.model_type='"llama"' \
-      --set model.hidden_size=576 --set model.intermediate_size=1536 --set model.num_hidden_layers=30 \
-      --set model.num_attention_heads=9 --set model.num_key_value_heads=3 --set model.head_dim=64 \
-      --set model.vocab_size=49152 --set model.rope_theta=100000.0 --set model.rms_norm_eps=1e-5 \
-      --set model.max_position_embeddings=8192 --set data.tokenizer="\"$gguf\"" \
-      --set train.distill_alpha=0.0 --set train.ste_ramp_steps=0 --set train.lr=2e-3 \
-      --set train.min_lr=2e-4 --set train.weight_decay=0.1 ;;
+    scratch) train_row "$row" "$short" "${scratch[@]}" ;;
+    scratch-long) train_row "$row" "$long" "${scratch[@]}" ;;
     *) echo "error: unknown row '$row'" >&2; exit 1 ;;
   esac
 done
