@@ -18,6 +18,9 @@
 //! - [`ternary_linear`]: projection + GEMM as one op that re-projects in the backward instead of
 //!   keeping every projected weight alive (the model's ternary layers use it for training).
 //! - [`rope`]: rotary embedding fused with the head transpose, with its backward.
+//! - [`spin_pool`]: workers for packed decoding's short parallel regions that stay awake
+//!   between them; opt-in (`TERN_POOL=spin`), rayon measured faster (not a kernel: its
+//!   reference is a sequential loop over the tasks).
 //!
 pub mod adamw;
 pub mod attention;
@@ -26,6 +29,7 @@ pub mod flash_attention;
 pub mod norm;
 pub mod project;
 pub mod rope;
+pub mod spin_pool;
 pub mod ternary_linear;
 pub mod ternary_matmul;
 

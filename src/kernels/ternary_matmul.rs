@@ -30,8 +30,9 @@
 //!    that read the same input (q/k/v, gate/up) share one quantization and one parallel region
 //!    ([`matmul_many`]).
 //!
-//! Kernels: AVX-512 VNNI (512-bit, `avx512vnni` + `avx512bw`), AVX-VNNI, AVX2, and a portable
-//! one written to auto-vectorize; [`Isa::detect`] picks one at run time, and every one is tested
+//! Kernels: AVX-512 VNNI (512-bit, `avx512vnni` + `avx512bw`), AVX-VNNI, AVX2, NEON with
+//! `sdot` (AArch64; signed codes `t = q - 1`, so it needs no correction), and a portable one
+//! written to auto-vectorize; [`Isa::detect`] picks one at run time, and every one is tested
 //! against [`matmul_reference`] (dequantize, then f32) and against the portable kernel on odd
 //! shapes. On a GPU the same layout maps to `dp4a` / IMMA with the planes unpacked in registers.
 
@@ -75,11 +76,13 @@ pub enum Isa {
     Avx512Vnni,
     AvxVnni,
     Avx2,
+    /// AArch64 NEON with the dot-product extension (`sdot`: Apple M1 and later, Graviton 2+).
+    NeonDot,
     Portable,
 }
 
 impl Isa {
-    /// The fastest kernel this CPU runs (`TERN_ISA=portable|avx2|avxvnni|avx512vnni` overrides,
+    /// The fastest kernel this CPU runs (`TERN_ISA=portable|avx2|avxvnni|avx512vnni|neondot` overrides,
     /// for benchmarks and tests; an ISA the CPU lacks falls back to detection).
     pub fn detect() -> Isa {
         // Decided once per process: every matmul asks (several per layer and token), and the
@@ -112,6 +115,10 @@ impl Isa {
                 v.push(Isa::Avx2);
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            v.push(Isa::NeonDot);
+        }
         v.push(Isa::Portable);
         v
     }
@@ -121,6 +128,7 @@ impl Isa {
             Isa::Avx512Vnni => "avx512vnni",
             Isa::AvxVnni => "avxvnni",
             Isa::Avx2 => "avx2",
+            Isa::NeonDot => "neondot",
             Isa::Portable => "portable",
         }
     }
@@ -299,10 +307,11 @@ pub fn matmul_many_with(isa: Isa, mats: &[&PackedMatrix], x: &[f32], n: usize) -
             })
         })
         .collect();
-    tasks.par_iter().for_each(|t| {
+    // Workers that stay awake between regions (`spin_pool`): decode runs ~100-200 per token.
+    crate::kernels::spin_pool::SpinPool::global().run(tasks.len(), &|i| {
         // SAFETY: the tasks' row ranges are disjoint within each matrix, so no two tasks
         // write the same output cell, and `outs` outlives the parallel loop.
-        unsafe { t.run(isa, &xq, n) }
+        unsafe { tasks[i].run(isa, &xq, n) }
     });
     outs
 }
@@ -492,6 +501,9 @@ fn dot_tile(
 }
 
 fn dot_tile_isa(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], rows: &[XRow], out: &mut [f32]) {
+    // Only the x86 kernels take the scale layout as a switch; elsewhere `ws` is always per 64.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = wide;
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.
@@ -502,6 +514,9 @@ fn dot_tile_isa(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], rows: &[XRow], o
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { x86::dot_tile_avx2(wide, codes, ws, rows, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Isa::NeonDot => unsafe { arm::dot_tile_neondot(codes, ws, rows, out) },
         _ => dot_tile_portable(codes, ws, rows, out),
     }
 }
@@ -996,6 +1011,64 @@ mod x86 {
     }
 }
 
+/// The AArch64 kernel: NEON with the dot-product extension. The codes become signed
+/// (`t = q - 1` in {-1, 0, 1}), so `sdot` (i8 x i8, four products summed per i32 lane) gives
+/// `sum t * x` directly and the `- sum x` correction of the x86 kernels is not needed. `sdot` is
+/// written as inline assembly: its intrinsic (`vdotq_s32`) is not stable Rust yet.
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::{XRow, LANES, SB};
+    use std::arch::aarch64::*;
+
+    /// `acc + sdot(a, b)`: each i32 lane adds the four products of its four i8 pairs.
+    #[inline(always)]
+    unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        std::arch::asm!(
+            "sdot {0:v}.4s, {1:v}.16b, {2:v}.16b",
+            inout(vreg) acc,
+            in(vreg) a,
+            in(vreg) b,
+            options(pure, nomem, nostack)
+        );
+        acc
+    }
+
+    /// Plane `k` (values `32k .. 32k + 32`) of a super-block's 32 code bytes as signed codes.
+    #[inline(always)]
+    unsafe fn plane(c: (uint8x16_t, uint8x16_t), k: i8) -> (int8x16_t, int8x16_t) {
+        let (shift, mask, one) = (vdupq_n_s8(-2 * k), vdupq_n_u8(3), vdupq_n_s8(1));
+        let t =
+            |v: uint8x16_t| vsubq_s8(vreinterpretq_s8_u8(vandq_u8(vshlq_u8(v, shift), mask)), one);
+        (t(c.0), t(c.1))
+    }
+
+    /// One row against each token of `xs` (`out[k]`), every super-block's planes unpacked once
+    /// for all of them.
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn dot_tile_neondot(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
+        out.fill(0.0);
+        for (sb, c) in codes.chunks_exact(32).enumerate() {
+            let c = (vld1q_u8(c.as_ptr()), vld1q_u8(c.as_ptr().add(16)));
+            let planes = [plane(c, 0), plane(c, 1), plane(c, 2), plane(c, 3)];
+            for (o, &(xq, lanes, _)) in out.iter_mut().zip(xs) {
+                let x = xq.as_ptr().add(sb * SB);
+                for h in 0..2 {
+                    let b = 2 * sb + h;
+                    let mut f = 0f32;
+                    for k in 2 * h..2 * h + 2 {
+                        let (t0, t1) = planes[k];
+                        let acc = sdot(vdupq_n_s32(0), t0, vld1q_s8(x.add(32 * k)));
+                        let acc = sdot(acc, t1, vld1q_s8(x.add(32 * k + 16)));
+                        f += vaddvq_s32(acc) as f32 * lanes[b * LANES + (k % 2) * 8];
+                    }
+                    *o += f * ws[b];
+                }
+            }
+        }
+    }
+}
+
 /// Plain reference: dequantize every row, then a dense f32 product.
 pub fn matmul_reference(m: &PackedMatrix, x: &[f32], n: usize) -> Vec<f32> {
     let w: Vec<Vec<f32>> = (0..m.rows).map(|r| m.row(r)).collect();
@@ -1084,6 +1157,20 @@ mod tests {
     /// counts that leave partial tiles): within the int8 rounding bound of dequantize + f32
     /// (each activation is off by at most half its block's step, so an output is off by at most
     /// sum_j |w_j| * step_j / 2), and equal to the portable kernel up to f32 summation order.
+    /// `TERN_REQUIRE_ISA=name` (scripts/test_neon.sh sets it) fails the run when that kernel is
+    /// not among the ones this machine offers, so an emulator or CPU without the feature cannot
+    /// let the kernel tests pass on the portable kernel alone.
+    #[test]
+    fn the_required_kernel_is_available() {
+        if let Ok(want) = std::env::var("TERN_REQUIRE_ISA") {
+            let have: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();
+            assert!(
+                have.contains(&want.as_str()),
+                "TERN_REQUIRE_ISA={want}, available: {have:?}"
+            );
+        }
+    }
+
     #[test]
     fn every_kernel_matches_the_reference_and_the_portable_kernel() {
         // (packing, rows, cols, group, wide): group-128 scales take the one-scale kernels.
