@@ -307,7 +307,8 @@ pub fn matmul_many_with(isa: Isa, mats: &[&PackedMatrix], x: &[f32], n: usize) -
             })
         })
         .collect();
-    // Workers that stay awake between regions (`spin_pool`): decode runs ~100-200 per token.
+    // Rayon unless `TERN_POOL=spin` (`spin_pool`: workers awake between decode's ~100-200
+    // regions per token; measured slower here, kept opt-in).
     crate::kernels::spin_pool::SpinPool::global().run(tasks.len(), &|i| {
         // SAFETY: the tasks' row ranges are disjoint within each matrix, so no two tasks
         // write the same output cell, and `outs` outlives the parallel loop.
@@ -336,7 +337,12 @@ impl RowTask<'_> {
     unsafe fn run(&self, isa: Isa, xq: &QuantizedRows, n: usize) {
         let m = self.m;
         let cb = m.sbs * 32;
-        let mut wbuf = Vec::with_capacity(ROWS.max(PAIR) * 2 * m.sbs);
+        // The task's scales as f32, converted once (at most 64 rows): per call of the kernel
+        // it cost 8% of a 1-thread decode profile at 0.6B.
+        let (r0, per) = (self.rows.start, 2 * m.sbs);
+        let mut wbuf = Vec::with_capacity(self.rows.len() * per);
+        let ws_task = m.scales_f32(self.rows.clone(), &mut wbuf);
+        let ws_of = |r: std::ops::Range<usize>| &ws_task[(r.start - r0) * per..(r.end - r0) * per];
         let mut y = [0f32; ROWS];
         if n == 1 {
             // Decode: ROWS rows per call share each load of the activations.
@@ -345,8 +351,7 @@ impl RowTask<'_> {
                 let o = &mut y[..ROWS.min(self.rows.end - r)];
                 let rr = r..r + o.len();
                 let codes = &m.codes[rr.start * cb..rr.end * cb];
-                let ws = m.scales_f32(rr, &mut wbuf);
-                dot_rows(isa, m.wide, codes, ws, &x, o);
+                dot_rows(isa, m.wide, codes, ws_of(rr), &x, o);
                 std::ptr::copy_nonoverlapping(o.as_ptr(), self.out.0.add(r), o.len());
             }
             return;
@@ -359,9 +364,8 @@ impl RowTask<'_> {
             for r in self.rows.clone().step_by(PAIR) {
                 let nr = PAIR.min(self.rows.end - r);
                 let codes = &m.codes[r * cb..(r + nr) * cb];
-                let ws = m.scales_f32(r..r + nr, &mut wbuf);
                 let out = &mut tile[..nr * tn];
-                dot_tile(isa, m.wide, codes, ws, xq, t0, out);
+                dot_tile(isa, m.wide, codes, ws_of(r..r + nr), xq, t0, out);
                 for (j, row) in out.chunks(tn).enumerate() {
                     for (k, v) in row.iter().enumerate() {
                         *self.out.0.add((t0 + k) * m.rows + r + j) = *v;
