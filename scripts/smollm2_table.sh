@@ -56,9 +56,11 @@ train_row() { # NAME STEPS ARGS...
       --set checkpoint.every=0 --set checkpoint.keep=1 "$@" > "$dir/train.log" 2>&1
     echo $((SECONDS - t0)) > "$dir/wall_s"
   fi
-  local ck
+  local ck prec
   ck=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" "$dir/summary.json")
-  evaluate "$ck" "$dir"
+  # A full-precision fine-tune is scored as it is (eval projects to ternary by default).
+  prec=$(python3 -c "import json,sys; print('ternary' if json.load(open(sys.argv[1]))['ternary'] else 'full')" "$dir/summary.json")
+  evaluate "$ck" "$dir" "$prec"
 }
 
 # Ternary from scratch at SmolLM2's shape and tokenizer (its own learning rate, no ramp, no teacher).

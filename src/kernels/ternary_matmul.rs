@@ -8,12 +8,11 @@
 //!    32 bytes of codes `q = t + 1` in {0, 1, 2} where byte `l` holds the codes of elements
 //!    `l, l + 32, l + 64, l + 96` at bits 0, 2, 4, 6, plus one f32 scale per 64 weights. Shifting
 //!    the 32 bytes by 2k and masking with 3 then yields elements `32k .. 32k + 32` in order: one
-//!    vector load and four shift/and pairs unpack 128 weights, with no shuffles. The file's f16
-//!    scales stay f16, in their own array: one per super-block when a row's two 64-blocks share
-//!    it (tern's group-128 exports: 2.125 bits per weight resident), else one per 64 (2.25).
-//!    Each call expands the scales of the rows it runs into a small f32 buffer, so the hot
-//!    loops read f32 as before while memory holds 16 bits per scale (NOTES.md: the f32-per-64
-//!    layout before it was 2.5 bits).
+//!    vector load and four shift/and pairs unpack 128 weights, with no shuffles: 2.5 bits per
+//!    weight resident. Keeping the file's f16 scales instead (one per 128 where a row's 64-blocks
+//!    share it: 2.125 bits) was built and measured: expanding them to f32 on every call cost
+//!    18% of 1-thread decode at 0.6B (NOTES.md, session 8), so the scales stay f32 until the
+//!    kernels read f16 themselves.
 //! 2. Per call, [`QuantizedRows::new`]: each activation row is quantized per 32 values (one
 //!    code plane), absmax to int8 (`x ~ s * xq`, s = max|x| / 127), as llama.cpp's Q8_0 does,
 //!    with each group's `s * sum(xq)` kept for the correction below. (Per 128 values made
@@ -139,9 +138,9 @@ impl Isa {
 pub struct PackedMatrix {
     /// `rows * sbs * 32` bytes of codes.
     codes: Vec<u8>,
-    /// The weight scales: `rows * sbs` (wide) or `rows * 2 * sbs` (one per 64-block, 0 for the
-    /// padding block of an odd block count).
-    scales: Vec<half::f16>,
+    /// The weight scales, `rows * 2 * sbs`: one per 64-block (0 for the padding block of an odd
+    /// block count; a wide row's one scale twice).
+    scales: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
     /// Super-blocks per row.
@@ -163,7 +162,7 @@ impl PackedMatrix {
         }
         let sbs = cols.div_ceil(SB);
         let mut codes = vec![0u8; rows * sbs * 32];
-        let mut scales = vec![half::f16::ZERO; rows * sbs * 2];
+        let mut scales = vec![0f32; rows * sbs * 2];
         let (bb, per) = (packing.block_bytes(), packing.block() / BLK);
         codes
             .par_chunks_mut(sbs * 32)
@@ -171,7 +170,7 @@ impl PackedMatrix {
             .enumerate()
             .for_each(|(r, (c, s))| {
                 for (fb, blk) in bytes[r * rb..(r + 1) * rb].chunks_exact(bb).enumerate() {
-                    let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]]));
+                    let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
                     for k in 0..per {
                         s[fb * per + k] = d; // Q2_0: one scale per 64, PQ2_0: per 128
                     }
@@ -192,9 +191,6 @@ impl PackedMatrix {
             && scales
                 .chunks_exact(2)
                 .all(|p| p[0].to_bits() == p[1].to_bits());
-        if wide {
-            scales = scales.chunks_exact(2).map(|p| p[0]).collect();
-        }
         Ok(Self {
             codes,
             scales,
@@ -207,44 +203,19 @@ impl PackedMatrix {
 
     /// Resident bytes of the repacked codes and scales.
     pub fn bytes(&self) -> usize {
-        self.codes.len() + 2 * self.scales.len()
+        self.codes.len() + 4 * self.scales.len()
     }
 
-    /// f16 scales per row in `scales`: one per super-block (wide) or one per 64-block.
-    fn scales_per_row(&self) -> usize {
-        if self.wide {
-            self.sbs
-        } else {
-            2 * self.sbs
-        }
-    }
-
-    /// The weight scales of `rows` as f32, two per super-block (the kernels' layout; a wide
-    /// row's one scale twice), written into `buf`.
-    fn scales_f32<'b>(&self, rows: std::ops::Range<usize>, buf: &'b mut Vec<f32>) -> &'b [f32] {
-        use half::slice::HalfFloatSliceExt;
-        let per = self.scales_per_row();
-        let src = &self.scales[rows.start * per..rows.end * per];
-        let n = rows.len() * 2 * self.sbs;
-        buf.resize(n, 0.0);
-        // F16C where the CPU has it (the crate detects it at run time).
-        src.convert_to_f32_slice(&mut buf[..src.len()]);
-        if self.wide {
-            // Spread in place from the back: scale i goes to 2i and 2i + 1 (2i >= i).
-            for i in (0..src.len()).rev() {
-                let v = buf[i];
-                buf[2 * i] = v;
-                buf[2 * i + 1] = v;
-            }
-        }
-        &buf[..n]
+    /// The weight scales of `rows`, two per super-block (the kernels' layout).
+    fn scales_of(&self, rows: std::ops::Range<usize>) -> &[f32] {
+        let per = 2 * self.sbs;
+        &self.scales[rows.start * per..rows.end * per]
     }
 
     /// Row `r` dequantized (embedding lookup; the reference).
     pub fn row(&self, r: usize) -> Vec<f32> {
         let c = &self.codes[r * self.sbs * 32..];
-        let mut buf = Vec::new();
-        let s = self.scales_f32(r..r + 1, &mut buf);
+        let s = self.scales_of(r..r + 1);
         (0..self.cols)
             .map(|j| {
                 let (sb, e) = (j / SB, j % SB);
@@ -337,12 +308,7 @@ impl RowTask<'_> {
     unsafe fn run(&self, isa: Isa, xq: &QuantizedRows, n: usize) {
         let m = self.m;
         let cb = m.sbs * 32;
-        // The task's scales as f32, converted once (at most 64 rows): per call of the kernel
-        // it cost 8% of a 1-thread decode profile at 0.6B.
-        let (r0, per) = (self.rows.start, 2 * m.sbs);
-        let mut wbuf = Vec::with_capacity(self.rows.len() * per);
-        let ws_task = m.scales_f32(self.rows.clone(), &mut wbuf);
-        let ws_of = |r: std::ops::Range<usize>| &ws_task[(r.start - r0) * per..(r.end - r0) * per];
+        let ws_of = |r: std::ops::Range<usize>| m.scales_of(r);
         let mut y = [0f32; ROWS];
         if n == 1 {
             // Decode: ROWS rows per call share each load of the activations.
@@ -1135,13 +1101,13 @@ mod tests {
         assert!(PackedMatrix::new(&[0; 10], 2, 64, Packing::Q2_0).is_err());
     }
 
-    /// The resident layout: 2 bits of code per weight plus one f16 scale per 128 weights when a
-    /// row's 64-blocks pair up (2.125 bits), else one per 64-block (odd counts padded).
+    /// The resident layout: 2 bits of code per weight plus one f32 scale per 64-block (odd
+    /// counts padded): 2.5 bits.
     #[test]
-    fn resident_bytes_are_codes_plus_f16_scales() {
+    fn resident_bytes_are_codes_plus_f32_scales() {
         for (p, rows, cols, group, scales_per_row) in [
-            (Packing::PQ2_0, 6, 384, 128, 3),
-            (Packing::Q2_0, 6, 384, 128, 3),
+            (Packing::PQ2_0, 6, 384, 128, 6),
+            (Packing::Q2_0, 6, 384, 128, 6),
             (Packing::Q2_0, 6, 384, 64, 6),
             (Packing::Q2_0, 6, 320, 64, 6),
         ] {
@@ -1149,12 +1115,12 @@ mod tests {
             let codes = rows * cols.div_ceil(SB) * 32;
             assert_eq!(
                 m.bytes(),
-                codes + 2 * rows * scales_per_row,
+                codes + 4 * rows * scales_per_row,
                 "{p:?} {cols} {group}"
             );
         }
         let (_, m) = packed(64, 1024, Packing::PQ2_0, 128);
-        assert_eq!(8.0 * m.bytes() as f64 / (64.0 * 1024.0), 2.125);
+        assert_eq!(8.0 * m.bytes() as f64 / (64.0 * 1024.0), 2.5);
     }
 
     /// Every kernel this CPU runs, on odd shapes (a lone 64-block, an odd block count, token
