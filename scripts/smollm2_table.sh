@@ -56,10 +56,11 @@ train_row() { # NAME STEPS ARGS...
       --set checkpoint.every=0 --set checkpoint.keep=1 "$@" > "$dir/train.log" 2>&1
     echo $((SECONDS - t0)) > "$dir/wall_s"
   fi
-  local ck prec
-  ck=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" "$dir/summary.json")
-  # A full-precision fine-tune is scored as it is (eval projects to ternary by default).
-  prec=$(python3 -c "import json,sys; print('ternary' if json.load(open(sys.argv[1]))['ternary'] else 'full')" "$dir/summary.json")
+  # The checkpoint, and its precision: a full-precision fine-tune is scored as it is (eval
+  # projects to ternary by default).
+  local prec ck
+  read -r prec ck < <(python3 -c "import json,sys; d=json.load(open(sys.argv[1]))
+print('ternary' if d['ternary'] else 'full', d['checkpoint'])" "$dir/summary.json")
   evaluate "$ck" "$dir" "$prec"
 }
 

@@ -81,8 +81,8 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The fastest kernel this CPU runs (`TERN_ISA=portable|avx2|avxvnni|avx512vnni|neondot` overrides,
-    /// for benchmarks and tests; an ISA the CPU lacks falls back to detection).
+    /// The fastest kernel this CPU runs (`TERN_ISA=portable|avx2|avxvnni|avx512vnni|neondot`
+    /// overrides, for benchmarks and tests; an ISA the CPU lacks falls back to detection).
     pub fn detect() -> Isa {
         // Decided once per process: every matmul asks (several per layer and token), and the
         // environment lookup and feature list need not be repeated.
@@ -308,7 +308,6 @@ impl RowTask<'_> {
     unsafe fn run(&self, isa: Isa, xq: &QuantizedRows, n: usize) {
         let m = self.m;
         let cb = m.sbs * 32;
-        let ws_of = |r: std::ops::Range<usize>| m.scales_of(r);
         let mut y = [0f32; ROWS];
         if n == 1 {
             // Decode: ROWS rows per call share each load of the activations.
@@ -317,7 +316,7 @@ impl RowTask<'_> {
                 let o = &mut y[..ROWS.min(self.rows.end - r)];
                 let rr = r..r + o.len();
                 let codes = &m.codes[rr.start * cb..rr.end * cb];
-                dot_rows(isa, m.wide, codes, ws_of(rr), &x, o);
+                dot_rows(isa, m.wide, codes, m.scales_of(rr), &x, o);
                 std::ptr::copy_nonoverlapping(o.as_ptr(), self.out.0.add(r), o.len());
             }
             return;
@@ -331,7 +330,7 @@ impl RowTask<'_> {
                 let nr = PAIR.min(self.rows.end - r);
                 let codes = &m.codes[r * cb..(r + nr) * cb];
                 let out = &mut tile[..nr * tn];
-                dot_tile(isa, m.wide, codes, ws_of(r..r + nr), xq, t0, out);
+                dot_tile(isa, m.wide, codes, m.scales_of(r..r + nr), xq, t0, out);
                 for (j, row) in out.chunks(tn).enumerate() {
                     for (k, v) in row.iter().enumerate() {
                         *self.out.0.add((t0 + k) * m.rows + r + j) = *v;
@@ -1105,17 +1104,17 @@ mod tests {
     /// counts padded): 2.5 bits.
     #[test]
     fn resident_bytes_are_codes_plus_f32_scales() {
-        for (p, rows, cols, group, scales_per_row) in [
-            (Packing::PQ2_0, 6, 384, 128, 6),
-            (Packing::Q2_0, 6, 384, 128, 6),
-            (Packing::Q2_0, 6, 384, 64, 6),
-            (Packing::Q2_0, 6, 320, 64, 6),
+        for (p, rows, cols, group) in [
+            (Packing::PQ2_0, 6, 384, 128),
+            (Packing::Q2_0, 6, 384, 128),
+            (Packing::Q2_0, 6, 384, 64),
+            (Packing::Q2_0, 6, 320, 64),
         ] {
             let (_, m) = packed(rows, cols, p, group);
-            let codes = rows * cols.div_ceil(SB) * 32;
+            let sbs = cols.div_ceil(SB);
             assert_eq!(
                 m.bytes(),
-                codes + 4 * rows * scales_per_row,
+                rows * sbs * 32 + 4 * rows * 2 * sbs,
                 "{p:?} {cols} {group}"
             );
         }
