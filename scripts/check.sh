@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command (README.md; .ci/run calls exactly this): SmolLM2's GGUF fetched, formatting,
+# The test command (README.md; .ci/run calls exactly this): SmolLM2's GGUF and the OpenAI client
+# (PyPI) fetched, formatting,
 # clippy with warnings as errors, every test (CUDA tests print SKIP without a GPU), the AArch64
 # NEON kernel's tests under qemu (scripts/test_neon.sh; ~8 minutes cold), then the CUDA
 # build, compile only, so the GPU path cannot rot unseen (scripts/build_cuda.sh: CUDA 13.0 wheels from PyPI, ~1.2 GB, into
@@ -10,6 +11,9 @@ cd "$(dirname "$0")/.."
 # with llama.cpp's on it, and must not skip here.
 scripts/fetch_smollm2.sh
 export TERN_REQUIRE_SMOLLM2=1
+# The official OpenAI client (PyPI) for the serving test that drives `tern serve` with it.
+TERN_OPENAI_PYTHON=$(scripts/setup_openai_client.sh)
+export TERN_OPENAI_PYTHON TERN_REQUIRE_OPENAI=1
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test

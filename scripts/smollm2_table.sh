@@ -12,8 +12,9 @@
 #   qat-ramp          ternary QAT, the quantization ramped in, no distillation (SHORT)
 #   qat-distill       the same plus logit distillation from the FP model (SHORT)
 #   qat-distill-s1    the same, seed 1                              qat-distill-long (LONG)
-#   qat-ramp-s1       qat-ramp, seed 1
+#   qat-ramp-s1       qat-ramp, seed 1                              qat-ramp-long    (LONG)
 #   scratch           ternary from scratch at SmolLM2's shape and tokenizer (SHORT)   scratch-long (LONG)
+#   scratch-s1        scratch, seed 1
 # Finished rows are reused (their eval JSON is kept), so the table can be extended. Each row
 # writes OUT_DIR/ROW/{metrics.jsonl,summary.json,eval-val.json,eval-english.json,wall_s}; the table
 # goes to OUT_DIR/results.md. Env: SHORT=64, LONG=256, RECIPE="--set k=v ..." (the QAT recipe).
@@ -85,11 +86,13 @@ for row in "${rows[@]}"; do
     qat-ramp) train_row "$row" "$short" "${recipe[@]}" --set train.distill_alpha=0.0 ;;
     qat-ramp-s1) train_row "$row" "$short" "${recipe[@]}" --set train.distill_alpha=0.0 \
       --set train.seed=1 --set data.seed=1 ;;
+    qat-ramp-long) train_row "$row" "$long" "${recipe[@]}" --set train.distill_alpha=0.0 ;;
     qat-distill) train_row "$row" "$short" "${recipe[@]}" ;;
     qat-distill-s1) train_row "$row" "$short" "${recipe[@]}" --set train.seed=1 --set data.seed=1 ;;
     qat-distill-long) train_row "$row" "$long" "${recipe[@]}" ;;
     scratch) train_row "$row" "$short" "${scratch[@]}" ;;
     scratch-long) train_row "$row" "$long" "${scratch[@]}" ;;
+    scratch-s1) train_row "$row" "$short" "${scratch[@]}" --set train.seed=1 --set data.seed=1 ;;
     *) echo "error: unknown row '$row'" >&2; exit 1 ;;
   esac
 done

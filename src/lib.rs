@@ -19,7 +19,7 @@
 //! source                        a model spec (HF dir | hub id | GGUF) -> config, weights, tokenizer
 //! train                         config, optimizer, step, checkpoints, the loop
 //! runtime                       load any model for inference
-//! bench                         benchmarks (kernels, step, decode, top-k)
+//! bench serve                   benchmarks (kernels, step, decode, top-k); serving (engine, HTTP, chat templates)
 //! ```
 //!
 //! - [`quant`]: the projection, the straight-through estimator, the 2-bit codec, verification.
@@ -30,6 +30,7 @@
 //! - [`gguf`]: GGUF reader/writer, export, verification, packed loading.
 //! - [`decode`]: sampling, generation, paged KV cache, beam search, speculative decoding.
 //! - [`train`]: the training config, loop and step; [`runtime`]: loading for inference.
+//! - [`serve`]: continuous batching and the OpenAI-compatible HTTP API (`tern serve`, `tern chat`).
 
 pub mod error;
 pub mod mem;
@@ -57,5 +58,6 @@ pub mod train;
 pub mod runtime;
 
 pub mod bench;
+pub mod serve;
 
 pub use error::{Error, Result};

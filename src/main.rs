@@ -44,6 +44,10 @@ enum Cmd {
     Eval(cli::eval::Args),
     /// Generate text (greedy by default; llama-cli sampling flags).
     Generate(cli::generate::Args),
+    /// Serve a model over the OpenAI HTTP API (continuous batching).
+    Serve(cli::serve::Args),
+    /// Chat with a model in the terminal (its chat template, streamed).
+    Chat(cli::chat::Args),
     /// Export a checkpoint to GGUF (packed Q2_0 by default) for llama.cpp.
     Export(cli::export::Args),
     /// Check that a model's weights are ternary: a checkpoint's projection, or a GGUF's blocks
@@ -95,6 +99,8 @@ fn main() {
         Cmd::Train(a) => cli::train::run(a),
         Cmd::Eval(a) => cli::eval::run(a),
         Cmd::Generate(a) => cli::generate::run(a),
+        Cmd::Serve(a) => cli::serve::run(a),
+        Cmd::Chat(a) => cli::chat::run(a),
         Cmd::Export(a) => cli::export::run(a),
         Cmd::Verify(a) => cli::verify::run(a),
         Cmd::Plot(a) => cli::plot::run(a),

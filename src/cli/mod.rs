@@ -2,11 +2,13 @@
 //! code. Errors carry context (anyhow) and are printed by `main`.
 
 pub mod bench;
+pub mod chat;
 pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod info;
 pub mod plot;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 pub mod verify;

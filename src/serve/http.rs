@@ -1,0 +1,582 @@
+//! The OpenAI-compatible HTTP API on axum: POST /v1/chat/completions and /v1/completions
+//! (`stream: true` = server-sent events ending in `data: [DONE]`), GET /v1/models, GET /health.
+//!
+//! Request fields as OpenAI and llama-server name them: messages | prompt, max_tokens
+//! (max_completion_tokens, n_predict), temperature, top_p, top_k, min_p, seed, stop,
+//! repeat_penalty, repeat_last_n, stream; other fields are ignored, a known field of the wrong
+//! type is a 400 naming it. Every response carries usage counts (a stream: in its last chunk).
+//! Errors are OpenAI's JSON `{"error": {"message", "type", "param", "code"}}` with the status
+//! that fits (400 bad request, 401 wrong key, 404, 413 body too large, 503 engine gone); a bad
+//! request never reaches the engine, so the others keep being served.
+//!
+//! A handler tokenizes, checks the request against the context, hands it to the engine thread
+//! through a channel and relays the engine's events. A client that goes away drops its
+//! receiver; the engine's next event for it fails and the sequence is cancelled.
+
+use super::engine::{check_request, Done, Event, GenRequest, Sink, Stats};
+use super::template::{ChatTemplate, Message};
+use crate::decode::generate::Finish;
+use crate::decode::sampler::SamplerConfig;
+use crate::tokenizer::Tokenizer;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use tokio::sync::mpsc as tmpsc;
+
+/// What the handlers share.
+pub struct ServerState {
+    /// To the engine thread.
+    pub submit: mpsc::Sender<(GenRequest, Sink)>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: ChatTemplate,
+    /// The name /v1/models lists and responses carry.
+    pub model_id: String,
+    pub ctx: usize,
+    pub vocab: usize,
+    pub api_key: Option<String>,
+    pub stats: Arc<Stats>,
+    next_id: AtomicU64,
+}
+
+impl ServerState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        submit: mpsc::Sender<(GenRequest, Sink)>,
+        tokenizer: Arc<Tokenizer>,
+        template: ChatTemplate,
+        model_id: String,
+        ctx: usize,
+        vocab: usize,
+        api_key: Option<String>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Self {
+            submit,
+            tokenizer,
+            template,
+            model_id,
+            ctx,
+            vocab,
+            api_key,
+            stats,
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// Request bodies larger than this are refused with 413.
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+
+pub fn router(state: Arc<ServerState>, body_limit: usize) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind(),
+            "param": self.param,
+            "code": self.status.as_u16(),
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+async fn health(State(s): State<Arc<ServerState>>) -> Json<Value> {
+    let st = &s.stats;
+    let get = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed);
+    Json(json!({
+        "status": "ok",
+        "active": get(&st.active),
+        "queued": get(&st.queued),
+        "kv_blocks_in_use": get(&st.kv_blocks_in_use),
+        "requests_done": get(&st.requests_done),
+        "requests_cancelled": get(&st.requests_cancelled),
+        "tokens_generated": get(&st.tokens_generated),
+    }))
+}
+
+async fn models(State(s): State<Arc<ServerState>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    authorize(&s, &headers)?;
+    Ok(Json(json!({"object": "list", "data": [{
+        "id": s.model_id, "object": "model", "created": now(), "owned_by": "tern",
+        "meta": {"n_ctx": s.ctx, "n_vocab": s.vocab},
+    }]})))
+}
+
+fn authorize(s: &ServerState, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(key) = &s.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid or missing API key (Authorization: Bearer KEY)",
+        ))
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The body as a JSON object: a body over the limit is 413, anything but a JSON object 400.
+fn json_body(body: std::result::Result<Bytes, BytesRejection>) -> ApiResult<Value> {
+    let bytes = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad("the body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+/// A typed view of `v`; a field of the wrong type is a 400 naming the field.
+fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> ApiResult<T> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let mut err = ApiError::bad(format!("field `{path}`: {}", e.inner()));
+        err.param = Some(path);
+        err
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The sampling and length fields both endpoints share.
+#[derive(Deserialize, Default)]
+struct Params {
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    n_predict: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    min_p: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<OneOrMany>,
+    repeat_penalty: Option<f64>,
+    repeat_last_n: Option<i64>,
+    n: Option<i64>,
+    stream: Option<bool>,
+}
+
+impl Params {
+    /// The engine request for `prompt` (defaults: llama-server's sampling; max_tokens = the rest
+    /// of the context), checked against the context.
+    fn request(&self, prompt: Vec<u32>, s: &ServerState) -> ApiResult<GenRequest> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad("n: only one choice per request is supported"));
+        }
+        let room = s.ctx.saturating_sub(prompt.len());
+        let max_tokens = match self
+            .max_tokens
+            .or(self.max_completion_tokens)
+            .or(self.n_predict.filter(|&n| n >= 0))
+        {
+            None => room.max(1),
+            Some(n) if n < 1 => {
+                return Err(ApiError::bad(format!("max_tokens must be >= 1, found {n}")))
+            }
+            Some(n) => n as usize,
+        };
+        let nonneg = |name: &str, v: Option<i64>, default: usize| -> ApiResult<usize> {
+            match v {
+                None => Ok(default),
+                Some(x) if x < 0 => Err(ApiError::bad(format!("{name} must be >= 0, found {x}"))),
+                Some(x) => Ok(x as usize),
+            }
+        };
+        let sampler = SamplerConfig {
+            temp: self.temperature.unwrap_or(0.8),
+            top_k: nonneg("top_k", self.top_k, 40)?,
+            top_p: self.top_p.unwrap_or(0.95),
+            min_p: self.min_p.unwrap_or(0.05),
+            seed: match self.seed {
+                Some(x) if x >= 0 => x as u64,
+                _ => rand::random(),
+            },
+            repeat_penalty: self.repeat_penalty.unwrap_or(1.0),
+            repeat_last_n: nonneg("repeat_last_n", self.repeat_last_n, 64)?,
+        };
+        let stop = match &self.stop {
+            None => vec![],
+            Some(OneOrMany::One(s)) => vec![s.clone()],
+            Some(OneOrMany::Many(v)) => v.clone(),
+        };
+        let req = GenRequest {
+            prompt,
+            max_tokens,
+            sampler,
+            stop,
+        };
+        check_request(&req, s.ctx, s.vocab)
+            .map_err(|e| ApiError::bad(api_names(&e.to_string())))?;
+        Ok(req)
+    }
+}
+
+/// The sampler's messages name llama-cli's flags; the API names the same values its own way.
+fn api_names(msg: &str) -> String {
+    [
+        ("--temp", "temperature"),
+        ("--top-p", "top_p"),
+        ("--min-p", "min_p"),
+        ("--repeat-penalty", "repeat_penalty"),
+    ]
+    .iter()
+    .fold(msg.to_string(), |m, (flag, field)| m.replace(flag, field))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    messages: Vec<ChatMessage>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    prompt: PromptField,
+}
+
+fn chat_messages(body: ChatBody) -> ApiResult<Vec<Message>> {
+    if body.messages.is_empty() {
+        return Err(ApiError::bad("messages: at least one message is required"));
+    }
+    body.messages
+        .into_iter()
+        .map(|m| {
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => parts
+                    .into_iter()
+                    .map(|p| match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => Ok(t),
+                        (k, _) => Err(ApiError::bad(format!(
+                            "messages: content part of type '{k}' is not supported (text only)"
+                        ))),
+                    })
+                    .collect::<ApiResult<Vec<_>>>()?
+                    .concat(),
+            };
+            Ok(Message {
+                role: m.role,
+                content,
+            })
+        })
+        .collect()
+}
+
+/// Token ids of a prompt text, with BOS first when the tokenizer asks for one and the text does
+/// not already start with it (chat templates often write it themselves).
+pub fn encode_prompt(tok: &Tokenizer, text: &str) -> crate::Result<Vec<u32>> {
+    let mut ids = tok.encode(text)?;
+    if let Some(bos) = tok.bos_to_add() {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+    Ok(ids)
+}
+
+async fn chat_completions(
+    State(s): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    authorize(&s, &headers)?;
+    let v = json_body(body)?;
+    let params: Params = typed(&v)?;
+    let messages = chat_messages(typed(&v)?)?;
+    let text = s
+        .template
+        .render(&messages, true)
+        .map_err(|e| ApiError::bad(e.to_string()))?;
+    let prompt = encode_prompt(&s.tokenizer, &text).map_err(|e| ApiError::bad(e.to_string()))?;
+    let req = params.request(prompt, &s)?;
+    respond(&s, req, params.stream.unwrap_or(false), Kind::Chat).await
+}
+
+async fn completions(
+    State(s): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    authorize(&s, &headers)?;
+    let v = json_body(body)?;
+    let params: Params = typed(&v)?;
+    let body: CompletionBody = typed(&v)?;
+    let prompt = match body.prompt {
+        PromptField::Tokens(ids) => ids,
+        PromptField::Text(t) => encode(&s, &t)?,
+        PromptField::Texts(v) if v.len() == 1 => encode(&s, &v[0])?,
+        PromptField::Texts(_) => {
+            return Err(ApiError::bad("prompt: one prompt per request is supported"))
+        }
+    };
+    let req = params.request(prompt, &s)?;
+    respond(&s, req, params.stream.unwrap_or(false), Kind::Completion).await
+}
+
+fn encode(s: &ServerState, text: &str) -> ApiResult<Vec<u32>> {
+    encode_prompt(&s.tokenizer, text).map_err(|e| ApiError::bad(e.to_string()))
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// The fixed parts of every response or chunk of one request.
+struct Reply {
+    kind: Kind,
+    id: String,
+    model: String,
+    created: u64,
+}
+
+impl Reply {
+    fn object(&self, stream: bool) -> &'static str {
+        match (self.kind, stream) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, stream: bool, choice: Value, usage: Option<Value>) -> Value {
+        let mut v = json!({
+            "id": self.id, "object": self.object(stream), "created": self.created,
+            "model": self.model, "choices": [choice],
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        v
+    }
+
+    /// A whole (non-streamed) response.
+    fn full(&self, text: String, done: Done) -> Value {
+        let choice = match self.kind {
+            Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason(done.finish), "logprobs": null}),
+            Kind::Completion => json!({"index": 0, "text": text,
+                "finish_reason": finish_reason(done.finish), "logprobs": null}),
+        };
+        self.envelope(false, choice, Some(usage(done)))
+    }
+
+    /// A streamed chunk: text, and the finish reason in the last one.
+    fn chunk(&self, text: Option<&str>, done: Option<Done>) -> Value {
+        let reason = done.map(|d| finish_reason(d.finish));
+        let choice = match self.kind {
+            Kind::Chat => {
+                let delta = text.map_or(json!({}), |t| json!({"content": t}));
+                json!({"index": 0, "delta": delta, "finish_reason": reason, "logprobs": null})
+            }
+            Kind::Completion => json!({"index": 0, "text": text.unwrap_or(""),
+                "finish_reason": reason, "logprobs": null}),
+        };
+        self.envelope(true, choice, done.map(usage))
+    }
+}
+
+fn finish_reason(f: Finish) -> &'static str {
+    match f {
+        Finish::Eos | Finish::Stop => "stop",
+        Finish::Length => "length",
+    }
+}
+
+fn usage(d: Done) -> Value {
+    json!({"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
+        "total_tokens": d.prompt_tokens + d.completion_tokens})
+}
+
+/// Queues the request on the engine and answers whole or as a stream of events.
+async fn respond(
+    s: &ServerState,
+    req: GenRequest,
+    stream: bool,
+    kind: Kind,
+) -> ApiResult<Response> {
+    let (tx, mut rx) = tmpsc::unbounded_channel::<Event>();
+    let sink: Sink = Box::new(move |ev| tx.send(ev).is_ok());
+    s.submit
+        .send((req, sink))
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine has stopped"))?;
+    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let reply = Reply {
+        kind,
+        id: match kind {
+            Kind::Chat => format!("chatcmpl-{n}"),
+            Kind::Completion => format!("cmpl-{n}"),
+        },
+        model: s.model_id.clone(),
+        created: now(),
+    };
+    if !stream {
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Text { text: t, .. } => text += &t,
+                Event::Done(d) => return Ok(Json(reply.full(text, d)).into_response()),
+                Event::Error(m) => return Err(engine_error(m)),
+            }
+        }
+        return Err(engine_error(
+            "the engine stopped before the request ended".into(),
+        ));
+    }
+    // First a chunk with the role (chat), then text, then the finish + usage, then [DONE].
+    enum Phase {
+        Start,
+        Run,
+        Finished,
+        End,
+    }
+    let reply = Arc::new(reply);
+    let events = futures_util::stream::unfold((rx, Phase::Start), move |(mut rx, phase)| {
+        let reply = reply.clone();
+        async move {
+            let data = |v: Value| {
+                Ok::<_, std::convert::Infallible>(SseEvent::default().data(v.to_string()))
+            };
+            match phase {
+                Phase::Start => {
+                    let first = match reply.kind {
+                        Kind::Chat => {
+                            let mut v = reply.chunk(None, None);
+                            v["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
+                            v
+                        }
+                        Kind::Completion => reply.chunk(Some(""), None),
+                    };
+                    Some((data(first), (rx, Phase::Run)))
+                }
+                Phase::Run => match rx.recv().await {
+                    Some(Event::Text { text, .. }) if text.is_empty() => {
+                        Some((Ok(SseEvent::default().comment("")), (rx, Phase::Run)))
+                    }
+                    Some(Event::Text { text, .. }) => {
+                        Some((data(reply.chunk(Some(&text), None)), (rx, Phase::Run)))
+                    }
+                    Some(Event::Done(d)) => {
+                        Some((data(reply.chunk(None, Some(d))), (rx, Phase::Finished)))
+                    }
+                    Some(Event::Error(m)) => {
+                        Some((data(engine_error(m).body()), (rx, Phase::Finished)))
+                    }
+                    None => Some((
+                        data(engine_error("the engine stopped".into()).body()),
+                        (rx, Phase::Finished),
+                    )),
+                },
+                Phase::Finished => Some((Ok(SseEvent::default().data("[DONE]")), (rx, Phase::End))),
+                Phase::End => None,
+            }
+        }
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+fn engine_error(m: String) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m)
+}
