@@ -253,6 +253,7 @@ impl PagedKvCache {
         let (hd, g) = (self.head_dim, heads / self.kv_heads.max(1));
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; heads * hd];
+        let mut scores = Vec::with_capacity(self.block_size);
         for h in 0..heads {
             let kvh = h / g.max(1);
             let qh = &q[h * hd..(h + 1) * hd];
@@ -263,10 +264,11 @@ impl PagedKvCache {
                 let n = (pos + 1 - p0).min(self.block_size);
                 let kb = &self.k[layer][base..base + n * hd];
                 let vb = &self.v[layer][base..base + n * hd];
-                let scores: Vec<f32> = kb
-                    .chunks_exact(hd)
-                    .map(|kr| kr.iter().zip(qh).map(|(a, b)| a * b).sum::<f32>() * scale)
-                    .collect();
+                scores.clear();
+                scores.extend(
+                    kb.chunks_exact(hd)
+                        .map(|kr| kr.iter().zip(qh).map(|(a, b)| a * b).sum::<f32>() * scale),
+                );
                 let bm = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let m_new = m.max(bm);
                 let f = if m == f32::NEG_INFINITY {
@@ -386,13 +388,27 @@ impl Cache for PagedStep<'_> {
                 &per_token(&vh, nkv, t),
             )?;
         }
-        let mut o = Vec::with_capacity(n * nh * hd);
-        for (t, &(s, pos)) in self.rows.iter().enumerate() {
-            o.extend(
-                self.cache
-                    .attend(layer, s, pos, &per_token(&qh, nh, t), nh)?,
-            );
-        }
+        // Each token attends on its own (the cache is only read now): in parallel across the
+        // tokens of the row, which with continuous batching are many sequences' tokens.
+        let cache = &*self.cache;
+        let attend = |(t, &(s, pos)): (usize, &(SeqId, usize))| {
+            cache.attend(layer, s, pos, &per_token(&qh, nh, t), nh)
+        };
+        let per: Vec<Vec<f32>> = if n > 1 {
+            use rayon::prelude::*;
+            self.rows
+                .par_iter()
+                .enumerate()
+                .map(attend)
+                .collect::<Result<_>>()?
+        } else {
+            self.rows
+                .iter()
+                .enumerate()
+                .map(attend)
+                .collect::<Result<_>>()?
+        };
+        let o: Vec<f32> = per.concat();
         // Token-major [1, n, H, hd] -> [1, H, n, hd], as the model expects.
         Ok(Tensor::from_vec(o, (1, n, nh, hd), q.device())?
             .to_dtype(q.dtype())?
