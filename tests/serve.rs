@@ -107,6 +107,40 @@ fn alone(model: &Arc<Model>, tok: &Arc<Tokenizer>, req: GenRequest) -> Got {
 fn batched_equals_alone_with_requests_arriving_mid_flight() {
     let dir = tempfile::tempdir().unwrap();
     let (model, tok) = tiny(dir.path());
+    batched_equals_alone(&model, &tok);
+}
+
+/// The same on a packed Q2_0 model (tern's export of a fixture, run by the int8-activation
+/// kernels: a decode token alone takes the one-token path, batched it takes the tiled one).
+#[test]
+fn batched_equals_alone_on_a_packed_gguf_model() {
+    use tern::gguf::{export_gguf, file::GgufFile, Format};
+    let dir = tempfile::tempdir().unwrap();
+    let ck =
+        tern::model::load_checkpoint(&fixtures_dir().join("tied_gqa2"), DType::F32, &Device::Cpu)
+            .unwrap();
+    let out = dir.path().join("m.gguf");
+    export_gguf(
+        &ck.config,
+        &QuantConfig::default(),
+        &ck.params,
+        None,
+        Format::Q2_0,
+        "t",
+        &out,
+    )
+    .unwrap();
+    let model = tern::gguf::load_model(&GgufFile::read(&out).unwrap()).unwrap();
+    assert!(model.is_packed());
+    let words: Vec<String> = (1..model.cfg.vocab_size).map(|i| format!("w{i}")).collect();
+    let path = dir.path().join("tok.json");
+    write_word_tokenizer(&path, &words.iter().map(String::as_str).collect::<Vec<_>>());
+    let tok = Tokenizer::from_file(&path).unwrap();
+    batched_equals_alone(&Arc::new(model), &Arc::new(tok));
+}
+
+fn batched_equals_alone(model: &Arc<Model>, tok: &Arc<Tokenizer>) {
+    let (model, tok) = (model.clone(), tok.clone());
     let prompts: Vec<Vec<u32>> = vec![
         vec![1, 3, 5],
         vec![2, 9, 4, 7, 11, 6, 8],
