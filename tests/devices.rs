@@ -6,6 +6,10 @@
 //! passes: the CPU suite never depends on a GPU. scripts/gpu_check.sh runs this test executable,
 //! prebuilt by scripts/build_cuda.sh, on the GPU machine.
 //!
+//! Metal tests (`metal_*`, Apple Silicon, `--features metal`: scripts/mac_check.sh) run the same
+//! checks on a Metal device, where every fused CPU kernel falls back to its candle reference
+//! (decided in `tern::kernels::Kernels`, as on CUDA).
+//!
 //! bf16 tests run on the CPU too: `tern train` refuses bf16 there (slow), but the mixed-precision
 //! graph is the same on every device, so its gradients are proven here.
 
@@ -21,18 +25,42 @@ use tern::quant::QuantConfig;
 use tern::train::optim::{AdamW, AdamWConfig};
 use tern::train::step::{train_step, window_loss, StepConfig};
 
-fn cuda(test: &str) -> Option<Device> {
-    match Device::new_cuda(0) {
+/// The GPU of `kind` ("cuda" or "metal"), or None after a SKIP line.
+fn gpu(kind: &str, test: &str) -> Option<Device> {
+    let opened = match kind {
+        "cuda" => Device::new_cuda(0),
+        _ => Device::new_metal(0),
+    };
+    match opened {
         Ok(d) => Some(d),
         Err(e) => {
             // Straight to the stderr handle: libtest captures only the print macros, so this
             // line shows in a plain `cargo test`.
             use std::io::Write;
             let first = e.to_string().lines().next().unwrap_or_default().to_string();
-            let _ = writeln!(std::io::stderr(), "SKIP {test}: no CUDA device ({first})");
+            let _ = writeln!(std::io::stderr(), "SKIP {test}: no {kind} device ({first})");
             None
         }
     }
+}
+
+/// One check run on each GPU backend: `cuda_NAME` and `metal_NAME` tests, each a SKIP line
+/// without its device.
+macro_rules! on_each_gpu {
+    ($check:ident: $cuda:ident, $metal:ident) => {
+        #[test]
+        fn $cuda() {
+            if let Some(dev) = gpu("cuda", stringify!($cuda)) {
+                $check(&dev);
+            }
+        }
+        #[test]
+        fn $metal() {
+            if let Some(dev) = gpu("metal", stringify!($metal)) {
+                $check(&dev);
+            }
+        }
+    };
 }
 
 fn arch() -> ModelConfig {
@@ -107,11 +135,10 @@ fn loss_and_grads(device: &Device, compute: DType) -> (f32, Vec<(String, Vec<f32
     (host_vec(&loss)[0], per)
 }
 
-#[test]
-fn cuda_logits_match_the_cpu() {
-    let Some(dev) = cuda("cuda_logits_match_the_cpu") else {
-        return;
-    };
+on_each_gpu!(logits_match_the_cpu: cuda_logits_match_the_cpu, metal_logits_match_the_cpu);
+
+fn logits_match_the_cpu(dev: &Device) {
+    let dev = dev.clone();
     let logits = |d: &Device| {
         let p = params_on(d);
         let m = Model::new(&arch(), quant(), &p).unwrap();
@@ -121,11 +148,10 @@ fn cuda_logits_match_the_cpu() {
     assert!(r < 1e-4, "logits differ by {r} (relative)");
 }
 
-#[test]
-fn cuda_gradients_of_every_parameter_match_the_cpu() {
-    let Some(dev) = cuda("cuda_gradients_of_every_parameter_match_the_cpu") else {
-        return;
-    };
+on_each_gpu!(gradients_match_the_cpu: cuda_gradients_of_every_parameter_match_the_cpu, metal_gradients_of_every_parameter_match_the_cpu);
+
+fn gradients_match_the_cpu(dev: &Device) {
+    let dev = dev.clone();
     let (lc, gc) = loss_and_grads(&Device::Cpu, DType::F32);
     let (lg, gg) = loss_and_grads(&dev, DType::F32);
     assert!((lc - lg).abs() < 1e-4 * lc.abs(), "loss {lg} vs {lc}");
@@ -135,11 +161,10 @@ fn cuda_gradients_of_every_parameter_match_the_cpu() {
     }
 }
 
-#[test]
-fn cuda_training_step_matches_the_cpu() {
-    let Some(dev) = cuda("cuda_training_step_matches_the_cpu") else {
-        return;
-    };
+on_each_gpu!(training_step_matches_the_cpu: cuda_training_step_matches_the_cpu, metal_training_step_matches_the_cpu);
+
+fn training_step_matches_the_cpu(dev: &Device) {
+    let dev = dev.clone();
     let step = |d: &Device| {
         let params = params_on(d);
         let model = Model::new(&arch(), quant(), &params).unwrap();
@@ -179,11 +204,10 @@ fn cuda_training_step_matches_the_cpu() {
     }
 }
 
-#[test]
-fn cuda_greedy_generation_matches_the_cpu() {
-    let Some(dev) = cuda("cuda_greedy_generation_matches_the_cpu") else {
-        return;
-    };
+on_each_gpu!(greedy_generation_matches_the_cpu: cuda_greedy_generation_matches_the_cpu, metal_greedy_generation_matches_the_cpu);
+
+fn greedy_generation_matches_the_cpu(dev: &Device) {
+    let dev = dev.clone();
     let run = |d: &Device| {
         let p = params_on(d);
         let m = Model::new(&arch(), quant(), &p).unwrap().freeze().unwrap();
@@ -207,7 +231,7 @@ fn cuda_greedy_generation_matches_the_cpu() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_fused_topk_matches_the_cpu() {
-    let Some(dev) = cuda("cuda_fused_topk_matches_the_cpu") else {
+    let Some(dev) = gpu("cuda", "cuda_fused_topk_matches_the_cpu") else {
         return;
     };
     let v = 151_936;
@@ -250,12 +274,7 @@ fn bf16_mixed_precision_tracks_f32_on_the_cpu() {
     bf16_tracks_f32(&Device::Cpu);
 }
 
-#[test]
-fn cuda_bf16_mixed_precision_tracks_f32() {
-    if let Some(dev) = cuda("cuda_bf16_mixed_precision_tracks_f32") {
-        bf16_tracks_f32(&dev);
-    }
-}
+on_each_gpu!(bf16_tracks_f32: cuda_bf16_mixed_precision_tracks_f32, metal_bf16_mixed_precision_tracks_f32);
 
 #[test]
 fn training_in_bf16_is_refused_on_the_cpu_with_the_reason() {

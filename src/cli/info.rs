@@ -41,6 +41,9 @@ fn devices() -> (Vec<String>, Vec<String>) {
         for n in 0..16 {
             let spec = format!("{kind}:{n}");
             match tern::device::parse_device(&spec) {
+                Ok(d) if kind == "metal" => {
+                    ok.push(format!("{spec} {}", tern::device::describe(&d)))
+                }
                 Ok(_) => ok.push(spec),
                 Err(e) => {
                     if n == 0 {

@@ -138,7 +138,7 @@ impl ComputeDtype {
     pub fn for_device(self, device: &Device) -> Result<DType> {
         if self == ComputeDtype::Bf16 && device.is_cpu() {
             return Err(crate::error::Error::Msg(
-                "dtype = \"bf16\" needs a GPU (train.device = \"cuda\"): candle's CPU backend has no \
+                "dtype = \"bf16\" needs a GPU (train.device = \"cuda\" or \"metal\"): candle's CPU backend has no \
                  bf16 GEMM (it widens to f32, slower than f32 itself). Use dtype = \"f32\" on the CPU"
                     .into(),
             ));
