@@ -373,21 +373,31 @@ pub fn encode_prompt(tok: &Tokenizer, text: &str) -> crate::Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// What both completion endpoints start with: the key checked, the body as a JSON object, and
+/// its shared sampling and length fields.
+fn authorized_body(
+    s: &ServerState,
+    headers: &HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<(Value, Params)> {
+    authorize(s, headers)?;
+    let v = json_body(body)?;
+    let params = typed(&v)?;
+    Ok((v, params))
+}
+
 async fn chat_completions(
     State(s): State<Arc<ServerState>>,
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    authorize(&s, &headers)?;
-    let v = json_body(body)?;
-    let params: Params = typed(&v)?;
+    let (v, params) = authorized_body(&s, &headers, body)?;
     let messages = chat_messages(typed(&v)?)?;
     let text = s
         .template
         .render(&messages, true)
         .map_err(|e| ApiError::bad(e.to_string()))?;
-    let prompt = encode_prompt(&s.tokenizer, &text).map_err(|e| ApiError::bad(e.to_string()))?;
-    let req = params.request(prompt, &s)?;
+    let req = params.request(encode(&s, &text)?, &s)?;
     respond(&s, req, params.stream.unwrap_or(false), Kind::Chat).await
 }
 
@@ -396,9 +406,7 @@ async fn completions(
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    authorize(&s, &headers)?;
-    let v = json_body(body)?;
-    let params: Params = typed(&v)?;
+    let (v, params) = authorized_body(&s, &headers, body)?;
     let body: CompletionBody = typed(&v)?;
     let prompt = match body.prompt {
         PromptField::Tokens(ids) => ids,
