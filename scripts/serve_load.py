@@ -65,7 +65,9 @@ async def malformed(args):
 async def one_request(client, args, i, rng, stats):
     if rng.random() < args.malformed:
         stats["malformed"] += 1
-        stats["malformed_ok"] += int(await malformed(args) == 400)
+        status = await malformed(args)
+        stats["malformed_ok"] += int(status == 400)
+        stats["malformed_status"][str(status)] = stats["malformed_status"].get(str(status), 0) + 1
         return
     leave = rng.random() < args.disconnect
     t0 = time.perf_counter()
@@ -126,7 +128,7 @@ async def main():
     ap.add_argument("--pid", type=int)
     ap.add_argument("--api-key", default="none")
     args = ap.parse_args()
-    stats = {"ok": 0, "malformed": 0, "malformed_ok": 0, "disconnected": 0, "errors": [],
+    stats = {"ok": 0, "malformed": 0, "malformed_ok": 0, "malformed_status": {}, "disconnected": 0, "errors": [],
              "ttft": [], "completion_tokens": 0, "prompt_tokens": 0}
     rss, stop = [], asyncio.Event()
     sampler = asyncio.create_task(sample_rss(args.pid, rss, stop)) if args.pid else None

@@ -19,7 +19,8 @@
 //! source                        a model spec (HF dir | hub id | GGUF) -> config, weights, tokenizer
 //! train                         config, optimizer, step, checkpoints, the loop
 //! runtime                       load any model for inference
-//! bench serve                   benchmarks (kernels, step, decode, top-k); serving (engine, HTTP, chat templates)
+//! serve                         serving: continuous batching engine, HTTP API, chat templates
+//! bench                         benchmarks (kernels, step, decode, top-k, the serving engine)
 //! ```
 //!
 //! - [`quant`]: the projection, the straight-through estimator, the 2-bit codec, verification.
@@ -57,7 +58,8 @@ pub mod train;
 
 pub mod runtime;
 
-pub mod bench;
 pub mod serve;
+
+pub mod bench;
 
 pub use error::{Error, Result};

@@ -3,7 +3,8 @@
     python tests/openai_client.py http://127.0.0.1:PORT/v1
 
 The server runs SmolLM2-135M-Instruct in full precision with --api-key k (tests/serve.rs starts
-it). Checks: models list, chat (whole and streamed: same text, usage adds up), a completion, and
+it). Checks: models list, chat (whole and streamed: same text, usage adds up), a completion,
+log-probabilities on both endpoints, and
 that the client raises its typed errors for a bad request and a wrong key. Prints one JSON line.
 """
 import json
@@ -49,6 +50,18 @@ assert reason == r.choices[0].finish_reason, reason
 c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=5, temperature=0)
 completion = c.choices[0].text
 assert c.usage.completion_tokens == 5 and c.choices[0].finish_reason == "length", c
+
+# Log-probabilities as the client types them: chat's content list, completions' lists.
+r = client.chat.completions.create(model="smollm2", messages=ask, max_tokens=4, temperature=0,
+                                   logprobs=True, top_logprobs=2)
+content = r.choices[0].logprobs.content
+assert len(content) == r.usage.completion_tokens - (r.choices[0].finish_reason == "stop"), content
+assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content), content
+assert "".join(t.token for t in content) == r.choices[0].message.content, content
+assert abs(content[0].top_logprobs[0].logprob - content[0].logprob) < 1e-6, content[0]
+c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=3,
+                              temperature=0, logprobs=1)
+assert "".join(c.choices[0].logprobs.tokens) == c.choices[0].text, c.choices[0].logprobs
 
 try:
     client.chat.completions.create(model="smollm2", messages=ask, max_tokens=100000)

@@ -59,7 +59,7 @@ fn recorder(got: Arc<Mutex<Got>>, leave_after: Option<usize>) -> Sink {
         }
         let mut g = got.lock().unwrap();
         match ev {
-            Event::Text { text, tokens } => {
+            Event::Text { text, tokens, .. } => {
                 g.text += &text;
                 g.tokens.extend(tokens);
             }
@@ -75,7 +75,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, sampler: SamplerConfig) -> GenRe
         prompt,
         max_tokens,
         sampler,
-        stop: vec![],
+        ..Default::default()
     }
 }
 
@@ -257,6 +257,96 @@ fn a_client_that_leaves_is_cancelled_and_the_others_go_on() {
     assert_eq!(stats.requests_done.load(Relaxed), 1);
 }
 
+/// Each generated token's reported log-probability and top alternatives equal the log-softmax
+/// of the model's logits after the prompt and the tokens before it (a full forward, no cache),
+/// for a greedy and a sampled request sharing the engine's steps.
+#[test]
+fn logprobs_are_the_models_log_softmax_of_each_generated_token() {
+    use candle_core::Tensor;
+    use tern::serve::engine::TokenLogprob;
+    let dir = tempfile::tempdir().unwrap();
+    let (model, tok) = tiny(dir.path());
+    let reqs = [
+        (vec![1u32, 2, 3], SamplerConfig::default()),
+        (vec![5u32, 6], sampled(7)),
+    ];
+    let mut e = Engine::new(model.clone(), tok, EngineConfig::default()).unwrap();
+    let got: Vec<Arc<Mutex<Vec<TokenLogprob>>>> = reqs.iter().map(|_| Default::default()).collect();
+    for ((prompt, sampler), g) in reqs.iter().zip(&got) {
+        let req = GenRequest {
+            prompt: prompt.clone(),
+            max_tokens: 6,
+            sampler: *sampler,
+            ignore_eos: true,
+            logprobs: Some(3),
+            ..Default::default()
+        };
+        let g = g.clone();
+        e.submit(
+            req,
+            Box::new(move |ev| {
+                if let Event::Text {
+                    tokens, logprobs, ..
+                } = ev
+                {
+                    let ids: Vec<u32> = logprobs.iter().map(|l| l.id).collect();
+                    assert_eq!(tokens, ids, "one logprob per token, in order");
+                    g.lock().unwrap().extend(logprobs);
+                }
+                true
+            }),
+        );
+    }
+    while e.busy() {
+        e.step().unwrap();
+    }
+    for ((prompt, _), g) in reqs.iter().zip(&got) {
+        let g = g.lock().unwrap();
+        assert_eq!(g.len(), 6);
+        let mut ids = prompt.clone();
+        for lp in g.iter() {
+            let tok_id = &lp.id;
+            let n = ids.len();
+            let logits: Vec<f32> = model
+                .full_logits(
+                    &Tensor::new(ids.as_slice(), &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap(),
+                )
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .get(n - 1)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let lse = logits.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+            let want = |i: u32| logits[i as usize] as f64 - lse;
+            assert!(
+                (lp.logprob as f64 - want(*tok_id)).abs() < 1e-4,
+                "{} vs {}",
+                lp.logprob,
+                want(*tok_id)
+            );
+            let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+            order.sort_by(|&a, &b| {
+                logits[b as usize]
+                    .total_cmp(&logits[a as usize])
+                    .then(a.cmp(&b))
+            });
+            assert_eq!(
+                lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+                order[..3].to_vec()
+            );
+            for &(i, p) in &lp.top {
+                assert!((p as f64 - want(i)).abs() < 1e-4);
+            }
+            ids.push(*tok_id);
+        }
+    }
+}
+
 #[test]
 fn stop_strings_end_the_text_before_them_and_bad_requests_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -421,6 +511,75 @@ fn http_api_answers_streams_and_refuses_with_openai_errors() {
     assert_eq!(joined, text);
     assert_eq!(chunks.last().unwrap()["usage"]["total_tokens"], 9);
 
+    // Log-probabilities: completions' parallel lists, whole and streamed (the same values).
+    let with_lp = greedy.replace('}', r#", "logprobs": 2}"#);
+    let (st, body) = http(addr, "POST", "/v1/completions", &[key], &with_lp);
+    assert_eq!(st, 200, "{body}");
+    let lp = &json(&body)["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.len(), 6);
+    assert_eq!(tokens.concat(), text, "the tokens spell the text");
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert_eq!(offsets[5] as usize, text.len() - tokens[5].len());
+    for (i, t) in tokens.iter().enumerate() {
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert_eq!(top.len(), 2);
+        // Greedy: the chosen token is the most likely one, its logprob the best.
+        let best = top
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        let own = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(
+            own <= 0.0 && (own - best).abs() < 1e-6,
+            "token {t}: {own} vs best {best}"
+        );
+        assert_eq!(top[*t].as_f64(), Some(own));
+    }
+    let streamed_lp = with_lp.replace('}', r#", "stream": true}"#);
+    let (_, body) = http(addr, "POST", "/v1/completions", &[key], &streamed_lp);
+    let streamed_values: Vec<f64> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .flat_map(|d| {
+            let c = json(d);
+            c["choices"][0]["logprobs"]["token_logprobs"]
+                .as_array()
+                .map(|a| a.iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        streamed_values,
+        lp["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect::<Vec<_>>()
+    );
+    // Chat: `logprobs: true` with `top_logprobs`, OpenAI's content list.
+    let chat_lp = r#"{"messages": [{"role": "user", "content": "the stack"}], "max_tokens": 3, "temperature": 0, "logprobs": true, "top_logprobs": 3}"#;
+    let (st, body) = http(addr, "POST", "/v1/chat/completions", &[key], chat_lp);
+    assert_eq!(st, 200, "{body}");
+    let content = json(&body)["choices"][0]["logprobs"]["content"].clone();
+    assert_eq!(content.as_array().unwrap().len(), 3, "{body}");
+    assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 3);
+    assert_eq!(content[0]["top_logprobs"][0]["token"], content[0]["token"]);
+    assert!(content[0]["bytes"].is_array());
+
     let chat = r#"{"messages": [{"role": "user", "content": "the stack"}], "max_tokens": 4, "stream": true}"#;
     let (st, body) = http(addr, "POST", "/v1/chat/completions", &[key], chat);
     assert_eq!(st, 200);
@@ -430,7 +589,7 @@ fn http_api_answers_streams_and_refuses_with_openai_errors() {
     assert!(body.trim_end().ends_with("data: [DONE]"));
 
     // Refusals: status, OpenAI error shape, and the message naming the problem.
-    let cases: [(&str, &[&str], &str, u16, &str); 8] = [
+    let cases: [(&str, &[&str], &str, u16, &str); 10] = [
         ("/v1/completions", &[], greedy, 401, "API key"),
         (
             "/v1/completions",
@@ -473,6 +632,20 @@ fn http_api_answers_streams_and_refuses_with_openai_errors() {
             r#"{"messages": []}"#,
             400,
             "messages",
+        ),
+        (
+            "/v1/completions",
+            &[key],
+            r#"{"prompt": "the", "logprobs": 21}"#,
+            400,
+            "logprobs must be between 0 and 20",
+        ),
+        (
+            "/v1/chat/completions",
+            &[key],
+            r#"{"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}"#,
+            400,
+            "top_logprobs needs logprobs",
         ),
         ("/v1/nothing", &[key], "{}", 404, "no such endpoint"),
     ];

@@ -5,7 +5,9 @@
 //! - [`step`]: the training step `tern train` runs (`train::step`), at any architecture.
 //! - [`decode`]: prefill and decode speed of greedy generation, dense and packed.
 //! - [`topk`]: fused softmax + top-k against full softmax + sort.
+//! - [`batch`]: the serving engine's continuous batching, without HTTP.
 
+pub mod batch;
 pub mod decode;
 pub mod kernels;
 pub mod step;

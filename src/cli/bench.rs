@@ -1,4 +1,4 @@
-//! `tern bench step|kernels|topk|decode`: the measurements behind NOTES.md.
+//! `tern bench step|kernels|topk|decode|batch`: the measurements behind NOTES.md.
 
 use anyhow::{Context, Result};
 use std::path::PathBuf;
@@ -59,6 +59,24 @@ pub enum Cmd {
         /// One JSON line per model instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// The serving engine without HTTP: CLIENTS requests of synthetic prompt ids at once (greedy,
+    /// EOS ignored) stepped to the end by continuous batching: aggregate tokens/s, the time until
+    /// every request had its first token, and the batched decode rate after it.
+    Batch {
+        #[command(flatten)]
+        m: super::ModelArgs,
+        /// Requests at once (the 1-client rate is the baseline to compare with).
+        #[arg(long, default_value = "1,8", value_delimiter = ',', value_parser = super::at_least_one)]
+        clients: Vec<usize>,
+        /// Prompt length in tokens (synthetic ids).
+        #[arg(long, default_value_t = 64, value_parser = super::at_least_one)]
+        prompt: usize,
+        #[arg(short = 'n', long, default_value_t = 64, value_parser = super::at_least_one)]
+        tokens: usize,
+        /// Prompt tokens per step (as `tern serve --prefill-chunk`).
+        #[arg(long = "prefill-chunk", default_value_t = 256, value_parser = super::at_least_one)]
+        prefill_chunk: usize,
     },
     /// Writes a scratch-initialized checkpoint of an architecture (random weights, for speed
     /// measurements at the real shape): config.json, model.safetensors, tokenizer.json if given.
@@ -139,6 +157,27 @@ pub fn run(cmd: Cmd) -> Result<i32> {
             reps,
             json,
         } => decode(model, gguf, prompt, tokens, reps, json)?,
+        Cmd::Batch {
+            m,
+            clients,
+            prompt,
+            tokens,
+            prefill_chunk,
+        } => {
+            let (loaded, tok) = m.load()?;
+            let (model, tok) = (std::sync::Arc::new(loaded.model), std::sync::Arc::new(tok));
+            for c in clients {
+                let s = bench::batch::measure(
+                    model.clone(),
+                    tok.clone(),
+                    c,
+                    prompt,
+                    tokens,
+                    prefill_chunk,
+                )?;
+                println!("{}", serde_json::to_string(&s)?);
+            }
+        }
         Cmd::MakeModel {
             arch,
             out,

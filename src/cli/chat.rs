@@ -121,7 +121,7 @@ pub fn run(a: Args) -> Result<i32> {
                 seed: a.seed.wrapping_add(turn),
                 ..sampler
             },
-            stop: vec![],
+            ..Default::default()
         };
         turn += 1;
         engine.submit(req, sink);

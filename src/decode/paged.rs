@@ -20,9 +20,15 @@
 //! PagedAttention: one thread block per (sequence, head), the block table in shared memory.
 
 use crate::error::{Error, Result};
+use crate::kernels::flash_attention::{axpy, dot};
 use crate::kernels::Kernels;
 use crate::model::cache::{Cache, Positions, StepInfo};
 use candle_core::{DType, Tensor};
+
+/// Query-key products (positions x heads x head_dim) in one step's attention above which its
+/// (token, head) pairs are shared out over the threads: below it, a fork costs more than it
+/// saves (a short decode step).
+const PAR_ATTENTION_WORK: usize = 1 << 15;
 
 /// Handle of a sequence in a [`PagedKvCache`].
 pub type SeqId = usize;
@@ -243,6 +249,28 @@ impl PagedKvCache {
         q: &[f32],
         heads: usize,
     ) -> Result<Vec<f32>> {
+        let (hd, g) = (self.head_dim, heads / self.kv_heads.max(1));
+        let mut out = vec![0f32; heads * hd];
+        for (kvh, o) in out.chunks_mut(g * hd).enumerate() {
+            self.attend_group(layer, s, pos, &q[kvh * g * hd..(kvh + 1) * g * hd], kvh, o)?;
+        }
+        Ok(out)
+    }
+
+    /// The query heads of KV head `kvh` (`qs`: `[g, head_dim]`, the `g` heads that share it) of
+    /// `s` at `pos`, attending over the K/V of `s` up to `pos` in `layer`: their outputs written
+    /// to `out` (`[g, head_dim]`). One pass over the pages with an online softmax per head; each
+    /// K and V row is read once for the whole group (grouped-query attention reads half or less
+    /// of what a pass per query head would).
+    pub fn attend_group(
+        &self,
+        layer: usize,
+        s: SeqId,
+        pos: usize,
+        qs: &[f32],
+        kvh: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let seq = self.seq(s)?;
         if pos >= seq.len {
             return Err(Error::Msg(format!(
@@ -250,44 +278,49 @@ impl PagedKvCache {
                 seq.len
             )));
         }
-        let (hd, g) = (self.head_dim, heads / self.kv_heads.max(1));
+        let (hd, bs) = (self.head_dim, self.block_size);
+        let g = qs.len() / hd;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut out = vec![0f32; heads * hd];
-        let mut scores = Vec::with_capacity(self.block_size);
-        for h in 0..heads {
-            let kvh = h / g.max(1);
-            let qh = &q[h * hd..(h + 1) * hd];
-            let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-            let acc = &mut out[h * hd..(h + 1) * hd];
-            for p0 in (0..=pos).step_by(self.block_size) {
-                let base = self.slot(seq, p0, kvh);
-                let n = (pos + 1 - p0).min(self.block_size);
-                let kb = &self.k[layer][base..base + n * hd];
-                let vb = &self.v[layer][base..base + n * hd];
-                scores.clear();
-                scores.extend(
-                    kb.chunks_exact(hd)
-                        .map(|kr| kr.iter().zip(qh).map(|(a, b)| a * b).sum::<f32>() * scale),
-                );
-                let bm = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let m_new = m.max(bm);
-                let f = if m == f32::NEG_INFINITY {
+        // Per head: running max, running sum, and this block's scores (then probabilities).
+        let (mut m, mut l) = (vec![f32::NEG_INFINITY; g], vec![0f32; g]);
+        let mut p = vec![0f32; g * bs];
+        out.fill(0.0);
+        for p0 in (0..=pos).step_by(bs) {
+            let base = self.slot(seq, p0, kvh);
+            let n = (pos + 1 - p0).min(bs);
+            let kb = &self.k[layer][base..base + n * hd];
+            let vb = &self.v[layer][base..base + n * hd];
+            for (r, kr) in kb.chunks_exact(hd).enumerate() {
+                for (j, q) in qs.chunks_exact(hd).enumerate() {
+                    p[j * bs + r] = dot(kr, q) * scale;
+                }
+            }
+            for j in 0..g {
+                let ps = &mut p[j * bs..j * bs + n];
+                let m_new = ps.iter().copied().fold(m[j], f32::max);
+                let f = if m[j] == f32::NEG_INFINITY {
                     0.0
                 } else {
-                    (m - m_new).exp()
+                    (m[j] - m_new).exp()
                 };
-                l *= f;
-                acc.iter_mut().for_each(|x| *x *= f);
-                for (sc, vr) in scores.iter().zip(vb.chunks_exact(hd)) {
-                    let p = (sc - m_new).exp();
-                    l += p;
-                    acc.iter_mut().zip(vr).for_each(|(a, &b)| *a += p * b);
+                l[j] *= f;
+                out[j * hd..(j + 1) * hd].iter_mut().for_each(|x| *x *= f);
+                for v in ps.iter_mut() {
+                    *v = (*v - m_new).exp();
+                    l[j] += *v;
                 }
-                m = m_new;
+                m[j] = m_new;
             }
-            acc.iter_mut().for_each(|x| *x /= l);
+            for (r, vr) in vb.chunks_exact(hd).enumerate() {
+                for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+                    axpy(o, p[j * bs + r], vr);
+                }
+            }
         }
-        Ok(out)
+        for (o, l) in out.chunks_exact_mut(hd).zip(&l) {
+            o.iter_mut().for_each(|x| *x /= l);
+        }
+        Ok(())
     }
 
     /// K and V of `s` in `layer` gathered contiguously `[kv_heads, len, head_dim]` (for tests
@@ -388,27 +421,30 @@ impl Cache for PagedStep<'_> {
                 &per_token(&vh, nkv, t),
             )?;
         }
-        // Each token attends on its own (the cache is only read now): in parallel across the
-        // tokens of the row, which with continuous batching are many sequences' tokens.
+        // Each (token, KV head) attends on its own (the cache is only read now): in parallel, as
+        // with continuous batching the row holds many sequences' tokens, and one decoding token
+        // still has every KV head to share out. Small contexts stay on this thread.
         let cache = &*self.cache;
-        let attend = |(t, &(s, pos)): (usize, &(SeqId, usize))| {
-            cache.attend(layer, s, pos, &per_token(&qh, nh, t), nh)
+        let rows = &self.rows;
+        let g = nh / nkv.max(1);
+        let work = |(i, out): (usize, &mut [f32])| {
+            let (t, kvh) = (i / nkv, i % nkv);
+            let (s, pos) = rows[t];
+            // This group's queries, `[g, hd]` (qh is `[heads, n, hd]`).
+            let qs: Vec<f32> = (kvh * g..(kvh + 1) * g)
+                .flat_map(|h| &qh[(h * n + t) * hd..(h * n + t + 1) * hd])
+                .copied()
+                .collect();
+            cache.attend_group(layer, s, pos, &qs, kvh, out)
         };
-        let per: Vec<Vec<f32>> = if n > 1 {
+        let mut o = vec![0f32; n * nh * hd];
+        let positions: usize = rows.iter().map(|&(_, pos)| pos + 1).sum();
+        if positions * nh * hd >= PAR_ATTENTION_WORK {
             use rayon::prelude::*;
-            self.rows
-                .par_iter()
-                .enumerate()
-                .map(attend)
-                .collect::<Result<_>>()?
+            o.par_chunks_mut(g * hd).enumerate().try_for_each(work)?;
         } else {
-            self.rows
-                .iter()
-                .enumerate()
-                .map(attend)
-                .collect::<Result<_>>()?
-        };
-        let o: Vec<f32> = per.concat();
+            o.chunks_mut(g * hd).enumerate().try_for_each(work)?;
+        }
         // Token-major [1, n, H, hd] -> [1, H, n, hd], as the model expects.
         Ok(Tensor::from_vec(o, (1, n, nh, hd), q.device())?
             .to_dtype(q.dtype())?

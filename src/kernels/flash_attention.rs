@@ -142,7 +142,7 @@ impl Visible {
 }
 
 #[inline(always)]
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     // Eight independent accumulators so the compiler vectorizes the loop.
     let mut acc = [T::zero(); 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -161,7 +161,7 @@ fn dot<T: Float>(a: &[T], b: &[T]) -> T {
 
 /// y += a * x
 #[inline(always)]
-fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
+pub(crate) fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
     for (o, &v) in y.iter_mut().zip(x) {
         *o = *o + a * v;
     }

@@ -324,13 +324,17 @@ impl RowTask<'_> {
         // Token tiles outside, the task's rows inside: the rows' codes (at most 64 rows) stay
         // in L1/L2 while each tile's activations are read once per task, not per row.
         let mut tile = [0f32; PAIR * TILE];
+        let mut xs: [XRow; TILE] = [(&[], &[], &[]); TILE];
         for t0 in (0..n).step_by(TILE) {
             let tn = TILE.min(n - t0);
+            for (k, x) in xs.iter_mut().enumerate().take(tn) {
+                *x = xq.row(t0 + k);
+            }
             for r in self.rows.clone().step_by(PAIR) {
                 let nr = PAIR.min(self.rows.end - r);
                 let codes = &m.codes[r * cb..(r + nr) * cb];
                 let out = &mut tile[..nr * tn];
-                dot_tile(isa, m.wide, codes, m.scales_of(r..r + nr), xq, t0, out);
+                dot_tile(isa, m.wide, codes, m.scales_of(r..r + nr), &xs[..tn], out);
                 for (j, row) in out.chunks(tn).enumerate() {
                     for (k, v) in row.iter().enumerate() {
                         *self.out.0.add((t0 + k) * m.rows + r + j) = *v;
@@ -438,24 +442,11 @@ fn quantize_row_body(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: &mut [f32
     }
 }
 
-/// `out[j * tn + k] = W_{row j} . x[t0 + k]` for one or two consecutive rows (`codes`, `ws`
-/// hold them in order) and the `tn` tokens of one tile (at most `TILE`).
-fn dot_tile(
-    isa: Isa,
-    wide: bool,
-    codes: &[u8],
-    ws: &[f32],
-    xq: &QuantizedRows,
-    t0: usize,
-    out: &mut [f32],
-) {
-    let nr = ws.len() / (2 * xq.sbs);
-    let tn = out.len() / nr;
-    let mut tile: [XRow; TILE] = [(&[], &[], &[]); TILE];
-    for (k, t) in tile.iter_mut().enumerate().take(tn) {
-        *t = xq.row(t0 + k);
-    }
-    let xs = &tile[..tn];
+/// `out[j * tn + k] = W_{row j} . xs[k]` for one or two consecutive rows (`codes`, `ws` hold
+/// them in order) and the `tn` tokens of one tile (at most `TILE`).
+fn dot_tile(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
+    let nr = out.len() / xs.len();
+    let tn = xs.len();
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni && nr == PAIR {
         // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.

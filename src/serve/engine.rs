@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 /// What one request asks for (already tokenized).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenRequest {
     pub prompt: Vec<u32>,
     /// New tokens at most (the context may end it sooner).
@@ -32,6 +32,36 @@ pub struct GenRequest {
     pub sampler: SamplerConfig,
     /// Generation ends before the first occurrence of any of these (not included in the text).
     pub stop: Vec<String>,
+    /// Keep generating past EOS (llama-server's `ignore_eos`: fixed-length runs for benchmarks).
+    pub ignore_eos: bool,
+    /// Report each generated token's log-probability and this many most likely alternatives
+    /// (OpenAI's `logprobs` / `top_logprobs`); None: no log-probabilities.
+    pub logprobs: Option<usize>,
+}
+
+/// A generated token's log-probability under the model (the raw logits: temperature 1, no
+/// penalties, whatever the sampler did) and the `top` most likely tokens with theirs, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// Of `id` in the logits `row`, with the `top` best (one fused softmax + top-k pass).
+    pub fn of(row: &[f32], id: u32, top: usize) -> Self {
+        let t = crate::decode::topk::softmax_topk(row, top.max(1));
+        let lp = |i: u32| {
+            row.get(i as usize)
+                .map_or(f32::NEG_INFINITY, |&x| x - t.lse)
+        };
+        Self {
+            id,
+            logprob: lp(id),
+            top: t.ids.iter().take(top).map(|&i| (i, lp(i))).collect(),
+        }
+    }
 }
 
 /// What the engine tells a request's client, in order: text pieces, then one `Done` (or one
@@ -44,6 +74,8 @@ pub enum Event {
     Text {
         text: String,
         tokens: Vec<u32>,
+        /// When the request asked: one per token of `tokens`, except an EOS that ends the text.
+        logprobs: Vec<TokenLogprob>,
     },
     Done(Done),
     Error(String),
@@ -107,8 +139,9 @@ struct Active {
     fed: usize,
     /// Generated tokens.
     out: Vec<u32>,
-    /// Generated tokens not yet named by a `Text` event.
+    /// Generated tokens not yet named by a `Text` event, and their log-probabilities.
     unsent: Vec<u32>,
+    unsent_logprobs: Vec<TokenLogprob>,
     sampler: Sampler,
     text: TextStream,
 }
@@ -211,6 +244,7 @@ impl Engine {
                 fed: 0,
                 out: Vec::new(),
                 unsent: Vec::new(),
+                unsent_logprobs: Vec::new(),
                 sampler,
                 text,
             });
@@ -277,8 +311,9 @@ impl Engine {
                 }
             }
             let tok = a.sampler.sample(row);
+            let lp = a.req.logprobs.map(|n| TokenLogprob::of(row, tok, n));
             self.stats.tokens_generated.fetch_add(1, Ordering::Relaxed);
-            if let Some(finish) = self.advance(*i, tok)? {
+            if let Some(finish) = self.advance(*i, tok, lp)? {
                 ended.push((*i, finish));
             }
         }
@@ -310,12 +345,21 @@ impl Engine {
 
     /// Records sequence `i`'s new token and sends its text. Returns `Some(Some(finish))` when the
     /// sequence is done, `Some(None)` when its client is gone, `None` to go on.
-    fn advance(&mut self, i: usize, tok: u32) -> Result<Option<Option<Finish>>> {
+    fn advance(
+        &mut self,
+        i: usize,
+        tok: u32,
+        logprob: Option<TokenLogprob>,
+    ) -> Result<Option<Option<Finish>>> {
         let ctx = self.cfg.ctx;
         let a = &mut self.active[i];
         a.out.push(tok);
         a.unsent.push(tok);
-        let (text, finish) = if self.eos.contains(&tok) {
+        let eos = !a.req.ignore_eos && self.eos.contains(&tok);
+        if !eos {
+            a.unsent_logprobs.extend(logprob);
+        }
+        let (text, finish) = if eos {
             // EOS ends the text; its own text is not sent.
             (a.text.finish(&self.tokenizer)?, Some(Finish::Eos))
         } else {
@@ -335,7 +379,12 @@ impl Engine {
         // Text goes out as soon as it is final; the last event carries every token left.
         if !text.is_empty() || (finish.is_some() && !a.unsent.is_empty()) {
             let tokens = std::mem::take(&mut a.unsent);
-            if !(a.sink)(Event::Text { text, tokens }) {
+            let logprobs = std::mem::take(&mut a.unsent_logprobs);
+            if !(a.sink)(Event::Text {
+                text,
+                tokens,
+                logprobs,
+            }) {
                 return Ok(Some(None));
             }
         }

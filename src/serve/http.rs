@@ -3,7 +3,7 @@
 //!
 //! Request fields as OpenAI and llama-server name them: messages | prompt, max_tokens
 //! (max_completion_tokens, n_predict), temperature, top_p, top_k, min_p, seed, stop,
-//! repeat_penalty, repeat_last_n, stream; other fields are ignored, a known field of the wrong
+//! repeat_penalty, repeat_last_n, ignore_eos, stream; other fields are ignored, a known field of the wrong
 //! type is a 400 naming it. Every response carries usage counts (a stream: in its last chunk).
 //! Errors are OpenAI's JSON `{"error": {"message", "type", "param", "code"}}` with the status
 //! that fits (400 bad request, 401 wrong key, 404, 413 body too large, 503 engine gone); a bad
@@ -13,7 +13,7 @@
 //! through a channel and relays the engine's events. A client that goes away drops its
 //! receiver; the engine's next event for it fails and the sequence is cancelled.
 
-use super::engine::{check_request, Done, Event, GenRequest, Sink, Stats};
+use super::engine::{check_request, Done, Event, GenRequest, Sink, Stats, TokenLogprob};
 use super::template::{ChatTemplate, Message};
 use crate::decode::generate::Finish;
 use crate::decode::sampler::SamplerConfig;
@@ -202,6 +202,17 @@ fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> ApiResult<T> {
     })
 }
 
+/// `logprobs`: a count on /v1/completions, a switch on /v1/chat/completions (with `top_logprobs`).
+#[derive(Deserialize, Clone, Copy)]
+#[serde(untagged)]
+enum LogprobsField {
+    On(bool),
+    Count(i64),
+}
+
+/// Most alternatives per token a request may ask for (OpenAI's limit).
+const MAX_TOP_LOGPROBS: i64 = 20;
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum OneOrMany {
@@ -225,12 +236,46 @@ struct Params {
     repeat_last_n: Option<i64>,
     n: Option<i64>,
     stream: Option<bool>,
+    ignore_eos: Option<bool>,
+    logprobs: Option<LogprobsField>,
+    top_logprobs: Option<i64>,
+    /// llama-server's name for the completions count.
+    n_probs: Option<i64>,
 }
 
 impl Params {
     /// The engine request for `prompt` (defaults: llama-server's sampling; max_tokens = the rest
     /// of the context), checked against the context.
-    fn request(&self, prompt: Vec<u32>, s: &ServerState) -> ApiResult<GenRequest> {
+    /// How many alternatives per token the request wants, or None for no log-probabilities.
+    fn logprobs(&self, kind: Kind) -> ApiResult<Option<usize>> {
+        let count = |name: &str, n: i64| {
+            if (0..=MAX_TOP_LOGPROBS).contains(&n) {
+                Ok(n as usize)
+            } else {
+                Err(ApiError::bad(format!(
+                    "{name} must be between 0 and {MAX_TOP_LOGPROBS}, found {n}"
+                )))
+            }
+        };
+        match (kind, self.logprobs, self.top_logprobs) {
+            (Kind::Chat, Some(LogprobsField::On(true)), top) => {
+                Ok(Some(count("top_logprobs", top.unwrap_or(0))?))
+            }
+            (Kind::Chat, _, Some(_)) => Err(ApiError::bad("top_logprobs needs logprobs: true")),
+            (Kind::Chat, Some(LogprobsField::Count(_)), None) => Err(ApiError::bad(
+                "logprobs: a boolean on chat completions (with top_logprobs for alternatives)",
+            )),
+            (Kind::Chat, _, None) => Ok(None),
+            (Kind::Completion, Some(LogprobsField::Count(n)), _) => Ok(Some(count("logprobs", n)?)),
+            (Kind::Completion, Some(LogprobsField::On(true)), _) => Ok(Some(0)),
+            (Kind::Completion, _, _) => match self.n_probs {
+                Some(n) if n > 0 => Ok(Some(count("n_probs", n)?)),
+                _ => Ok(None),
+            },
+        }
+    }
+
+    fn request(&self, prompt: Vec<u32>, s: &ServerState, kind: Kind) -> ApiResult<GenRequest> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad("n: only one choice per request is supported"));
         }
@@ -275,6 +320,8 @@ impl Params {
             max_tokens,
             sampler,
             stop,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            logprobs: self.logprobs(kind)?,
         };
         check_request(&req, s.ctx, s.vocab)
             .map_err(|e| ApiError::bad(api_names(&e.to_string())))?;
@@ -397,7 +444,7 @@ async fn chat_completions(
         .template
         .render(&messages, true)
         .map_err(|e| ApiError::bad(e.to_string()))?;
-    let req = params.request(encode(&s, &text)?, &s)?;
+    let req = params.request(encode(&s, &text)?, &s, Kind::Chat)?;
     respond(&s, req, params.stream.unwrap_or(false), Kind::Chat).await
 }
 
@@ -416,7 +463,7 @@ async fn completions(
             return Err(ApiError::bad("prompt: one prompt per request is supported"))
         }
     };
-    let req = params.request(prompt, &s)?;
+    let req = params.request(prompt, &s, Kind::Completion)?;
     respond(&s, req, params.stream.unwrap_or(false), Kind::Completion).await
 }
 
@@ -436,6 +483,8 @@ struct Reply {
     id: String,
     model: String,
     created: u64,
+    /// Set when the request asked for log-probabilities (token texts come from it).
+    logprobs: Option<Arc<Tokenizer>>,
 }
 
 impl Reply {
@@ -459,28 +508,109 @@ impl Reply {
     }
 
     /// A whole (non-streamed) response.
-    fn full(&self, text: String, done: Done) -> Value {
+    fn full(&self, text: String, done: Done, lps: &[TokenLogprob]) -> Value {
+        let logprobs = self.logprobs_json(lps, &mut Cursor::default());
         let choice = match self.kind {
             Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason(done.finish), "logprobs": null}),
+                "finish_reason": finish_reason(done.finish), "logprobs": logprobs}),
             Kind::Completion => json!({"index": 0, "text": text,
-                "finish_reason": finish_reason(done.finish), "logprobs": null}),
+                "finish_reason": finish_reason(done.finish), "logprobs": logprobs}),
         };
         self.envelope(false, choice, Some(usage(done)))
     }
 
-    /// A streamed chunk: text, and the finish reason in the last one.
-    fn chunk(&self, text: Option<&str>, done: Option<Done>) -> Value {
+    /// A streamed chunk: text and its tokens' log-probabilities (`at`: the completion before
+    /// them), and the finish reason in the last one.
+    fn chunk(
+        &self,
+        text: Option<&str>,
+        done: Option<Done>,
+        lps: &[TokenLogprob],
+        at: &mut Cursor,
+    ) -> Value {
         let reason = done.map(|d| finish_reason(d.finish));
+        let logprobs = if lps.is_empty() {
+            Value::Null
+        } else {
+            self.logprobs_json(lps, at)
+        };
         let choice = match self.kind {
             Kind::Chat => {
                 let delta = text.map_or(json!({}), |t| json!({"content": t}));
-                json!({"index": 0, "delta": delta, "finish_reason": reason, "logprobs": null})
+                json!({"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs})
             }
             Kind::Completion => json!({"index": 0, "text": text.unwrap_or(""),
-                "finish_reason": reason, "logprobs": null}),
+                "finish_reason": reason, "logprobs": logprobs}),
         };
         self.envelope(true, choice, done.map(usage))
+    }
+
+    /// OpenAI's `logprobs` object (null when not asked for): on chat `{"content": [{token,
+    /// logprob, bytes, top_logprobs}]}`, on completions the parallel lists `tokens`,
+    /// `token_logprobs`, `top_logprobs` (token -> logprob) and `text_offset`.
+    fn logprobs_json(&self, lps: &[TokenLogprob], at: &mut Cursor) -> Value {
+        let Some(tok) = &self.logprobs else {
+            return Value::Null;
+        };
+        let mut content = vec![];
+        let (mut tokens, mut offsets, mut tops) = (vec![], vec![], vec![]);
+        for l in lps {
+            // A token's text is what it adds after the tokens before it, as the text stream
+            // decodes them (a lone token may decode without its leading space).
+            let text = |id: u32| at.text_of(tok, id);
+            let t = text(l.id);
+            match self.kind {
+                Kind::Chat => {
+                    let entry = |t: String, lp: f32| json!({"bytes": t.as_bytes(), "token": t, "logprob": lp});
+                    let mut e = entry(t.clone(), l.logprob);
+                    e["top_logprobs"] = l.top.iter().map(|&(i, p)| entry(text(i), p)).collect();
+                    content.push(e);
+                }
+                Kind::Completion => {
+                    let top: serde_json::Map<String, Value> =
+                        l.top.iter().map(|&(i, p)| (text(i), json!(p))).collect();
+                    tops.push(Value::Object(top));
+                    offsets.push(at.offset);
+                    tokens.push(t.clone());
+                }
+            }
+            at.offset += t.chars().count();
+            at.prev.push(l.id);
+        }
+        match self.kind {
+            Kind::Chat => json!({ "content": content }),
+            Kind::Completion => {
+                json!({"tokens": tokens, "text_offset": offsets, "top_logprobs": tops,
+                    "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>()})
+            }
+        }
+    }
+}
+
+/// Where a completion's log-probabilities have got to: its characters so far (`text_offset`)
+/// and its tokens so far (the context a token's text is decoded in).
+#[derive(Default)]
+struct Cursor {
+    offset: usize,
+    prev: Vec<u32>,
+}
+
+impl Cursor {
+    /// Tokens of context a token's text is decoded after (enough for any tokenizer's spacing and
+    /// multi-token characters; bounded so long completions stay linear).
+    const CONTEXT: usize = 8;
+
+    /// The text `id` adds after the tokens so far.
+    fn text_of(&self, tok: &Tokenizer, id: u32) -> String {
+        let ctx = &self.prev[self.prev.len().saturating_sub(Self::CONTEXT)..];
+        let mut ids = ctx.to_vec();
+        let before = tok.decode(&ids).unwrap_or_default();
+        ids.push(id);
+        let after = tok.decode(&ids).unwrap_or_default();
+        match after.strip_prefix(before.as_str()) {
+            Some(t) => t.to_string(),
+            None => tok.decode(&[id]).unwrap_or_default(),
+        }
     }
 }
 
@@ -503,6 +633,7 @@ async fn respond(
     stream: bool,
     kind: Kind,
 ) -> ApiResult<Response> {
+    let req_logprobs = req.logprobs.is_some();
     let (tx, mut rx) = tmpsc::unbounded_channel::<Event>();
     let sink: Sink = Box::new(move |ev| tx.send(ev).is_ok());
     s.submit
@@ -517,13 +648,19 @@ async fn respond(
         },
         model: s.model_id.clone(),
         created: now(),
+        logprobs: req_logprobs.then(|| s.tokenizer.clone()),
     };
     if !stream {
-        let mut text = String::new();
+        let (mut text, mut lps) = (String::new(), vec![]);
         while let Some(ev) = rx.recv().await {
             match ev {
-                Event::Text { text: t, .. } => text += &t,
-                Event::Done(d) => return Ok(Json(reply.full(text, d)).into_response()),
+                Event::Text {
+                    text: t, logprobs, ..
+                } => {
+                    text += &t;
+                    lps.extend(logprobs);
+                }
+                Event::Done(d) => return Ok(Json(reply.full(text, d, &lps)).into_response()),
                 Event::Error(m) => return Err(engine_error(m)),
             }
         }
@@ -539,43 +676,71 @@ async fn respond(
         End,
     }
     let reply = Arc::new(reply);
-    let events = futures_util::stream::unfold((rx, Phase::Start), move |(mut rx, phase)| {
+    // The stream's state: the events, the phase, the completion so far (for log-probabilities'
+    // token texts and offsets) and log-probabilities of tokens whose text is still held back.
+    struct State {
+        rx: tmpsc::UnboundedReceiver<Event>,
+        phase: Phase,
+        at: Cursor,
+        pending: Vec<TokenLogprob>,
+    }
+    let start = State {
+        rx,
+        phase: Phase::Start,
+        at: Cursor::default(),
+        pending: vec![],
+    };
+    let events = futures_util::stream::unfold(start, move |mut st| {
         let reply = reply.clone();
         async move {
             let data = |v: Value| {
                 Ok::<_, std::convert::Infallible>(SseEvent::default().data(v.to_string()))
             };
-            match phase {
+            match st.phase {
                 Phase::Start => {
                     let first = match reply.kind {
                         Kind::Chat => {
-                            let mut v = reply.chunk(None, None);
+                            let mut v = reply.chunk(None, None, &[], &mut Cursor::default());
                             v["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
                             v
                         }
-                        Kind::Completion => reply.chunk(Some(""), None),
+                        Kind::Completion => {
+                            reply.chunk(Some(""), None, &[], &mut Cursor::default())
+                        }
                     };
-                    Some((data(first), (rx, Phase::Run)))
+                    st.phase = Phase::Run;
+                    Some((data(first), st))
                 }
-                Phase::Run => match rx.recv().await {
-                    Some(Event::Text { text, .. }) if text.is_empty() => {
-                        Some((Ok(SseEvent::default().comment("")), (rx, Phase::Run)))
+                Phase::Run => match st.rx.recv().await {
+                    Some(Event::Text { text, logprobs, .. }) if text.is_empty() => {
+                        st.pending.extend(logprobs);
+                        Some((Ok(SseEvent::default().comment("")), st))
                     }
-                    Some(Event::Text { text, .. }) => {
-                        Some((data(reply.chunk(Some(&text), None)), (rx, Phase::Run)))
+                    Some(Event::Text { text, logprobs, .. }) => {
+                        let mut lps = std::mem::take(&mut st.pending);
+                        lps.extend(logprobs);
+                        let v = reply.chunk(Some(&text), None, &lps, &mut st.at);
+                        Some((data(v), st))
                     }
                     Some(Event::Done(d)) => {
-                        Some((data(reply.chunk(None, Some(d))), (rx, Phase::Finished)))
+                        let lps = std::mem::take(&mut st.pending);
+                        let v = reply.chunk(None, Some(d), &lps, &mut st.at);
+                        st.phase = Phase::Finished;
+                        Some((data(v), st))
                     }
                     Some(Event::Error(m)) => {
-                        Some((data(engine_error(m).body()), (rx, Phase::Finished)))
+                        st.phase = Phase::Finished;
+                        Some((data(engine_error(m).body()), st))
                     }
-                    None => Some((
-                        data(engine_error("the engine stopped".into()).body()),
-                        (rx, Phase::Finished),
-                    )),
+                    None => {
+                        st.phase = Phase::Finished;
+                        Some((data(engine_error("the engine stopped".into()).body()), st))
+                    }
                 },
-                Phase::Finished => Some((Ok(SseEvent::default().data("[DONE]")), (rx, Phase::End))),
+                Phase::Finished => {
+                    st.phase = Phase::End;
+                    Some((Ok(SseEvent::default().data("[DONE]")), st))
+                }
                 Phase::End => None,
             }
         }
