@@ -410,6 +410,70 @@ fn stop_strings_end_the_text_before_them_and_bad_requests_are_refused() {
     assert!(!e.busy());
 }
 
+/// `tern chat` as a user runs it, stdin to stdout: a reply per message, `/reset` forgets the
+/// conversation (the reply after it equals a fresh session's to the same message, and differs
+/// from the reply with the earlier turn in its prompt only through that history), and a
+/// conversation that outgrows the context goes on with its oldest turns dropped.
+#[test]
+fn tern_chat_replies_resets_and_drops_old_turns_to_fit_the_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model_dir, tok_path) = (dir.path().join("model"), dir.path().join("tok.json"));
+    write_word_tokenizer(&tok_path, &WORDS);
+    let tok = Tokenizer::from_file(&tok_path).unwrap();
+    let c = small_config(32, 64, 8, WORDS.len() + 1);
+    let p = Params::scratch(&c, 5, DType::F32, &Device::Cpu).unwrap();
+    let p = Params::from_tensors(
+        p.iter()
+            .map(|(n, v)| (n.clone(), (v.as_tensor() * 6.0).unwrap())),
+    )
+    .unwrap();
+    tern::model::save_checkpoint(&model_dir, &c, &QuantConfig::default(), &p, Some(&tok)).unwrap();
+    let chat = |input: &str, ctx: &str| -> Vec<String> {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["--threads", "1", "chat", "--model"])
+            .arg(&model_dir)
+            .args(["--temp", "0", "-n", "4", "--ctx", ctx, "--device", "cpu"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        );
+        assert!(out.status.success(), "{stderr}");
+        assert!(!stderr.contains("error"), "{stderr}");
+        // "> " opens every turn; what follows it is the reply (or /reset's note).
+        stdout
+            .split("> ")
+            .skip(1)
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect()
+    };
+    let fresh = chat("the stack\n", "256");
+    assert_eq!(fresh.len(), 1, "{fresh:?}");
+    assert!(!fresh[0].is_empty());
+    let reset = chat("the compiler translates\n/reset\nthe stack\n/exit\n", "256");
+    assert_eq!(reset.len(), 3, "{reset:?}");
+    assert_eq!(reset[1], "(conversation cleared)");
+    assert_eq!(reset[2], fresh[0], "after /reset the history is gone");
+    // Ten turns in a context that holds about two: every turn still gets its reply.
+    let long: String = (0..10)
+        .map(|i| format!("the {} queue stack\n", WORDS[i]))
+        .collect();
+    let replies = chat(&long, "48");
+    assert_eq!(replies.len(), 10, "{replies:?}");
+}
+
 /// A minimal HTTP/1.0 client (the response ends when the server closes the connection, so no
 /// chunked decoding is needed): status and body.
 fn http(

@@ -25,32 +25,12 @@ pub struct Args {
     /// Tokens per reply at most.
     #[arg(short = 'n', long = "max-tokens", default_value_t = 512, value_parser = super::at_least_one)]
     max_tokens: usize,
-    /// Temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temp: f64,
-    #[arg(long = "top-k", default_value_t = 40)]
-    top_k: usize,
-    #[arg(long = "top-p", default_value_t = 0.95)]
-    top_p: f64,
-    #[arg(long = "min-p", default_value_t = 0.05)]
-    min_p: f64,
-    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
-    repeat_penalty: f64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: super::SamplingArgs,
 }
 
 pub fn run(a: Args) -> Result<i32> {
-    let sampler = SamplerConfig {
-        temp: a.temp,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        seed: a.seed,
-        repeat_penalty: a.repeat_penalty,
-        repeat_last_n: 64,
-    };
-    sampler.validate()?;
+    let sampler = a.sampling.config(0.8)?;
     let (loaded, tok) = a.m.load()?;
     let model = Arc::new(loaded.model);
     let cfg = a.engine.config(model.cfg.max_position_embeddings, 1)?;
@@ -118,7 +98,7 @@ pub fn run(a: Args) -> Result<i32> {
             prompt,
             max_tokens,
             sampler: SamplerConfig {
-                seed: a.seed.wrapping_add(turn),
+                seed: sampler.seed.wrapping_add(turn),
                 ..sampler
             },
             ..Default::default()

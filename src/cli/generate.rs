@@ -7,7 +7,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 use tern::decode::generate::{generate_batch, generate_paged, GenerateConfig};
-use tern::decode::sampler::SamplerConfig;
 use tern::model::Model;
 use tern::tokenizer::Tokenizer;
 
@@ -40,27 +39,8 @@ pub struct Args {
     /// Tokens to generate per prompt.
     #[arg(short = 'n', long = "max-tokens", default_value_t = 128)]
     max_tokens: usize,
-    /// Temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temp: f64,
-    /// Keep the k most likely tokens (0 = all).
-    #[arg(long = "top-k", default_value_t = 40)]
-    top_k: usize,
-    /// Nucleus sampling: smallest set with cumulative probability >= p (1 = off).
-    #[arg(long = "top-p", default_value_t = 0.95)]
-    top_p: f64,
-    /// Drop tokens with probability < min_p * p(most likely) (0 = off).
-    #[arg(long = "min-p", default_value_t = 0.05)]
-    min_p: f64,
-    /// Repetition penalty on the last --repeat-last-n tokens (1 = off, llama-cli's meaning).
-    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
-    repeat_penalty: f64,
-    /// Tokens the repetition penalty looks back over (0 = off).
-    #[arg(long = "repeat-last-n", default_value_t = 64)]
-    repeat_last_n: usize,
-    /// Sampling seed (prompt i uses seed + i).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: super::SamplingArgs,
     /// Stop when the generated text contains this string (repeatable); it is not printed.
     #[arg(long)]
     stop: Vec<String>,
@@ -94,16 +74,7 @@ pub struct Args {
 }
 
 pub fn run(mut a: Args) -> Result<i32> {
-    let sampler = SamplerConfig {
-        temp: a.temp,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        min_p: a.min_p,
-        seed: a.seed,
-        repeat_penalty: a.repeat_penalty,
-        repeat_last_n: a.repeat_last_n,
-    };
-    sampler.validate()?;
+    let sampler = a.sampling.config(0.0)?;
     for f in &a.prompt_files {
         a.prompts.push(
             std::fs::read_to_string(f).with_context(|| format!("--prompt-file {}", f.display()))?,
@@ -132,7 +103,7 @@ pub fn run(mut a: Args) -> Result<i32> {
     }
     if let Some(kind) = a.speculative {
         anyhow::ensure!(
-            a.temp == 0.0,
+            sampler.temp == 0.0,
             "--speculative verifies greedily: drop --temp (or set it to 0)"
         );
         anyhow::ensure!(

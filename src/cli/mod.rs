@@ -14,6 +14,7 @@ pub mod train;
 pub mod verify;
 
 use anyhow::{Context, Result};
+use tern::decode::sampler::SamplerConfig;
 use tern::runtime::{LoadedModel, Precision};
 use tern::tokenizer::Tokenizer;
 
@@ -48,6 +49,49 @@ impl ModelArgs {
             })?,
         };
         Ok((loaded, tok))
+    }
+}
+
+/// The sampling flags of `tern generate` and `tern chat` (llama-cli's names and meanings).
+#[derive(clap::Args, Debug)]
+pub struct SamplingArgs {
+    /// Temperature; 0 = greedy (default: 0 for generate, 0.8 for chat).
+    #[arg(long)]
+    pub temp: Option<f64>,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long = "top-k", default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling: smallest set with cumulative probability >= p (1 = off).
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    pub top_p: f64,
+    /// Drop tokens with probability < min_p * p(most likely) (0 = off).
+    #[arg(long = "min-p", default_value_t = 0.05)]
+    pub min_p: f64,
+    /// Repetition penalty on the last --repeat-last-n tokens (1 = off, llama-cli's meaning).
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    pub repeat_penalty: f64,
+    /// Tokens the repetition penalty looks back over (0 = off).
+    #[arg(long = "repeat-last-n", default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Sampling seed (generate: prompt i uses seed + i; chat: turn i).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The sampler these flags ask for (temperature `default_temp` unless given), checked.
+    pub fn config(&self, default_temp: f64) -> Result<SamplerConfig> {
+        let c = SamplerConfig {
+            temp: self.temp.unwrap_or(default_temp),
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self.seed,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+        };
+        c.validate()?;
+        Ok(c)
     }
 }
 
