@@ -930,6 +930,14 @@ mod x86 {
             let (wa, wb) = (ws.as_ptr(), ws.as_ptr().add(sbw));
             let mut acc = [[_mm512_setzero_ps(); T]; 2];
             for sb in 0..cb / 32 {
+                // A batch of a few tokens waits on the codes' first read as decode does:
+                // fetch ahead (later token tiles find them in cache; the extra hints are cheap).
+                _mm_prefetch::<_MM_HINT_T0>(
+                    ca.add(sb * 32).wrapping_add(super::PREFETCH) as *const i8
+                );
+                _mm_prefetch::<_MM_HINT_T0>(
+                    cb_.add(sb * 32).wrapping_add(super::PREFETCH) as *const i8
+                );
                 let (pa, pb) = (planes(ca.add(sb * 32)), planes(cb_.add(sb * 32)));
                 let w_a = (*wa.add(2 * sb), *wa.add(2 * sb + 1));
                 let w_b = (*wb.add(2 * sb), *wb.add(2 * sb + 1));
