@@ -12,6 +12,7 @@ use candle_core::{DType, Device};
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use tern::decode::generate::{generate_paged, Finish, GenerateConfig};
+use tern::decode::paged::KvType;
 use tern::decode::sampler::SamplerConfig;
 use tern::model::params::Params;
 use tern::model::Model;
@@ -91,8 +92,12 @@ fn sampled(seed: u64) -> SamplerConfig {
 }
 
 /// Runs one request alone on a fresh engine.
-fn alone(model: &Arc<Model>, tok: &Arc<Tokenizer>, req: GenRequest) -> Got {
-    let mut e = Engine::new(model.clone(), tok.clone(), EngineConfig::default()).unwrap();
+fn alone(model: &Arc<Model>, tok: &Arc<Tokenizer>, req: GenRequest, kv_type: KvType) -> Got {
+    let cfg = EngineConfig {
+        kv_type,
+        ..Default::default()
+    };
+    let mut e = Engine::new(model.clone(), tok.clone(), cfg).unwrap();
     let got = Arc::new(Mutex::new(Got::default()));
     e.submit(req, recorder(got.clone(), None));
     while e.busy() {
@@ -107,11 +112,12 @@ fn alone(model: &Arc<Model>, tok: &Arc<Tokenizer>, req: GenRequest) -> Got {
 fn batched_equals_alone_with_requests_arriving_mid_flight() {
     let dir = tempfile::tempdir().unwrap();
     let (model, tok) = tiny(dir.path());
-    batched_equals_alone(&model, &tok);
+    batched_equals_alone(&model, &tok, KvType::F32);
 }
 
 /// The same on a packed Q2_0 model (tern's export of a fixture, run by the int8-activation
-/// kernels: a decode token alone takes the one-token path, batched it takes the tiled one).
+/// kernels: a decode token alone takes the one-token path, batched it takes the tiled one), with
+/// the exact cache and with the f16 one `tern serve` uses by default.
 #[test]
 fn batched_equals_alone_on_a_packed_gguf_model() {
     use tern::gguf::{export_gguf, file::GgufFile, Format};
@@ -136,10 +142,13 @@ fn batched_equals_alone_on_a_packed_gguf_model() {
     let path = dir.path().join("tok.json");
     write_word_tokenizer(&path, &words.iter().map(String::as_str).collect::<Vec<_>>());
     let tok = Tokenizer::from_file(&path).unwrap();
-    batched_equals_alone(&Arc::new(model), &Arc::new(tok));
+    let (model, tok) = (Arc::new(model), Arc::new(tok));
+    for kv in [KvType::F32, KvType::F16] {
+        batched_equals_alone(&model, &tok, kv);
+    }
 }
 
-fn batched_equals_alone(model: &Arc<Model>, tok: &Arc<Tokenizer>) {
+fn batched_equals_alone(model: &Arc<Model>, tok: &Arc<Tokenizer>, kv: KvType) {
     let (model, tok) = (model.clone(), tok.clone());
     let prompts: Vec<Vec<u32>> = vec![
         vec![1, 3, 5],
@@ -167,11 +176,12 @@ fn batched_equals_alone(model: &Arc<Model>, tok: &Arc<Tokenizer>) {
     // Alone: the engine with one request, and (greedy rows) plain paged generation.
     let want: Vec<Got> = reqs
         .iter()
-        .map(|r| alone(&model, &tok, r.clone()))
+        .map(|r| alone(&model, &tok, r.clone(), kv))
         .collect();
     for (r, w) in reqs.iter().zip(&want) {
         assert_eq!(w.tokens.len(), r.max_tokens);
-        if r.sampler.temp == 0.0 {
+        // (plain paged generation keeps f32)
+        if r.sampler.temp == 0.0 && kv == KvType::F32 {
             let cfg = GenerateConfig {
                 max_new: r.max_tokens,
                 sampler: r.sampler,
@@ -191,6 +201,7 @@ fn batched_equals_alone(model: &Arc<Model>, tok: &Arc<Tokenizer>) {
         parallel: 3,
         prefill_chunk: 4,
         block_size: 4,
+        kv_type: kv,
         ..Default::default()
     };
     let mut e = Engine::new(model.clone(), tok.clone(), cfg).unwrap();
@@ -232,7 +243,7 @@ fn a_client_that_leaves_is_cancelled_and_the_others_go_on() {
         request(vec![1, 2, 3], 20, SamplerConfig::default()),
         request(vec![5, 6], 12, sampled(3)),
     );
-    let want_b = alone(&model, &tok, b.clone());
+    let want_b = alone(&model, &tok, b.clone(), KvType::F32);
     let mut e = Engine::new(model, tok, EngineConfig::default()).unwrap();
     let stats = e.stats();
     let (ga, gb) = (
@@ -355,6 +366,7 @@ fn stop_strings_end_the_text_before_them_and_bad_requests_are_refused() {
         &model,
         &tok,
         request(vec![1, 2, 3], 12, SamplerConfig::default()),
+        KvType::F32,
     );
     // Stop at the third generated word (word-level decoding joins words with spaces).
     let words: Vec<&str> = free.text.split(' ').collect();
@@ -362,7 +374,7 @@ fn stop_strings_end_the_text_before_them_and_bad_requests_are_refused() {
     let cut = free.text.find(&stop).unwrap();
     let mut r = request(vec![1, 2, 3], 12, SamplerConfig::default());
     r.stop = vec![stop];
-    let got = alone(&model, &tok, r);
+    let got = alone(&model, &tok, r, KvType::F32);
     assert_eq!(got.text, free.text[..cut]);
     assert_eq!(got.done.unwrap().finish, Finish::Stop);
     // Refused before any work: too long for the context, no room, empty, bad sampling values.

@@ -37,12 +37,14 @@ pub fn measure(
     prompt: usize,
     n: usize,
     prefill_chunk: usize,
+    kv_type: crate::decode::paged::KvType,
 ) -> Result<BatchSpeed> {
     let vocab = model.cfg.vocab_size as u32;
     let cfg = EngineConfig {
         parallel: clients,
         ctx: prompt + n + 1,
         prefill_chunk,
+        kv_type,
         ..Default::default()
     };
     let run = |clients: usize| -> Result<BatchSpeed> {

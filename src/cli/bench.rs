@@ -77,6 +77,9 @@ pub enum Cmd {
         /// Prompt tokens per step (as `tern serve --prefill-chunk`).
         #[arg(long = "prefill-chunk", default_value_t = 256, value_parser = super::at_least_one)]
         prefill_chunk: usize,
+        /// KV cache storage (as `tern serve --cache-type`).
+        #[arg(long = "cache-type", value_enum, default_value_t = tern::decode::paged::KvType::F16)]
+        cache_type: tern::decode::paged::KvType,
     },
     /// Writes a scratch-initialized checkpoint of an architecture (random weights, for speed
     /// measurements at the real shape): config.json, model.safetensors, tokenizer.json if given.
@@ -163,6 +166,7 @@ pub fn run(cmd: Cmd) -> Result<i32> {
             prompt,
             tokens,
             prefill_chunk,
+            cache_type,
         } => {
             let (loaded, tok) = m.load()?;
             let (model, tok) = (std::sync::Arc::new(loaded.model), std::sync::Arc::new(tok));
@@ -174,6 +178,7 @@ pub fn run(cmd: Cmd) -> Result<i32> {
                     prompt,
                     tokens,
                     prefill_chunk,
+                    cache_type,
                 )?;
                 println!("{}", serde_json::to_string(&s)?);
             }

@@ -4,6 +4,7 @@
 use super::ModelArgs;
 use anyhow::{Context, Result};
 use std::sync::Arc;
+use tern::decode::paged::KvType;
 use tern::serve::engine::{Engine, EngineConfig};
 use tern::serve::template::ChatTemplate;
 use tern::serve::{http, ServeOptions};
@@ -20,6 +21,10 @@ pub struct EngineArgs {
     /// Positions per block of the paged KV cache.
     #[arg(long = "block-size", default_value_t = 16, value_parser = super::at_least_one)]
     pub block_size: usize,
+    /// How the KV cache stores keys and values (llama.cpp's --cache-type-k/-v; f16 halves the
+    /// cache's memory and its reads per token).
+    #[arg(long = "cache-type", value_enum, default_value_t = KvType::F16)]
+    pub cache_type: KvType,
 }
 
 impl EngineArgs {
@@ -35,6 +40,7 @@ impl EngineArgs {
             ctx,
             prefill_chunk: self.prefill_chunk,
             block_size: self.block_size,
+            kv_type: self.cache_type,
         })
     }
 }

@@ -1,7 +1,8 @@
 //! Paged KV cache: fixed-size blocks from one pool, a block table per sequence.
 //!
 //! Data layout: per layer, K and V are each one growable pool of blocks
-//! `[block][kv_head][slot][head_dim]` (f32); a block id means the same block in every layer. A
+//! `[block][kv_head][slot][head_dim]` (f32, or f16 with [`KvType::F16`]: values rounded when
+//! written, widened block by block when read); a block id means the same block in every layer. A
 //! sequence is a block table (`Vec<block id>`) and a length; position p lives in block
 //! `table[p / B]`, slot `p % B`. Blocks carry a reference count: `fork` copies only the table
 //! (prefix sharing, e.g. for beams), and the first write into a shared block copies it
@@ -15,8 +16,8 @@
 //!
 //! Complexity: appending a token writes O(layers * kv_heads * head_dim), independent of the
 //! sequence length (the contiguous cache's `cat` copies the whole past every step); attention
-//! for one query is O(len * head_dim). Memory: 2 * kv_heads * head_dim * 4 bytes per token per
-//! layer, plus at most one partly used block per sequence. On a GPU this is vLLM's
+//! for one query is O(len * head_dim). Memory: 2 * kv_heads * head_dim * 4 (f16: 2) bytes per
+//! token per layer, plus at most one partly used block per sequence. On a GPU this is vLLM's
 //! PagedAttention: one thread block per (sequence, head), the block table in shared memory.
 
 use crate::error::{Error, Result};
@@ -39,13 +40,93 @@ struct Seq {
     len: usize,
 }
 
+/// How the cache stores K and V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KvType {
+    /// Exact: what the model computed.
+    #[default]
+    F32,
+    /// Half the memory and half the reads per token (llama.cpp's default cache type); values
+    /// rounded to f16 when written.
+    F16,
+}
+
+/// One layer's K or V pool, in the cache's storage type.
+#[derive(Debug, Clone)]
+enum Pool {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl Pool {
+    fn new(t: KvType) -> Self {
+        match t {
+            KvType::F32 => Pool::F32(Vec::new()),
+            KvType::F16 => Pool::F16(Vec::new()),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Pool::F32(p) => p.len() * 4,
+            Pool::F16(p) => p.len() * 2,
+        }
+    }
+
+    /// `n` more values, NaN.
+    fn grow(&mut self, n: usize) {
+        match self {
+            Pool::F32(p) => p.resize(p.len() + n, f32::NAN),
+            Pool::F16(p) => p.resize(p.len() + n, half::f16::NAN),
+        }
+    }
+
+    fn fill_nan(&mut self, r: std::ops::Range<usize>) {
+        match self {
+            Pool::F32(p) => p[r].fill(f32::NAN),
+            Pool::F16(p) => p[r].fill(half::f16::NAN),
+        }
+    }
+
+    fn copy_within(&mut self, r: std::ops::Range<usize>, to: usize) {
+        match self {
+            Pool::F32(p) => p.copy_within(r, to),
+            Pool::F16(p) => p.copy_within(r, to),
+        }
+    }
+
+    fn put(&mut self, at: usize, src: &[f32]) {
+        let r = at..at + src.len();
+        match self {
+            Pool::F32(p) => p[r].copy_from_slice(src),
+            Pool::F16(p) => {
+                use half::slice::HalfFloatSliceExt;
+                p[r].convert_from_f32_slice(src)
+            }
+        }
+    }
+
+    /// Values `r` as f32: borrowed from an f32 pool, converted into `buf` from an f16 one.
+    fn get<'a>(&'a self, r: std::ops::Range<usize>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        match self {
+            Pool::F32(p) => &p[r],
+            Pool::F16(p) => {
+                use half::slice::HalfFloatSliceExt;
+                buf.resize(r.len(), 0.0);
+                p[r].convert_to_f32_slice(buf);
+                buf
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PagedKvCache {
     pub block_size: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Pool>,
+    v: Vec<Pool>,
     refcount: Vec<u32>,
     free: Vec<usize>,
     seqs: Vec<Option<Seq>>,
@@ -53,12 +134,23 @@ pub struct PagedKvCache {
 
 impl PagedKvCache {
     pub fn new(layers: usize, kv_heads: usize, head_dim: usize, block_size: usize) -> Self {
+        Self::with_type(layers, kv_heads, head_dim, block_size, KvType::F32)
+    }
+
+    /// [`Self::new`] storing K and V as `t`.
+    pub fn with_type(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        block_size: usize,
+        t: KvType,
+    ) -> Self {
         Self {
             block_size: block_size.max(1),
             kv_heads,
             head_dim,
-            k: vec![Vec::new(); layers],
-            v: vec![Vec::new(); layers],
+            k: vec![Pool::new(t); layers],
+            v: vec![Pool::new(t); layers],
             refcount: Vec::new(),
             free: Vec::new(),
             seqs: Vec::new(),
@@ -103,7 +195,7 @@ impl PagedKvCache {
 
     /// Bytes of K/V storage the pool holds (all layers, used or free).
     pub fn pool_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+        self.k.iter().chain(&self.v).map(Pool::bytes).sum()
     }
 
     fn alloc_block(&mut self) -> usize {
@@ -112,14 +204,14 @@ impl PagedKvCache {
             Some(id) => id,
             None => {
                 for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-                    l.resize(l.len() + n, f32::NAN);
+                    l.grow(n);
                 }
                 self.refcount.push(0);
                 self.refcount.len() - 1
             }
         };
         for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-            l[id * n..(id + 1) * n].fill(f32::NAN);
+            l.fill_nan(id * n..(id + 1) * n);
         }
         self.refcount[id] = 1;
         id
@@ -233,8 +325,8 @@ impl PagedKvCache {
         let hd = self.head_dim;
         for h in 0..self.kv_heads {
             let o = self.slot(&seq, pos, h);
-            self.k[layer][o..o + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
-            self.v[layer][o..o + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+            self.k[layer].put(o, &k[h * hd..(h + 1) * hd]);
+            self.v[layer].put(o, &v[h * hd..(h + 1) * hd]);
         }
         Ok(())
     }
@@ -313,12 +405,13 @@ impl PagedKvCache {
         // Per head: running max, running sum, and this block's scores (then probabilities).
         let (mut m, mut l) = (vec![f32::NEG_INFINITY; g], vec![0f32; g]);
         let mut p = vec![0f32; g * bs];
+        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
         out.fill(0.0);
         for p0 in (0..=pos).step_by(bs) {
             let base = self.slot(seq, p0, kvh);
             let n = (pos + 1 - p0).min(bs);
-            let kb = &self.k[layer][base..base + n * hd];
-            let vb = &self.v[layer][base..base + n * hd];
+            let kb = self.k[layer].get(base..base + n * hd, &mut kbuf);
+            let vb = self.v[layer].get(base..base + n * hd, &mut vbuf);
             for (r, kr) in kb.chunks_exact(hd).enumerate() {
                 for (j, q) in qs.chunks_exact(hd).enumerate() {
                     p[j * bs + r] = dot(kr, q) * scale;
@@ -363,8 +456,8 @@ impl PagedKvCache {
         for h in 0..self.kv_heads {
             for p in 0..seq.len {
                 let o = self.slot(seq, p, h);
-                k.extend_from_slice(&self.k[layer][o..o + hd]);
-                v.extend_from_slice(&self.v[layer][o..o + hd]);
+                k.extend_from_slice(self.k[layer].get(o..o + hd, &mut Vec::new()));
+                v.extend_from_slice(self.v[layer].get(o..o + hd, &mut Vec::new()));
             }
         }
         Ok((k, v))
@@ -532,9 +625,22 @@ mod tests {
 
     #[test]
     fn attention_over_pages_equals_contiguous_with_nan_in_unused_slots() {
+        // f16 storage: the same, against the contiguous attention of the f16-rounded values.
+        for t in [KvType::F32, KvType::F16] {
+            attention_over_pages(t);
+        }
+    }
+
+    fn attention_over_pages(t: KvType) {
         let (layers, kv, hd, heads, bs) = (2, 2, 8, 4, 4);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let mut cache = PagedKvCache::new(layers, kv, hd, bs);
+        let mut cache = PagedKvCache::with_type(layers, kv, hd, bs, t);
+        let stored = |x: Vec<f32>| -> Vec<f32> {
+            match t {
+                KvType::F32 => x,
+                KvType::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+            }
+        };
         let lens = [1usize, 5, 8, 13];
         let seqs: Vec<SeqId> = lens.iter().map(|_| cache.add_seq()).collect();
         let mut truth = vec![];
@@ -551,8 +657,8 @@ mod tests {
                     for l in 0..layers {
                         let (k, v) = (rnd(kv * hd, &mut rng), rnd(kv * hd, &mut rng));
                         cache.write(l, s, p, &k, &v).unwrap();
-                        ks[l].push(k);
-                        vs[l].push(v);
+                        ks[l].push(stored(k));
+                        vs[l].push(stored(v));
                     }
                 }
                 done += n;
@@ -585,7 +691,7 @@ mod tests {
                         .zip(&want)
                         .map(|(a, b)| (a - b).abs())
                         .fold(0f32, f32::max);
-                    assert!(err < 1e-5, "seq {i} layer {l} pos {pos}: {err}");
+                    assert!(err < 1e-5, "{t:?} seq {i} layer {l} pos {pos}: {err}");
                 }
             }
         }
@@ -593,8 +699,14 @@ mod tests {
 
     #[test]
     fn fork_shares_blocks_and_copies_on_write_truncate_frees() {
+        for t in [KvType::F32, KvType::F16] {
+            fork_and_copy_on_write(t);
+        }
+    }
+
+    fn fork_and_copy_on_write(t: KvType) {
         let (kv, hd, bs) = (1, 2, 4);
-        let mut c = PagedKvCache::new(1, kv, hd, bs);
+        let mut c = PagedKvCache::with_type(1, kv, hd, bs, t);
         let a = c.add_seq();
         let start = c.reserve(a, 6).unwrap();
         for p in start..6 {

@@ -14,7 +14,7 @@
 
 use super::text::TextStream;
 use crate::decode::generate::{paged_forward, Finish};
-use crate::decode::paged::{PagedKvCache, SeqId};
+use crate::decode::paged::{KvType, PagedKvCache, SeqId};
 use crate::decode::sampler::{Sampler, SamplerConfig};
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -102,6 +102,8 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Positions per KV block.
     pub block_size: usize,
+    /// How the cache stores K and V (exact f32 unless asked).
+    pub kv_type: KvType,
 }
 
 impl Default for EngineConfig {
@@ -111,6 +113,7 @@ impl Default for EngineConfig {
             ctx: 2048,
             prefill_chunk: 256,
             block_size: 16,
+            kv_type: KvType::F32,
         }
     }
 }
@@ -171,11 +174,12 @@ impl Engine {
             )));
         }
         let c = &model.cfg;
-        let cache = PagedKvCache::new(
+        let cache = PagedKvCache::with_type(
             c.num_hidden_layers,
             c.kv_heads(),
             c.head_dim(),
             cfg.block_size,
+            cfg.kv_type,
         );
         // EOS: what the tokenizer names and what the model's config names.
         let mut eos = tokenizer.eos_ids();
