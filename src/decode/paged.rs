@@ -66,6 +66,15 @@ impl Pool {
         }
     }
 
+    /// Capacity for `n` more values if the allocator grants it (a hint: when it does not, the
+    /// pool grows as it would have).
+    fn reserve(&mut self, n: usize) {
+        let _ = match self {
+            Pool::F32(p) => p.try_reserve(n),
+            Pool::F16(p) => p.try_reserve(n),
+        };
+    }
+
     fn bytes(&self) -> usize {
         match self {
             Pool::F32(p) => p.len() * 4,
@@ -154,6 +163,16 @@ impl PagedKvCache {
             refcount: Vec::new(),
             free: Vec::new(),
             seqs: Vec::new(),
+        }
+    }
+
+    /// Room for `blocks` more blocks in every layer's pools, set aside now (address space only:
+    /// the memory is touched when blocks are used) so that growing into them never moves the
+    /// pools. A request the allocator refuses is dropped.
+    pub fn reserve_blocks(&mut self, blocks: usize) {
+        let n = blocks.saturating_mul(self.block_elems());
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.reserve(n);
         }
     }
 

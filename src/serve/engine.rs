@@ -174,13 +174,15 @@ impl Engine {
             )));
         }
         let c = &model.cfg;
-        let cache = PagedKvCache::with_type(
+        let mut cache = PagedKvCache::with_type(
             c.num_hidden_layers,
             c.kv_heads(),
             c.head_dim(),
             cfg.block_size,
             cfg.kv_type,
         );
+        // Every sequence at full context: the pools never move while serving.
+        cache.reserve_blocks(cfg.parallel * (cfg.ctx.div_ceil(cfg.block_size) + 1));
         // EOS: what the tokenizer names and what the model's config names.
         let mut eos = tokenizer.eos_ids();
         eos.extend(model.cfg.eos_ids());
