@@ -13,7 +13,7 @@
 #      KV block count read after the load has drained (0 = nothing leaked);
 #   4. results.md (the CPU named) and the raw JSON lines in OUT_DIR.
 # Usage: scripts/bench_serve.sh [OUT_DIR]
-#   env: THREADS=2 CLIENTS=8 REQUESTS=4 PROMPT_WORDS=48 GEN=64 SOAK=0 SOAK_CLIENTS=16
+#   env: THREADS=2 CLIENTS=8 REQUESTS=4 PROMPT_WORDS=64 GEN=64 SOAK=0 SOAK_CLIENTS=16
 #        SKIP_LLAMA=1 (tern only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ out=${1:-runs/bench-serve}
 threads=${THREADS:-2}
 clients=${CLIENTS:-8}
 requests=${REQUESTS:-4}
-words=${PROMPT_WORDS:-48}
+words=${PROMPT_WORDS:-64}
 gen=${GEN:-64}
 soak=${SOAK:-0}
 mkdir -p "$out"
