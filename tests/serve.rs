@@ -20,9 +20,9 @@ use tern::quant::QuantConfig;
 use tern::serve::engine::{Done, Engine, EngineConfig, Event, GenRequest, Sink};
 use tern::tokenizer::Tokenizer;
 
-/// A ternary scratch model whose vocabulary is the word tokenizer's (sharpened so greedy choices
-/// are not near ties), and that tokenizer.
-fn tiny(dir: &std::path::Path) -> (Arc<Model>, Arc<Tokenizer>) {
+/// The weights of a scratch model whose vocabulary is the word tokenizer's (sharpened so greedy
+/// choices are not near ties), its config, and that tokenizer (written to `dir/tok.json`).
+fn tiny_parts(dir: &std::path::Path) -> (tern::model::ModelConfig, Params, Tokenizer) {
     let path = dir.join("tok.json");
     write_word_tokenizer(&path, &WORDS);
     let tok = Tokenizer::from_file(&path).unwrap();
@@ -33,6 +33,12 @@ fn tiny(dir: &std::path::Path) -> (Arc<Model>, Arc<Tokenizer>) {
             .map(|(n, v)| (n.clone(), (v.as_tensor() * 6.0).unwrap())),
     )
     .unwrap();
+    (c, p, tok)
+}
+
+/// That model, ternary and frozen for inference, and its tokenizer.
+fn tiny(dir: &std::path::Path) -> (Arc<Model>, Arc<Tokenizer>) {
+    let (c, p, tok) = tiny_parts(dir);
     let m = Model::new(&c, QuantConfig::default(), &p)
         .unwrap()
         .freeze()
@@ -423,22 +429,13 @@ fn stop_strings_end_the_text_before_them_and_bad_requests_are_refused() {
 }
 
 /// `tern chat` as a user runs it, stdin to stdout: a reply per message, `/reset` forgets the
-/// conversation (the reply after it equals a fresh session's to the same message, and differs
-/// from the reply with the earlier turn in its prompt only through that history), and a
+/// conversation (the reply after it equals a fresh session's to the same message), and a
 /// conversation that outgrows the context goes on with its oldest turns dropped.
 #[test]
 fn tern_chat_replies_resets_and_drops_old_turns_to_fit_the_context() {
     let dir = tempfile::tempdir().unwrap();
-    let (model_dir, tok_path) = (dir.path().join("model"), dir.path().join("tok.json"));
-    write_word_tokenizer(&tok_path, &WORDS);
-    let tok = Tokenizer::from_file(&tok_path).unwrap();
-    let c = small_config(32, 64, 8, WORDS.len() + 1);
-    let p = Params::scratch(&c, 5, DType::F32, &Device::Cpu).unwrap();
-    let p = Params::from_tensors(
-        p.iter()
-            .map(|(n, v)| (n.clone(), (v.as_tensor() * 6.0).unwrap())),
-    )
-    .unwrap();
+    let model_dir = dir.path().join("model");
+    let (c, p, tok) = tiny_parts(dir.path());
     tern::model::save_checkpoint(&model_dir, &c, &QuantConfig::default(), &p, Some(&tok)).unwrap();
     let chat = |input: &str, ctx: &str| -> Vec<String> {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tern"))
