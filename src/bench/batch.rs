@@ -22,8 +22,10 @@ pub struct BatchSpeed {
     pub wall_s: f64,
     /// New tokens over the whole wall time (what a load test calls aggregate tokens/s).
     pub tok_s: f64,
-    /// Until every request has its first token (all prompts prefilled).
-    pub first_token_all_s: f64,
+    /// Until every request has received its first text, as a streaming client sees it (all
+    /// prompts prefilled; a token whose text is an incomplete UTF-8 character, common with
+    /// random weights, is held back until the character completes).
+    pub first_text_all_s: f64,
     /// New tokens after that point over the time after it: the batched decode rate.
     pub decode_tok_s: f64,
 }
@@ -97,7 +99,7 @@ pub fn measure(
             .map(|r| r.1)
             .sum();
         let (started, tokens_then) = all_started.unwrap_or((end, new_tokens));
-        let first_token_all_s = (started - t0).as_secs_f64();
+        let first_text_all_s = (started - t0).as_secs_f64();
         let decode_s = (end - started).as_secs_f64();
         Ok(BatchSpeed {
             clients,
@@ -106,7 +108,7 @@ pub fn measure(
             steps,
             wall_s,
             tok_s: new_tokens as f64 / wall_s,
-            first_token_all_s,
+            first_text_all_s,
             decode_tok_s: (new_tokens - tokens_then) as f64 / decode_s.max(1e-9),
         })
     };

@@ -62,7 +62,7 @@ pub enum Cmd {
     },
     /// The serving engine without HTTP: CLIENTS requests of synthetic prompt ids at once (greedy,
     /// EOS ignored) stepped to the end by continuous batching: aggregate tokens/s, the time until
-    /// every request had its first token, and the batched decode rate after it.
+    /// every request had its first text, and the batched decode rate after it.
     Batch {
         #[command(flatten)]
         m: super::ModelArgs,

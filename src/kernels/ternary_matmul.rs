@@ -1150,8 +1150,9 @@ mod tests {
         ] {
             let (_, m) = packed(rows, cols, p, group);
             assert_eq!(m.wide, wide, "{p:?} group {group}");
-            // 9 tokens: the activations are quantized in parallel (8 or more rows).
-            for n in [1, 3, 6, 9] {
+            // 9 tokens: the activations are quantized in parallel (8 or more rows); 6, 9, 13 and
+            // 15 end in token tiles of every size.
+            for n in [1, 3, 6, 9, 13, 15] {
                 let x = input(n, cols);
                 let xq = QuantizedRows::new(&x, n, cols, m.sbs);
                 let reference = matmul_reference(&m, &x, n);
