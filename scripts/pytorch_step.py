@@ -7,14 +7,17 @@ computing with the group-128 mean(|W|) ternary projection through a straight-thr
 global-norm clipping at 1.0 and torch.optim.AdamW (betas 0.9/0.95, wd 0.1). Same token ids as
 `tern bench step` (i * 2654435761 + seed mod vocab). Prints one line per step and a JSON summary.
 
-    /opt/pyref/bin/python scripts/pytorch_step.py --arch configs/tiny.toml --batch 8 --seq 128 --steps 6
-    /opt/pyref/bin/python scripts/pytorch_step.py --arch qwen3-0.6b --batch 1 --seq 512 --steps 2
+    py=$(scripts/setup_pytorch.sh)   # a venv with PyPI's torch and transformers
+    $py scripts/pytorch_step.py --arch configs/tiny.toml --batch 8 --seq 128 --steps 6
+    $py scripts/pytorch_step.py --arch qwen3-0.6b --batch 1 --seq 512 --steps 2
+    $py scripts/pytorch_step.py --arch smollm2-135m --batch 4 --seq 256 --dtype bf16
     python3 scripts/pytorch_step.py --device cuda --dtype bf16 --arch qwen3-0.6b --batch 8 --seq 512
 
 On a GPU: --dtype bf16 runs the step under torch.autocast (bf16 GEMMs, f32 master weights and
 AdamW state), timed with CUDA synchronization; peak GPU memory is torch.cuda.max_memory_allocated.
 Without transformers installed (the GPU machines have PyTorch only) the same Qwen3 is built from
-plain torch modules below (--impl plain).
+plain torch modules below (--impl plain). `smollm2-135m` (SmolLM2-135M's shape, Llama: no q/k
+norms) is transformers' LlamaForCausalLM, as tern's `--arch smollm2-135m`.
 """
 import argparse
 import json
@@ -26,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 except ImportError:  # the GPU machines: PyTorch only
-    Qwen3Config = Qwen3ForCausalLM = None
+    LlamaConfig = LlamaForCausalLM = Qwen3Config = Qwen3ForCausalLM = None
 
 
 class Cfg(dict):
@@ -134,8 +137,12 @@ def arch_config(arch):
                 "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "max_position_embeddings",
                 "tie_word_embeddings"]
         base.update({k: m[k] for k in keys if k in m})
+    elif arch == "smollm2-135m":  # tern's ModelConfig::smollm2_135m
+        base.update(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                    rope_theta=1e5, max_position_embeddings=8192, llama=True)
     elif arch != "qwen3-0.6b":
-        raise SystemExit(f"--arch: expected qwen3-0.6b or a tern .toml config, found {arch}")
+        raise SystemExit(f"--arch: expected qwen3-0.6b, smollm2-135m or a tern .toml config, found {arch}")
     return base
 
 
@@ -156,8 +163,15 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     base = arch_config(a.arch)
+    llama = base.pop("llama", False)
     impl = a.impl if a.impl != "auto" else ("transformers" if Qwen3ForCausalLM else "plain")
-    if impl == "transformers":
+    if llama:
+        if impl != "transformers":
+            raise SystemExit("--arch smollm2-135m needs transformers (LlamaForCausalLM)")
+        cfg = LlamaConfig(**base, hidden_act="silu", attention_bias=False, mlp_bias=False)
+        cfg._attn_implementation = a.attn
+        model = LlamaForCausalLM(cfg)
+    elif impl == "transformers":
         cfg = Qwen3Config(**base)
         cfg._attn_implementation = a.attn
         model = Qwen3ForCausalLM(cfg)
