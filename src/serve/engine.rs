@@ -298,12 +298,14 @@ impl Engine {
                 // A failed forward leaves the cache in an unknown state for these sequences:
                 // end them all with the error rather than serve wrong text.
                 let msg = format!("the model failed: {e}");
-                for a in std::mem::take(&mut self.active) {
-                    let mut a = a;
-                    (a.sink)(Event::Error(msg.clone()));
+                let failed = std::mem::take(&mut self.active);
+                for a in &failed {
                     self.cache.free_seq(a.seq)?;
                 }
                 self.publish();
+                for mut a in failed {
+                    (a.sink)(Event::Error(msg.clone()));
+                }
                 return Err(e);
             }
         };
@@ -323,29 +325,30 @@ impl Engine {
                 ended.push((*i, finish));
             }
         }
-        // Remove from the back so the indices stay valid.
+        // Remove from the back so the indices stay valid. The counts are published before any
+        // client hears `Done`, so a client that asks /health right after its answer sees its
+        // blocks already freed.
         ended.sort_by_key(|e| std::cmp::Reverse(e.0));
+        let mut done = Vec::new();
         for (i, finish) in ended {
-            let mut a = self.active.swap_remove(i);
+            let a = self.active.swap_remove(i);
             self.cache.free_seq(a.seq)?;
-            match finish {
-                Some(f) => {
-                    let done = Done {
-                        finish: f,
-                        prompt_tokens: a.req.prompt.len(),
-                        completion_tokens: a.out.len(),
-                    };
-                    (a.sink)(Event::Done(done));
-                    self.stats.requests_done.fetch_add(1, Ordering::Relaxed);
-                }
-                None => {
-                    self.stats
-                        .requests_cancelled
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            let counter = match finish {
+                Some(_) => &self.stats.requests_done,
+                None => &self.stats.requests_cancelled,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            done.extend(finish.map(|f| (a, f)));
         }
         self.publish();
+        for (mut a, finish) in done {
+            let d = Done {
+                finish,
+                prompt_tokens: a.req.prompt.len(),
+                completion_tokens: a.out.len(),
+            };
+            (a.sink)(Event::Done(d));
+        }
         Ok(true)
     }
 
