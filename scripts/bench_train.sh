@@ -35,7 +35,7 @@ if status == "0" and last.startswith("{"):
     row.update(tokens_per_s=d.get("tokens_per_s"), peak_rss_gib=d.get("peak_rss_gib"),
                loss_first=d.get("loss_first"), loss_last=d.get("loss_last"))
 else:
-    row["refused"] = last.removeprefix("Error: ").strip()[:300]
+    row["refused"] = last.removeprefix("Error: ").removeprefix("error: ").strip()[:300]
 print(json.dumps(row))
 PY
 }
