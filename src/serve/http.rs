@@ -556,8 +556,10 @@ impl Reply {
         let (mut tokens, mut offsets, mut tops) = (vec![], vec![], vec![]);
         for l in lps {
             // A token's text is what it adds after the tokens before it, as the text stream
-            // decodes them (a lone token may decode without its leading space).
-            let text = |id: u32| at.text_of(tok, id);
+            // decodes them (a lone token may decode without its leading space). The context is
+            // decoded once for the token and its alternatives.
+            let after = at.texts(tok);
+            let text = |id: u32| after.text_of(id);
             let t = text(l.id);
             match self.kind {
                 Kind::Chat => {
@@ -600,16 +602,30 @@ impl Cursor {
     /// multi-token characters; bounded so long completions stay linear).
     const CONTEXT: usize = 8;
 
-    /// The text `id` adds after the tokens so far.
-    fn text_of(&self, tok: &Tokenizer, id: u32) -> String {
-        let ctx = &self.prev[self.prev.len().saturating_sub(Self::CONTEXT)..];
-        let mut ids = ctx.to_vec();
-        let before = tok.decode(&ids).unwrap_or_default();
+    /// The texts tokens add after the tokens so far (their context decoded once).
+    fn texts<'a>(&self, tok: &'a Tokenizer) -> After<'a> {
+        let ctx = self.prev[self.prev.len().saturating_sub(Self::CONTEXT)..].to_vec();
+        let before = tok.decode(&ctx).unwrap_or_default();
+        After { tok, ctx, before }
+    }
+}
+
+/// A context and its decoded text, to read what one more token adds.
+struct After<'a> {
+    tok: &'a Tokenizer,
+    ctx: Vec<u32>,
+    before: String,
+}
+
+impl After<'_> {
+    /// The text `id` adds after the context.
+    fn text_of(&self, id: u32) -> String {
+        let mut ids = self.ctx.clone();
         ids.push(id);
-        let after = tok.decode(&ids).unwrap_or_default();
-        match after.strip_prefix(before.as_str()) {
+        let after = self.tok.decode(&ids).unwrap_or_default();
+        match after.strip_prefix(self.before.as_str()) {
             Some(t) => t.to_string(),
-            None => tok.decode(&[id]).unwrap_or_default(),
+            None => self.tok.decode(&[id]).unwrap_or_default(),
         }
     }
 }
