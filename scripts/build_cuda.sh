@@ -44,5 +44,7 @@ cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CU/lib/stubs/libcuda.so" "$CU/lib
 
 export PATH="$CU/bin:$PATH" CUDA_ROOT="$CU" CUDA_HOME="$CU" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 echo "== cargo build --release --features cuda (CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP; ~9 min cold on 2 cores)" >&2
-cargo build --release --features cuda --target-dir target/cuda "$@" >&2
+# No debug info in this build (the release profile keeps it for profiling on the CPU): it halves
+# target/cuda, and CI's disk is finite.
+CARGO_PROFILE_RELEASE_DEBUG=false cargo build --release --features cuda --target-dir target/cuda "$@" >&2
 echo "$(pwd)/target/cuda/release/tern"

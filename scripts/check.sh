@@ -15,10 +15,13 @@ export TERN_REQUIRE_SMOLLM2=1
 # The official OpenAI client (PyPI) for the serving test that drives `tern serve` with it.
 TERN_OPENAI_PYTHON=$(scripts/setup_openai_client.sh)
 export TERN_OPENAI_PYTHON TERN_REQUIRE_OPENAI=1
+# No incremental caches: a one-off run gains nothing from them and they cost ~1 GB of disk.
+export CARGO_INCREMENTAL=0
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test
 scripts/test_neon.sh
 scripts/check_metal.sh >/dev/null
 scripts/build_cuda.sh --bin tern --test devices >/dev/null
+echo "check: target/ holds $(du -sh target | cut -f1)" >&2
 echo "check: all passed (CPU tests, the NEON kernel under qemu, the Metal build type-checks, the CUDA build compiles)"
