@@ -6,9 +6,11 @@
 //! - [`decode`]: prefill and decode speed of greedy generation, dense and packed.
 //! - [`topk`]: fused softmax + top-k against full softmax + sort.
 //! - [`batch`]: the serving engine's continuous batching, without HTTP.
+//! - [`gemm`]: the packed ternary matmul alone, every kernel the CPU offers.
 
 pub mod batch;
 pub mod decode;
+pub mod gemm;
 pub mod kernels;
 pub mod step;
 pub mod topk;

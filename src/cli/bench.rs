@@ -38,6 +38,19 @@ pub enum Cmd {
         #[arg(long, default_value_t = 5, value_parser = super::at_least_one)]
         reps: usize,
     },
+    /// The packed ternary matmul alone (`[tokens, cols] @ W^T`, W `[rows, cols]`), with every
+    /// kernel this CPU offers: median time and multiply-adds per second.
+    Gemm {
+        #[arg(long, default_value_t = 3072)]
+        rows: usize,
+        #[arg(long, default_value_t = 1024)]
+        cols: usize,
+        /// Tokens (activation rows): 1 is decode, more is prefill or a batch.
+        #[arg(short = 'n', long, default_value_t = 64, value_parser = super::at_least_one)]
+        tokens: usize,
+        #[arg(short = 'r', long, default_value_t = 20, value_parser = super::at_least_one)]
+        reps: usize,
+    },
     /// Decode speed: prefill and decode tokens/s of greedy generation (batch 1, synthetic prompt
     /// ids) from a checkpoint (dense f32 weights, projected once) and/or a GGUF (packed 2-bit
     /// weights, int8 activations).
@@ -137,6 +150,23 @@ pub fn run(cmd: Cmd) -> Result<i32> {
             let rows = bench::topk::run(vocab, batch, reps)?;
             println!("softmax + top-k, vocab {vocab}, batch {batch}, median of {reps}\n");
             print!("{}", bench::topk::markdown(&rows));
+        }
+        Cmd::Gemm {
+            rows,
+            cols,
+            tokens,
+            reps,
+        } => {
+            println!(
+                "packed gemm [{tokens} x {cols}] @ [{rows} x {cols}]^T, {} threads, median of {reps}",
+                rayon::current_num_threads()
+            );
+            for s in bench::gemm::measure(rows, cols, tokens, reps)? {
+                println!(
+                    "{:>11}: {:8.3} ms  {:7.1} GMAC/s",
+                    s.isa, s.median_ms, s.gmac_s
+                );
+            }
         }
         Cmd::Kernels { size, reps } => {
             let sizes = bench::kernels::Sizes::parse(match size {

@@ -23,6 +23,7 @@
 //!   reference is a sequential loop over the tasks).
 //!
 pub mod adamw;
+pub mod amx;
 pub mod attention;
 pub mod cross_entropy;
 pub mod flash_attention;

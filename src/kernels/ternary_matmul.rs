@@ -50,6 +50,8 @@ const LANES: usize = 16;
 const TILE: usize = 4;
 /// Rows that share one load of a token's activations (decode).
 const ROWS: usize = 4;
+/// Fewest tokens for which `Isa::Amx` runs its tiles (fewer run the AVX-512 VNNI kernels).
+pub const AMX_MIN_TOKENS: usize = 2;
 /// Rows that share each token's activation loads in a prefill tile (AVX-512 VNNI: 2 rows x 4
 /// tokens keep 8 accumulators, 4 code planes and 2 activation vectors in registers).
 const PAIR: usize = 2;
@@ -72,6 +74,9 @@ const SPREAD: [u32; 256] = {
 /// The instruction set a kernel uses, chosen once per call by CPU feature detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// Intel AMX-INT8 tiles for several tokens at once ([`AMX_MIN_TOKENS`] or more: prefill,
+    /// batched decode), AVX-512 VNNI for one token.
+    Amx,
     Avx512Vnni,
     AvxVnni,
     Avx2,
@@ -81,7 +86,7 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The fastest kernel this CPU runs (`TERN_ISA=portable|avx2|avxvnni|avx512vnni|neondot`
+    /// The fastest kernel this CPU runs (`TERN_ISA=portable|avx2|avxvnni|avx512vnni|amx|neondot`
     /// overrides, for benchmarks and tests; an ISA the CPU lacks falls back to detection).
     pub fn detect() -> Isa {
         // Decided once per process: every matmul asks (several per layer and token), and the
@@ -105,6 +110,9 @@ impl Isa {
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512bw")
             {
+                if crate::kernels::amx::Amx::get().int8 {
+                    v.push(Isa::Amx);
+                }
                 v.push(Isa::Avx512Vnni);
             }
             if is_x86_feature_detected!("avxvnni") {
@@ -124,6 +132,7 @@ impl Isa {
 
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Amx => "amx",
             Isa::Avx512Vnni => "avx512vnni",
             Isa::AvxVnni => "avxvnni",
             Isa::Avx2 => "avx2",
@@ -259,13 +268,23 @@ pub fn matmul_many_with(isa: Isa, mats: &[&PackedMatrix], x: &[f32], n: usize) -
         return mats.iter().map(|m| m.matmul_with(isa, x, n)).collect();
     }
     assert_eq!(x.len(), n * first.cols, "input length");
+    // AMX takes several tokens; one token runs the AVX-512 VNNI kernels.
+    let amx = isa == Isa::Amx && n >= AMX_MIN_TOKENS;
+    let isa = if isa == Isa::Amx {
+        Isa::Avx512Vnni
+    } else {
+        isa
+    };
     let xq = QuantizedRows::new(x, n, first.cols, first.sbs);
+    #[cfg(target_arch = "x86_64")]
+    let acts = amx.then(|| x86::amx::Acts::new(&xq, n));
     let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows * n]).collect();
-    // Tasks of whole row chunks so each amortizes its scheduling over real work.
+    // Tasks of whole row chunks so each amortizes its scheduling over real work (AMX: whole
+    // 16-row tiles).
     let total: usize = mats.iter().map(|m| m.rows).sum();
     let chunk = (total / (4 * rayon::current_num_threads()).max(1))
         .clamp(1, 64)
-        .next_multiple_of(ROWS);
+        .next_multiple_of(if amx { 16 } else { ROWS });
     let tasks: Vec<RowTask> = mats
         .iter()
         .zip(outs.iter_mut())
@@ -281,9 +300,16 @@ pub fn matmul_many_with(isa: Isa, mats: &[&PackedMatrix], x: &[f32], n: usize) -
     // Rayon unless `TERN_POOL=spin` (`spin_pool`: workers awake between decode's ~100-200
     // regions per token; measured slower here, kept opt-in).
     crate::kernels::spin_pool::SpinPool::global().run(tasks.len(), &|i| {
+        let task = &tasks[i];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(acts) = &acts {
+            // SAFETY: `Isa::Amx` is offered only with AMX-INT8 and AVX-512; the row ranges
+            // are disjoint, as below.
+            return unsafe { x86::amx::rows(task.m, task.rows.clone(), acts, task.out.0) };
+        }
         // SAFETY: the tasks' row ranges are disjoint within each matrix, so no two tasks
         // write the same output cell, and `outs` outlives the parallel loop.
-        unsafe { tasks[i].run(isa, &xq, n) }
+        unsafe { task.run(isa, &xq, n) }
     });
     outs
 }
@@ -977,6 +1003,292 @@ mod x86 {
             }
         }
     }
+
+    /// The AMX int8 GEMM for several tokens at once (prefill, batched decode): tile `tdpbssd`
+    /// multiplies 16 weight rows by 16 tokens over one 32-value activation group (K = 32) in
+    /// one instruction. Weights are the A tile (a 16-row block unpacked once per call to
+    /// signed int8 `t` in {-1, 0, +1}, natural order, so no `- sum x` correction); activations
+    /// are the B tile, in AMX's layout ([`Acts`]). Each group's 16 x 16 int32 result is scaled
+    /// by its token's activation step times its row's weight scale into f32 accumulators (the
+    /// per-32 activation scales stay exact, as in the vector kernels); that epilogue, not the
+    /// tile multiply, is the bulk of the work.
+    pub mod amx {
+        use super::super::{PackedMatrix, QuantizedRows, LANES, SB};
+        use crate::kernels::amx::{release, TileConfig};
+        use rayon::prelude::*;
+        use std::arch::asm;
+        use std::arch::x86_64::*;
+
+        /// Weight rows per tile (A's and C's rows).
+        pub const M: usize = 16;
+        /// Tokens per tile (B's and C's columns).
+        pub const N: usize = 16;
+        /// Values per tile multiply: one activation quantization group.
+        const K: usize = 32;
+        /// Bytes of one B tile: K / 4 rows of N tokens x 4 values.
+        const B_TILE: usize = K * N;
+
+        /// Quantized activations as AMX B tiles: per 16-token tile and per 32-value group, 8
+        /// rows of 64 bytes where row `i` holds values `4i .. 4i + 3` of token 0, then of token
+        /// 1, ... (tokens past `n` are zero), and the 16 tokens' steps of that group.
+        pub struct Acts {
+            b: Vec<i8>,
+            steps: Vec<f32>,
+            groups: usize,
+            tiles: usize,
+            n: usize,
+        }
+
+        impl Acts {
+            pub fn new(xq: &QuantizedRows, n: usize) -> Acts {
+                let groups = xq.sbs * SB / K;
+                let tiles = n.div_ceil(N);
+                let mut b = vec![0i8; tiles * groups * B_TILE];
+                let mut steps = vec![0f32; tiles * groups * N];
+                let fill = |tt: usize, (b, s): (&mut [i8], &mut [f32])| {
+                    for k in 0..N.min(n - tt * N) {
+                        let (q, lanes, _) = xq.row(tt * N + k);
+                        for g in 0..groups {
+                            let (src, dst) = (&q[g * K..(g + 1) * K], &mut b[g * B_TILE..]);
+                            for i in 0..K / 4 {
+                                dst[i * 4 * N + 4 * k..i * 4 * N + 4 * k + 4]
+                                    .copy_from_slice(&src[4 * i..4 * i + 4]);
+                            }
+                            s[g * N + k] = lanes[(g / 2) * LANES + (g % 2) * 8];
+                        }
+                    }
+                };
+                let chunks = b
+                    .chunks_mut(groups * B_TILE)
+                    .zip(steps.chunks_mut(groups * N));
+                if tiles > 1 {
+                    let chunks = b
+                        .par_chunks_mut(groups * B_TILE)
+                        .zip(steps.par_chunks_mut(groups * N));
+                    chunks.enumerate().for_each(|(tt, c)| fill(tt, c));
+                } else {
+                    chunks.enumerate().for_each(|(tt, c)| fill(tt, c));
+                }
+                Acts {
+                    b,
+                    steps,
+                    groups,
+                    tiles,
+                    n,
+                }
+            }
+        }
+
+        /// A C tile as `tilestored` writes it: 16 rows of 16 int32.
+        #[repr(C, align(64))]
+        struct CTile([i32; M * N]);
+
+        thread_local! {
+            /// Per thread: a 16-row block of unpacked weights (A tiles) and their scales,
+            /// reused across calls (fresh pages each call cost more than the unpacking).
+            static SCRATCH: std::cell::RefCell<(Vec<i8>, Vec<f32>)> =
+                const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
+
+        /// Rows `rows` of `m` (starting at a multiple of [`M`]) for every token of `acts`,
+        /// written into `out` (`[n, m.rows]`).
+        ///
+        /// # Safety
+        /// The CPU has AMX-INT8 and AVX-512 (`Isa::Amx` is offered), and `out` points to
+        /// `n * m.rows` floats of which no other thread writes these rows.
+        pub unsafe fn rows(
+            m: &PackedMatrix,
+            rows: std::ops::Range<usize>,
+            acts: &Acts,
+            out: *mut f32,
+        ) {
+            SCRATCH.with_borrow_mut(|(a, w)| {
+                let (width, blocks) = (m.sbs * SB, 2 * m.sbs);
+                a.resize(M * width, 0);
+                w.resize(blocks * M, 0.0);
+                let mut cfg = TileConfig::new();
+                for t in [0, 3, 4, 5] {
+                    cfg = cfg.set(t, M as u8, (4 * N) as u16); // C: 16 rows x 16 int32
+                }
+                for t in [1, 6] {
+                    cfg = cfg.set(t, M as u8, K as u16); // A: 16 weight rows x 32 int8
+                }
+                for t in [2, 7] {
+                    cfg = cfg.set(t, (K / 4) as u8, (4 * N) as u16); // B: 8 x (16 tokens x 4)
+                }
+                cfg.load();
+                for r0 in rows.clone().step_by(M) {
+                    let nr = M.min(rows.end - r0);
+                    unpack(m, r0, nr, a, w);
+                    for tt in 0..acts.tiles {
+                        block(a, w, acts, tt, width, |k, v| {
+                            let at = out.add((tt * N + k) * m.rows + r0);
+                            _mm512_mask_storeu_ps(at, ((1u32 << nr) - 1) as u16, v);
+                        });
+                    }
+                }
+                release();
+            })
+        }
+
+        /// Rows `r0 .. r0 + nr` of `m` as signed int8 weights (`a`: 16 rows of `width`) and
+        /// their 64-block scales (`w`: per block, the 16 rows'); rows past `nr` are zero.
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        unsafe fn unpack(m: &PackedMatrix, r0: usize, nr: usize, a: &mut [i8], w: &mut [f32]) {
+            let width = m.sbs * SB;
+            if nr < M {
+                a.fill(0);
+                w.fill(0.0);
+            }
+            let one = _mm512_set1_epi8(1);
+            for r in 0..nr {
+                let codes = m.codes.as_ptr().add((r0 + r) * m.sbs * 32);
+                let dst = a.as_mut_ptr().add(r * width);
+                for sb in 0..m.sbs {
+                    let (p01, p23) = super::z::planes(codes.add(sb * 32));
+                    let d = dst.add(sb * SB) as *mut __m512i;
+                    _mm512_storeu_si512(d, _mm512_sub_epi8(p01, one));
+                    _mm512_storeu_si512(d.add(1), _mm512_sub_epi8(p23, one));
+                }
+                for (b, s) in m.scales_of(r0 + r..r0 + r + 1).iter().enumerate() {
+                    w[b * M + r] = *s;
+                }
+            }
+        }
+
+        /// One 16-row block against token tile `tt`: `store(k, v)` receives token `k`'s 16
+        /// outputs (one per row). Tile registers are not renamed, so one accumulator tile
+        /// would chain every group's zero, multiply and store behind the last: each super-block
+        /// (4 groups) instead runs its 4 multiplies into 4 accumulator tiles (tmm0, 3, 4, 5)
+        /// alternating 2 pairs of A / B registers, then stores the 4 results; and super-block
+        /// `s + 1` is issued before super-block `s`'s epilogue reads them (two sets of C
+        /// buffers), so the vector loads never wait on tile stores just issued.
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        unsafe fn block(
+            a: &[i8],
+            w: &[f32],
+            acts: &Acts,
+            tt: usize,
+            width: usize,
+            mut store: impl FnMut(usize, __m512),
+        ) {
+            let groups = acts.groups;
+            let sbs = groups / 4;
+            let mut c: [[CTile; 4]; 2] =
+                std::array::from_fn(|_| std::array::from_fn(|_| CTile([0; M * N])));
+            let mut acc = [_mm512_setzero_ps(); M];
+            let bt = acts.b.as_ptr().add(tt * groups * B_TILE);
+            for sb in 0..=sbs {
+                if sb < sbs {
+                    let (a, b, c) = (
+                        a.as_ptr().add(sb * SB),
+                        bt.add(4 * sb * B_TILE),
+                        &mut c[sb % 2],
+                    );
+                    asm!(
+                        "tilezero tmm0",
+                        "tilezero tmm3",
+                        "tilezero tmm4",
+                        "tilezero tmm5",
+                        "tileloadd tmm1, [{a0} + {sa} * 1]",
+                        "tileloadd tmm2, [{b0} + {sb} * 1]",
+                        "tdpbssd tmm0, tmm1, tmm2",
+                        "tileloadd tmm6, [{a1} + {sa} * 1]",
+                        "tileloadd tmm7, [{b1} + {sb} * 1]",
+                        "tdpbssd tmm3, tmm6, tmm7",
+                        "tileloadd tmm1, [{a2} + {sa} * 1]",
+                        "tileloadd tmm2, [{b2} + {sb} * 1]",
+                        "tdpbssd tmm4, tmm1, tmm2",
+                        "tileloadd tmm6, [{a3} + {sa} * 1]",
+                        "tileloadd tmm7, [{b3} + {sb} * 1]",
+                        "tdpbssd tmm5, tmm6, tmm7",
+                        "tilestored [{c0} + {sb} * 1], tmm0",
+                        "tilestored [{c1} + {sb} * 1], tmm3",
+                        "tilestored [{c2} + {sb} * 1], tmm4",
+                        "tilestored [{c3} + {sb} * 1], tmm5",
+                        a0 = in(reg) a,
+                        a1 = in(reg) a.add(K),
+                        a2 = in(reg) a.add(2 * K),
+                        a3 = in(reg) a.add(3 * K),
+                        sa = in(reg) width,
+                        b0 = in(reg) b,
+                        b1 = in(reg) b.add(B_TILE),
+                        b2 = in(reg) b.add(2 * B_TILE),
+                        b3 = in(reg) b.add(3 * B_TILE),
+                        sb = in(reg) 4 * N,
+                        c0 = in(reg) c[0].0.as_mut_ptr(),
+                        c1 = in(reg) c[1].0.as_mut_ptr(),
+                        c2 = in(reg) c[2].0.as_mut_ptr(),
+                        c3 = in(reg) c[3].0.as_mut_ptr(),
+                        options(nostack),
+                    );
+                }
+                if sb > 0 {
+                    let sb = sb - 1;
+                    for (j, cg) in c[sb % 2].iter().enumerate() {
+                        let g = 4 * sb + j;
+                        let step = _mm512_loadu_ps(acts.steps.as_ptr().add((tt * groups + g) * N));
+                        let ws = w.as_ptr().add((g / 2) * M);
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let s = _mm512_mul_ps(step, _mm512_set1_ps(*ws.add(r)));
+                            let d = _mm512_load_si512(cg.0.as_ptr().add(r * N) as *const __m512i);
+                            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, *acc);
+                        }
+                    }
+                }
+            }
+            // acc[r] holds row r for the 16 tokens; the caller wants each token's 16 rows.
+            let t = transpose16(acc);
+            for (k, v) in t.into_iter().enumerate().take(N.min(acts.n - tt * N)) {
+                store(k, v);
+            }
+        }
+
+        /// Which output of the last round of [`transpose16`] holds column `k`: the pd unpack
+        /// round leaves columns 1 and 2 of each four swapped.
+        const TRANSPOSED: [usize; 16] = [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15];
+
+        /// A 16 x 16 f32 transpose in registers (four rounds of unpack / shuffle).
+        #[target_feature(enable = "avx512f")]
+        pub(in crate::kernels::ternary_matmul) unsafe fn transpose16(
+            r: [__m512; 16],
+        ) -> [__m512; 16] {
+            let mut a = [_mm512_setzero_ps(); 16];
+            for i in 0..8 {
+                a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+            }
+            let mut b = [_mm512_setzero_ps(); 16];
+            for i in 0..4 {
+                for j in 0..2 {
+                    let (x, y) = (
+                        _mm512_castps_pd(a[4 * i + j]),
+                        _mm512_castps_pd(a[4 * i + j + 2]),
+                    );
+                    b[4 * i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
+                    b[4 * i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
+                }
+            }
+            let mut c = [_mm512_setzero_ps(); 16];
+            for i in 0..2 {
+                for j in 0..4 {
+                    c[8 * i + j] = _mm512_shuffle_f32x4::<0x88>(b[8 * i + j], b[8 * i + j + 4]);
+                    c[8 * i + j + 4] = _mm512_shuffle_f32x4::<0xdd>(b[8 * i + j], b[8 * i + j + 4]);
+                }
+            }
+            let mut d = [_mm512_setzero_ps(); 16];
+            for j in 0..8 {
+                d[j] = _mm512_shuffle_f32x4::<0x88>(c[j], c[j + 8]);
+                d[j + 8] = _mm512_shuffle_f32x4::<0xdd>(c[j], c[j + 8]);
+            }
+            // Token k sits in d at the position the rounds above moved it to.
+            let mut out = [_mm512_setzero_ps(); 16];
+            for (k, o) in out.iter_mut().enumerate() {
+                *o = d[TRANSPOSED[k]];
+            }
+            out
+        }
+    }
 }
 
 /// The AArch64 kernel: NEON with the dot-product extension. The codes become signed
@@ -1151,8 +1463,8 @@ mod tests {
             let (_, m) = packed(rows, cols, p, group);
             assert_eq!(m.wide, wide, "{p:?} group {group}");
             // 9 tokens: the activations are quantized in parallel (8 or more rows); 6, 9, 13 and
-            // 15 end in token tiles of every size.
-            for n in [1, 3, 6, 9, 13, 15] {
+            // 15 end in token tiles of every size; 17 and 40 leave partial AMX tiles of 16.
+            for n in [1, 3, 6, 9, 13, 15, 17, 40] {
                 let x = input(n, cols);
                 let xq = QuantizedRows::new(&x, n, cols, m.sbs);
                 let reference = matmul_reference(&m, &x, n);
@@ -1182,6 +1494,30 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The AMX kernel's in-register transpose moves every element where a plain transpose does.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_amx_epilogue_transpose_is_a_transpose() {
+        if !is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let m: Vec<[f32; 16]> = (0..16)
+            .map(|i| std::array::from_fn(|j| (16 * i + j) as f32))
+            .collect();
+        // SAFETY: AVX-512F checked above; [f32; 16] and __m512 have the same size.
+        let t: [[f32; 16]; 16] = unsafe {
+            let r = std::array::from_fn(|i| {
+                std::mem::transmute::<[f32; 16], std::arch::x86_64::__m512>(m[i])
+            });
+            std::mem::transmute(x86::amx::transpose16(r))
+        };
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(t[j][i], m[i][j], "({i}, {j})");
             }
         }
     }
