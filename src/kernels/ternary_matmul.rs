@@ -50,8 +50,10 @@ const LANES: usize = 16;
 const TILE: usize = 4;
 /// Rows that share one load of a token's activations (decode).
 const ROWS: usize = 4;
-/// Fewest tokens for which `Isa::Amx` runs its tiles (fewer run the AVX-512 VNNI kernels).
-pub const AMX_MIN_TOKENS: usize = 2;
+/// Fewest tokens for which `Isa::Amx` runs its tiles (fewer run the AVX-512 VNNI kernels: a
+/// call costs AMX about the same from 1 to 16 tokens, the weights' unpacking; `tern bench gemm`
+/// at [3072, 1024] on 1 thread: 4 tokens 0.21 vs 0.18 ms, 5 tokens 0.20 vs 0.24, 8 0.22 vs 0.37).
+pub const AMX_MIN_TOKENS: usize = 5;
 /// Rows that share each token's activation loads in a prefill tile (AVX-512 VNNI: 2 rows x 4
 /// tokens keep 8 accumulators, 4 code planes and 2 activation vectors in registers).
 const PAIR: usize = 2;
@@ -436,11 +438,60 @@ fn quantize_row(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: &mut [f32]) {
     // Baseline x86-64 (SSE2) has no vector rounding: `round` would be a libm call per value.
     // The same loop compiled for AVX2 rounds 8 values per instruction.
     #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        return unsafe { quantize_row_avx512(x, q, lanes, corr) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked above).
         return unsafe { quantize_row_avx2(x, q, lanes, corr) };
     }
     quantize_row_body(x, q, lanes, corr)
+}
+
+/// [`quantize_row_body`] with AVX-512: one group of 32 in two registers, rounding half away
+/// from zero as `f32::round` does, so it quantizes exactly as the plain loop (a test checks).
+/// `q` must hold whole groups (it is padded to super-blocks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: &mut [f32]) {
+    use std::arch::x86_64::*;
+    #[inline(always)]
+    unsafe fn round_away(v: __m512) -> __m512i {
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+        let frac = _mm512_abs_ps(_mm512_sub_ps(v, t));
+        let half = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(frac, _mm512_set1_ps(0.5));
+        let one = _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(v, _mm512_set1_ps(-0.0)));
+        _mm512_cvttps_epi32(_mm512_mask_add_ps(t, half, t, one))
+    }
+    let mut tail = [0f32; GROUP];
+    for g in 0..x.len().div_ceil(GROUP) {
+        let src = if (g + 1) * GROUP <= x.len() {
+            x.as_ptr().add(g * GROUP)
+        } else {
+            // The last, partial group, zero-padded (zeros change neither its max nor its sum).
+            tail[..x.len() - g * GROUP].copy_from_slice(&x[g * GROUP..]);
+            tail.as_ptr()
+        };
+        let (a, b) = (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        if amax == 0.0 || !amax.is_finite() {
+            continue; // as quantize_row_body
+        }
+        let inv = _mm512_set1_ps(127.0 / amax);
+        let (qa, qb) = (
+            round_away(_mm512_mul_ps(a, inv)),
+            round_away(_mm512_mul_ps(b, inv)),
+        );
+        let dst = q.as_mut_ptr().add(g * GROUP) as *mut __m128i;
+        _mm_storeu_si128(dst, _mm512_cvtepi32_epi8(qa));
+        _mm_storeu_si128(dst.add(1), _mm512_cvtepi32_epi8(qb));
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+        let (blk, half, scale) = (g / 2, g % 2, amax / 127.0);
+        lanes[blk * LANES + half * 8..blk * LANES + half * 8 + 8].fill(scale);
+        corr[blk] += scale * sum as f32;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1106,6 +1157,9 @@ mod x86 {
                 let (width, blocks) = (m.sbs * SB, 2 * m.sbs);
                 a.resize(M * width, 0);
                 w.resize(blocks * M, 0.0);
+                // Two sets of 4 tile results (8 KiB), zeroed once per call, not per block.
+                let mut c: [[CTile; 4]; 2] =
+                    std::array::from_fn(|_| std::array::from_fn(|_| CTile([0; M * N])));
                 let mut cfg = TileConfig::new();
                 for t in [0, 3, 4, 5] {
                     cfg = cfg.set(t, M as u8, (4 * N) as u16); // C: 16 rows x 16 int32
@@ -1121,7 +1175,7 @@ mod x86 {
                     let nr = M.min(rows.end - r0);
                     unpack(m, r0, nr, a, w);
                     for tt in 0..acts.tiles {
-                        block(a, w, acts, tt, width, |k, v| {
+                        block(a, w, acts, tt, width, &mut c, |k, v| {
                             let at = out.add((tt * N + k) * m.rows + r0);
                             _mm512_mask_storeu_ps(at, ((1u32 << nr) - 1) as u16, v);
                         });
@@ -1170,12 +1224,11 @@ mod x86 {
             acts: &Acts,
             tt: usize,
             width: usize,
+            c: &mut [[CTile; 4]; 2],
             mut store: impl FnMut(usize, __m512),
         ) {
             let groups = acts.groups;
             let sbs = groups / 4;
-            let mut c: [[CTile; 4]; 2] =
-                std::array::from_fn(|_| std::array::from_fn(|_| CTile([0; M * N])));
             let mut acc = [_mm512_setzero_ps(); M];
             let bt = acts.b.as_ptr().add(tt * groups * B_TILE);
             for sb in 0..=sbs {
@@ -1496,6 +1549,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every vector quantizer gives the plain loop's codes, steps and corrections bit for bit
+    /// (ties of x / step at .5 included: they round away from zero), on a row with a partial
+    /// last group, a zero group and a non-finite one.
+    #[test]
+    fn vector_quantizers_equal_the_plain_loop() {
+        let cols = 200; // 6 whole groups and one of 8
+        let mut x = input(1, cols);
+        // Group 1 (values 32..64, all within +-1 but these): max 127/64, so its values scale
+        // by exactly 64 and these two land on ties, where half-to-even would differ.
+        x[33] = 127.0 / 64.0;
+        x[37] = 62.5 / 64.0;
+        x[38] = -2.5 / 64.0;
+        x[64..96].fill(0.0);
+        x[100] = f32::INFINITY;
+        let sbs = cols.div_ceil(SB);
+        let plain = {
+            let (mut q, mut l, mut c) = (
+                vec![0i8; sbs * SB],
+                vec![0f32; sbs * 2 * LANES],
+                vec![0f32; sbs * 2],
+            );
+            quantize_row_body(&x, &mut q, &mut l, &mut c);
+            (q, l, c)
+        };
+        let fast = {
+            let (mut q, mut l, mut c) = (
+                vec![0i8; sbs * SB],
+                vec![0f32; sbs * 2 * LANES],
+                vec![0f32; sbs * 2],
+            );
+            quantize_row(&x, &mut q, &mut l, &mut c);
+            (q, l, c)
+        };
+        assert_eq!(plain.0, fast.0, "codes");
+        assert_eq!(plain.1, fast.1, "steps");
+        assert_eq!(plain.2, fast.2, "corrections");
     }
 
     /// The AMX kernel's in-register transpose moves every element where a plain transpose does.
