@@ -1278,14 +1278,22 @@ mod x86 {
                 }
                 if sb > 0 {
                     let sb = sb - 1;
-                    for (j, cg) in c[sb % 2].iter().enumerate() {
-                        let g = 4 * sb + j;
-                        let step = _mm512_loadu_ps(acts.steps.as_ptr().add((tt * groups + g) * N));
-                        let ws = w.as_ptr().add((g / 2) * M);
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let s = _mm512_mul_ps(step, _mm512_set1_ps(*ws.add(r)));
-                            let d = _mm512_load_si512(cg.0.as_ptr().add(r * N) as *const __m512i);
-                            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, *acc);
+                    let steps: [__m512; 4] = std::array::from_fn(|j| {
+                        _mm512_loadu_ps(acts.steps.as_ptr().add((tt * groups + 4 * sb + j) * N))
+                    });
+                    let cs = &c[sb % 2];
+                    // Per row, each 64-block's two groups are scaled by their steps, then
+                    // by the block's weight scale once.
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let d = |j: usize| {
+                            let at = cs[j].0.as_ptr().add(r * N) as *const __m512i;
+                            _mm512_cvtepi32_ps(_mm512_load_si512(at))
+                        };
+                        for h in 0..2 {
+                            let t = _mm512_mul_ps(d(2 * h), steps[2 * h]);
+                            let t = _mm512_fmadd_ps(d(2 * h + 1), steps[2 * h + 1], t);
+                            let wr = *w.as_ptr().add((2 * sb + h) * M + r);
+                            *acc = _mm512_fmadd_ps(t, _mm512_set1_ps(wr), *acc);
                         }
                     }
                 }
