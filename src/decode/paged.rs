@@ -120,12 +120,40 @@ impl Pool {
         match self {
             Pool::F32(p) => &p[r],
             Pool::F16(p) => {
-                use half::slice::HalfFloatSliceExt;
                 buf.resize(r.len(), 0.0);
-                p[r].convert_to_f32_slice(buf);
+                f16_to_f32(&p[r], buf);
                 buf
             }
         }
+    }
+}
+
+/// `src` widened into `dst` (same length). `half`'s slice conversion calls an out-of-line
+/// 8-value routine per 8 values (11% of a batched decode step at 8 clients, perf); AVX-512
+/// widens 16 per instruction inline.
+fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        unsafe { f16_to_f32_avx512(src, dst) };
+        return;
+    }
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(dst);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn f16_to_f32_avx512(src: &[half::f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert_eq!(src.len(), dst.len());
+    let whole = src.len() / 16 * 16;
+    for i in (0..whole).step_by(16) {
+        let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+        _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+    }
+    for (d, h) in dst[whole..].iter_mut().zip(&src[whole..]) {
+        *d = h.to_f32();
     }
 }
 
@@ -640,6 +668,24 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The vector widening equals `half`'s on every f16 bit pattern (subnormals, infinities;
+    /// NaN stays NaN), at a length that leaves a scalar tail.
+    #[test]
+    fn f16_widening_equals_the_half_crate() {
+        let src: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let src = &src[..src.len() - 3];
+        let mut fast = vec![0f32; src.len()];
+        f16_to_f32(src, &mut fast);
+        for (h, f) in src.iter().zip(&fast) {
+            let want = h.to_f32();
+            assert!(
+                want.to_bits() == f.to_bits() || (want.is_nan() && f.is_nan()),
+                "{:#06x}: {f} vs {want}",
+                h.to_bits()
+            );
+        }
     }
 
     #[test]
