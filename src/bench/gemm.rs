@@ -1,7 +1,8 @@
 //! `tern bench gemm`: the packed ternary matmul alone ([`PackedMatrix::matmul_with`]) at one
-//! shape, with every kernel this CPU offers: median time and multiply-adds per second. Prefill
-//! and batched decode are bounded by this kernel; `tern bench decode` measures it inside the
-//! model.
+//! shape, with every kernel this CPU offers, then the dense GEMMs of training at the same shape
+//! (candle's f32, and the bf16 one where the CPU has AMX-BF16): median time and multiply-adds
+//! per second. Prefill and batched decode are bounded by the packed kernel; `tern bench
+//! decode` measures it inside the model.
 
 use crate::error::Result;
 use crate::kernels::ternary_matmul::{Isa, PackedMatrix};
@@ -19,7 +20,16 @@ pub struct GemmSpeed {
 
 /// Times `reps` runs (after one warm-up) of `[tokens, cols] @ W^T` for a `[rows, cols]` PQ2_0
 /// matrix of pseudo-random codes (group 128, as tern exports) on every available kernel.
-pub fn measure(rows: usize, cols: usize, tokens: usize, reps: usize) -> Result<Vec<GemmSpeed>> {
+/// `only`: the kernels to time by name (`amx`, `avx512vnni`, ..., `dense-f32`, `dense-bf16`);
+/// empty times all.
+pub fn measure(
+    rows: usize,
+    cols: usize,
+    tokens: usize,
+    reps: usize,
+    only: &[String],
+) -> Result<Vec<GemmSpeed>> {
+    let want = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut bytes = Vec::new();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
@@ -40,22 +50,61 @@ pub fn measure(rows: usize, cols: usize, tokens: usize, reps: usize) -> Result<V
         .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
         .collect();
     let mut out = Vec::new();
-    for isa in Isa::available() {
-        std::hint::black_box(m.matmul_with(isa, &x, tokens));
-        let mut t: Vec<f64> = (0..reps)
-            .map(|_| {
-                let t0 = Instant::now();
-                std::hint::black_box(m.matmul_with(isa, &x, tokens));
-                t0.elapsed().as_secs_f64()
-            })
-            .collect();
-        t.sort_by(f64::total_cmp);
-        let median = t[t.len() / 2];
-        out.push(GemmSpeed {
-            isa: isa.name(),
-            median_ms: median * 1e3,
-            gmac_s: (rows * cols * tokens) as f64 / median / 1e9,
-        });
+    for isa in Isa::available().into_iter().filter(|i| want(i.name())) {
+        let run = || -> Result<()> {
+            std::hint::black_box(m.matmul_with(isa, &x, tokens));
+            Ok(())
+        };
+        out.push(time(isa.name(), reps, rows * cols * tokens, run)?);
+    }
+    // The dense GEMMs of training at the same shape: candle's f32 matmul and, where the CPU
+    // has AMX-BF16, the bf16 one (`kernels::gemm_bf16`).
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let dev = candle_core::Device::Cpu;
+    let (xt, wt) = (
+        candle_core::Tensor::from_slice(&x, (tokens, cols), &dev)?,
+        candle_core::Tensor::from_slice(&w, (rows, cols), &dev)?.t()?,
+    );
+    let f32_run = || -> Result<()> {
+        std::hint::black_box(xt.matmul(&wt)?);
+        Ok(())
+    };
+    if want("dense-f32") {
+        out.push(time("dense-f32", reps, rows * cols * tokens, f32_run)?);
+    }
+    if crate::kernels::gemm_bf16::available() && want("dense-bf16") {
+        let bf16_run = || -> Result<()> {
+            std::hint::black_box(crate::kernels::gemm_bf16::matmul_nt(
+                &x, &w, tokens, rows, cols,
+            ));
+            Ok(())
+        };
+        out.push(time("dense-bf16", reps, rows * cols * tokens, bf16_run)?);
     }
     Ok(out)
+}
+
+/// Median of `reps` timed runs of `f` (after one warm-up).
+fn time(
+    name: &'static str,
+    reps: usize,
+    macs: usize,
+    f: impl Fn() -> Result<()>,
+) -> Result<GemmSpeed> {
+    f()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f()?;
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    let median = t[t.len() / 2];
+    Ok(GemmSpeed {
+        isa: name,
+        median_ms: median * 1e3,
+        gmac_s: macs as f64 / median / 1e9,
+    })
 }

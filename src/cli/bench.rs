@@ -50,6 +50,10 @@ pub enum Cmd {
         tokens: usize,
         #[arg(short = 'r', long, default_value_t = 20, value_parser = super::at_least_one)]
         reps: usize,
+        /// Only these kernels (comma-separated: amx, avx512vnni, avxvnni, avx2, neondot,
+        /// portable, dense-f32, dense-bf16); default: all.
+        #[arg(long, value_delimiter = ',')]
+        kernels: Vec<String>,
     },
     /// Decode speed: prefill and decode tokens/s of greedy generation (batch 1, synthetic prompt
     /// ids) from a checkpoint (dense f32 weights, projected once) and/or a GGUF (packed 2-bit
@@ -156,12 +160,13 @@ pub fn run(cmd: Cmd) -> Result<i32> {
             cols,
             tokens,
             reps,
+            kernels,
         } => {
             println!(
                 "packed gemm [{tokens} x {cols}] @ [{rows} x {cols}]^T, {} threads, median of {reps}",
                 rayon::current_num_threads()
             );
-            for s in bench::gemm::measure(rows, cols, tokens, reps)? {
+            for s in bench::gemm::measure(rows, cols, tokens, reps, &kernels)? {
                 println!(
                     "{:>11}: {:8.3} ms  {:7.1} GMAC/s",
                     s.isa, s.median_ms, s.gmac_s

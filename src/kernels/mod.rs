@@ -9,6 +9,9 @@
 //!   never materializes the `[tokens, vocab]` logits (151,936 wide for Qwen3) for the batch.
 //! - [`ternary_matmul`]: matmul straight from packed 2-bit ternary blocks (GGUF inference),
 //!   beside dequantize-then-dense.
+//! - [`gemm_bf16`]: bf16 GEMM with f32 accumulation on AMX (CPU mixed precision), beside
+//!   round-then-f32.
+//! - [`amx`]: Intel AMX detection, permission and tile configuration (platform, not a kernel).
 //! - [`norm`]: RMSNorm and LayerNorm as CPU CustomOps with a real backward from saved per-row
 //!   statistics (the model's RMSNorm uses it).
 //! - [`flash_attention`]: tiled attention with the online softmax, forward and backward, GQA
@@ -27,6 +30,7 @@ pub mod amx;
 pub mod attention;
 pub mod cross_entropy;
 pub mod flash_attention;
+pub mod gemm_bf16;
 pub mod norm;
 pub mod project;
 pub mod rope;

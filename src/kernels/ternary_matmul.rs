@@ -1299,55 +1299,10 @@ mod x86 {
                 }
             }
             // acc[r] holds row r for the 16 tokens; the caller wants each token's 16 rows.
-            let t = transpose16(acc);
+            let t = crate::kernels::amx::transpose16(acc);
             for (k, v) in t.into_iter().enumerate().take(N.min(acts.n - tt * N)) {
                 store(k, v);
             }
-        }
-
-        /// Which output of the last round of [`transpose16`] holds column `k`: the pd unpack
-        /// round leaves columns 1 and 2 of each four swapped.
-        const TRANSPOSED: [usize; 16] = [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15];
-
-        /// A 16 x 16 f32 transpose in registers (four rounds of unpack / shuffle).
-        #[target_feature(enable = "avx512f")]
-        pub(in crate::kernels::ternary_matmul) unsafe fn transpose16(
-            r: [__m512; 16],
-        ) -> [__m512; 16] {
-            let mut a = [_mm512_setzero_ps(); 16];
-            for i in 0..8 {
-                a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-                a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-            }
-            let mut b = [_mm512_setzero_ps(); 16];
-            for i in 0..4 {
-                for j in 0..2 {
-                    let (x, y) = (
-                        _mm512_castps_pd(a[4 * i + j]),
-                        _mm512_castps_pd(a[4 * i + j + 2]),
-                    );
-                    b[4 * i + j] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
-                    b[4 * i + j + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
-                }
-            }
-            let mut c = [_mm512_setzero_ps(); 16];
-            for i in 0..2 {
-                for j in 0..4 {
-                    c[8 * i + j] = _mm512_shuffle_f32x4::<0x88>(b[8 * i + j], b[8 * i + j + 4]);
-                    c[8 * i + j + 4] = _mm512_shuffle_f32x4::<0xdd>(b[8 * i + j], b[8 * i + j + 4]);
-                }
-            }
-            let mut d = [_mm512_setzero_ps(); 16];
-            for j in 0..8 {
-                d[j] = _mm512_shuffle_f32x4::<0x88>(c[j], c[j + 8]);
-                d[j + 8] = _mm512_shuffle_f32x4::<0xdd>(c[j], c[j + 8]);
-            }
-            // Token k sits in d at the position the rounds above moved it to.
-            let mut out = [_mm512_setzero_ps(); 16];
-            for (k, o) in out.iter_mut().enumerate() {
-                *o = d[TRANSPOSED[k]];
-            }
-            out
         }
     }
 }
@@ -1595,30 +1550,6 @@ mod tests {
         assert_eq!(plain.0, fast.0, "codes");
         assert_eq!(plain.1, fast.1, "steps");
         assert_eq!(plain.2, fast.2, "corrections");
-    }
-
-    /// The AMX kernel's in-register transpose moves every element where a plain transpose does.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn the_amx_epilogue_transpose_is_a_transpose() {
-        if !is_x86_feature_detected!("avx512f") {
-            return;
-        }
-        let m: Vec<[f32; 16]> = (0..16)
-            .map(|i| std::array::from_fn(|j| (16 * i + j) as f32))
-            .collect();
-        // SAFETY: AVX-512F checked above; [f32; 16] and __m512 have the same size.
-        let t: [[f32; 16]; 16] = unsafe {
-            let r = std::array::from_fn(|i| {
-                std::mem::transmute::<[f32; 16], std::arch::x86_64::__m512>(m[i])
-            });
-            std::mem::transmute(x86::amx::transpose16(r))
-        };
-        for i in 0..16 {
-            for j in 0..16 {
-                assert_eq!(t[j][i], m[i][j], "({i}, {j})");
-            }
-        }
     }
 
     /// Several matrices on one input (one quantization, one parallel region) give exactly what
