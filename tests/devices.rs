@@ -116,8 +116,21 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 
 /// (loss, gradient of every parameter by name) of one window batch.
 fn loss_and_grads(device: &Device, compute: DType) -> (f32, Vec<(String, Vec<f32>)>) {
+    loss_and_grads_with(device, compute, false)
+}
+
+/// `gemm_bf16`: the ternary layers' GEMMs in bf16 on the CPU (AMX), tensors f32.
+fn loss_and_grads_with(
+    device: &Device,
+    compute: DType,
+    gemm_bf16: bool,
+) -> (f32, Vec<(String, Vec<f32>)>) {
     let params = params_on(device);
-    let model = Model::new(&arch(), quant(), &params)
+    let q = QuantConfig {
+        gemm_bf16,
+        ..quant()
+    };
+    let model = Model::new(&arch(), q, &params)
         .unwrap()
         .with_compute_dtype(compute);
     let loss = window_loss(&model, &windows(device)).unwrap();
@@ -254,6 +267,13 @@ fn cuda_fused_topk_matches_the_cpu() {
 fn bf16_tracks_f32(device: &Device) {
     let (l32, g32) = loss_and_grads(device, DType::F32);
     let (l16, g16) = loss_and_grads(device, DType::BF16);
+    bf16_close_to_f32((l16, g16), (l32, g32));
+}
+
+fn bf16_close_to_f32(
+    (l16, g16): (f32, Vec<(String, Vec<f32>)>),
+    (l32, g32): (f32, Vec<(String, Vec<f32>)>),
+) {
     assert!(
         (l16 - l32).abs() < 0.02 * l32.abs(),
         "bf16 loss {l16} vs f32 {l32}"
@@ -276,15 +296,34 @@ fn bf16_mixed_precision_tracks_f32_on_the_cpu() {
 
 on_each_gpu!(bf16_tracks_f32: cuda_bf16_mixed_precision_tracks_f32, metal_bf16_mixed_precision_tracks_f32);
 
+/// `train.dtype = "bf16"` on a CPU with AMX-BF16: the ternary GEMMs in bf16 (forward and both
+/// backward GEMMs), every parameter still gets a gradient, close to f32's.
 #[test]
-fn training_in_bf16_is_refused_on_the_cpu_with_the_reason() {
-    let e = ComputeDtype::Bf16
-        .for_device(&Device::Cpu)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("bf16") && e.contains("f32"), "{e}");
-    assert_eq!(
-        ComputeDtype::F32.for_device(&Device::Cpu).unwrap(),
-        DType::F32
+fn bf16_gemms_on_the_cpu_track_f32() {
+    let c = match ComputeDtype::Bf16.for_device(&Device::Cpu) {
+        Ok(c) => c,
+        Err(e) => return eprintln!("SKIP: {e}"),
+    };
+    assert_eq!((c.dtype, c.gemm_bf16), (DType::F32, true));
+    let (l32, g32) = loss_and_grads(&Device::Cpu, DType::F32);
+    let bf16 = loss_and_grads_with(&Device::Cpu, DType::F32, true);
+    assert_ne!(
+        bf16.0, l32,
+        "the bf16 GEMMs did not run (loss equal to f32's)"
     );
+    bf16_close_to_f32(bf16, (l32, g32));
+}
+
+/// Without AMX-BF16 the CPU refuses bf16, naming the missing feature; f32 is always f32.
+#[test]
+fn training_in_bf16_on_the_cpu_needs_amx_or_is_refused_with_the_reason() {
+    match ComputeDtype::Bf16.for_device(&Device::Cpu) {
+        Ok(c) => assert!(c.gemm_bf16 && tern::kernels::gemm_bf16::available()),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains("AMX-BF16") && e.contains("f32"), "{e}");
+        }
+    }
+    let f = ComputeDtype::F32.for_device(&Device::Cpu).unwrap();
+    assert_eq!((f.dtype, f.gemm_bf16), (DType::F32, false));
 }

@@ -47,9 +47,10 @@ impl StepBench {
         }
         let t0 = std::time::Instant::now();
         let params = Params::scratch(&self.arch, self.seed, DType::F32, device)?;
-        let model = Model::new(&self.arch, self.quant, &params)?
+        let compute = self.dtype.for_device(device)?;
+        let model = Model::new(&self.arch, compute.quant(self.quant), &params)?
             .with_kernels(self.kernels)
-            .with_compute_dtype(self.dtype.for_device(device)?);
+            .with_compute_dtype(compute.dtype);
         let mut opt = AdamW::new(AdamWConfig {
             beta1: 0.9,
             beta2: 0.95,

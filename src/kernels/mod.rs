@@ -112,7 +112,9 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// dtype of activations and GEMMs in training (`[train] dtype`, `tern bench step --dtype`):
 /// `bf16` is mixed precision (f32 latent weights, AdamW state, norms, softmax and loss; bf16
-/// GEMMs), for GPUs: candle's CPU backend widens bf16 GEMMs to f32, so the CPU refuses it.
+/// GEMMs). On a GPU activations are bf16 tensors; on a CPU with AMX-BF16 the ternary layers'
+/// GEMMs run in bf16 (`gemm_bf16`) while tensors stay f32 (candle's CPU backend has no bf16
+/// GEMM: it widens to f32); other CPUs refuse it.
 #[derive(
     Debug,
     Clone,
@@ -139,16 +141,45 @@ impl ComputeDtype {
         }
     }
 
-    /// The dtype to train with on `device`, or why not (bf16 on the CPU).
-    pub fn for_device(self, device: &Device) -> Result<DType> {
-        if self == ComputeDtype::Bf16 && device.is_cpu() {
-            return Err(crate::error::Error::Msg(
-                "dtype = \"bf16\" needs a GPU (train.device = \"cuda\" or \"metal\"): candle's CPU backend has no \
-                 bf16 GEMM (it widens to f32, slower than f32 itself). Use dtype = \"f32\" on the CPU"
-                    .into(),
-            ));
+    /// How to train with this dtype on `device`, or why not (bf16 on a CPU without AMX-BF16).
+    pub fn for_device(self, device: &Device) -> Result<Compute> {
+        match self {
+            ComputeDtype::Bf16 if device.is_cpu() => {
+                if !gemm_bf16::available() {
+                    return Err(crate::error::Error::Msg(
+                        "dtype = \"bf16\" on the CPU needs AMX-BF16 (Intel Xeon 4th generation or later), which \
+                         this CPU lacks: use dtype = \"f32\" here, or a GPU (train.device = \"cuda\" or \"metal\")"
+                            .into(),
+                    ));
+                }
+                Ok(Compute {
+                    dtype: DType::F32,
+                    gemm_bf16: true,
+                })
+            }
+            _ => Ok(Compute {
+                dtype: self.dtype(),
+                gemm_bf16: false,
+            }),
         }
-        Ok(self.dtype())
+    }
+}
+
+/// What a [`ComputeDtype`] means on a device: the activations' dtype, and whether the ternary
+/// layers' GEMMs run in bf16 on the CPU ([`QuantConfig::gemm_bf16`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compute {
+    pub dtype: DType,
+    pub gemm_bf16: bool,
+}
+
+impl Compute {
+    /// `quant` with this precision's GEMM choice.
+    pub fn quant(&self, quant: QuantConfig) -> QuantConfig {
+        QuantConfig {
+            gemm_bf16: self.gemm_bf16,
+            ..quant
+        }
     }
 }
 

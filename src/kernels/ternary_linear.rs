@@ -46,18 +46,28 @@ impl TernaryLinearOp {
                 wl.dims()
             );
         }
-        let wq = Tensor::from_vec(
-            ProjectSte::new(&self.quant).run(w, in_dim),
-            (out_dim, in_dim),
-            &Device::Cpu,
-        )?;
-        let xt = Tensor::from_slice(x, (rows, in_dim), &Device::Cpu)?;
-        let y = xt.matmul(&wq.t()?)?.flatten_all()?.to_vec1::<T>()?;
+        let wq = ProjectSte::new(&self.quant).run(w, in_dim);
+        let y = match as_f32(x).zip(as_f32(&wq)) {
+            // CPU mixed precision: the GEMM in bf16 (f32 in, f32 out).
+            Some((x, wq)) if self.quant.gemm_bf16 => {
+                let y = super::gemm_bf16::matmul_nt(x, wq, rows, out_dim, in_dim);
+                let y = y
+                    .into_iter()
+                    .map(|v| <T as candle_core::WithDType>::from_f64(v as f64));
+                T::to_cpu_storage_owned(y.collect())
+            }
+            _ => {
+                let wq = Tensor::from_vec(wq, (out_dim, in_dim), &Device::Cpu)?;
+                let xt = Tensor::from_slice(x, (rows, in_dim), &Device::Cpu)?;
+                let y = xt.matmul(&wq.t()?)?.flatten_all()?.to_vec1::<T>()?;
+                T::to_cpu_storage_owned(y)
+            }
+        };
         let mut dims = xl.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out_dim;
         }
-        Ok((T::to_cpu_storage_owned(y), Shape::from(dims)))
+        Ok((y, Shape::from(dims)))
     }
 }
 
@@ -102,12 +112,49 @@ impl CustomOp2 for TernaryLinearOp {
         let wq = super::project::project_ste(&w.detach(), &self.quant)
             .map_err(candle_core::Error::wrap)?;
         let dy2 = dy.reshape((rows, out_dim))?;
+        if self.quant.gemm_bf16 && x.dtype() == DType::F32 {
+            return bwd_bf16(x, &wq, &dy2, rows, in_dim, out_dim);
+        }
         let dx = dy2.matmul(&wq)?.reshape(x.shape())?;
         // x is a graph node: detach it, or dw would record a matmul op holding x and dy, and
         // candle's gradient sum (zeros + dw) would keep all three alive until the step ends.
         let dw = dy2.t()?.matmul(&x.detach().reshape((rows, in_dim))?)?;
         Ok((Some(dx.detach()), Some(dw.detach())))
     }
+}
+
+/// `x` as f32, when it is (the bf16 GEMM takes f32 in and rounds as it packs).
+fn as_f32<T: 'static>(x: &[T]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32 (checked just above): same size, alignment and validity.
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+    } else {
+        None
+    }
+}
+
+/// The backward's two GEMMs in bf16: `dx = dy @ P(w)` and `dw = dy^T @ x`, each as `A @ B^T`
+/// with A and B row-major over k (the transposes are f32 copies made here).
+fn bwd_bf16(
+    x: &Tensor,
+    wq: &Tensor,
+    dy: &Tensor,
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    use super::gemm_bf16::matmul_nt;
+    let v = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+    let dyv = v(dy.clone())?;
+    let wt = v(wq.t()?.contiguous()?)?; // [in, out]
+    let dx = matmul_nt(&dyv, &wt, rows, in_dim, out_dim);
+    let dyt = v(dy.t()?.contiguous()?)?; // [out, rows]
+    let xt = v(x.detach().reshape((rows, in_dim))?.t()?.contiguous()?)?; // [in, rows]
+    let dw = matmul_nt(&dyt, &xt, out_dim, in_dim, rows);
+    Ok((
+        Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+        Some(Tensor::from_vec(dw, (out_dim, in_dim), x.device())?),
+    ))
 }
 
 /// Whether [`ternary_linear`] can run: a ternary layer (ramp above 0) on the CPU, x and w both

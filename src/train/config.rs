@@ -129,6 +129,7 @@ impl ModelSection {
             scale: self.scale,
             ramp: 1.0,
             embeddings: self.ternary_embeddings,
+            gemm_bf16: false,
         }
     }
 }

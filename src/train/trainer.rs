@@ -319,9 +319,9 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
         )));
     }
     let compute = cfg.train.dtype.for_device(&device)?;
-    let mut model = Model::new(&arch, cfg.model.quant(), &params)?
+    let mut model = Model::new(&arch, compute.quant(cfg.model.quant()), &params)?
         .with_kernels(cfg.train.kernels)
-        .with_compute_dtype(compute);
+        .with_compute_dtype(compute.dtype);
     let teacher = if t.distill_alpha > 0.0 {
         Some(teacher_model(cfg, &arch, &device)?)
     } else {
