@@ -10,8 +10,9 @@
 //! checks on a Metal device, where every fused CPU kernel falls back to its candle reference
 //! (decided in `tern::kernels::Kernels`, as on CUDA).
 //!
-//! bf16 tests run on the CPU too: `tern train` refuses bf16 there (slow), but the mixed-precision
-//! graph is the same on every device, so its gradients are proven here.
+//! bf16 tests run on the CPU too: `tern train` runs bf16 tensors only on GPUs (on a CPU it
+//! means bf16 GEMMs on AMX, tested here as well), but the mixed-precision graph is the same on
+//! every device, so its gradients are proven here.
 
 mod common;
 use common::small_config;
