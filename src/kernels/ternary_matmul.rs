@@ -1529,24 +1529,14 @@ mod tests {
         x[64..96].fill(0.0);
         x[100] = f32::INFINITY;
         let sbs = cols.div_ceil(SB);
-        let plain = {
-            let (mut q, mut l, mut c) = (
-                vec![0i8; sbs * SB],
-                vec![0f32; sbs * 2 * LANES],
-                vec![0f32; sbs * 2],
-            );
-            quantize_row_body(&x, &mut q, &mut l, &mut c);
+        type Quantizer = fn(&[f32], &mut [i8], &mut [f32], &mut [f32]);
+        let run = |f: Quantizer| {
+            let mut q = vec![0i8; sbs * SB];
+            let (mut l, mut c) = (vec![0f32; sbs * 2 * LANES], vec![0f32; sbs * 2]);
+            f(&x, &mut q, &mut l, &mut c);
             (q, l, c)
         };
-        let fast = {
-            let (mut q, mut l, mut c) = (
-                vec![0i8; sbs * SB],
-                vec![0f32; sbs * 2 * LANES],
-                vec![0f32; sbs * 2],
-            );
-            quantize_row(&x, &mut q, &mut l, &mut c);
-            (q, l, c)
-        };
+        let (plain, fast) = (run(quantize_row_body), run(quantize_row));
         assert_eq!(plain.0, fast.0, "codes");
         assert_eq!(plain.1, fast.1, "steps");
         assert_eq!(plain.2, fast.2, "corrections");
