@@ -109,12 +109,13 @@ impl TileConfig {
         self
     }
 
-    /// Loads this configuration for the calling thread (zeroing every tile register).
+    /// Loads this configuration for the calling thread (zeroing every tile register). Off
+    /// x86-64 it does nothing ([`Amx::get`] never reports AMX there).
     ///
     /// # Safety
     /// [`Amx::get`] must have reported AMX on this CPU (it also obtained Linux's permission).
-    #[cfg(target_arch = "x86_64")]
     pub unsafe fn load(&self) {
+        #[cfg(target_arch = "x86_64")]
         std::arch::asm!("ldtilecfg [{}]", in(reg) self.0.as_ptr(), options(nostack, readonly));
     }
 }
@@ -125,12 +126,12 @@ impl Default for TileConfig {
     }
 }
 
-/// Returns the calling thread's tile state to its initial (unused) state.
+/// Returns the calling thread's tile state to its initial (unused) state (nothing off x86-64).
 ///
 /// # Safety
 /// As [`TileConfig::load`].
-#[cfg(target_arch = "x86_64")]
 pub unsafe fn release() {
+    #[cfg(target_arch = "x86_64")]
     std::arch::asm!("tilerelease", options(nostack, nomem));
 }
 

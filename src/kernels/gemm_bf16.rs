@@ -70,13 +70,8 @@ pub fn matmul_nt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32>
     // The tile configuration is loaded once per worker and call (`for_each_init`); workers keep
     // it until their next AMX call loads its own.
     (0..mb * nb).into_par_iter().for_each_init(
-        || {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: AMX-BF16 is available (asserted above).
-            unsafe {
-                tile_config().load()
-            }
-        },
+        // SAFETY: AMX-BF16 is available (asserted above).
+        || unsafe { tile_config().load() },
         |_, t| {
             let (i, j) = (t % mb, t / mb);
             // SAFETY: AMX-BF16 is available (asserted above) and this thread loaded the
@@ -286,7 +281,7 @@ unsafe fn block(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (ap, bp, kp, i0, j0, m, n, out);
+        let _ = (ap, bp, kp, i0, j0, m, n, out.0);
         unreachable!("bf16 GEMM without AMX");
     }
 }
@@ -295,10 +290,7 @@ unsafe fn block(
 pub fn release_tiles() {
     if available() {
         // SAFETY: AMX available.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            release()
-        };
+        unsafe { release() };
     }
 }
 
