@@ -20,7 +20,7 @@
 //! train                         config, optimizer, step, checkpoints, the loop
 //! runtime                       load any model for inference
 //! serve                         serving: continuous batching engine, HTTP API, chat templates
-//! bench                         benchmarks (kernels, step, decode, top-k, the serving engine)
+//! bench                         benchmarks (kernels, gemm, step, decode, top-k, the serving engine)
 //! ```
 //!
 //! - [`quant`]: the projection, the straight-through estimator, the 2-bit codec, verification.
