@@ -1064,8 +1064,8 @@ mod x86 {
     /// per-32 activation scales stay exact, as in the vector kernels); that epilogue, not the
     /// tile multiply, is the bulk of the work.
     pub mod amx {
-        use super::super::{PackedMatrix, QuantizedRows, LANES, SB};
         use crate::kernels::amx::{release, TileConfig};
+        use crate::kernels::ternary_matmul::{PackedMatrix, QuantizedRows, LANES, SB};
         use rayon::prelude::*;
         use std::arch::asm;
         use std::arch::x86_64::*;
