@@ -30,13 +30,27 @@ fn rows_in(l: &Layout) -> (usize, usize) {
     )
 }
 
+/// `x [rows, in] @ wq [out, in]^T` with candle's GEMM in `T`.
+fn dense_gemm<T: candle_core::WithDType>(
+    x: &[T],
+    wq: Vec<T>,
+    (rows, out_dim, in_dim): (usize, usize, usize),
+) -> candle_core::Result<Vec<T>> {
+    let wq = Tensor::from_vec(wq, (out_dim, in_dim), &Device::Cpu)?;
+    let xt = Tensor::from_slice(x, (rows, in_dim), &Device::Cpu)?;
+    xt.matmul(&wq.t()?)?.flatten_all()?.to_vec1::<T>()
+}
+
 impl TernaryLinearOp {
+    /// Projects `w` and multiplies with `gemm` (candle's, or the bf16 one for f32 under
+    /// `quant.gemm_bf16`).
     fn fwd<T: super::project::num_like::Num + candle_core::WithDType>(
         &self,
         x: &[T],
         xl: &Layout,
         w: &[T],
         wl: &Layout,
+        gemm: impl FnOnce(&[T], Vec<T>, (usize, usize, usize)) -> candle_core::Result<Vec<T>>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, in_dim) = rows_in(xl);
         let (out_dim, w_in) = wl.shape().dims2()?;
@@ -47,27 +61,12 @@ impl TernaryLinearOp {
             );
         }
         let wq = ProjectSte::new(&self.quant).run(w, in_dim);
-        let y = match as_f32(x).zip(as_f32(&wq)) {
-            // CPU mixed precision: the GEMM in bf16 (f32 in, f32 out).
-            Some((x, wq)) if self.quant.gemm_bf16 => {
-                let y = super::gemm_bf16::matmul_nt(x, wq, rows, out_dim, in_dim);
-                let y = y
-                    .into_iter()
-                    .map(|v| <T as candle_core::WithDType>::from_f64(v as f64));
-                T::to_cpu_storage_owned(y.collect())
-            }
-            _ => {
-                let wq = Tensor::from_vec(wq, (out_dim, in_dim), &Device::Cpu)?;
-                let xt = Tensor::from_slice(x, (rows, in_dim), &Device::Cpu)?;
-                let y = xt.matmul(&wq.t()?)?.flatten_all()?.to_vec1::<T>()?;
-                T::to_cpu_storage_owned(y)
-            }
-        };
+        let y = gemm(x, wq, (rows, out_dim, in_dim))?;
         let mut dims = xl.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = out_dim;
         }
-        Ok((y, Shape::from(dims)))
+        Ok((T::to_cpu_storage_owned(y), Shape::from(dims)))
     }
 }
 
@@ -84,17 +83,26 @@ impl CustomOp2 for TernaryLinearOp {
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         match (xs, ws) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => self.fwd(
-                contiguous_slice(x, xl, "ternary linear: x")?,
-                xl,
-                contiguous_slice(w, wl, "ternary linear: w")?,
-                wl,
-            ),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
+                let (x, w) = (
+                    contiguous_slice(x, xl, "ternary linear: x")?,
+                    contiguous_slice(w, wl, "ternary linear: w")?,
+                );
+                if self.quant.gemm_bf16 {
+                    // CPU mixed precision: the GEMM in bf16 (f32 in, f32 out).
+                    self.fwd(x, xl, w, wl, |x, wq, (r, o, i)| {
+                        Ok(super::gemm_bf16::matmul_nt(x, &wq, r, o, i))
+                    })
+                } else {
+                    self.fwd(x, xl, w, wl, dense_gemm)
+                }
+            }
             (CpuStorage::F64(x), CpuStorage::F64(w)) => self.fwd(
                 contiguous_slice(x, xl, "ternary linear: x")?,
                 xl,
                 contiguous_slice(w, wl, "ternary linear: w")?,
                 wl,
+                dense_gemm,
             ),
             _ => candle_core::bail!("ternary linear: x and w must both be f32 or both f64"),
         }
@@ -120,16 +128,6 @@ impl CustomOp2 for TernaryLinearOp {
         // candle's gradient sum (zeros + dw) would keep all three alive until the step ends.
         let dw = dy2.t()?.matmul(&x.detach().reshape((rows, in_dim))?)?;
         Ok((Some(dx.detach()), Some(dw.detach())))
-    }
-}
-
-/// `x` as f32, when it is (the bf16 GEMM takes f32 in and rounds as it packs).
-fn as_f32<T: 'static>(x: &[T]) -> Option<&[f32]> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: T is f32 (checked just above): same size, alignment and validity.
-        Some(unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
-    } else {
-        None
     }
 }
 

@@ -427,7 +427,7 @@ impl QuantizedRows {
 }
 
 /// The quantization step (scale) of value `j` of a row, from its lanes.
-#[cfg(test)]
+#[cfg(any(test, target_arch = "x86_64"))]
 fn step_of(lanes: &[f32], j: usize) -> f32 {
     lanes[(j / BLK) * LANES + (j % BLK) / GROUP * 8]
 }
@@ -1061,11 +1061,12 @@ mod x86 {
     /// signed int8 `t` in {-1, 0, +1}, natural order, so no `- sum x` correction); activations
     /// are the B tile, in AMX's layout ([`Acts`]). Each group's 16 x 16 int32 result is scaled
     /// by its token's activation step times its row's weight scale into f32 accumulators (the
-    /// per-32 activation scales stay exact, as in the vector kernels); that epilogue, not the
-    /// tile multiply, is the bulk of the work.
+    /// per-32 activation scales stay exact, as in the vector kernels). With K = 32 each tile
+    /// result must be stored and rescaled: perf puts most of the time in those stores and
+    /// the tile loads, the rest in the epilogue.
     pub mod amx {
         use crate::kernels::amx::{release, TileConfig};
-        use crate::kernels::ternary_matmul::{PackedMatrix, QuantizedRows, LANES, SB};
+        use crate::kernels::ternary_matmul::{step_of, PackedMatrix, QuantizedRows, SB};
         use rayon::prelude::*;
         use std::arch::asm;
         use std::arch::x86_64::*;
@@ -1105,19 +1106,17 @@ mod x86 {
                                 dst[i * 4 * N + 4 * k..i * 4 * N + 4 * k + 4]
                                     .copy_from_slice(&src[4 * i..4 * i + 4]);
                             }
-                            s[g * N + k] = lanes[(g / 2) * LANES + (g % 2) * 8];
+                            s[g * N + k] = step_of(lanes, g * K);
                         }
                     }
                 };
-                let chunks = b
-                    .chunks_mut(groups * B_TILE)
-                    .zip(steps.chunks_mut(groups * N));
+                // Token tiles in parallel (one tile, decode-sized batches: not worth a fork).
+                let (bw, sw) = (groups * B_TILE, groups * N);
                 if tiles > 1 {
-                    let chunks = b
-                        .par_chunks_mut(groups * B_TILE)
-                        .zip(steps.par_chunks_mut(groups * N));
+                    let chunks = b.par_chunks_mut(bw).zip(steps.par_chunks_mut(sw));
                     chunks.enumerate().for_each(|(tt, c)| fill(tt, c));
                 } else {
+                    let chunks = b.chunks_mut(bw).zip(steps.chunks_mut(sw));
                     chunks.enumerate().for_each(|(tt, c)| fill(tt, c));
                 }
                 Acts {
