@@ -29,6 +29,23 @@ pub fn measure(
     reps: usize,
     only: &[String],
 ) -> Result<Vec<GemmSpeed>> {
+    if rows == 0 || cols == 0 || !cols.is_multiple_of(128) {
+        return Err(crate::error::Error::Msg(format!(
+            "bench gemm: --rows must be positive and --cols a positive multiple of 128 (PQ2_0 \
+             blocks), got --rows {rows} --cols {cols}"
+        )));
+    }
+    let mut known: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();
+    known.push("dense-f32");
+    if crate::kernels::gemm_bf16::available() {
+        known.push("dense-bf16");
+    }
+    if let Some(bad) = only.iter().find(|o| !known.contains(&o.as_str())) {
+        return Err(crate::error::Error::Msg(format!(
+            "bench gemm: --kernels {bad}: not a kernel this CPU offers (it has: {})",
+            known.join(", ")
+        )));
+    }
     let want = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
     let mut bytes = Vec::new();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
