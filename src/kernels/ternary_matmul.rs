@@ -277,7 +277,7 @@ pub fn matmul_many_with(isa: Isa, mats: &[&PackedMatrix], x: &[f32], n: usize) -
     } else {
         isa
     };
-    let xq = QuantizedRows::new(x, n, first.cols, first.sbs);
+    let xq = QuantizedRows::new(x, n, first.cols, first.sbs, isa == Isa::Avx2);
     #[cfg(target_arch = "x86_64")]
     let acts = amx.then(|| x86::amx::Acts::new(&xq, n));
     let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows * n]).collect();
@@ -352,7 +352,7 @@ impl RowTask<'_> {
         // Token tiles outside, the task's rows inside: the rows' codes (at most 64 rows) stay
         // in L1/L2 while each tile's activations are read once per task, not per row.
         let mut tile = [0f32; PAIR * TILE];
-        let mut xs: [XRow; TILE] = [(&[], &[], &[]); TILE];
+        let mut xs: [XRow; TILE] = [XRow::EMPTY; TILE];
         for t0 in (0..n).step_by(TILE) {
             let tn = TILE.min(n - t0);
             for (k, x) in xs.iter_mut().enumerate().take(tn) {
@@ -378,52 +378,111 @@ impl RowTask<'_> {
 pub struct QuantizedRows {
     /// `n * sbs * 128` int8 values.
     q: Vec<i8>,
-    /// Per 64-block, 16 lanes: the scale of its first 32 values in lanes 0-7, of its second 32
+    /// Per 64-block, 16 lanes: the step of its first 32 values in lanes 0-7, of its second 32
     /// in lanes 8-15 (the lanes of a 512-bit integer dot that hold those values' products).
     lanes: Vec<f32>,
-    /// Per 64-block: `sum over its two 32-groups of scale * sum(q)`, the correction of
+    /// Per 64-block: `sum over its two 32-groups of step * sum(q)`, the correction of
     /// `sum t*x = sum q*x - sum x` in the block's units.
     corr: Vec<f32>,
+    /// Per row: the unit every group's step is an integer multiple of ([`group_steps`]).
+    units: Vec<f32>,
+    /// For the AVX2 kernels only (empty otherwise): per 32-group, its step in units, 16 times
+    /// (the i16 operand of one `vpmaddwd`), `n * sbs * 4 * 16`.
+    mults: Vec<i16>,
     sbs: usize,
 }
 
 impl QuantizedRows {
-    pub fn new(x: &[f32], n: usize, cols: usize, sbs: usize) -> Self {
-        let width = sbs * SB;
+    /// `with_mults`: also lay out the groups' integer step multiples for the AVX2 kernels.
+    pub fn new(x: &[f32], n: usize, cols: usize, sbs: usize, with_mults: bool) -> Self {
+        let (width, groups) = (sbs * SB, sbs * SB / GROUP);
         let mut q = vec![0i8; n * width];
         let mut lanes = vec![0f32; n * sbs * 2 * LANES];
         let mut corr = vec![0f32; n * sbs * 2];
+        let mut units = vec![0f32; n];
+        let mut gm = vec![0i16; n * groups];
+        let rows = q
+            .chunks_mut(width)
+            .zip(lanes.chunks_mut(sbs * 2 * LANES))
+            .zip(corr.chunks_mut(sbs * 2))
+            .zip(gm.chunks_mut(groups))
+            .zip(units.iter_mut())
+            .zip(x.chunks(cols));
+        let one = |(((((q, l), c), m), u), x): RowParts| *u = quantize_row(x, q, l, c, m);
         // Prefill quantizes hundreds of rows per matmul: in parallel (decode's one row is not
         // worth a fork).
         if n >= 8 {
-            q.par_chunks_mut(width)
-                .zip(lanes.par_chunks_mut(sbs * 2 * LANES))
-                .zip(corr.par_chunks_mut(sbs * 2))
-                .zip(x.par_chunks(cols))
-                .for_each(|(((q, l), c), x)| quantize_row(x, q, l, c));
+            rows.par_bridge().for_each(one);
         } else {
-            q.chunks_mut(width)
-                .zip(lanes.chunks_mut(sbs * 2 * LANES))
-                .zip(corr.chunks_mut(sbs * 2))
-                .zip(x.chunks(cols))
-                .for_each(|(((q, l), c), x)| quantize_row(x, q, l, c));
+            rows.for_each(one);
         }
+        let mults = if with_mults {
+            gm.iter().flat_map(|&m| [m; 16]).collect()
+        } else {
+            Vec::new()
+        };
         Self {
             q,
             lanes,
             corr,
+            units,
+            mults,
             sbs,
         }
     }
 
     fn row(&self, i: usize) -> XRow<'_> {
         let (w, l, c) = (self.sbs * SB, self.sbs * 2 * LANES, self.sbs * 2);
-        (
-            &self.q[i * w..(i + 1) * w],
-            &self.lanes[i * l..(i + 1) * l],
-            &self.corr[i * c..(i + 1) * c],
-        )
+        let m = if self.mults.is_empty() { 0 } else { w / 2 };
+        XRow {
+            q: &self.q[i * w..(i + 1) * w],
+            lanes: &self.lanes[i * l..(i + 1) * l],
+            corr: &self.corr[i * c..(i + 1) * c],
+            mults: &self.mults[i * m..(i + 1) * m],
+            unit: self.units[i],
+        }
     }
+}
+
+/// One row's slices of a [`QuantizedRows`] being filled, and its input.
+type RowParts<'a> = (
+    (
+        (
+            ((&'a mut [i8], &'a mut [f32]), &'a mut [f32]),
+            &'a mut [i16],
+        ),
+        &'a mut f32,
+    ),
+    &'a [f32],
+);
+
+/// The largest step multiple ([`group_steps`]). The AVX2 kernel's i32 lanes then hold at most
+/// 4 groups x 2 x 508 x 32767 (~1.3e8) per super-block.
+const MULT_MAX: f32 = 32767.0;
+
+/// Each 32-group's step from its absmax: the smallest multiple `m * unit` of the row's unit
+/// (`max absmax / 127 / MULT_MAX`) that is at least `absmax / 127`, so `|x / step| <= 127` and
+/// every step of the row is an exact integer multiple of one unit: the AVX2 kernel then sums a
+/// super-block's groups in integers and converts once (`vpmaddwd` by `m`), not once per
+/// group. A step grows by at most 1 / m over absmax / 127: 3e-5 for the row's largest group.
+/// An all-zero or non-finite group gets step 0 (it reads as zero), as does a whole row whose
+/// largest value is so small (below ~5e-31) that the unit would be subnormal. Returns the unit.
+fn group_steps(amax: &[f32], steps: &mut [f32], mults: &mut [i16]) -> f32 {
+    let top = amax
+        .iter()
+        .copied()
+        .filter(|a| a.is_finite())
+        .fold(0f32, f32::max);
+    let unit = top / 127.0 / MULT_MAX;
+    for ((&a, s), m) in amax.iter().zip(steps.iter_mut()).zip(mults.iter_mut()) {
+        (*s, *m) = if a == 0.0 || !a.is_finite() || !unit.is_normal() {
+            (0.0, 0)
+        } else {
+            let k = (a / 127.0 / unit).ceil().clamp(1.0, MULT_MAX);
+            (k * unit, k as i16)
+        };
+    }
+    unit
 }
 
 /// The quantization step (scale) of value `j` of a row, from its lanes.
@@ -432,22 +491,37 @@ fn step_of(lanes: &[f32], j: usize) -> f32 {
     lanes[(j / BLK) * LANES + (j % BLK) / GROUP * 8]
 }
 
-/// One activation row quantized per 32 values (absmax to int8) into `q` (zero-padded), the
-/// per-64-block `lanes` of scales and `corr` corrections.
-fn quantize_row(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: &mut [f32]) {
+/// One activation row quantized per 32 values (absmax to int8, steps from [`group_steps`]) into
+/// `q` (zero-padded), the per-64-block `lanes` of steps, `corr` corrections and `mults`, each
+/// group's step in units. Returns the unit.
+fn quantize_row(
+    x: &[f32],
+    q: &mut [i8],
+    lanes: &mut [f32],
+    corr: &mut [f32],
+    mults: &mut [i16],
+) -> f32 {
     // Baseline x86-64 (SSE2) has no vector rounding: `round` would be a libm call per value.
     // The same loop compiled for AVX2 rounds 8 values per instruction.
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked above).
-        return unsafe { quantize_row_avx512(x, q, lanes, corr) };
+        return unsafe { quantize_row_avx512(x, q, lanes, corr, mults) };
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { quantize_row_avx2(x, q, lanes, corr) };
+        return unsafe { quantize_row_avx2(x, q, lanes, corr, mults) };
     }
-    quantize_row_body(x, q, lanes, corr)
+    quantize_row_body(x, q, lanes, corr, mults)
+}
+
+/// A group's step into the row's `lanes` and its correction into `corr`.
+#[inline(always)]
+fn record_group(g: usize, step: f32, sum: i32, lanes: &mut [f32], corr: &mut [f32]) {
+    let (b, half) = (g / 2, g % 2);
+    lanes[b * LANES + half * 8..b * LANES + half * 8 + 8].fill(step);
+    corr[b] += step * sum as f32;
 }
 
 /// [`quantize_row_body`] with AVX-512: one group of 32 in two registers, rounding half away
@@ -455,7 +529,13 @@ fn quantize_row(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: &mut [f32]) {
 /// `q` must hold whole groups (it is padded to super-blocks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: &mut [f32]) {
+unsafe fn quantize_row_avx512(
+    x: &[f32],
+    q: &mut [i8],
+    lanes: &mut [f32],
+    corr: &mut [f32],
+    mults: &mut [i16],
+) -> f32 {
     use std::arch::x86_64::*;
     #[inline(always)]
     unsafe fn round_away(v: __m512) -> __m512i {
@@ -465,21 +545,32 @@ unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: 
         let one = _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(v, _mm512_set1_ps(-0.0)));
         _mm512_cvttps_epi32(_mm512_mask_add_ps(t, half, t, one))
     }
+    let groups = x.len().div_ceil(GROUP);
     let mut tail = [0f32; GROUP];
-    for g in 0..x.len().div_ceil(GROUP) {
+    // Group g's two registers (the last, partial group zero-padded: zeros change neither its
+    // max nor its sum).
+    let mut load = |g: usize| {
         let src = if (g + 1) * GROUP <= x.len() {
             x.as_ptr().add(g * GROUP)
         } else {
-            // The last, partial group, zero-padded (zeros change neither its max nor its sum).
             tail[..x.len() - g * GROUP].copy_from_slice(&x[g * GROUP..]);
             tail.as_ptr()
         };
-        let (a, b) = (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-        if amax == 0.0 || !amax.is_finite() {
+        (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)))
+    };
+    let mut amax = vec![0f32; groups];
+    for (g, m) in amax.iter_mut().enumerate() {
+        let (a, b) = load(g);
+        *m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    }
+    let mut steps = vec![0f32; groups];
+    let unit = group_steps(&amax, &mut steps, &mut mults[..groups]);
+    for (g, &step) in steps.iter().enumerate() {
+        if step == 0.0 {
             continue; // as quantize_row_body
         }
-        let inv = _mm512_set1_ps(127.0 / amax);
+        let (a, b) = load(g);
+        let inv = _mm512_set1_ps(1.0 / step);
         let (qa, qb) = (
             round_away(_mm512_mul_ps(a, inv)),
             round_away(_mm512_mul_ps(b, inv)),
@@ -488,35 +579,50 @@ unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: 
         _mm_storeu_si128(dst, _mm512_cvtepi32_epi8(qa));
         _mm_storeu_si128(dst.add(1), _mm512_cvtepi32_epi8(qb));
         let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-        let (blk, half, scale) = (g / 2, g % 2, amax / 127.0);
-        lanes[blk * LANES + half * 8..blk * LANES + half * 8 + 8].fill(scale);
-        corr[blk] += scale * sum as f32;
+        record_group(g, step, sum, lanes, corr);
     }
+    unit
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: &mut [f32]) {
-    quantize_row_body(x, q, lanes, corr)
+unsafe fn quantize_row_avx2(
+    x: &[f32],
+    q: &mut [i8],
+    lanes: &mut [f32],
+    corr: &mut [f32],
+    mults: &mut [i16],
+) -> f32 {
+    quantize_row_body(x, q, lanes, corr, mults)
 }
 
 #[inline(always)]
-fn quantize_row_body(x: &[f32], q: &mut [i8], lanes: &mut [f32], corr: &mut [f32]) {
-    for (g, grp) in x.chunks(GROUP).enumerate() {
-        let amax = grp.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if amax == 0.0 || !amax.is_finite() {
-            continue; // all zero (or not finite: the group reads as zero)
+fn quantize_row_body(
+    x: &[f32],
+    q: &mut [i8],
+    lanes: &mut [f32],
+    corr: &mut [f32],
+    mults: &mut [i16],
+) -> f32 {
+    let amax: Vec<f32> = x
+        .chunks(GROUP)
+        .map(|grp| grp.iter().fold(0f32, |m, v| m.max(v.abs())))
+        .collect();
+    let mut steps = vec![0f32; amax.len()];
+    let unit = group_steps(&amax, &mut steps, &mut mults[..amax.len()]);
+    for (g, (grp, &step)) in x.chunks(GROUP).zip(&steps).enumerate() {
+        if step == 0.0 {
+            continue; // all zero or not finite (the group reads as zero)
         }
-        let inv = 127.0 / amax;
+        let inv = 1.0 / step;
         let mut s = 0i32;
         for (d, v) in q[g * GROUP..g * GROUP + grp.len()].iter_mut().zip(grp) {
             *d = (v * inv).round() as i8;
             s += *d as i32;
         }
-        let (b, half, scale) = (g / 2, g % 2, amax / 127.0);
-        lanes[b * LANES + half * 8..b * LANES + half * 8 + 8].fill(scale);
-        corr[b] += scale * s as f32;
+        record_group(g, step, s, lanes, corr);
     }
+    unit
 }
 
 /// `out[j * tn + k] = W_{row j} . xs[k]` for one or two consecutive rows (`codes`, `ws` hold
@@ -592,13 +698,36 @@ fn dot_rows(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut 
     }
 }
 
-/// One token's activations: int8 values, per-64-block scale lanes and corrections
-/// ([`QuantizedRows`]).
-type XRow<'a> = (&'a [i8], &'a [f32], &'a [f32]);
+/// One token's activations ([`QuantizedRows`]): int8 values, per-64-block step lanes and
+/// corrections, and (AVX2 only, else empty) every group's step as a multiple of `unit`.
+#[derive(Clone, Copy)]
+struct XRow<'a> {
+    q: &'a [i8],
+    lanes: &'a [f32],
+    corr: &'a [f32],
+    mults: &'a [i16],
+    unit: f32,
+}
+
+impl XRow<'_> {
+    const EMPTY: XRow<'static> = XRow {
+        q: &[],
+        lanes: &[],
+        corr: &[],
+        mults: &[],
+        unit: 0.0,
+    };
+}
 
 /// The portable kernel: the same integer math in plain loops (they auto-vectorize).
 fn dot_tile_portable(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
-    for (o, &(xq, lanes, corr)) in out.iter_mut().zip(xs) {
+    for (
+        o,
+        &XRow {
+            q: xq, lanes, corr, ..
+        },
+    ) in out.iter_mut().zip(xs)
+    {
         let mut acc = 0f32;
         for (sb, c) in codes.chunks_exact(32).enumerate() {
             let x = &xq[sb * SB..(sb + 1) * SB];
@@ -635,16 +764,16 @@ mod x86 {
     /// `f(T, WIDE)` at a tile's token count (1..=4) and scale layout: the token loop of the
     /// tile kernels unrolls over a constant.
     macro_rules! by_tokens {
-        ($($f:ident)::+, $n:expr, $wide:expr, ($($arg:expr),*)) => {
+        ($($f:ident)::+ $([$k:ty])?, $n:expr, $wide:expr, ($($arg:expr),*)) => {
             match ($n, $wide) {
-                (4, true) => $($f)::+::<4, true>($($arg),*),
-                (3, true) => $($f)::+::<3, true>($($arg),*),
-                (2, true) => $($f)::+::<2, true>($($arg),*),
-                (_, true) => $($f)::+::<1, true>($($arg),*),
-                (4, false) => $($f)::+::<4, false>($($arg),*),
-                (3, false) => $($f)::+::<3, false>($($arg),*),
-                (2, false) => $($f)::+::<2, false>($($arg),*),
-                (_, false) => $($f)::+::<1, false>($($arg),*),
+                (4, true) => $($f)::+::<$($k,)? 4, true>($($arg),*),
+                (3, true) => $($f)::+::<$($k,)? 3, true>($($arg),*),
+                (2, true) => $($f)::+::<$($k,)? 2, true>($($arg),*),
+                (_, true) => $($f)::+::<$($k,)? 1, true>($($arg),*),
+                (4, false) => $($f)::+::<$($k,)? 4, false>($($arg),*),
+                (3, false) => $($f)::+::<$($k,)? 3, false>($($arg),*),
+                (2, false) => $($f)::+::<$($k,)? 2, false>($($arg),*),
+                (_, false) => $($f)::+::<$($k,)? 1, false>($($arg),*),
             }
         };
     }
@@ -656,14 +785,18 @@ mod x86 {
         q: *const i8,
         lanes: *const f32,
         corr: *const f32,
+        mults: *const i16,
+        unit: f32,
     }
 
     impl XPtr {
         pub fn of(x: &XRow) -> Self {
             Self {
-                q: x.0.as_ptr(),
-                lanes: x.1.as_ptr(),
-                corr: x.2.as_ptr(),
+                q: x.q.as_ptr(),
+                lanes: x.lanes.as_ptr(),
+                corr: x.corr.as_ptr(),
+                mults: x.mults.as_ptr(),
+                unit: x.unit,
             }
         }
     }
@@ -691,37 +824,96 @@ mod x86 {
         ]
     }
 
-    /// One token's contribution of one super-block on 256-bit vectors. `dot(p, x)` is the
-    /// i32x8 integer dot of 32 u8 x i8 (the only part that differs between AVX2 and
-    /// AVX-VNNI); each plane is one quantization group, scaled by its own activation scale.
-    #[inline(always)]
-    unsafe fn step256<const WIDE: bool>(
-        p: &[__m256i; 4],
-        x: XPtr,
-        sb: usize,
-        w: (f32, f32),
-        acc: &mut __m256,
-        dot: &impl Fn(__m256i, __m256i) -> __m256i,
-    ) {
-        let xp = x.q.add(sb * SB);
-        let group = |k: usize| {
-            let xk = _mm256_loadu_si256(xp.add(32 * k) as *const __m256i);
-            let scale = *x.lanes.add((2 * sb + k / 2) * LANES + (k % 2) * 8);
-            (_mm256_cvtepi32_ps(dot(p[k], xk)), _mm256_set1_ps(scale))
-        };
-        // A 64-block's float dot (its correction is subtracted once per row: `corrected256`).
-        let block = |h: usize| {
-            let (d0, s0) = group(2 * h);
-            let (d1, s1) = group(2 * h + 1);
-            _mm256_fmadd_ps(d1, s1, _mm256_mul_ps(d0, s0))
-        };
-        if WIDE {
-            // One weight scale for the super-block: add the blocks first.
-            let f = _mm256_add_ps(block(0), block(1));
-            *acc = _mm256_fmadd_ps(f, _mm256_set1_ps(w.0), *acc);
-        } else {
-            *acc = _mm256_fmadd_ps(block(0), _mm256_set1_ps(w.0), *acc);
-            *acc = _mm256_fmadd_ps(block(1), _mm256_set1_ps(w.1), *acc);
+    /// How a 256-bit kernel turns a super-block's code planes and one token's activations into
+    /// its f32 accumulator: the only part that differs between AVX2 and AVX-VNNI.
+    trait Step256 {
+        /// Adds one token's dot with super-block `sb` (weight scales `w`) into `acc`.
+        unsafe fn step<const WIDE: bool>(
+            p: &[__m256i; 4],
+            x: XPtr,
+            sb: usize,
+            w: (f32, f32),
+            acc: &mut __m256,
+        );
+        /// What the accumulator is multiplied by at the end (AVX2: the row's step unit).
+        fn unit(x: XPtr) -> f32;
+    }
+
+    /// AVX-VNNI: `vpdpbusd` per group, each group converted and scaled by its own step.
+    struct FloatGroups;
+
+    impl Step256 for FloatGroups {
+        #[inline(always)]
+        unsafe fn step<const WIDE: bool>(
+            p: &[__m256i; 4],
+            x: XPtr,
+            sb: usize,
+            w: (f32, f32),
+            acc: &mut __m256,
+        ) {
+            let xp = x.q.add(sb * SB);
+            let group = |k: usize| {
+                let xk = _mm256_loadu_si256(xp.add(32 * k) as *const __m256i);
+                let scale = *x.lanes.add((2 * sb + k / 2) * LANES + (k % 2) * 8);
+                let d = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), p[k], xk);
+                (_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale))
+            };
+            // A 64-block's float dot (its correction is subtracted once per row: `corrected256`).
+            let block = |h: usize| {
+                let (d0, s0) = group(2 * h);
+                let (d1, s1) = group(2 * h + 1);
+                _mm256_fmadd_ps(d1, s1, _mm256_mul_ps(d0, s0))
+            };
+            if WIDE {
+                // One weight scale for the super-block: add the blocks first.
+                let f = _mm256_add_ps(block(0), block(1));
+                *acc = _mm256_fmadd_ps(f, _mm256_set1_ps(w.0), *acc);
+            } else {
+                *acc = _mm256_fmadd_ps(block(0), _mm256_set1_ps(w.0), *acc);
+                *acc = _mm256_fmadd_ps(block(1), _mm256_set1_ps(w.1), *acc);
+            }
+        }
+
+        fn unit(_: XPtr) -> f32 {
+            1.0
+        }
+    }
+
+    /// AVX2: each group's u8 x i8 pair sums (`vpmaddubsw`, i16, at most 508) multiplied by the
+    /// group's step in units and summed to i32 (`vpmaddwd` by the group's `mults`), the groups
+    /// of a weight-scale block added in integers, one convert and one FMA per block: 3 integer
+    /// operations per group instead of 4 and a float conversion (the row's unit multiplies
+    /// once at the end). Measured on AMD Zen 2, where AVX2 is the best kernel (NOTES.md).
+    struct IntGroups;
+
+    impl Step256 for IntGroups {
+        #[inline(always)]
+        unsafe fn step<const WIDE: bool>(
+            p: &[__m256i; 4],
+            x: XPtr,
+            sb: usize,
+            w: (f32, f32),
+            acc: &mut __m256,
+        ) {
+            let (xp, mp) = (x.q.add(sb * SB), x.mults.add(sb * 4 * 16));
+            let group = |k: usize| {
+                let xk = _mm256_loadu_si256(xp.add(32 * k) as *const __m256i);
+                let mk = _mm256_loadu_si256(mp.add(16 * k) as *const __m256i);
+                _mm256_madd_epi16(_mm256_maddubs_epi16(p[k], xk), mk)
+            };
+            let b0 = _mm256_add_epi32(group(0), group(1));
+            let b1 = _mm256_add_epi32(group(2), group(3));
+            if WIDE {
+                let d = _mm256_cvtepi32_ps(_mm256_add_epi32(b0, b1));
+                *acc = _mm256_fmadd_ps(d, _mm256_set1_ps(w.0), *acc);
+            } else {
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b0), _mm256_set1_ps(w.0), *acc);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b1), _mm256_set1_ps(w.1), *acc);
+            }
+        }
+
+        fn unit(x: XPtr) -> f32 {
+            x.unit
         }
     }
 
@@ -747,12 +939,11 @@ mod x86 {
 
     /// One row against the `T` tokens of a tile (256-bit).
     #[inline(always)]
-    unsafe fn tile256<const T: usize, const WIDE: bool>(
+    unsafe fn tile256<K: Step256, const T: usize, const WIDE: bool>(
         codes: &[u8],
         ws: &[f32],
         xs: &[XRow],
         out: &mut [f32],
-        dot: &impl Fn(__m256i, __m256i) -> __m256i,
     ) {
         let x: [XPtr; T] = std::array::from_fn(|k| XPtr::of(&xs[k]));
         let (c, w) = (codes.as_ptr(), ws.as_ptr());
@@ -761,22 +952,22 @@ mod x86 {
             let p = planes256(c.add(sb * 32));
             let wsb = (*w.add(2 * sb), *w.add(2 * sb + 1));
             for k in 0..T {
-                step256::<WIDE>(&p, x[k], sb, wsb, &mut acc[k], dot);
+                K::step::<WIDE>(&p, x[k], sb, wsb, &mut acc[k]);
             }
         }
         for k in 0..T {
-            out[k] = corrected256(acc[k], w, x[k].corr, ws.len());
+            let a = _mm256_mul_ps(acc[k], _mm256_set1_ps(K::unit(x[k])));
+            out[k] = corrected256(a, w, x[k].corr, ws.len());
         }
     }
 
     /// `ROWS` rows against one token (256-bit): each load of the activations serves every row.
     #[inline(always)]
-    unsafe fn rows256<const WIDE: bool>(
+    unsafe fn rows256<K: Step256, const WIDE: bool>(
         codes: &[u8],
         ws: &[f32],
         x: &XRow,
         out: &mut [f32],
-        dot: &impl Fn(__m256i, __m256i) -> __m256i,
     ) {
         const R: usize = super::ROWS;
         let (cb, sbw) = (codes.len() / R, ws.len() / R);
@@ -790,43 +981,40 @@ mod x86 {
                 // (a hint; an address past the matrix is never dereferenced).
                 _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(PREFETCH) as *const i8);
                 let wsb = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
-                step256::<WIDE>(&planes256(at), x, sb, wsb, a, dot);
+                K::step::<WIDE>(&planes256(at), x, sb, wsb, a);
             }
         }
+        let unit = _mm256_set1_ps(K::unit(x));
         for (j, (o, a)) in out.iter_mut().zip(acc).enumerate() {
-            *o = corrected256(a, w.add(j * sbw), x.corr, sbw);
+            *o = corrected256(_mm256_mul_ps(a, unit), w.add(j * sbw), x.corr, sbw);
         }
     }
 
-    /// u8 (0..2) x i8 pairs summed to i16 (at most 2 * 2 * 127 per lane, no saturation), then
-    /// to i32.
-    #[inline(always)]
-    unsafe fn dot_avx2(p: __m256i, x: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(p, x), _mm256_set1_epi16(1))
-    }
-
-    #[inline(always)]
-    unsafe fn dot_avxvnni(p: __m256i, x: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), p, x)
+    /// The AVX2 kernels read the groups' step multiples: the activations must carry them.
+    fn assert_mults(x: &XRow) {
+        assert_eq!(
+            x.mults.len() * 2,
+            x.q.len(),
+            "AVX2 needs QuantizedRows with mults"
+        );
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn rows_avx2(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        let dot = |p, x| dot_avx2(p, x);
+        assert_mults(x);
         if wide {
-            rows256::<true>(codes, ws, x, out, &dot)
+            rows256::<IntGroups, true>(codes, ws, x, out)
         } else {
-            rows256::<false>(codes, ws, x, out, &dot)
+            rows256::<IntGroups, false>(codes, ws, x, out)
         }
     }
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
     pub unsafe fn rows_avxvnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        let dot = |p, x| dot_avxvnni(p, x);
         if wide {
-            rows256::<true>(codes, ws, x, out, &dot)
+            rows256::<FloatGroups, true>(codes, ws, x, out)
         } else {
-            rows256::<false>(codes, ws, x, out, &dot)
+            rows256::<FloatGroups, false>(codes, ws, x, out)
         }
     }
 
@@ -838,8 +1026,8 @@ mod x86 {
         xs: &[XRow],
         out: &mut [f32],
     ) {
-        let dot = |p, x| dot_avx2(p, x);
-        by_tokens!(tile256, xs.len(), wide, (codes, ws, xs, out, &dot))
+        xs.iter().for_each(assert_mults);
+        by_tokens!(tile256[IntGroups], xs.len(), wide, (codes, ws, xs, out))
     }
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
@@ -850,8 +1038,7 @@ mod x86 {
         xs: &[XRow],
         out: &mut [f32],
     ) {
-        let dot = |p, x| dot_avxvnni(p, x);
-        by_tokens!(tile256, xs.len(), wide, (codes, ws, xs, out, &dot))
+        by_tokens!(tile256[FloatGroups], xs.len(), wide, (codes, ws, xs, out))
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
@@ -1099,7 +1286,8 @@ mod x86 {
                 let mut steps = vec![0f32; tiles * groups * N];
                 let fill = |tt: usize, (b, s): (&mut [i8], &mut [f32])| {
                     for k in 0..N.min(n - tt * N) {
-                        let (q, lanes, _) = xq.row(tt * N + k);
+                        let row = xq.row(tt * N + k);
+                        let (q, lanes) = (row.q, row.lanes);
                         for g in 0..groups {
                             let (src, dst) = (&q[g * K..(g + 1) * K], &mut b[g * B_TILE..]);
                             for i in 0..K / 4 {
@@ -1346,7 +1534,7 @@ mod arm {
         for (sb, c) in codes.chunks_exact(32).enumerate() {
             let c = (vld1q_u8(c.as_ptr()), vld1q_u8(c.as_ptr().add(16)));
             let planes = [plane(c, 0), plane(c, 1), plane(c, 2), plane(c, 3)];
-            for (o, &(xq, lanes, _)) in out.iter_mut().zip(xs) {
+            for (o, &XRow { q: xq, lanes, .. }) in out.iter_mut().zip(xs) {
                 let x = xq.as_ptr().add(sb * SB);
                 for h in 0..2 {
                     let b = 2 * sb + h;
@@ -1481,12 +1669,12 @@ mod tests {
             // 15 end in token tiles of every size; 17 and 40 leave partial AMX tiles of 16.
             for n in [1, 3, 6, 9, 13, 15, 17, 40] {
                 let x = input(n, cols);
-                let xq = QuantizedRows::new(&x, n, cols, m.sbs);
+                let xq = QuantizedRows::new(&x, n, cols, m.sbs, false);
                 let reference = matmul_reference(&m, &x, n);
                 let portable = m.matmul_with(Isa::Portable, &x, n);
                 // Each activation is off by at most half the step of its quantization block.
                 let bound = |i: usize, r: usize| -> f32 {
-                    let (w, step) = (m.row(r), xq.row(i).1);
+                    let (w, step) = (m.row(r), xq.row(i).lanes);
                     (0..cols)
                         .map(|j| w[j].abs() * step_of(step, j) / 2.0)
                         .sum::<f32>()
@@ -1528,17 +1716,61 @@ mod tests {
         x[64..96].fill(0.0);
         x[100] = f32::INFINITY;
         let sbs = cols.div_ceil(SB);
-        type Quantizer = fn(&[f32], &mut [i8], &mut [f32], &mut [f32]);
+        type Quantizer = fn(&[f32], &mut [i8], &mut [f32], &mut [f32], &mut [i16]) -> f32;
         let run = |f: Quantizer| {
             let mut q = vec![0i8; sbs * SB];
             let (mut l, mut c) = (vec![0f32; sbs * 2 * LANES], vec![0f32; sbs * 2]);
-            f(&x, &mut q, &mut l, &mut c);
-            (q, l, c)
+            let mut m = vec![0i16; sbs * SB / GROUP];
+            let unit = f(&x, &mut q, &mut l, &mut c, &mut m);
+            (q, l, c, m, unit)
         };
         let (plain, fast) = (run(quantize_row_body), run(quantize_row));
         assert_eq!(plain.0, fast.0, "codes");
         assert_eq!(plain.1, fast.1, "steps");
         assert_eq!(plain.2, fast.2, "corrections");
+        assert_eq!(plain.3, fast.3, "step multiples");
+        assert_eq!(plain.4, fast.4, "unit");
+    }
+
+    /// Every group's step is its integer multiple of the row's unit, covers the group's
+    /// absmax (no int8 code beyond 127) and exceeds absmax / 127 by less than one unit; zero
+    /// and non-finite groups read as zero, and a row too small for a normal unit reads as zero.
+    #[test]
+    fn group_steps_are_exact_multiples_of_the_unit() {
+        let amax = [
+            3.0f32,
+            1e-3,
+            0.0,
+            2.5e-9,
+            f32::NAN,
+            127.0,
+            f32::INFINITY,
+            126.99,
+        ];
+        let (mut steps, mut m) = ([0f32; 8], [0i16; 8]);
+        let unit = group_steps(&amax, &mut steps, &mut m);
+        assert_eq!(unit, 127.0 / 127.0 / MULT_MAX);
+        for g in 0..amax.len() {
+            if amax[g] == 0.0 || !amax[g].is_finite() {
+                assert_eq!((steps[g], m[g]), (0.0, 0), "group {g}");
+                continue;
+            }
+            assert_eq!(steps[g], m[g] as f32 * unit, "group {g}: exact multiple");
+            assert!(
+                (amax[g] / steps[g]).round() <= 127.0,
+                "group {g}: int8 range"
+            );
+            assert!(
+                steps[g] - amax[g] / 127.0 < unit * 1.0001,
+                "group {g}: at most one unit over"
+            );
+            assert!(m[g] >= 1, "group {g}");
+        }
+        assert_eq!(m[5], 32767, "the largest group takes the whole i16 range");
+        let tiny = [1e-33f32, 5e-34];
+        let unit = group_steps(&tiny, &mut steps[..2], &mut m[..2]);
+        assert!(!unit.is_normal());
+        assert_eq!((steps[0], steps[1], m[0], m[1]), (0.0, 0.0, 0, 0));
     }
 
     /// Several matrices on one input (one quantization, one parallel region) give exactly what
@@ -1575,10 +1807,10 @@ mod tests {
         let (rows, n) = (5, 2);
         let (_, m) = packed(rows, cols, Packing::Q2_0, group);
         let x = input(n, cols);
-        let xq = QuantizedRows::new(&x, n, cols, m.sbs);
+        let xq = QuantizedRows::new(&x, n, cols, m.sbs, false);
         let y = m.matmul_with(Isa::Portable, &x, n);
         for i in 0..n {
-            let (q, s, _) = xq.row(i);
+            let XRow { q, lanes: s, .. } = xq.row(i);
             let xd: Vec<f64> = (0..cols)
                 .map(|j| q[j] as f64 * step_of(s, j) as f64)
                 .collect();
