@@ -14,10 +14,13 @@
 //!    18% of 1-thread decode at 0.6B (NOTES.md, session 8), so the scales stay f32 until the
 //!    kernels read f16 themselves.
 //! 2. Per call, [`QuantizedRows::new`]: each activation row is quantized per 32 values (one
-//!    code plane), absmax to int8 (`x ~ s * xq`, s = max|x| / 127), as llama.cpp's Q8_0 does,
-//!    with each group's `s * sum(xq)` kept for the correction below. (Per 128 values made
-//!    prefill 15% faster but put 1.1% of the trained tiny model's top tokens off the f32
-//!    model's; NOTES.md.)
+//!    code plane), absmax to int8 (`x ~ s * xq`, s >= max|x| / 127), as llama.cpp's Q8_0 does,
+//!    with each group's `s * sum(xq)` kept for the correction below. Every step `s` of a row is
+//!    an exact integer multiple `m * unit` of one per-row unit (m <= 32767, at most 3e-5 over
+//!    max|x| / 127 for the row's largest group: [`group_steps`]), so the AVX2 kernel can scale a
+//!    group's integer dot by `m` in integers and convert once per weight-scale block. (Per 128
+//!    values made prefill 15% faster but put 1.1% of the trained tiny model's top tokens off
+//!    the f32 model's; NOTES.md.)
 //! 3. The dot products in integers: `sum_j t_j xq_j = sum_j q_j xq_j - sum_j xq_j`, where the
 //!    first sum is exactly what `maddubs` (u8 x i8, AVX2) or `dpbusd` (AVX-512 VNNI / AVX-VNNI)
 //!    compute; each group's integer dot is scaled by its activation scale (on AVX-512 one
@@ -401,20 +404,25 @@ impl QuantizedRows {
         let mut corr = vec![0f32; n * sbs * 2];
         let mut units = vec![0f32; n];
         let mut gm = vec![0i16; n * groups];
-        let rows = q
-            .chunks_mut(width)
-            .zip(lanes.chunks_mut(sbs * 2 * LANES))
-            .zip(corr.chunks_mut(sbs * 2))
-            .zip(gm.chunks_mut(groups))
-            .zip(units.iter_mut())
-            .zip(x.chunks(cols));
         let one = |(((((q, l), c), m), u), x): RowParts| *u = quantize_row(x, q, l, c, m);
         // Prefill quantizes hundreds of rows per matmul: in parallel (decode's one row is not
         // worth a fork).
         if n >= 8 {
-            rows.par_bridge().for_each(one);
+            q.par_chunks_mut(width)
+                .zip(lanes.par_chunks_mut(sbs * 2 * LANES))
+                .zip(corr.par_chunks_mut(sbs * 2))
+                .zip(gm.par_chunks_mut(groups))
+                .zip(units.par_iter_mut())
+                .zip(x.par_chunks(cols))
+                .for_each(one);
         } else {
-            rows.for_each(one);
+            q.chunks_mut(width)
+                .zip(lanes.chunks_mut(sbs * 2 * LANES))
+                .zip(corr.chunks_mut(sbs * 2))
+                .zip(gm.chunks_mut(groups))
+                .zip(units.iter_mut())
+                .zip(x.chunks(cols))
+                .for_each(one);
         }
         let mults = if with_mults {
             gm.iter().flat_map(|&m| [m; 16]).collect()
