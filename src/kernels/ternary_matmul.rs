@@ -713,7 +713,10 @@ struct XRow<'a> {
     q: &'a [i8],
     lanes: &'a [f32],
     corr: &'a [f32],
+    // Read only by the x86 AVX2 kernel; on other targets they stay empty / zero.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     mults: &'a [i16],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     unit: f32,
 }
 
