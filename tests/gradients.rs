@@ -80,6 +80,7 @@ fn distillation_reaches_every_student_parameter_as_the_reference_does() {
             teacher: &teacher,
             alpha: 0.6,
             temperature: 2.0,
+            hidden: 0.0,
         };
         let grads = |k: Kernels| {
             let m = Model::new(&cfg, quant(), &params).unwrap().with_kernels(k);
@@ -280,5 +281,90 @@ fn fused_kernels_and_plain_references_give_the_same_gradients() {
                 "{name}: fused vs reference gradient rel err {err}"
             );
         }
+    }
+}
+
+/// Hidden-state distillation: zero when the student is the teacher; on, it adds exactly its
+/// term to the loss and changes the gradient of every layer's parameters; the fused loss and the
+/// reference agree on every parameter's gradient; the frozen teacher gets none.
+#[test]
+fn hidden_distillation_is_zero_on_the_teacher_and_reaches_every_layer() {
+    use tern::kernels::Kernels;
+    use tern::model::NoCache;
+    use tern::train::step::{distill_batch_loss, hidden_distill_loss, Distill};
+    let cfg = tiny(true);
+    let teacher_params = Params::scratch(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
+    let teacher = Model::new(&cfg, QuantConfig::full_precision(), &teacher_params)
+        .unwrap()
+        .freeze()
+        .unwrap();
+    let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
+    let taps = |m: &Model| {
+        let mut v = Vec::new();
+        m.forward_tapped(&inp, &mut NoCache::new(), Some(&mut v))
+            .unwrap();
+        v
+    };
+    let t = taps(&teacher);
+    assert_eq!(t.len(), cfg.num_hidden_layers);
+    let same = hidden_distill_loss(&taps(&teacher), &t).unwrap();
+    assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0);
+
+    let params = Params::scratch(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    let d = Distill {
+        teacher: &teacher,
+        alpha: 1.0,
+        temperature: 1.0,
+        hidden: 1.0,
+    };
+    let off = Distill { hidden: 0.0, ..d };
+    let run = |k: Kernels, d: &Distill| {
+        let m = Model::new(&cfg, quant(), &params).unwrap().with_kernels(k);
+        let (loss, parts) = distill_batch_loss(&m, d, &inp, &tgt).unwrap();
+        (
+            loss.to_scalar::<f32>().unwrap(),
+            parts,
+            loss.backward().unwrap(),
+        )
+    };
+    let (l_on, parts, g_on) = run(Kernels::Fused, &d);
+    let (l_off, _, g_off) = run(Kernels::Fused, &off);
+    let hidden = parts.unwrap().hidden;
+    assert!(hidden > 0.0, "{hidden}");
+    assert!(
+        ((l_on - l_off) as f64 - hidden).abs() < 1e-4 * hidden.max(1.0),
+        "loss {l_on} = {l_off} + {hidden}"
+    );
+    let (l_ref, _, g_ref) = run(Kernels::Reference, &d);
+    assert!(
+        (l_on - l_ref).abs() < 1e-4 * l_ref.abs().max(1.0),
+        "{l_on} vs {l_ref}"
+    );
+    for (name, var) in params.iter() {
+        let (on, off) = (g_on.get(var.as_tensor()), g_off.get(var.as_tensor()));
+        let (on, r) = (
+            on.unwrap_or_else(|| panic!("{name}: none")),
+            g_ref.get(var.as_tensor()).unwrap(),
+        );
+        let (scale, diff) = (max_abs(r), max_abs(&(on - r).unwrap()));
+        assert!(
+            scale > 0.0 && diff <= 1e-3 * scale,
+            "{name}: {diff} of {scale}"
+        );
+        // The hidden term changes every layer's gradient (not the final norm's: it sits after
+        // the taps).
+        if name.starts_with("model.layers.") {
+            let delta = max_abs(&(on - off.unwrap()).unwrap());
+            assert!(
+                delta > 1e-6 * scale,
+                "{name}: the hidden term did not reach it"
+            );
+        }
+    }
+    for (name, var) in teacher_params.iter() {
+        assert!(
+            g_on.get(var.as_tensor()).is_none(),
+            "teacher {name} got a gradient"
+        );
     }
 }

@@ -53,6 +53,9 @@ pub struct LossParts {
     pub ce: f64,
     /// Mean KL(teacher || student) at the temperature (0 without a teacher).
     pub kl: f64,
+    /// Hidden-state distillation's term before its weight (the mean over layers of the residual
+    /// streams' relative squared error; 0 when off). Set by `train::step`, not by the kernels.
+    pub hidden: f64,
 }
 
 fn check_targets(targets: &[u32], vocab: usize) -> Result<()> {
@@ -511,6 +514,7 @@ fn lm_head_cross_entropy_grouped(
     let parts = LossParts {
         ce: nll * scale,
         kl: kl * scale,
+        hidden: 0.0,
     };
     let loss = match teacher {
         Some(t) => (1.0 - t.alpha) * parts.ce + t.alpha * t.temperature.powi(2) * parts.kl,

@@ -325,6 +325,18 @@ impl Model {
     /// The one forward: final-norm hidden states `[B, T, H]` of `ids: [B, T]`, attending over
     /// what `cache` holds (and appending to it). Training and scoring pass a [`NoCache`].
     pub fn forward(&self, ids: &Tensor, cache: &mut dyn Cache) -> Result<Tensor> {
+        self.forward_tapped(ids, cache, None)
+    }
+
+    /// [`Model::forward`], also pushing the residual stream after every layer (`[B, T, H]`
+    /// each, before the final norm) onto `taps` when given: what hidden-state distillation
+    /// compares between student and teacher.
+    pub fn forward_tapped(
+        &self,
+        ids: &Tensor,
+        cache: &mut dyn Cache,
+        mut taps: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let mut x = self
             .embed
@@ -349,6 +361,9 @@ impl Model {
         };
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, (&cos, &sin), i, cache, self)?;
+            if let Some(taps) = taps.as_deref_mut() {
+                taps.push(x.clone());
+            }
         }
         self.norm.forward(&x, self.kernels)
     }

@@ -218,6 +218,9 @@ pub struct TrainSection {
     pub distill_alpha: f64,
     /// distillation temperature T; default 1
     pub distill_temperature: f64,
+    /// hidden-state distillation from the same teacher: weight b of the mean over layers of the
+    /// residual streams' relative squared error, added to the loss; 0 = off (default)
+    pub distill_hidden: f64,
     /// default 0
     pub seed: u64,
     /// "auto" | "cpu" | "cuda[:N]" | "metal[:N]"; default "auto"
@@ -251,6 +254,7 @@ impl Default for TrainSection {
             ste_ramp_shape: RampShape::Linear,
             distill_alpha: 0.0,
             distill_temperature: 1.0,
+            distill_hidden: 0.0,
             seed: 0,
             device: "auto".into(),
             out_dir: "runs/default".into(),
@@ -446,12 +450,24 @@ impl TrainConfig {
                 t.distill_temperature.to_string(),
             );
         }
-        if t.distill_alpha > 0.0 && m.is_scratch() {
+        if !(t.distill_hidden >= 0.0 && t.distill_hidden.is_finite()) {
             return bad(
-                "train.distill_alpha",
-                "0 for model.source = \"scratch\" (the teacher is the source model)",
-                t.distill_alpha.to_string(),
+                "train.distill_hidden",
+                "a number >= 0 (0 = off)",
+                t.distill_hidden.to_string(),
             );
+        }
+        for (key, v) in [
+            ("train.distill_alpha", t.distill_alpha),
+            ("train.distill_hidden", t.distill_hidden),
+        ] {
+            if v > 0.0 && m.is_scratch() {
+                return bad(
+                    key,
+                    "0 for model.source = \"scratch\" (the teacher is the source model)",
+                    v.to_string(),
+                );
+            }
         }
         if self.checkpoint.keep == 0 {
             return bad("checkpoint.keep", "a positive integer", "0".into());

@@ -22,27 +22,34 @@ pub fn batch_loss(model: &Model, inp: &Tensor, tgt: &Tensor) -> Result<Tensor> {
     )
 }
 
-/// Logit distillation from a frozen teacher (the starting model in full precision): weight of
-/// the soft term and temperature.
+/// Distillation from a frozen teacher (the starting model in full precision): the logits' soft
+/// term (weight and temperature) and, optionally, the residual stream after every layer.
 #[derive(Clone, Copy)]
 pub struct Distill<'a> {
     pub teacher: &'a Model,
     pub alpha: f64,
     pub temperature: f64,
+    /// Weight of the hidden-state term (0 = off): the mean over layers of
+    /// `|x_student - x_teacher|^2 / |x_teacher|^2`, a dense signal at every layer where the
+    /// logits give one at the end only (TernaryBERT's layer-wise distillation, normalized per
+    /// layer so that no layer's scale dominates).
+    pub hidden: f64,
 }
 
-/// `(1 - a) CE + a T^2 KL(teacher || student)` of `inp` against `tgt` (the teacher runs on the
-/// same inputs, no graph), with its CE and KL parts when the fused kernel computes them.
+/// `(1 - a) CE + a T^2 KL(teacher || student) [+ b hidden]` of `inp` against `tgt` (the teacher
+/// runs on the same inputs, no graph), with its parts when the fused kernel computes them.
 pub fn distill_batch_loss(
     model: &Model,
     d: &Distill,
     inp: &Tensor,
     tgt: &Tensor,
 ) -> Result<(Tensor, Option<LossParts>)> {
-    let h = model.forward(inp, &mut NoCache::new())?;
+    let tapped = d.hidden > 0.0;
+    let (mut taps_s, mut taps_t) = (Vec::new(), Vec::new());
+    let h = model.forward_tapped(inp, &mut NoCache::new(), tapped.then_some(&mut taps_s))?;
     let ht = d
         .teacher
-        .forward(inp, &mut NoCache::new())?
+        .forward_tapped(inp, &mut NoCache::new(), tapped.then_some(&mut taps_t))?
         .flatten_to(1)?
         .to_dtype(d.teacher.dtype())?
         .detach();
@@ -53,13 +60,45 @@ pub fn distill_batch_loss(
         alpha: d.alpha,
         temperature: d.temperature,
     };
-    model.kernels.lm_head_distill_loss(
+    let (loss, mut parts) = model.kernels.lm_head_distill_loss(
         &h.flatten_to(1)?,
         &model.head_latent()?,
         &model.head_quant(),
         &tgt.flatten_all()?,
         &teacher,
-    )
+    )?;
+    if !tapped {
+        return Ok((loss, parts));
+    }
+    let hidden = hidden_distill_loss(&taps_s, &taps_t)?;
+    if let Some(p) = parts.as_mut() {
+        p.hidden = hidden.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    let loss = (loss + (hidden * d.hidden)?.to_dtype(model.dtype())?)?;
+    Ok((loss, parts))
+}
+
+/// The mean over layers of `sum (s - t)^2 / sum t^2` (f32; the teacher's states carry no graph).
+pub fn hidden_distill_loss(student: &[Tensor], teacher: &[Tensor]) -> Result<Tensor> {
+    if student.len() != teacher.len() || student.is_empty() {
+        return Err(crate::error::Error::Msg(format!(
+            "hidden-state distillation: {} student layers, {} teacher layers",
+            student.len(),
+            teacher.len()
+        )));
+    }
+    let mut terms = Vec::with_capacity(student.len());
+    for (s, t) in student.iter().zip(teacher) {
+        let t = t.to_dtype(DType::F32)?.detach();
+        let energy = t
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()?
+            .max(f32::MIN_POSITIVE) as f64;
+        let err = (s.to_dtype(DType::F32)? - &t)?.sqr()?.sum_all()?;
+        terms.push((err / energy)?);
+    }
+    Ok((Tensor::stack(&terms, 0)?.sum_all()? / terms.len() as f64)?)
 }
 
 /// Mean next-token cross-entropy over windows `[B, T+1]` (inputs = all but the last token).
@@ -139,6 +178,7 @@ pub fn train_step(
                     let acc = r.parts.get_or_insert_with(LossParts::default);
                     acc.ce += p.ce / micro_batches as f64;
                     acc.kl += p.kl / micro_batches as f64;
+                    acc.hidden += p.hidden / micro_batches as f64;
                 }
                 loss
             }

@@ -60,6 +60,9 @@ pub struct StepMetrics {
     pub ce: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kl: Option<f64>,
+    /// With hidden-state distillation: its term before the weight.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<f64>,
 }
 
 /// A callback after every step (tests stop runs with it).
@@ -322,7 +325,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     let mut model = Model::new(&arch, compute.quant(cfg.model.quant()), &params)?
         .with_kernels(cfg.train.kernels)
         .with_compute_dtype(compute.dtype);
-    let teacher = if t.distill_alpha > 0.0 {
+    let teacher = if t.distill_alpha > 0.0 || t.distill_hidden > 0.0 {
         Some(teacher_model(cfg, &arch, &device)?)
     } else {
         None
@@ -332,6 +335,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
             teacher,
             alpha: t.distill_alpha,
             temperature: t.distill_temperature,
+            hidden: t.distill_hidden,
         }),
         None => Objective::CrossEntropy,
     };
@@ -471,6 +475,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
             skipped: !finite,
             ce: r.parts.map(|p| p.ce),
             kl: r.parts.map(|p| p.kl),
+            hidden: r.parts.map(|p| p.hidden).filter(|_| t.distill_hidden > 0.0),
         };
         metrics.write(&serde_json::to_value(&m).expect("metrics serialize"));
         losses.push((step, loss_sum));
