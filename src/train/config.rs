@@ -605,5 +605,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("train.device"), "{e}");
+        let e = parse("[train]\ndistill_hidden = -1.0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.distill_hidden") && e.contains(">= 0"),
+            "{e}"
+        );
+        // The default source is "scratch": no teacher to distill from.
+        let e = parse("[train]\ndistill_hidden = 1.0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("train.distill_hidden") && e.contains("scratch"),
+            "{e}"
+        );
     }
 }
