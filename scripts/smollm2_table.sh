@@ -10,8 +10,10 @@
 #   projection-only   the GGUF projected to ternary, no training
 #   fp-ft             full-precision fine-tune (SHORT steps)        fp-ft-long   (LONG steps)
 #   qat-ramp          ternary QAT, the quantization ramped in, no distillation (SHORT)
-#   qat-distill       the same plus logit distillation from the FP model (SHORT)
-#   qat-distill-s1    the same, seed 1                              qat-distill-long (LONG)
+#   qat-distill       the same plus distillation from the FP model: logits and hidden states,
+#                     the config's recipe (SHORT)
+#   qat-distill-s1    qat-distill, seed 1                              qat-distill-long (LONG)
+#   qat-logits        logit distillation only, the recipe before session 13 (SHORT)   qat-logits-long (LONG)
 #   qat-ramp-s1       qat-ramp, seed 1                              qat-ramp-long    (LONG)
 #   scratch           ternary from scratch at SmolLM2's shape and tokenizer (SHORT)   scratch-long (LONG)
 #   scratch-s1        scratch, seed 1
@@ -71,7 +73,7 @@ scratch=(--set model.source='"scratch"' --set model.model_type='"llama"'
   --set model.num_attention_heads=9 --set model.num_key_value_heads=3 --set model.head_dim=64
   --set model.vocab_size=49152 --set model.rope_theta=100000.0 --set model.rms_norm_eps=1e-5
   --set model.max_position_embeddings=8192 --set data.tokenizer="\"$gguf\""
-  --set train.distill_alpha=0.0 --set train.ste_ramp_steps=0 --set train.lr=2e-3
+  --set train.distill_alpha=0.0 --set train.distill_hidden=0.0 --set train.ste_ramp_steps=0 --set train.lr=2e-3
   --set train.min_lr=2e-4 --set train.weight_decay=0.1)
 
 for row in "${rows[@]}"; do
@@ -79,17 +81,19 @@ for row in "${rows[@]}"; do
   case $row in
     fp-zero-shot) mkdir -p "$out/$row"; evaluate "$gguf" "$out/$row" full ;;
     projection-only) mkdir -p "$out/$row"; evaluate "$gguf" "$out/$row" ternary ;;
-    fp-ft) train_row "$row" "$short" --set model.ternary=false --set train.distill_alpha=0.0 \
+    fp-ft) train_row "$row" "$short" --set model.ternary=false --set train.distill_alpha=0.0 --set train.distill_hidden=0.0 \
       --set train.ste_ramp_steps=0 --set train.lr=1e-4 --set train.min_lr=1e-5 ;;
-    fp-ft-long) train_row "$row" "$long" --set model.ternary=false --set train.distill_alpha=0.0 \
+    fp-ft-long) train_row "$row" "$long" --set model.ternary=false --set train.distill_alpha=0.0 --set train.distill_hidden=0.0 \
       --set train.ste_ramp_steps=0 --set train.lr=1e-4 --set train.min_lr=1e-5 ;;
-    qat-ramp) train_row "$row" "$short" "${recipe[@]}" --set train.distill_alpha=0.0 ;;
-    qat-ramp-s1) train_row "$row" "$short" "${recipe[@]}" --set train.distill_alpha=0.0 \
+    qat-ramp) train_row "$row" "$short" "${recipe[@]}" --set train.distill_alpha=0.0 --set train.distill_hidden=0.0 ;;
+    qat-ramp-s1) train_row "$row" "$short" "${recipe[@]}" --set train.distill_alpha=0.0 --set train.distill_hidden=0.0 \
       --set train.seed=1 --set data.seed=1 ;;
-    qat-ramp-long) train_row "$row" "$long" "${recipe[@]}" --set train.distill_alpha=0.0 ;;
+    qat-ramp-long) train_row "$row" "$long" "${recipe[@]}" --set train.distill_alpha=0.0 --set train.distill_hidden=0.0 ;;
     qat-distill) train_row "$row" "$short" "${recipe[@]}" ;;
     qat-distill-s1) train_row "$row" "$short" "${recipe[@]}" --set train.seed=1 --set data.seed=1 ;;
     qat-distill-long) train_row "$row" "$long" "${recipe[@]}" ;;
+    qat-logits) train_row "$row" "$short" "${recipe[@]}" --set train.distill_hidden=0.0 ;;
+    qat-logits-long) train_row "$row" "$long" "${recipe[@]}" --set train.distill_hidden=0.0 ;;
     scratch) train_row "$row" "$short" "${scratch[@]}" ;;
     scratch-long) train_row "$row" "$long" "${scratch[@]}" ;;
     scratch-s1) train_row "$row" "$short" "${scratch[@]}" --set train.seed=1 --set data.seed=1 ;;
