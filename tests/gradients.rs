@@ -61,6 +61,16 @@ fn every_llama_parameter_gets_a_finite_nonzero_gradient() {
     }
 }
 
+/// A distillation teacher: full precision, frozen, its own random weights (seed 2).
+fn frozen_teacher(cfg: &ModelConfig) -> (Params, Model) {
+    let params = Params::scratch(cfg, 2, DType::F32, &Device::Cpu).unwrap();
+    let model = Model::new(cfg, QuantConfig::full_precision(), &params)
+        .unwrap()
+        .freeze()
+        .unwrap();
+    (params, model)
+}
+
 /// Distillation: the fused chunked loss gives every student parameter the gradient the plain
 /// full-logits reference gives it, and the frozen teacher none.
 #[test]
@@ -70,11 +80,7 @@ fn distillation_reaches_every_student_parameter_as_the_reference_does() {
     for tied in [true, false] {
         let cfg = tiny(tied);
         let params = Params::scratch(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
-        let teacher_params = Params::scratch(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
-        let teacher = Model::new(&cfg, QuantConfig::full_precision(), &teacher_params)
-            .unwrap()
-            .freeze()
-            .unwrap();
+        let (teacher_params, teacher) = frozen_teacher(&cfg);
         let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
         let d = Distill {
             teacher: &teacher,
@@ -293,11 +299,7 @@ fn hidden_distillation_is_zero_on_the_teacher_and_reaches_every_layer() {
     use tern::model::NoCache;
     use tern::train::step::{distill_batch_loss, hidden_distill_loss, Distill};
     let cfg = tiny(true);
-    let teacher_params = Params::scratch(&cfg, 2, DType::F32, &Device::Cpu).unwrap();
-    let teacher = Model::new(&cfg, QuantConfig::full_precision(), &teacher_params)
-        .unwrap()
-        .freeze()
-        .unwrap();
+    let (teacher_params, teacher) = frozen_teacher(&cfg);
     let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
     let taps = |m: &Model| {
         let mut v = Vec::new();
