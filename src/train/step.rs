@@ -189,11 +189,21 @@ pub fn train_step(
         }
         r.loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         r.forward_s += t0.elapsed().as_secs_f64();
+        // Phase marks for `RUST_LOG=tern::train=debug`: on a GPU the first step of a process
+        // can sit for minutes (the driver compiling kernels), and these say in which phase.
+        tracing::debug!(
+            "micro-batch forward done in {:.3}s",
+            t0.elapsed().as_secs_f64()
+        );
         r.peak_rss_after_forward = crate::mem::peak_rss_bytes();
         let t1 = Instant::now();
         let store = loss.backward()?;
         drop(loss); // the graph: every activation of the forward
         r.backward_s += t1.elapsed().as_secs_f64();
+        tracing::debug!(
+            "micro-batch backward done in {:.3}s",
+            t1.elapsed().as_secs_f64()
+        );
         r.peak_rss_after_backward = crate::mem::peak_rss_bytes();
         r.params_with_grad = params
             .iter()
@@ -209,5 +219,6 @@ pub fn train_step(
         opt.step(params, &grads, cfg.lr)?;
     }
     r.optimizer_s = t2.elapsed().as_secs_f64();
+    tracing::debug!("norm, clipping and AdamW done in {:.3}s", r.optimizer_s);
     Ok(r)
 }

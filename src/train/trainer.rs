@@ -383,7 +383,12 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
 
     let mut metrics = Metrics::open(&out_dir, resumed.as_ref().map(|_| state.step))?;
     let eval_and_log = |model: &Model, step: usize, metrics: &mut Metrics| -> Result<(f64, f64)> {
+        let t0 = Instant::now();
         let loss = evaluate(model, &split.val, val, t.batch_size)?;
+        tracing::debug!(
+            "evaluation at step {step} done in {:.3}s",
+            t0.elapsed().as_secs_f64()
+        );
         let ppl = loss.exp();
         metrics
             .write(&json!({"step": step, "val_loss": loss, "val_ppl": ppl, "val_bpb": bpb(loss)}));
@@ -425,6 +430,7 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
     while state.step < t.steps {
         let step = state.step + 1;
         let step_start = Instant::now();
+        tracing::debug!("step {step}: start");
         model.quant.ramp = ramp_for(step, t);
         let lr = lr_at(step, t);
 
