@@ -1,8 +1,8 @@
 //! `loss.png`: train and validation loss against step, redrawn at each evaluation.
 //!
 //! Text needs a TrueType font: tern uses `$TERN_FONT` or the first of a few common system fonts
-//! (DejaVu, Liberation, Noto). Without one the curves are drawn with no labels and a warning is
-//! logged once (no font is bundled).
+//! (DejaVu, Liberation, Noto). Without one the curves are drawn with no labels and no grid, and
+//! a warning is logged once (no font is bundled).
 
 use crate::error::{Error, Result};
 use plotters::coord::types::{RangedCoordf64, RangedCoordusize};
@@ -65,6 +65,17 @@ fn draw<'p>(
     points: impl Iterator<Item = &'p (usize, f64)> + Clone,
     series: impl FnOnce(&mut Chart, bool) -> std::result::Result<(), String>,
 ) -> Result<bool> {
+    draw_with_text(path, frame, points, series, font_available())
+}
+
+/// [`draw`], told whether text can be drawn (`text`: a font is registered).
+fn draw_with_text<'p>(
+    path: &Path,
+    frame: Frame,
+    points: impl Iterator<Item = &'p (usize, f64)> + Clone,
+    series: impl FnOnce(&mut Chart, bool) -> std::result::Result<(), String>,
+    text: bool,
+) -> Result<bool> {
     let max_step = points.clone().map(|p| p.0).max().unwrap_or(1).max(1);
     let (lo, hi) = points.fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| {
         (l.min(p.1), h.max(p.1))
@@ -74,7 +85,6 @@ fn draw<'p>(
     }
     let pad = ((hi - lo) * 0.05).max(1e-3);
     let tmp = path.with_extension("png.tmp.png");
-    let text = font_available();
     {
         let root = BitMapBackend::new(&tmp, frame.size).into_drawing_area();
         let e = |x: String| Error::Msg(format!("drawing {}: {x}", path.display()));
@@ -90,13 +100,17 @@ fn draw<'p>(
         let mut chart = builder
             .build_cartesian_2d(0usize..max_step, (lo - pad)..(hi + pad))
             .map_err(|x| e(x.to_string()))?;
-        let mut mesh = chart.configure_mesh();
+        // No font: no mesh at all. Its grid comes from the axis labels, and asking plotters for
+        // zero labels sends its integer key-point search into an endless loop (a hang of `tern
+        // train` at its first evaluation on a machine with no fonts).
         if text {
-            mesh.x_desc("step").y_desc(frame.y_desc);
-        } else {
-            mesh.x_labels(0).y_labels(0);
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .y_desc(frame.y_desc)
+                .draw()
+                .map_err(|x| e(x.to_string()))?;
         }
-        mesh.draw().map_err(|x| e(x.to_string()))?;
         series(&mut chart, text).map_err(e)?;
         if text {
             chart
@@ -187,4 +201,54 @@ pub fn plot_curves(path: &Path, title: &str, curves: &[(String, Vec<(usize, f64)
         return Err(Error::Msg("plot: no finite points to draw".into()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a font (GPU machines, containers) the chart is drawn with no text at all. Asking
+    /// plotters for zero axis labels instead made its integer key-point search loop forever:
+    /// `tern train` hung at its first evaluation on an H200 machine that has no fonts.
+    #[test]
+    fn a_chart_without_a_font_is_drawn_and_returns() {
+        let dir = std::env::temp_dir().join(format!("tern-plot-nofont-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("loss.png");
+        let done = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            // One validation point (step 0), then a few: the two shapes a run draws first.
+            for points in [
+                vec![(0usize, 12.1f64)],
+                vec![(0, 12.1), (1, 11.0), (10, 7.5)],
+            ] {
+                let frame = Frame {
+                    size: (300, 200),
+                    title: "t",
+                    y_desc: "y",
+                };
+                let drawn = draw_with_text(
+                    &p,
+                    frame,
+                    points.iter(),
+                    |chart, text| {
+                        assert!(!text);
+                        chart
+                            .draw_series(LineSeries::new(points.iter().copied(), &BLUE))
+                            .map(|_| ())
+                            .map_err(|x| x.to_string())
+                    },
+                    false,
+                );
+                assert!(drawn.unwrap());
+            }
+            let _ = done.0.send(());
+        });
+        done.1
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("drawing without a font did not return within 60 s");
+        assert!(std::fs::metadata(&path).unwrap().len() > 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
