@@ -86,9 +86,9 @@ peak_mem torch_step_bf16 torch_step qwen3-0.6b | tee "$OUT/torch_step_bf16.txt"
 
 say "30 steps of configs/qwen3-0.6b.toml (bf16) on a random 0.6B-shaped checkpoint"
 timeout $(lim 60) "$TERN" bench make-model --arch qwen3-0.6b --out "$W/qwen3-rand" --tokenizer "$W/tokenizer.json"
-# In the background, so that a step that sits (session 14: the first step never finished in 150 s,
-# while `bench step`'s identical step took 0.35 s) leaves a stack sample of every thread behind;
-# the phase marks come from RUST_LOG's debug level for the trainer.
+# In the background, so that a run that sits leaves a stack sample of every thread behind (session
+# 14's run sat after its first evaluation: the loss plot's endless loop on a machine without fonts,
+# fixed since); the phase marks come from RUST_LOG's debug level for the trainer.
 RUST_LOG=info,tern::train=debug timeout $(lim 150) "$TERN" train --config configs/qwen3-0.6b.toml --quiet \
   --set model.source="\"$W/qwen3-rand\"" --set data.train_file="\"$W/train_data.txt\"" \
   --set data.tokenizer="\"$W/tokenizer.json\"" --set train.device='"cuda"' --set train.dtype='"bf16"' \

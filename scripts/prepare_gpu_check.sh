@@ -3,8 +3,8 @@
 # binary and the CUDA test executable (scripts/build_cuda.sh), then packs into build/gpu/ what
 # the GPU machine needs and cannot build (it has no Rust and no registries):
 #   tern.gz, devices-test.gz (tests/devices.rs), tokenizer.json.gz, train_data.txt.gz
-# compressed (a stripped CUDA binary is ~65 MB, mostly candle's kernel images; ~17 MB
-# gzipped) to stay under the 64 MiB a device call carries. Then run, there:
+# compressed (the CUDA binary with its symbol table but no debug info is ~80 MB, mostly candle's
+# kernel images; ~21 MB gzipped) to stay under the 64 MiB a device call carries. Then run, there:
 #   scripts/gpu_check.sh RESULTS_DIR        (with `build/gpu` carried)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -188,22 +188,18 @@ pub fn train_step(
             loss = (loss * f64::NAN)?;
         }
         r.loss += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        r.forward_s += t0.elapsed().as_secs_f64();
+        let forward_s = t0.elapsed().as_secs_f64();
+        r.forward_s += forward_s;
         // Phase marks for `RUST_LOG=tern::train=debug`: on a GPU the first step of a process
         // can sit for minutes (the driver compiling kernels), and these say in which phase.
-        tracing::debug!(
-            "micro-batch forward done in {:.3}s",
-            t0.elapsed().as_secs_f64()
-        );
+        tracing::debug!("micro-batch forward done in {forward_s:.3}s");
         r.peak_rss_after_forward = crate::mem::peak_rss_bytes();
         let t1 = Instant::now();
         let store = loss.backward()?;
         drop(loss); // the graph: every activation of the forward
-        r.backward_s += t1.elapsed().as_secs_f64();
-        tracing::debug!(
-            "micro-batch backward done in {:.3}s",
-            t1.elapsed().as_secs_f64()
-        );
+        let backward_s = t1.elapsed().as_secs_f64();
+        r.backward_s += backward_s;
+        tracing::debug!("micro-batch backward done in {backward_s:.3}s");
         r.peak_rss_after_backward = crate::mem::peak_rss_bytes();
         r.params_with_grad = params
             .iter()
