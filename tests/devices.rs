@@ -11,7 +11,7 @@
 //! (decided in `tern::kernels::Kernels`, as on CUDA).
 //!
 //! bf16 tests run on the CPU too: `tern train` runs bf16 tensors only on GPUs (on a CPU it
-//! means bf16 GEMMs on AMX, tested here as well), but the mixed-precision graph is the same on
+//! means bf16 GEMMs on AMX or AVX512-BF16, tested here as well), but the mixed-precision graph is the same on
 //! every device, so its gradients are proven here.
 
 mod common;
@@ -120,7 +120,7 @@ fn loss_and_grads(device: &Device, compute: DType) -> (f32, Vec<(String, Vec<f32
     loss_and_grads_with(device, compute, false)
 }
 
-/// `gemm_bf16`: the ternary layers' GEMMs in bf16 on the CPU (AMX), tensors f32.
+/// `gemm_bf16`: the ternary layers' GEMMs in bf16 on the CPU (AMX or AVX512-BF16), tensors f32.
 fn loss_and_grads_with(
     device: &Device,
     compute: DType,
@@ -301,7 +301,8 @@ fn bf16_mixed_precision_tracks_f32_on_the_cpu() {
 
 on_each_gpu!(bf16_tracks_f32: cuda_bf16_mixed_precision_tracks_f32, metal_bf16_mixed_precision_tracks_f32);
 
-/// `train.dtype = "bf16"` on a CPU with AMX-BF16: the ternary GEMMs in bf16 (forward and both
+/// `train.dtype = "bf16"` on a CPU with AVX512-BF16 or AMX-BF16 (whichever `TERN_ISA` and
+/// detection pick): the ternary GEMMs in bf16 (forward and both
 /// backward GEMMs), every parameter still gets a gradient, close to f32's.
 #[test]
 fn bf16_gemms_on_the_cpu_track_f32() {
@@ -319,14 +320,18 @@ fn bf16_gemms_on_the_cpu_track_f32() {
     bf16_close_to_f32(bf16, (l32, g32));
 }
 
-/// Without AMX-BF16 the CPU refuses bf16, naming the missing feature; f32 is always f32.
+/// Without AVX512-BF16 or AMX-BF16 the CPU refuses bf16, naming the missing features; f32 is
+/// always f32.
 #[test]
-fn training_in_bf16_on_the_cpu_needs_amx_or_is_refused_with_the_reason() {
+fn training_in_bf16_on_the_cpu_needs_a_bf16_gemm_or_is_refused_with_the_reason() {
     match ComputeDtype::Bf16.for_device(&Device::Cpu) {
         Ok(c) => assert!(c.gemm_bf16 && tern::kernels::gemm_bf16::available()),
         Err(e) => {
             let e = e.to_string();
-            assert!(e.contains("AMX-BF16") && e.contains("f32"), "{e}");
+            assert!(
+                e.contains("AVX512-BF16") && e.contains("AMX-BF16") && e.contains("f32"),
+                "{e}"
+            );
         }
     }
     let f = ComputeDtype::F32.for_device(&Device::Cpu).unwrap();

@@ -1,10 +1,12 @@
 //! `tern bench gemm`: the packed ternary matmul alone ([`PackedMatrix::matmul_with`]) at one
 //! shape, with every kernel this CPU offers, then the dense GEMMs of training at the same shape
-//! (candle's f32, and the bf16 one where the CPU has AMX-BF16): median time and multiply-adds
+//! (candle's f32, and the bf16 one on each kernel the CPU has: `dense-bf16-amx`,
+//! `dense-bf16-avx512bf16`): median time and multiply-adds
 //! per second. Prefill and batched decode are bounded by the packed kernel; `tern bench
 //! decode` measures it inside the model.
 
 use crate::error::Result;
+use crate::kernels::gemm_bf16::Bf16Kernel;
 use crate::kernels::ternary_matmul::{Isa, PackedMatrix};
 use crate::quant::codec::{pack_row, Packing};
 use std::time::Instant;
@@ -20,7 +22,8 @@ pub struct GemmSpeed {
 
 /// Times `reps` runs (after one warm-up) of `[tokens, cols] @ W^T` for a `[rows, cols]` PQ2_0
 /// matrix of pseudo-random codes (group 128, as tern exports) on every available kernel.
-/// `only`: the kernels to time by name (`amx`, `avx512vnni`, ..., `dense-f32`, `dense-bf16`);
+/// `only`: the kernels to time by name (`amx`, `avx512vnni`, ..., `dense-f32`, `dense-bf16-amx`,
+/// `dense-bf16-avx512bf16`);
 /// empty times all.
 pub fn measure(
     rows: usize,
@@ -37,9 +40,11 @@ pub fn measure(
     }
     let mut known: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();
     known.push("dense-f32");
-    if crate::kernels::gemm_bf16::available() {
-        known.push("dense-bf16");
-    }
+    let bf16_names: Vec<(Bf16Kernel, &'static str)> = Bf16Kernel::available()
+        .into_iter()
+        .map(|k| (k, dense_bf16_name(k)))
+        .collect();
+    known.extend(bf16_names.iter().map(|(_, name)| *name));
     if let Some(bad) = only.iter().find(|o| !known.contains(&o.as_str())) {
         return Err(crate::error::Error::Msg(format!(
             "bench gemm: --kernels {bad}: not a kernel this CPU offers (it has: {})",
@@ -75,7 +80,7 @@ pub fn measure(
         out.push(time(isa.name(), reps, rows * cols * tokens, run)?);
     }
     // The dense GEMMs of training at the same shape: candle's f32 matmul and, where the CPU
-    // has AMX-BF16, the bf16 one (`kernels::gemm_bf16`).
+    // has AMX-BF16 or AVX512-BF16, the bf16 one on each (`kernels::gemm_bf16`).
     let w: Vec<f32> = (0..rows * cols)
         .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
         .collect();
@@ -91,14 +96,17 @@ pub fn measure(
     if want("dense-f32") {
         out.push(time("dense-f32", reps, rows * cols * tokens, f32_run)?);
     }
-    if crate::kernels::gemm_bf16::available() && want("dense-bf16") {
+    for &(kernel, name) in &bf16_names {
+        if !want(name) {
+            continue;
+        }
         let bf16_run = || -> Result<()> {
-            std::hint::black_box(crate::kernels::gemm_bf16::matmul_nt(
-                &x, &w, tokens, rows, cols,
+            std::hint::black_box(crate::kernels::gemm_bf16::matmul_nt_with(
+                kernel, &x, &w, tokens, rows, cols,
             ));
             Ok(())
         };
-        out.push(time("dense-bf16", reps, rows * cols * tokens, bf16_run)?);
+        out.push(time(name, reps, rows * cols * tokens, bf16_run)?);
     }
     Ok(out)
 }
@@ -124,4 +132,12 @@ fn time(
         median_ms: median * 1e3,
         gmac_s: macs as f64 / median / 1e9,
     })
+}
+
+/// The bf16 GEMM's name in `--kernels` and in the results.
+fn dense_bf16_name(kernel: Bf16Kernel) -> &'static str {
+    match kernel {
+        Bf16Kernel::Amx => "dense-bf16-amx",
+        Bf16Kernel::Avx512Bf16 => "dense-bf16-avx512bf16",
+    }
 }

@@ -51,7 +51,7 @@ pub enum Cmd {
         #[arg(short = 'r', long, default_value_t = 20, value_parser = super::at_least_one)]
         reps: usize,
         /// Only these kernels (comma-separated: amx, avx512vnni, avxvnni, avx2, neondot,
-        /// portable, dense-f32, dense-bf16); default: all.
+        /// portable, dense-f32, dense-bf16-amx, dense-bf16-avx512bf16); default: all.
         #[arg(long, value_delimiter = ',')]
         kernels: Vec<String>,
     },

@@ -9,8 +9,8 @@
 //!   never materializes the `[tokens, vocab]` logits (151,936 wide for Qwen3) for the batch.
 //! - [`ternary_matmul`]: matmul straight from packed 2-bit ternary blocks (GGUF inference),
 //!   beside dequantize-then-dense.
-//! - [`gemm_bf16`]: bf16 GEMM with f32 accumulation on AMX (CPU mixed precision), beside
-//!   round-then-f32.
+//! - [`gemm_bf16`]: bf16 GEMM with f32 accumulation on AMX or AVX512-BF16 (CPU mixed
+//!   precision), beside round-then-f32.
 //! - [`amx`]: Intel AMX detection, permission and tile configuration (platform, not a kernel).
 //! - [`norm`]: RMSNorm and LayerNorm as CPU CustomOps with a real backward from saved per-row
 //!   statistics (the model's RMSNorm uses it).
@@ -112,9 +112,9 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// dtype of activations and GEMMs in training (`[train] dtype`, `tern bench step --dtype`):
 /// `bf16` is mixed precision (f32 latent weights, AdamW state, norms, softmax and loss; bf16
-/// GEMMs). On a GPU activations are bf16 tensors; on a CPU with AMX-BF16 the ternary layers'
-/// GEMMs run in bf16 (`gemm_bf16`) while tensors stay f32 (candle's CPU backend has no bf16
-/// GEMM: it widens to f32); other CPUs refuse it.
+/// GEMMs). On a GPU activations are bf16 tensors; on a CPU with AVX512-BF16 or AMX-BF16 the
+/// ternary layers' GEMMs run in bf16 (`gemm_bf16`) while tensors stay f32 (candle's CPU backend
+/// has no bf16 GEMM: it widens to f32); other CPUs refuse it.
 #[derive(
     Debug,
     Clone,
@@ -141,14 +141,16 @@ impl ComputeDtype {
         }
     }
 
-    /// How to train with this dtype on `device`, or why not (bf16 on a CPU without AMX-BF16).
+    /// How to train with this dtype on `device`, or why not (bf16 on a CPU with neither
+    /// AVX512-BF16 nor AMX-BF16).
     pub fn for_device(self, device: &Device) -> Result<Compute> {
         match self {
             ComputeDtype::Bf16 if device.is_cpu() => {
                 if !gemm_bf16::available() {
                     return Err(crate::error::Error::Msg(
-                        "dtype = \"bf16\" on the CPU needs AMX-BF16 (Intel Xeon 4th generation or later), which \
-                         this CPU lacks: use dtype = \"f32\" here, or a GPU (train.device = \"cuda\" or \"metal\")"
+                        "dtype = \"bf16\" on the CPU needs AVX512-BF16 (Intel Xeon 3rd generation or later, \
+                         AMD Zen 4 or later) or AMX-BF16, which this CPU lacks: use dtype = \"f32\" here, or a \
+                         GPU (train.device = \"cuda\" or \"metal\")"
                             .into(),
                     ));
                 }

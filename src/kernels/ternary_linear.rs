@@ -131,8 +131,8 @@ impl CustomOp2 for TernaryLinearOp {
     }
 }
 
-/// The backward's two GEMMs in bf16: `dx = dy @ P(w)` and `dw = dy^T @ x`, each as `A @ B^T`
-/// with A and B row-major over k (the transposes are f32 copies made here).
+/// The backward's two GEMMs in bf16, `dx = dy @ P(w)` and `dw = dy^T @ x`, read in place: the
+/// GEMM packs `P(w)`, `dy` and `x` from the orders they are stored in (no f32 transposes).
 fn bwd_bf16(
     x: &Tensor,
     wq: &Tensor,
@@ -141,14 +141,28 @@ fn bwd_bf16(
     in_dim: usize,
     out_dim: usize,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-    use super::gemm_bf16::matmul_nt;
-    let v = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
-    let dyv = v(dy.clone())?;
-    let wt = v(wq.t()?.contiguous()?)?; // [in, out]
-    let dx = matmul_nt(&dyv, &wt, rows, in_dim, out_dim);
-    let dyt = v(dy.t()?.contiguous()?)?; // [out, rows]
-    let xt = v(x.detach().reshape((rows, in_dim))?.t()?.contiguous()?)?; // [in, rows]
-    let dw = matmul_nt(&dyt, &xt, out_dim, in_dim, rows);
+    use super::gemm_bf16::{matmul, Order};
+    let x2 = x.detach().reshape((rows, in_dim))?;
+    let (dx, dw) = super::with_cpu_slices::<f32, _>(&[dy, wq, &x2], "bf16 backward", |s| {
+        let (dy, wq, x) = (s[0], s[1], s[2]);
+        // dx[rows, in] = dy[rows, out] @ P(w)[out, in]: B = P(w) is k-major (k = out).
+        let dx = matmul(
+            (dy, Order::Rows),
+            (wq, Order::KMajor),
+            rows,
+            in_dim,
+            out_dim,
+        );
+        // dw[out, in] = dy^T @ x: both k-major over k = rows.
+        let dw = matmul(
+            (dy, Order::KMajor),
+            (x, Order::KMajor),
+            out_dim,
+            in_dim,
+            rows,
+        );
+        (dx, dw)
+    })?;
     Ok((
         Some(Tensor::from_vec(dx, x.shape(), x.device())?),
         Some(Tensor::from_vec(dw, (out_dim, in_dim), x.device())?),

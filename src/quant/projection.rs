@@ -66,7 +66,7 @@ pub struct QuantConfig {
     /// precision (an ablation; such a model cannot be exported as Q2_0).
     #[serde(default = "yes")]
     pub embeddings: bool,
-    /// CPU mixed precision (`train.dtype = "bf16"` on a CPU with AMX-BF16): the ternary layers'
+    /// CPU mixed precision (`train.dtype = "bf16"` on a CPU with AVX512-BF16 or AMX-BF16): the ternary layers'
     /// three GEMMs in bf16 with f32 accumulation (`kernels::gemm_bf16`); activations, latents
     /// and everything else stay f32. Run-time only, like `ramp`.
     #[serde(skip)]

@@ -230,7 +230,7 @@ pub struct TrainSection {
     /// "fused" (tern's kernels, default) | "reference" (plain candle ops; for benchmarks)
     pub kernels: crate::kernels::Kernels,
     /// "f32" (default) | "bf16": mixed precision on a GPU (bf16 GEMMs and activations, f32
-    /// latent weights, optimizer state, norms and loss); on a CPU with AMX-BF16, the ternary
+    /// latent weights, optimizer state, norms and loss); on a CPU with AVX512-BF16 or AMX-BF16, the ternary
     /// layers' GEMMs in bf16 and the rest f32 (other CPUs refuse it)
     pub dtype: crate::kernels::ComputeDtype,
 }

@@ -322,6 +322,12 @@ pub fn train(cfg: &TrainConfig, mut opts: TrainOptions) -> Result<TrainOutcome> 
         )));
     }
     let compute = cfg.train.dtype.for_device(&device)?;
+    if compute.gemm_bf16 {
+        // Which instruction: on some CPUs without AMX, vdpbf16ps runs at half the f32 FMA
+        // rate (NOTES.md, scripts/dot_peak.c), so bf16 there is for its numerics, not speed.
+        let kernel = crate::kernels::gemm_bf16::Bf16Kernel::detect().map(|k| k.name());
+        tracing::info!("bf16 GEMMs on the CPU: {}", kernel.unwrap_or("none"));
+    }
     let mut model = Model::new(&arch, compute.quant(cfg.model.quant()), &params)?
         .with_kernels(cfg.train.kernels)
         .with_compute_dtype(compute.dtype);
