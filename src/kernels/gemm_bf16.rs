@@ -114,8 +114,7 @@ pub fn matmul_nt_reference(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -
 /// [`Bf16Kernel::detect`] picks. Panics unless [`available`] (callers check it once and refuse
 /// bf16 otherwise).
 pub fn matmul_nt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let kernel = Bf16Kernel::detect().expect("bf16 GEMM: this CPU has no AMX-BF16 or AVX512-BF16");
-    matmul_nt_with(kernel, a, b, m, n, k)
+    matmul((a, Order::Rows), (b, Order::Rows), m, n, k)
 }
 
 /// [`matmul_nt`] on a given kernel, which must be one of [`Bf16Kernel::available`] (panics
@@ -592,8 +591,6 @@ mod tests {
             .collect()
     }
 
-    /// Odd shapes (every tile remainder: m, n not multiples of 16 or 32, k not of 32) within
-    /// f32 summation-order error of the reference on the same bf16-rounded inputs.
     /// (m, n, k): every remainder of the 32 x 32 blocks, the 16-wide panels and rows, the
     /// 32-value k steps and the pairs (odd k).
     const ODD_SHAPES: [(usize, usize, usize); 8] = [
@@ -607,6 +604,8 @@ mod tests {
         (33, 48, 15),
     ];
 
+    /// Odd shapes (every tile remainder: m, n not multiples of 16 or 32, k not of 32) within
+    /// f32 summation-order error of the reference on the same bf16-rounded inputs.
     #[test]
     fn bf16_gemm_kernels_match_the_reference_on_odd_shapes() {
         let kernels = Bf16Kernel::available();
