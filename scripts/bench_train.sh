@@ -2,17 +2,19 @@
 # Training speed beside PyTorch on this CPU, in one run: `tern bench step` and
 # scripts/pytorch_step.py (transformers' model with the same ternary STE projection, AdamW,
 # clipping; f32 and bf16 autocast) at the Qwen3-0.6B and SmolLM2-135M shapes, batch 1 x 512 and
-# 4 x 256: tokens/s (median of the steps after a warm-up) and peak RSS. tern's bf16 row is tried
+# 4 x 256: tokens/s (median of the steps after a warm-up: 5 steps by default, since at the 0.6B
+# shape the first step after the warm-up still faults in memory on both sides and runs ~1.5x
+# slower than the ones after it) and peak RSS. tern's bf16 row is tried
 # too: where the CPU build refuses bf16 the table says so. PyTorch comes from PyPI into a venv
 # this script makes (scripts/setup_pytorch.sh). Writes runs.jsonl and results.md (CPU model and
 # its flags) in OUT_DIR.
 # Usage: scripts/bench_train.sh [OUT_DIR]
-#   env: THREADS=2 STEPS=3 SHAPES="qwen3-0.6b smollm2-135m" BATCHES="1x512 4x256"
+#   env: THREADS=2 STEPS=5 SHAPES="qwen3-0.6b smollm2-135m" BATCHES="1x512 4x256"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/bench-train}
 threads=${THREADS:-2}
-steps=${STEPS:-3}
+steps=${STEPS:-5}
 shapes=${SHAPES:-qwen3-0.6b smollm2-135m}
 batches=${BATCHES:-1x512 4x256}
 mkdir -p "$out"

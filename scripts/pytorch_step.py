@@ -210,14 +210,18 @@ def main():
             first_loss = loss.item()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(f"step {step}: loss {loss.item():.4f}, {dt:.2f}s, {a.batch * a.seq / dt:.0f} tokens/s, peak rss {rss:.2f} GiB")
-    steady = times[1:] or times
+    # The median step time after the warm-up (the mean of the middle two for an even count), as
+    # `tern bench step` computes it, so the two rates come from one statistic.
+    steady = sorted(times[1:] or times)
+    mid = len(steady) // 2
+    median_s = steady[mid] if len(steady) % 2 else (steady[mid - 1] + steady[mid]) / 2
     print(json.dumps({"torch": torch.__version__, "threads": a.threads, "arch": a.arch, "batch": a.batch, "seq": a.seq,
                       "impl": impl, "device": a.device, "dtype": a.dtype,
                       "gpu": torch.cuda.get_device_name() if cuda else None,
                       "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                       "loss_first": first_loss, "loss_last": loss.item(),
-                      "attn": a.attn, "median_step_s": sorted(steady)[len(steady) // 2],
-                      "tokens_per_s": a.batch * a.seq / sorted(steady)[len(steady) // 2],
+                      "attn": a.attn, "median_step_s": median_s,
+                      "tokens_per_s": a.batch * a.seq / median_s,
                       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use std::path::PathBuf;
-use tern::bench;
+use tern::bench::{self, median};
 use tern::kernels::{ComputeDtype, Kernels};
 use tern::mem::gib;
 use tern::model::ModelConfig;
@@ -317,17 +317,14 @@ fn step(b: &bench::step::StepBench, arch: &str, device: &str, json: bool) -> Res
         peak(run.rss_after_init)
     );
     if json {
-        let mut tps: Vec<f64> = run
-            .steps
-            .iter()
-            .skip(1)
-            .map(|r| (b.batch * b.seq) as f64 / r.total_s())
-            .collect();
-        tps.sort_by(f64::total_cmp);
+        // The median step time after the warm-up (the mean of the middle two for an even count),
+        // as scripts/pytorch_step.py computes it: the rates beside PyTorch's use one statistic.
+        let times: Vec<f64> = run.steps.iter().skip(1).map(|r| r.total_s()).collect();
+        let tokens_per_s = median(&times).map(|t| (b.batch * b.seq) as f64 / t);
         let v = serde_json::json!({
             "arch": arch, "device": tern::device::device_name(&device), "dtype": b.dtype,
             "ternary": b.quant.ternary, "kernels": b.kernels, "batch": b.batch, "seq": b.seq,
-            "timed_steps": tps.len(), "tokens_per_s": tps.get(tps.len() / 2),
+            "timed_steps": times.len(), "tokens_per_s": tokens_per_s,
             "loss_first": run.steps.first().map(|r| r.loss), "loss_last": run.steps.last().map(|r| r.loss),
             "params_with_grad": run.steps.last().map(|r| r.params_with_grad), "tensors": run.tensors,
             "peak_rss_gib": tern::mem::peak_rss_bytes().map(gib),
