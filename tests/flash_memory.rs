@@ -24,6 +24,7 @@ fn flash_attention_at_4096_never_allocates_an_n_by_n_matrix() {
         Var::from_tensor(&rnd(3)).unwrap(),
     );
     let w = rnd(4);
+    warm_per_thread_matmul_scratch(d);
     for causal in [true, false] {
         let base = heap_now();
         reset_heap_peak();
@@ -73,4 +74,29 @@ fn flash_attention_at_4096_never_allocates_an_n_by_n_matrix() {
     );
     assert!(extra * 10 < n * n * 4);
     drop(grads);
+}
+
+/// gemm (under candle's matmuls and this backward's tile products) keeps one scratch buffer per
+/// thread, the size of the L2 cache (1-2 MiB), made by the thread's first matmul and kept for the
+/// process. It does not grow with N and every model step has made it long before attention
+/// runs, so make it on this thread and every pool thread before counting: the count is then what
+/// attention itself allocates. (A lone (batch, head) task runs on the thread that calls it.)
+fn warm_per_thread_matmul_scratch(d: usize) {
+    let n = 256;
+    let dims = Dims {
+        b: 1,
+        h: 1,
+        kv: 1,
+        t: n,
+        tk: n,
+        d,
+    };
+    let x: Vec<f32> = (0..n * d).map(|i| (i % 7) as f32 / 7.0).collect();
+    let once = || {
+        let cfg = FlashConfig::default();
+        let (o, lse) = forward(&x, &x, &x, dims, &cfg);
+        drop(backward(&x, &x, &x, &o, &lse, &x, dims, &cfg));
+    };
+    once();
+    rayon::broadcast(|_| once());
 }
