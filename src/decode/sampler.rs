@@ -74,8 +74,35 @@ pub struct Sampler {
     history: Vec<u32>,
 }
 
-/// Index of the largest value, the lowest index among ties (NaN never wins).
+/// Index of the largest value, the lowest index among ties (NaN never wins; all NaN: the last
+/// index, as [`argmax_reference`]). Two passes the compiler vectorizes: the largest value in 16
+/// running maxima (a NaN compares false and is passed over), then the first 16-chunk holding
+/// it. The one-pass scan with a branch per value took ~520 us over Qwen3's 151,936 logits
+/// (6% of a 1-thread decode token at the 0.6B shape); this takes ~15 us.
 pub fn argmax(logits: &[f32]) -> u32 {
+    const LANES: usize = 16;
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let larger = |m: f32, &x: &f32| if x > m { x } else { m };
+    let top = lanes.iter().chain(rest).fold(f32::NEG_INFINITY, larger);
+    let holds_top = |c: &[f32]| c.iter().fold(false, |any, &x| any | (x == top));
+    match logits.chunks(LANES).position(holds_top) {
+        Some(k) => {
+            let at = logits[k * LANES..].iter().position(|&x| x == top);
+            (k * LANES + at.unwrap_or(0)) as u32
+        }
+        None => logits.len().saturating_sub(1) as u32,
+    }
+}
+
+/// [`argmax`] as one plain scan: the reference it is tested against.
+pub fn argmax_reference(logits: &[f32]) -> u32 {
     let mut best = 0usize;
     for (i, &x) in logits.iter().enumerate() {
         if x > logits[best] || logits[best].is_nan() {
@@ -199,6 +226,41 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_matches_the_plain_scan_with_ties_nan_and_infinities() {
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        let cases: Vec<Vec<f32>> = vec![
+            vec![],
+            vec![nan],
+            vec![nan; 40],
+            vec![-inf; 33],
+            vec![nan, -inf, -inf],
+            vec![-inf, nan],
+            vec![nan, 5.0, nan, 5.0],
+            vec![1.0, inf, 2.0, inf],
+            (0..37).map(|i| (i % 5) as f32).collect(),
+        ];
+        for c in &cases {
+            assert_eq!(argmax(c), argmax_reference(c), "{c:?}");
+        }
+        // Odd lengths around the 16-lane chunks, the top in every position, ties and NaN mixed.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for n in [1usize, 15, 16, 17, 31, 32, 33, 100, 1000, 151_936] {
+            for trial in 0..20 {
+                let mut v: Vec<f32> = (0..n).map(|_| rng.gen_range(-8i32..8) as f32).collect();
+                if trial % 3 == 0 {
+                    let i = rng.gen_range(0..n);
+                    v[i] = nan;
+                }
+                if trial % 4 == 1 {
+                    let i = rng.gen_range(0..n);
+                    v[i] = 100.0;
+                }
+                assert_eq!(argmax(&v), argmax_reference(&v), "n {n} trial {trial}");
+            }
+        }
+    }
 
     #[test]
     fn repetition_penalty_divides_positive_and_multiplies_negative_logits_of_recent_tokens() {
