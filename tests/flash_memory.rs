@@ -53,14 +53,7 @@ fn flash_attention_at_4096_never_allocates_an_n_by_n_matrix() {
         vals(v.as_tensor()),
         vals(&w),
     );
-    let dims = Dims {
-        b: 1,
-        h: 1,
-        kv: 1,
-        t: n,
-        tk: n,
-        d,
-    };
+    let dims = one_head(n, d);
     let base = heap_now();
     reset_heap_peak();
     let cfg = FlashConfig::default();
@@ -83,14 +76,7 @@ fn flash_attention_at_4096_never_allocates_an_n_by_n_matrix() {
 /// attention itself allocates. (A lone (batch, head) task runs on the thread that calls it.)
 fn warm_per_thread_matmul_scratch(d: usize) {
     let n = 256;
-    let dims = Dims {
-        b: 1,
-        h: 1,
-        kv: 1,
-        t: n,
-        tk: n,
-        d,
-    };
+    let dims = one_head(n, d);
     let x: Vec<f32> = (0..n * d).map(|i| (i % 7) as f32 / 7.0).collect();
     let once = || {
         let cfg = FlashConfig::default();
@@ -99,4 +85,16 @@ fn warm_per_thread_matmul_scratch(d: usize) {
     };
     once();
     rayon::broadcast(|_| once());
+}
+
+/// One batch, one head, `n` queries over `n` keys of width `d`.
+fn one_head(n: usize, d: usize) -> Dims {
+    Dims {
+        b: 1,
+        h: 1,
+        kv: 1,
+        t: n,
+        tk: n,
+        d,
+    }
 }
