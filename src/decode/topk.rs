@@ -5,7 +5,7 @@
 //! max `m` (the running sum is rescaled by exp(m_old - m_new), as in flash attention), the block's
 //! exp(x - m) are summed (a vectorizable polynomial exp), and a size-k min-heap keeps the k
 //! largest logits (a logit enters only if it beats the heap's worst, so the common case is one
-//! comparison). The probability vector is never written: the result is the top-k ids sorted best
+//! comparison, and a block whose max does not beat it is passed over whole). The probability vector is never written: the result is the top-k ids sorted best
 //! first (ties: lower id first), their probabilities exp(x - lse) normalized over the whole
 //! vocabulary, and the row's log-sum-exp. Edge cases: -inf logits have probability 0 (a row of
 //! only -inf has lse = -inf and all probabilities 0); NaN logits are ignored; +inf logits share
@@ -62,17 +62,76 @@ impl PartialOrd for Cand {
 
 const BLOCK: usize = 1024;
 
+/// One block's largest logit and `sum exp(x - m')` over its finite logits, where `m'` is the
+/// running max after this block (`m`, raised to the block's max when that is larger and finite;
+/// no sum while `m'` is infinite). exp_f32 of a very negative argument is ~1e-38, not 0, so
+/// -inf is excluded explicitly; NaN fails every comparison. Both passes keep 16 running lanes so
+/// they vectorize, compiled for AVX-512 or AVX2 where the CPU has them: in-order folds kept them
+/// scalar, ~1.2 ms a row at Qwen3's 151,936 logits (now ~0.1 ms).
+fn block_scan(block: &[f32], m: f32) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { block_scan_avx512(block, m) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { block_scan_avx2(block, m) };
+        }
+    }
+    block_scan_body(block, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_scan_avx512(block: &[f32], m: f32) -> (f32, f32) {
+    block_scan_body(block, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_scan_avx2(block: &[f32], m: f32) -> (f32, f32) {
+    block_scan_body(block, m)
+}
+
+#[inline(always)]
+fn block_scan_body(block: &[f32], m: f32) -> (f32, f32) {
+    const LANES: usize = 16;
+    let mut maxes = [f32::NEG_INFINITY; LANES];
+    for c in block.chunks(LANES) {
+        for (a, &x) in maxes.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    let bm = maxes
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+    let m = if bm < f32::INFINITY && bm > m { bm } else { m };
+    if !(m > f32::NEG_INFINITY && m < f32::INFINITY) {
+        return (bm, 0.0);
+    }
+    let mut sums = [0f32; LANES];
+    for c in block.chunks(LANES) {
+        for (a, &x) in sums.iter_mut().zip(c) {
+            let finite = x > f32::NEG_INFINITY && x < f32::INFINITY;
+            *a += if finite { exp_f32(x - m) } else { 0.0 };
+        }
+    }
+    (bm, sums.iter().sum())
+}
+
 /// Fused softmax + top-k of one row (see the module doc). `k` is clamped to the row length.
 pub fn softmax_topk(row: &[f32], k: usize) -> TopK {
     let k = k.min(row.len());
     let mut heap: BinaryHeap<Cand> = BinaryHeap::with_capacity(k + 1);
     let (mut m, mut s) = (f32::NEG_INFINITY, 0f32);
     let mut n_pos_inf = 0usize;
+    let mut floor = f32::NEG_INFINITY;
     for (bi, block) in row.chunks(BLOCK).enumerate() {
         let base = bi * BLOCK;
-        let bm = block
-            .iter()
-            .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+        let (bm, block_sum) = block_scan(block, m);
         if bm == f32::INFINITY {
             n_pos_inf += block.iter().filter(|&&x| x == f32::INFINITY).count();
         } else if bm > m {
@@ -83,26 +142,25 @@ pub fn softmax_topk(row: &[f32], k: usize) -> TopK {
             };
             m = bm;
         }
-        if m > f32::NEG_INFINITY && m < f32::INFINITY {
-            // exp_f32 of a very negative argument is ~1e-38, not 0: skip -inf explicitly.
-            s += block
-                .iter()
-                .filter(|x| **x > f32::NEG_INFINITY && **x < f32::INFINITY)
-                .map(|&x| exp_f32(x - m))
-                .sum::<f32>();
+        s += block_sum;
+        // Once the heap is full a logit enters only if it is above the worst kept one (`floor`):
+        // an equal one comes later, so its id is larger and it is worse. A block whose best is
+        // not above the floor is passed over whole (most blocks, after the first few).
+        if k == 0 || (heap.len() == k && bm <= floor) {
+            continue;
         }
         for (j, &x) in block.iter().enumerate() {
-            if x.is_nan() {
+            if heap.len() == k {
+                if x.is_nan() || x <= floor {
+                    continue;
+                }
+                heap.pop();
+            } else if x.is_nan() {
                 continue;
             }
-            let c = Cand(x, (base + j) as u32);
-            if heap.len() < k {
-                heap.push(c);
-            } else if let Some(worst) = heap.peek() {
-                if c < *worst {
-                    heap.pop();
-                    heap.push(c);
-                }
+            heap.push(Cand(x, (base + j) as u32));
+            if heap.len() == k {
+                floor = heap.peek().map_or(f32::NEG_INFINITY, |worst| worst.0);
             }
         }
     }
@@ -290,5 +348,17 @@ mod tests {
         let got = softmax_topk(&inf, 2);
         assert_eq!(got.ids, vec![3, 0]);
         assert_eq!(got.probs, vec![1.0, 0.0]);
+        // Equal logits across every block: the lowest ids win (a later equal logit never
+        // displaces the heap's worst); NaN first does not fill the heap; k = 0 keeps nothing.
+        let mut flat = vec![0.5f32; V];
+        flat[0] = f32::NAN;
+        let got = softmax_topk(&flat, 5);
+        assert_eq!(got.ids, vec![1, 2, 3, 4, 5]);
+        assert_close(&got, &softmax_topk_reference(&flat, 5), "flat");
+        assert!(softmax_topk(&flat, 0).ids.is_empty());
+        // The best logit in the last, partial block.
+        let mut late = rows(1, 3);
+        late[V - 1] = 50.0;
+        assert_eq!(softmax_topk(&late, 3).ids[0], (V - 1) as u32);
     }
 }
