@@ -6,7 +6,8 @@
 #   2. each server started with THREADS threads and CLIENTS parallel slots, then
 #      scripts/serve_load.py (the official OpenAI client, AsyncOpenAI, streaming /v1/completions):
 #      one client alone, then CLIENTS at once, REQUESTS requests each of ~PROMPT_WORDS words and
-#      GEN new tokens (temperature 0, ignore_eos): aggregate completion tokens/s, time to first
+#      GEN new tokens (temperature TEMP, default 0 = greedy; above 0 each server's default
+#      top-k 40 / top-p 0.95 / min-p 0.05 sampling; ignore_eos): aggregate completion tokens/s, time to first
 #      token p50/p99;
 #   3. with SOAK=seconds, tern alone under SOAK_CLIENTS clients with 10% malformed requests and
 #      10% streams dropped after their first chunk, its RSS sampled each second, and /health's
@@ -14,7 +15,8 @@
 #   4. results.md (the CPU named) and the raw JSON lines in OUT_DIR.
 # Usage: scripts/bench_serve.sh [OUT_DIR]
 #   env: THREADS=2 CLIENTS=8 REQUESTS=4 PROMPT_WORDS=64 GEN=64 SOAK=0 SOAK_CLIENTS=16
-#        SKIP_LLAMA=1 (tern only)
+#        SKIP_LLAMA=1 (tern only) TEMP=0 TERN=path (a tern binary to measure instead of this
+#        checkout's release build, e.g. an older build for an A/B pair)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/bench-serve}
@@ -23,10 +25,15 @@ clients=${CLIENTS:-8}
 requests=${REQUESTS:-4}
 words=${PROMPT_WORDS:-64}
 gen=${GEN:-64}
+temp=${TEMP:-0}
 soak=${SOAK:-0}
 mkdir -p "$out"
-cargo build --release >&2
-tern=./target/release/tern
+if [[ -n ${TERN:-} ]]; then
+  tern=$TERN
+else
+  cargo build --release >&2
+  tern=./target/release/tern
+fi
 py=$(scripts/setup_openai_client.sh)
 [[ -s data/tokenizer.json ]] || scripts/fetch_assets.sh >&2
 model=$out/qwen3-0.6b-random
@@ -65,7 +72,7 @@ load() { # NAME CLIENTS [ARGS...]
   local name=$1 n=$2
   shift 2
   "$py" scripts/serve_load.py --base "$base" --clients "$n" --requests "$requests" \
-    --prompt-words "$words" --max-tokens "$gen" "$@" | tee -a "$out/load.jsonl" | \
+    --prompt-words "$words" --max-tokens "$gen" --temperature "$temp" "$@" | tee -a "$out/load.jsonl" | \
     python3 -c "import json,sys; d=json.load(sys.stdin); d['server']=sys.argv[1]; print(json.dumps(d))" "$name" >> "$out/runs.jsonl"
 }
 
@@ -106,15 +113,16 @@ if [[ $soak -gt 0 ]]; then
   kill -INT $pid; wait $pid || true
 fi
 
-python3 - "$out" "$threads" <<'PY'
+python3 - "$out" "$threads" "$temp" <<'PY'
 import json, os, platform, sys
-out, threads = sys.argv[1], sys.argv[2]
+out, threads, temp = sys.argv[1], sys.argv[2], float(sys.argv[3])
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model\t")), "?")
 runs = [json.loads(l) for l in open(os.path.join(out, "runs.jsonl"))]
 alone = {r["server"]: r["completion_tok_per_s"] for r in runs if r["clients"] == 1}
 lines = [f"CPU: {cpu} (CPUID model {model}), {threads} threads; Qwen3-0.6B shape, random weights, "
-         "tern Q2_0 (packed) vs llama.cpp TQ2_0 (ternary embedding)", "",
+         "tern Q2_0 (packed) vs llama.cpp TQ2_0 (ternary embedding); "
+         + ("greedy" if temp <= 0 else f"temperature {temp:g}, top-k 40, top-p 0.95, min-p 0.05"), "",
          "| server | clients | requests ok | completion tok/s | vs 1 client | TTFT p50 s | TTFT p99 s | errors |",
          "|---|---:|---:|---:|---:|---:|---:|---:|"]
 for r in runs:

@@ -3,9 +3,10 @@ on /v1/completions, through the official client (PyPI `openai`, AsyncOpenAI).
 
     python scripts/serve_load.py --base http://127.0.0.1:8080/v1 --clients 8 --requests 4 \
         [--prompt-words 48] [--max-tokens 64] [--duration S] [--malformed 0.1] [--disconnect 0.1] \
-        [--pid PID] [--api-key K]
+        [--pid PID] [--api-key K] [--temperature T]
 
-Each client sends its requests one after another (a distinct prompt each, temperature 0,
+Each client sends its requests one after another (a distinct prompt each, temperature 0 unless
+--temperature says otherwise, the server's other sampling defaults,
 `ignore_eos` for servers that know it); with --duration it keeps going until then. Measured: time
 to first token (first streamed text), completion tokens (the usage the server reports in its last
 chunk), aggregate completion tokens per second over the whole run's wall time. Soak options:
@@ -74,7 +75,8 @@ async def one_request(client, args, i, rng, stats):
     first = None
     usage = None
     stream = await client.completions.create(
-        model="m", prompt=prompt(i, args.prompt_words), max_tokens=args.max_tokens, temperature=0,
+        model="m", prompt=prompt(i, args.prompt_words), max_tokens=args.max_tokens,
+        temperature=args.temperature,
         stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
     )
     async for chunk in stream:
@@ -127,6 +129,7 @@ async def main():
     ap.add_argument("--disconnect", type=float, default=0.0)
     ap.add_argument("--pid", type=int)
     ap.add_argument("--api-key", default="none")
+    ap.add_argument("--temperature", type=float, default=0.0)
     args = ap.parse_args()
     stats = {"ok": 0, "malformed": 0, "malformed_ok": 0, "malformed_status": {}, "disconnected": 0, "errors": [],
              "ttft": [], "completion_tokens": 0, "prompt_tokens": 0}
