@@ -21,7 +21,7 @@
 //! PagedAttention: one thread block per (sequence, head), the block table in shared memory.
 
 use crate::error::{Error, Result};
-use crate::kernels::flash_attention::{axpy, dot};
+use crate::kernels::flash_attention::{add_weighted_rows, dot, exp_in_place, AttnFloat};
 use crate::kernels::Kernels;
 use crate::model::cache::{Cache, Positions, StepInfo};
 use candle_core::{DType, Tensor};
@@ -425,7 +425,7 @@ impl PagedKvCache {
             unsafe { self.group_avx512(layer, seq, pos, qs, kvh, out) };
             return Ok(());
         }
-        self.group(layer, seq, pos, qs, kvh, out);
+        self.group::<false>(layer, seq, pos, qs, kvh, out);
         Ok(())
     }
 
@@ -440,12 +440,21 @@ impl PagedKvCache {
         kvh: usize,
         out: &mut [f32],
     ) {
-        self.group(layer, seq, pos, qs, kvh, out)
+        self.group::<true>(layer, seq, pos, qs, kvh, out)
     }
 
-    /// [`Self::attend_group`]'s work, `pos` already checked.
+    /// [`Self::attend_group`]'s work, `pos` already checked. `WIDE`: the f32 loops in explicit
+    /// AVX-512 (only from [`Self::group_avx512`]).
     #[inline(always)]
-    fn group(&self, layer: usize, seq: &Seq, pos: usize, qs: &[f32], kvh: usize, out: &mut [f32]) {
+    fn group<const WIDE: bool>(
+        &self,
+        layer: usize,
+        seq: &Seq,
+        pos: usize,
+        qs: &[f32],
+        kvh: usize,
+        out: &mut [f32],
+    ) {
         let (hd, bs) = (self.head_dim, self.block_size);
         let g = qs.len() / hd;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -461,7 +470,12 @@ impl PagedKvCache {
             let vb = self.v[layer].get(base..base + n * hd, &mut vbuf);
             for (r, kr) in kb.chunks_exact(hd).enumerate() {
                 for (j, q) in qs.chunks_exact(hd).enumerate() {
-                    p[j * bs + r] = dot(kr, q) * scale;
+                    // SAFETY: WIDE only where the CPU has AVX-512F (`group_avx512`).
+                    p[j * bs + r] = if WIDE {
+                        unsafe { f32::dot_avx512(kr, q) }
+                    } else {
+                        dot(kr, q)
+                    } * scale;
                 }
             }
             for j in 0..g {
@@ -474,15 +488,16 @@ impl PagedKvCache {
                 };
                 l[j] *= f;
                 out[j * hd..(j + 1) * hd].iter_mut().for_each(|x| *x *= f);
-                for v in ps.iter_mut() {
-                    *v = (*v - m_new).exp();
-                    l[j] += *v;
-                }
+                l[j] += exp_in_place(ps, m_new);
                 m[j] = m_new;
             }
-            for (r, vr) in vb.chunks_exact(hd).enumerate() {
-                for (j, o) in out.chunks_exact_mut(hd).enumerate() {
-                    axpy(o, p[j * bs + r], vr);
+            for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+                let pj = &p[j * bs..j * bs + n];
+                if WIDE {
+                    // SAFETY: as above.
+                    unsafe { f32::add_weighted_rows_avx512(o, pj, vb) }
+                } else {
+                    add_weighted_rows(o, pj, vb)
                 }
             }
         }

@@ -146,15 +146,75 @@ impl Visible {
     }
 }
 
+/// The element types attention runs in (f32 and f64): e^x, and the two inner loops of a tile
+/// (a row's scores, the weighted sum of the value rows), which f32 runs through explicit
+/// AVX-512 code where the CPU has it (the compiler's vectorization of the plain loops keeps a
+/// chain of dependent adds per key: decode attention took a fifth of a 0.6B token at 200
+/// positions).
+pub trait AttnFloat: Float {
+    /// e^x: for f32 the polynomial [`super::cross_entropy::exp_f32`] (relative error < 5e-7,
+    /// no libm call, so the loop over a tile's scores vectorizes), for f64 libm's.
+    fn exp_fast(self) -> Self;
+
+    /// [`dot`], in a function compiled with AVX-512F.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[inline(always)]
+    unsafe fn dot_avx512(a: &[Self], b: &[Self]) -> Self {
+        dot(a, b)
+    }
+
+    /// [`add_weighted_rows`], in a function compiled with AVX-512F.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[inline(always)]
+    unsafe fn add_weighted_rows_avx512(acc: &mut [Self], p: &[Self], v: &[Self]) {
+        add_weighted_rows(acc, p, v)
+    }
+}
+
+impl AttnFloat for f32 {
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        super::cross_entropy::exp_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+        zmm::dot(a, b)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn add_weighted_rows_avx512(acc: &mut [f32], p: &[f32], v: &[f32]) {
+        zmm::add_weighted_rows(acc, p, v)
+    }
+}
+
+impl AttnFloat for f64 {
+    #[inline(always)]
+    fn exp_fast(self) -> Self {
+        self.exp()
+    }
+}
+
+/// Lanes of the running sums below: one 512-bit register of f32 where the caller is compiled
+/// for AVX-512 (two of AVX2's).
+pub(crate) const LANES: usize = 16;
+
+/// `a . b`, the plain loop (the reference for [`zmm::dot`]).
 #[inline(always)]
 pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     // Sixteen independent accumulators so the compiler vectorizes the loop (one 512-bit
     // register where the caller is compiled for AVX-512).
-    let mut acc = [T::zero(); 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let mut acc = [T::zero(); LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for k in 0..16 {
+        for k in 0..LANES {
             acc[k] = acc[k] + x[k] * y[k];
         }
     }
@@ -165,16 +225,120 @@ pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     s
 }
 
-/// y += a * x
+/// `acc += sum_j p[j] * v[j]` over the rows `v[j]` (each `acc.len()` long), the plain loop
+/// (the reference for [`zmm::add_weighted_rows`]).
 #[inline(always)]
-pub(crate) fn axpy<T: Float>(y: &mut [T], a: T, x: &[T]) {
-    for (o, &v) in y.iter_mut().zip(x) {
-        *o = *o + a * v;
+pub(crate) fn add_weighted_rows<T: Float>(acc: &mut [T], p: &[T], v: &[T]) {
+    for (&pj, row) in p.iter().zip(v.chunks_exact(acc.len())) {
+        for (o, &x) in acc.iter_mut().zip(row) {
+            *o = *o + pj * x;
+        }
+    }
+}
+
+/// `sum_j e^(x_j - m)`, each `x_j` replaced by its term: sixteen running sums so the loop
+/// vectorizes.
+#[inline(always)]
+pub(crate) fn exp_in_place<T: AttnFloat>(x: &mut [T], m: T) -> T {
+    let mut sums = [T::zero(); LANES];
+    for c in x.chunks_mut(LANES) {
+        for (v, sum) in c.iter_mut().zip(sums.iter_mut()) {
+            *v = (*v - m).exp_fast();
+            *sum = *sum + *v;
+        }
+    }
+    sums.iter().fold(T::zero(), |s, &v| s + v)
+}
+
+/// The f32 inner loops in AVX-512F, beside their plain versions above (tests compare them).
+/// `#[inline(always)]` without a target feature of their own: they are inlined into callers
+/// compiled with AVX-512F (as `ternary_matmul`'s kernels are).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod zmm {
+    use std::arch::x86_64::*;
+
+    /// Mask of the first `n` (< 16) lanes.
+    #[inline(always)]
+    fn head(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    /// `a . b`: two chains of FMAs, one tree reduction.
+    ///
+    /// # Safety
+    /// AVX-512F; `a` and `b` of one length.
+    #[inline(always)]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i + 32 <= n {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+            let (x, y) = (pa.add(i + 16), pb.add(i + 16));
+            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(y), s1);
+            i += 32;
+        }
+        while i < n {
+            let m = if n - i >= 16 { 0xffff } else { head(n - i) };
+            let x = _mm512_maskz_loadu_ps(m, pa.add(i));
+            s0 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, pb.add(i)), s0);
+            i += 16;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+    }
+
+    /// `acc += sum_j p[j] * v[j]`: the output in chunks of 128 (then 64) columns held in
+    /// registers across all the rows (eight or four chains of FMAs), so `acc` is not loaded and
+    /// stored per key and each value row of a 128-wide head is read once.
+    ///
+    /// # Safety
+    /// AVX-512F; `v` holds `p.len()` rows of `acc.len()`.
+    #[inline(always)]
+    pub unsafe fn add_weighted_rows(acc: &mut [f32], p: &[f32], v: &[f32]) {
+        let d = acc.len();
+        assert!(v.len() >= p.len() * d, "add_weighted_rows: v too short");
+        let mut c = 0;
+        while c + 128 <= d {
+            chunk::<8>(acc, p, v, c);
+            c += 128;
+        }
+        while c + 64 <= d {
+            chunk::<4>(acc, p, v, c);
+            c += 64;
+        }
+        let (o, pv) = (acc.as_mut_ptr(), v.as_ptr());
+        while c < d {
+            let m = if d - c >= 16 { 0xffff } else { head(d - c) };
+            let mut a = _mm512_maskz_loadu_ps(m, o.add(c));
+            for (j, &pj) in p.iter().enumerate() {
+                let x = _mm512_maskz_loadu_ps(m, pv.add(j * d + c));
+                a = _mm512_fmadd_ps(_mm512_set1_ps(pj), x, a);
+            }
+            _mm512_mask_storeu_ps(o.add(c), m, a);
+            c += 16;
+        }
+    }
+
+    /// Columns `c .. c + 16 R` of [`add_weighted_rows`] in `R` registers.
+    #[inline(always)]
+    unsafe fn chunk<const R: usize>(acc: &mut [f32], p: &[f32], v: &[f32], c: usize) {
+        let (d, o, pv) = (acc.len(), acc.as_mut_ptr(), v.as_ptr());
+        let mut a: [__m512; R] = std::array::from_fn(|k| _mm512_loadu_ps(o.add(c + 16 * k)));
+        for (j, &pj) in p.iter().enumerate() {
+            let (w, row) = (_mm512_set1_ps(pj), pv.add(j * d + c));
+            for (k, a) in a.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(row.add(16 * k)), *a);
+            }
+        }
+        for (k, a) in a.iter().enumerate() {
+            _mm512_storeu_ps(o.add(c + 16 * k), *a);
+        }
     }
 }
 
 /// Forward on contiguous slices: returns O `[B, H, T, d]` and L `[B, H, T]`.
-pub fn forward<T: Float + Send + Sync>(
+pub fn forward<T: AttnFloat + Send + Sync>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -186,7 +350,7 @@ pub fn forward<T: Float + Send + Sync>(
 
 /// [`forward`] with K/V heads `kv_stride` elements apart (each head's `Tk` rows of `d`
 /// contiguous): a KV cache's buffer `[B, KV, capacity, d]` is read in place, not copied.
-pub fn forward_strided<T: Float + Send + Sync>(
+pub fn forward_strided<T: AttnFloat + Send + Sync>(
     q: &[T],
     k: &[T],
     v: &[T],
@@ -261,9 +425,9 @@ impl SimdLevel {
         SimdLevel::Baseline
     }
 
-    fn run<T: Float>(self, head: &Head<T>, i0: usize, o: &mut [T], l: &mut [T]) {
+    fn run<T: AttnFloat>(self, head: &Head<T>, i0: usize, o: &mut [T], l: &mut [T]) {
         match self {
-            SimdLevel::Baseline => fwd_tile(head, i0, o, l),
+            SimdLevel::Baseline => fwd_tile::<T, false>(head, i0, o, l),
             // SAFETY: `detect` chose these only where the CPU has the features.
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx2 => unsafe { fwd_tile_avx2(head, i0, o, l) },
@@ -275,19 +439,24 @@ impl SimdLevel {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fwd_tile_avx2<T: Float>(head: &Head<T>, i0: usize, o: &mut [T], l: &mut [T]) {
-    fwd_tile(head, i0, o, l)
+unsafe fn fwd_tile_avx2<T: AttnFloat>(head: &Head<T>, i0: usize, o: &mut [T], l: &mut [T]) {
+    fwd_tile::<T, false>(head, i0, o, l)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn fwd_tile_avx512<T: Float>(head: &Head<T>, i0: usize, o: &mut [T], l: &mut [T]) {
-    fwd_tile(head, i0, o, l)
+unsafe fn fwd_tile_avx512<T: AttnFloat>(head: &Head<T>, i0: usize, o: &mut [T], l: &mut [T]) {
+    fwd_tile::<T, true>(head, i0, o, l)
 }
 
 /// The forward of one tile of query rows `i0..i0 + l.len()`: output rows `o` and their L.
 #[inline(always)]
-fn fwd_tile<T: Float>(head: &Head<T>, i0: usize, o_tile: &mut [T], l_tile: &mut [T]) {
+fn fwd_tile<T: AttnFloat, const WIDE: bool>(
+    head: &Head<T>,
+    i0: usize,
+    o_tile: &mut [T],
+    l_tile: &mut [T],
+) {
     let Head {
         q: q_head,
         k: kh,
@@ -315,12 +484,19 @@ fn fwd_tile<T: Float>(head: &Head<T>, i0: usize, o_tile: &mut [T], l_tile: &mut 
                 continue; // this row sees nothing here: the fully-masked hazard
             }
             let qi = &q_head[(i0 + r) * d..(i0 + r + 1) * d];
-            let mut mt = T::neg_infinity();
-            for j in a..z {
-                let sj = dot(qi, &kh[j * d..(j + 1) * d]) * scale;
-                s[j - j0] = sj;
-                mt = mt.max(sj);
+            // The visible keys' scores, then their exponentials, then the weighted sum of
+            // their values: three passes over the tile that each vectorize.
+            let sr = &mut s[a - j0..z - j0];
+            for (sj, kj) in sr.iter_mut().zip(kh[a * d..z * d].chunks_exact(d)) {
+                // SAFETY (both): WIDE only in `fwd_tile_avx512`, compiled for and run on
+                // AVX-512F.
+                *sj = if WIDE {
+                    unsafe { T::dot_avx512(qi, kj) }
+                } else {
+                    dot(qi, kj)
+                } * scale;
             }
+            let mt = sr.iter().fold(T::neg_infinity(), |m, &x| m.max(x));
             let m_new = m[r].max(mt);
             let acc = &mut o_tile[r * d..(r + 1) * d];
             if m[r] != m_new {
@@ -329,10 +505,12 @@ fn fwd_tile<T: Float>(head: &Head<T>, i0: usize, o_tile: &mut [T], l_tile: &mut 
                 acc.iter_mut().for_each(|x| *x = *x * f);
                 m[r] = m_new;
             }
-            for j in a..z {
-                let p = (s[j - j0] - m_new).exp();
-                l[r] = l[r] + p;
-                axpy(acc, p, &vh[j * d..(j + 1) * d]);
+            l[r] = l[r] + exp_in_place(sr, m_new);
+            let vr = &vh[a * d..z * d];
+            if WIDE {
+                unsafe { T::add_weighted_rows_avx512(acc, sr, vr) }
+            } else {
+                add_weighted_rows(acc, sr, vr)
             }
         }
         j0 = j1;
@@ -626,7 +804,7 @@ fn dims_of(ql: &Layout, kl: &Layout) -> candle_core::Result<Dims> {
 }
 
 impl FlashOp {
-    fn fwd<T: Float + Send + Sync + candle_core::WithDType>(
+    fn fwd<T: AttnFloat + Send + Sync + candle_core::WithDType>(
         &self,
         q: &[T],
         k: &[T],
@@ -844,6 +1022,46 @@ pub fn attention_reference(
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The explicit AVX-512 loops equal the plain ones on lengths around every chunk edge
+    /// (16-lane masks, 64- and 128-column register chunks), to f32 rounding.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn zmm_loops_match_the_plain_loops() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        for d in [
+            1, 7, 16, 17, 33, 63, 64, 65, 100, 127, 128, 129, 192, 200, 256,
+        ] {
+            let (a, b) = (vals(d, 1), vals(d, 2));
+            // SAFETY: the CPU has AVX-512F (checked above).
+            let (fast, plain) = (unsafe { zmm::dot(&a, &b) }, dot(&a, &b));
+            assert!(
+                (fast - plain).abs() <= 1e-5 * (1.0 + plain.abs()),
+                "dot d={d}"
+            );
+            for keys in [0, 1, 5, 16, 64] {
+                let (p, v) = (vals(keys, 3), vals(keys * d, 4));
+                let (mut fast, mut plain) = (vals(d, 5), vals(d, 5));
+                // SAFETY: as above.
+                unsafe { zmm::add_weighted_rows(&mut fast, &p, &v) };
+                add_weighted_rows(&mut plain, &p, &v);
+                for (x, y) in fast.iter().zip(&plain) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                        "rows d={d} keys={keys}"
+                    );
+                }
+            }
+        }
+    }
 
     fn randn(shape: &[usize], seed: u64, dt: DType) -> Tensor {
         use rand::{Rng, SeedableRng};
