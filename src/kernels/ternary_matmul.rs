@@ -339,17 +339,13 @@ impl RowTask<'_> {
     unsafe fn run(&self, isa: Isa, xq: &QuantizedRows, n: usize) {
         let m = self.m;
         let cb = m.sbs * 32;
-        let mut y = [0f32; ROWS];
         if n == 1 {
-            // Decode: ROWS rows per call share each load of the activations.
-            let x = xq.row(0);
-            for r in self.rows.clone().step_by(ROWS) {
-                let o = &mut y[..ROWS.min(self.rows.end - r)];
-                let rr = r..r + o.len();
-                let codes = &m.codes[rr.start * cb..rr.end * cb];
-                dot_rows(isa, m.wide, codes, m.scales_of(rr), &x, o);
-                std::ptr::copy_nonoverlapping(o.as_ptr(), self.out.0.add(r), o.len());
-            }
+            // Decode: the kernel walks the task's rows ROWS at a time (each load of the
+            // activations serves ROWS rows) and writes the outputs in place.
+            let rr = self.rows.clone();
+            let out = std::slice::from_raw_parts_mut(self.out.0.add(rr.start), rr.len());
+            let codes = &m.codes[rr.start * cb..rr.end * cb];
+            dot_rows(isa, m.wide, codes, m.scales_of(rr), &xq.row(0), out);
             return;
         }
         // Token tiles outside, the task's rows inside: the rows' codes (at most 64 rows) stay
@@ -672,36 +668,38 @@ fn dot_tile_isa(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], rows: &[XRow], o
     }
 }
 
-/// `out[j] = W_{row j} . x` for up to `ROWS` consecutive rows (`codes`, `ws` hold them in order).
+/// `out[j] = W_{row j} . x` for consecutive rows (`codes`, `ws` hold them in order): the x86
+/// kernels take them `ROWS` at a time in one call (a call per block of rows, with its slicing
+/// and a libc copy of the outputs, was 8% of 1-thread decode), the rest one by one.
 fn dot_rows(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
     let (cb, sb) = (codes.len() / out.len(), ws.len() / out.len());
-    match (isa, out.len()) {
+    let blocks = match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.
-        (Isa::Avx512Vnni, ROWS) => unsafe { x86::rows_avx512vnni(wide, codes, ws, x, out) },
+        Isa::Avx512Vnni | Isa::AvxVnni | Isa::Avx2 => out.len() / ROWS * ROWS,
+        _ => 0,
+    };
+    if blocks > 0 {
+        let (c, w, o) = (
+            &codes[..blocks * cb],
+            &ws[..blocks * sb],
+            &mut out[..blocks],
+        );
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        (Isa::AvxVnni, ROWS) => unsafe { x86::rows_avxvnni(wide, codes, ws, x, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        (Isa::Avx2, ROWS) => unsafe { x86::rows_avx2(wide, codes, ws, x, out) },
-        _ => {
-            for (j, o) in out.iter_mut().enumerate() {
-                let (c, w) = (&codes[j * cb..(j + 1) * cb], &ws[j * sb..(j + 1) * sb]);
-                match isa {
-                    Isa::Portable => {
-                        dot_tile_portable(c, w, std::slice::from_ref(x), std::slice::from_mut(o))
-                    }
-                    _ => dot_tile_isa(
-                        isa,
-                        wide,
-                        c,
-                        w,
-                        std::slice::from_ref(x),
-                        std::slice::from_mut(o),
-                    ),
-                }
-            }
+        match isa {
+            // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.
+            Isa::Avx512Vnni => unsafe { x86::rows_avx512vnni(wide, c, w, x, o) },
+            // SAFETY: as above.
+            Isa::AvxVnni => unsafe { x86::rows_avxvnni(wide, c, w, x, o) },
+            // SAFETY: as above.
+            _ => unsafe { x86::rows_avx2(wide, c, w, x, o) },
+        }
+    }
+    for (j, o) in out.iter_mut().enumerate().skip(blocks) {
+        let (c, w) = (&codes[j * cb..(j + 1) * cb], &ws[j * sb..(j + 1) * sb]);
+        let (xs, o) = (std::slice::from_ref(x), std::slice::from_mut(o));
+        match isa {
+            Isa::Portable => dot_tile_portable(c, w, xs, o),
+            _ => dot_tile_isa(isa, wide, c, w, xs, o),
         }
     }
 }
@@ -984,7 +982,8 @@ mod x86 {
         }
     }
 
-    /// `ROWS` rows against one token (256-bit): each load of the activations serves every row.
+    /// Rows against one token (256-bit), `ROWS` at a time (`out.len()` a multiple of it): each
+    /// load of the activations serves every row of a block.
     #[inline(always)]
     unsafe fn rows256<K: Step256, const WIDE: bool>(
         codes: &[u8],
@@ -993,9 +992,26 @@ mod x86 {
         out: &mut [f32],
     ) {
         const R: usize = super::ROWS;
-        let (cb, sbw) = (codes.len() / R, ws.len() / R);
+        let (cb, sbw) = (codes.len() / out.len(), ws.len() / out.len());
         let x = XPtr::of(x);
-        let (c, w) = (codes.as_ptr(), ws.as_ptr());
+        for (b, out) in out.chunks_exact_mut(R).enumerate() {
+            let (c, w) = (codes.as_ptr().add(b * R * cb), ws.as_ptr().add(b * R * sbw));
+            block256::<K, WIDE>(c, w, cb, sbw, x, out);
+        }
+    }
+
+    /// One block of `ROWS` rows of [`rows256`] at `c` / `w` (`cb` code bytes and `sbw` scales
+    /// per row).
+    #[inline(always)]
+    unsafe fn block256<K: Step256, const WIDE: bool>(
+        c: *const u8,
+        w: *const f32,
+        cb: usize,
+        sbw: usize,
+        x: XPtr,
+        out: &mut [f32],
+    ) {
+        const R: usize = super::ROWS;
         let mut acc = [_mm256_setzero_ps(); R];
         for sb in 0..cb / 32 {
             for (j, a) in acc.iter_mut().enumerate() {
@@ -1236,14 +1252,32 @@ mod x86 {
             }
         }
 
-        /// `ROWS` rows against one token (decode): each load of the activations serves every
-        /// row; the codes are prefetched well ahead (they stream through once).
+        /// Rows against one token (decode), `ROWS` at a time (`out.len()` a multiple of it):
+        /// each load of the activations serves every row of a block; the codes are prefetched
+        /// well ahead (they stream through once).
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
         pub unsafe fn rows<const WIDE: bool>(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
             const R: usize = crate::kernels::ternary_matmul::ROWS;
-            let (cb, sbw) = (codes.len() / R, ws.len() / R);
+            let (cb, sbw) = (codes.len() / out.len(), ws.len() / out.len());
             let x = XPtr::of(x);
-            let (c, w) = (codes.as_ptr(), ws.as_ptr());
+            for (b, out) in out.chunks_exact_mut(R).enumerate() {
+                let (c, w) = (codes.as_ptr().add(b * R * cb), ws.as_ptr().add(b * R * sbw));
+                block::<WIDE>(c, w, cb, sbw, x, out);
+            }
+        }
+
+        /// One block of `ROWS` rows of [`rows`] at `c` / `w` (`cb` code bytes and `sbw`
+        /// scales per row).
+        #[inline(always)]
+        unsafe fn block<const WIDE: bool>(
+            c: *const u8,
+            w: *const f32,
+            cb: usize,
+            sbw: usize,
+            x: XPtr,
+            out: &mut [f32],
+        ) {
+            const R: usize = crate::kernels::ternary_matmul::ROWS;
             let mut acc = [_mm512_setzero_ps(); R];
             for sb in 0..cb / 32 {
                 let xsb = load(x, sb);
