@@ -69,7 +69,7 @@ enum Cmd {
     },
 }
 
-/// Runs `f` on a worker of a pool of `threads` (rayon's and candle's parallel work alike): the
+/// Runs `f` on a worker of a pool of `threads` (rayon's parallel work, candle's GEMMs): the
 /// command's own thread is then a worker, so a parallel op started from it needs no hand-off to
 /// a sleeping thread (with one thread: none at all). Decoding starts ~200 such ops per token.
 fn run_in_pool(
@@ -79,6 +79,15 @@ fn run_in_pool(
     if let Some(n) = threads {
         // candle sizes its GEMMs by this variable; read before any worker exists.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    // candle-core 0.11 runs its elementwise ops on a pool of its own (`candle-bp-*` threads,
+    // one per core but one, that spin ~25,000 times after each op before parking). Beside
+    // rayon's workers that thread takes a core from the matmuls: 12% of the samples of a
+    // 2-thread 0.6B prefill, which ran 206-225 tok/s with it and 230-253 without (Zen 4).
+    // With one candle thread its ops run inline on the calling worker (an explicit
+    // CANDLE_NUM_THREADS is kept).
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.unwrap_or(0))
