@@ -673,27 +673,29 @@ fn dot_tile_isa(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], rows: &[XRow], o
 /// and a libc copy of the outputs, was 8% of 1-thread decode), the rest one by one.
 fn dot_rows(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
     let (cb, sb) = (codes.len() / out.len(), ws.len() / out.len());
+    #[cfg(target_arch = "x86_64")]
     let blocks = match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni | Isa::AvxVnni | Isa::Avx2 => out.len() / ROWS * ROWS,
+        Isa::Avx512Vnni | Isa::AvxVnni | Isa::Avx2 if out.len() >= ROWS => {
+            let blocks = out.len() / ROWS * ROWS;
+            let (c, w, o) = (
+                &codes[..blocks * cb],
+                &ws[..blocks * sb],
+                &mut out[..blocks],
+            );
+            match isa {
+                // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.
+                Isa::Avx512Vnni => unsafe { x86::rows_avx512vnni(wide, c, w, x, o) },
+                // SAFETY: as above.
+                Isa::AvxVnni => unsafe { x86::rows_avxvnni(wide, c, w, x, o) },
+                // SAFETY: as above.
+                _ => unsafe { x86::rows_avx2(wide, c, w, x, o) },
+            }
+            blocks
+        }
         _ => 0,
     };
-    if blocks > 0 {
-        let (c, w, o) = (
-            &codes[..blocks * cb],
-            &ws[..blocks * sb],
-            &mut out[..blocks],
-        );
-        #[cfg(target_arch = "x86_64")]
-        match isa {
-            // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.
-            Isa::Avx512Vnni => unsafe { x86::rows_avx512vnni(wide, c, w, x, o) },
-            // SAFETY: as above.
-            Isa::AvxVnni => unsafe { x86::rows_avxvnni(wide, c, w, x, o) },
-            // SAFETY: as above.
-            _ => unsafe { x86::rows_avx2(wide, c, w, x, o) },
-        }
-    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let blocks = 0;
     for (j, o) in out.iter_mut().enumerate().skip(blocks) {
         let (c, w) = (&codes[j * cb..(j + 1) * cb], &ws[j * sb..(j + 1) * sb]);
         let (xs, o) = (std::slice::from_ref(x), std::slice::from_mut(o));
