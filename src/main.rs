@@ -32,6 +32,11 @@ struct Cli {
     /// Worker threads for every command (default: one per core, or RAYON_NUM_THREADS).
     #[arg(long, short = 't', global = true, value_parser = cli::at_least_one)]
     threads: Option<usize>,
+    /// How packed GGUF weights keep their scales in memory: `f32` (2.5 bits per weight, the
+    /// file's values, fastest decode where measured) or `byte` (2.09 bits at 1024 columns,
+    /// scales rounded to 5-10 mantissa bits; NOTES.md). Default: TERN_SCALES, else f32.
+    #[arg(long, global = true, value_parser = ["f32", "byte"])]
+    scales: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -104,6 +109,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(s) = &cli.scales {
+        // Read once by the loader (`ScaleStore::chosen`), before any worker thread exists.
+        std::env::set_var("TERN_SCALES", s);
+    }
     let res = run_in_pool(cli.threads, move || match cli.cmd {
         Cmd::Train(a) => cli::train::run(a),
         Cmd::Eval(a) => cli::eval::run(a),

@@ -357,20 +357,23 @@ fn decode(
         let rss = tern::mem::rss_bytes().unwrap_or(0);
         let s = bench::decode::measure(&m, prompt, n, reps)?;
         let isa = tern::kernels::ternary_matmul::Isa::detect().name();
+        let (bits, scales) = resident_weights(&m);
         if json {
             let v = serde_json::json!({"model": spec, "kind": kind, "threads": rayon::current_num_threads(),
                 "kernel": if m.is_packed() { isa } else { "dense f32" }, "load_s": load_s,
                 "rss_after_load_mib": rss as f64 / 1048576.0, "rss_before_load_mib": rss0 as f64 / 1048576.0,
                 "prompt_tokens": s.prompt_tokens, "prefill_s": s.prefill_s, "prefill_tok_s": s.prefill_tok_s,
                 "prefill_tok_s_sd": s.prefill_tok_s_sd, "decode_tokens": s.decode_tokens,
-                "decode_tok_s": s.decode_tok_s, "decode_tok_s_sd": s.decode_tok_s_sd, "reps": s.reps});
+                "decode_tok_s": s.decode_tok_s, "decode_tok_s_sd": s.decode_tok_s_sd, "reps": s.reps,
+                "resident_bits_per_weight": bits, "scales": scales});
             println!("{v}");
         } else {
             println!(
-                "{kind} {spec} ({}; {} threads): load {load_s:.2} s, rss {:.1} MiB; prefill {prompt} tokens {:.3} s \
+                "{kind} {spec} ({}; {} threads{}): load {load_s:.2} s, rss {:.1} MiB; prefill {prompt} tokens {:.3} s \
                  ({:.1} +/- {:.1} tokens/s); decode {:.1} +/- {:.1} tokens/s ({} tokens; {} reps)",
                 if m.is_packed() { isa } else { "dense" },
                 rayon::current_num_threads(),
+                bits.map_or(String::new(), |b| format!("; {b:.3} bits per weight resident, scales {}", scales.join("+"))),
                 rss as f64 / 1048576.0,
                 s.prefill_s,
                 s.prefill_tok_s,
@@ -383,6 +386,21 @@ fn decode(
         }
     }
     Ok(())
+}
+
+/// A packed model's resident bits per weight (codes and scales) and its matrices' scale
+/// formats; `None` for a dense model.
+fn resident_weights(m: &tern::model::Model) -> (Option<f64>, Vec<String>) {
+    let mats = m.packed_matrices();
+    let bytes: usize = mats.iter().map(|p| p.bytes()).sum();
+    let weights: usize = mats.iter().map(|p| p.rows * p.cols).sum();
+    let mut formats: Vec<String> = mats.iter().map(|p| p.scale_format()).collect();
+    formats.sort();
+    formats.dedup();
+    (
+        (weights > 0).then(|| 8.0 * bytes as f64 / weights as f64),
+        formats,
+    )
 }
 
 fn make_model(

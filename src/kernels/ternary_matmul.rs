@@ -6,13 +6,19 @@
 //!
 //! 1. Load time, [`PackedMatrix::new`]: each row is repacked into super-blocks of 128 weights:
 //!    32 bytes of codes `q = t + 1` in {0, 1, 2} where byte `l` holds the codes of elements
-//!    `l, l + 32, l + 64, l + 96` at bits 0, 2, 4, 6, plus one f32 scale per 64 weights. Shifting
-//!    the 32 bytes by 2k and masking with 3 then yields elements `32k .. 32k + 32` in order: one
-//!    vector load and four shift/and pairs unpack 128 weights, with no shuffles: 2.5 bits per
-//!    weight resident. Keeping the file's f16 scales instead (one per 128 where a row's 64-blocks
-//!    share it: 2.125 bits) was built and measured: expanding them to f32 on every call cost
-//!    18% of 1-thread decode at 0.6B (NOTES.md, session 8), so the scales stay f32 until the
-//!    kernels read f16 themselves.
+//!    `l, l + 32, l + 64, l + 96` at bits 0, 2, 4, 6. Shifting the 32 bytes by 2k and masking
+//!    with 3 then yields elements `32k .. 32k + 32` in order: one vector load and four shift/and
+//!    pairs unpack 128 weights, with no shuffles. The scales (one per 64 weights, or one per
+//!    super-block where a row's two 64-blocks share it: every tern export) stay f32 by default
+//!    (2.5 bits per weight, the file's values bit for bit). `tern --scales byte`
+//!    (`TERN_SCALES=byte`) keeps one byte each instead ([`ByteScales`]: relative to the row's
+//!    smallest scale, the f32 bit pattern rounded to 5-10 mantissa bits), so a tern export is
+//!    resident in 2 + 8/128 + 32/cols bits per weight (2.09 at 1024 columns, against 2.06 for
+//!    llama.cpp's TQ2_0). Each task then expands its rows' bytes into f32 (at most 64 rows,
+//!    into L1) before the kernels run, so the kernels read f32 scales either way; the
+//!    expansion costs 1-thread decode ~8% on a Zen 4 whose kernel is bound by its operations,
+//!    not its bytes (NOTES.md, session 22), hence opt-in. (Expanding the file's f16 scales
+//!    once per row and block cost 18%: session 8.)
 //! 2. Per call, [`QuantizedRows::new`]: each activation row is quantized per 32 values (one
 //!    code plane), absmax to int8 (`x ~ s * xq`, s >= max|x| / 127), as llama.cpp's Q8_0 does,
 //!    with each group's `s * sum(xq)` kept for the correction below. Every step `s` of a row is
@@ -147,14 +153,157 @@ impl Isa {
     }
 }
 
+/// How a [`PackedMatrix`] keeps its weight scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleStore {
+    /// f32, exactly the file's values: 2.5 bits per weight.
+    F32,
+    /// One byte per scale ([`ByteScales`]), f32 where a row's scales span too many octaves:
+    /// 2.09 bits per weight at 1024 columns with one scale per 128. Decode pays for expanding
+    /// them each token (8% at 1 thread on a Zen 4, NOTES.md), so it is opt-in.
+    Byte,
+}
+
+impl ScaleStore {
+    /// `F32` unless `TERN_SCALES=byte` (`tern --scales byte`).
+    pub fn chosen() -> ScaleStore {
+        static CHOSEN: std::sync::OnceLock<ScaleStore> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| match std::env::var("TERN_SCALES") {
+            Ok(v) if v == "byte" => ScaleStore::Byte,
+            _ => ScaleStore::F32,
+        })
+    }
+}
+
+/// The stored scales: f32 in the kernels' layout, or bytes expanded per call.
+#[derive(Clone, Debug)]
+enum Scales {
+    /// `rows * 2 * sbs` (0 for the padding block of an odd block count; a wide row's one scale
+    /// twice).
+    F32(Vec<f32>),
+    Byte(ByteScales),
+}
+
+/// Mantissa bits a byte scale can keep, as shifts of the f32 bit pattern, most bits first:
+/// 10 (f16's: rows whose scales span under a quarter octave, and every row with one scale,
+/// stay exact) down to 5 (relative error <= 2^-6 for rows spanning up to 7.9 octaves). A
+/// matrix with a row wider than that keeps f32.
+const BYTE_SHIFTS: std::ops::RangeInclusive<u32> = 13..=18;
+/// The byte code of a zero scale (the padding block of an odd block count, an all-zero group).
+const BYTE_ZERO: u8 = 255;
+
+/// One byte per weight scale: each row keeps its smallest nonzero scale as an f32 `factor`,
+/// and each scale as `factor * t` with `t` in [1, 2^(255 / 2^(23 - shift))): `t`'s f32 bit
+/// pattern, rounded to nearest at bit `shift` (so `23 - shift` mantissa bits stay), less 1.0's,
+/// is the code; code 255 is the scale 0. A byte keeps a relative precision of
+/// `2^(shift - 24)` over 255 steps (llama.cpp's K-quants make the same trade with 6-bit
+/// sub-block scales). Expanding is a widening, an add and a shift of a whole task's codes as
+/// one stream (no per-row work, no table, no exp); the kernels run on the `t` values and each
+/// output is multiplied by its row's factor. The matrix takes the most mantissa bits that fit
+/// every row's span.
+#[derive(Clone, Debug)]
+pub struct ByteScales {
+    /// Per row `per` codes (one per super-block where wide, else per 64-block).
+    codes: Vec<u8>,
+    /// Per row: its smallest nonzero scale, which the expanded values are multiplied by.
+    factor: Vec<f32>,
+    shift: u32,
+    per: usize,
+}
+
+impl ByteScales {
+    /// Codes for `vals` (rows of `per` scales), or `None` where a scale is negative or not
+    /// finite, or a row spans more than 255 steps even at the coarsest shift.
+    pub fn encode(vals: &[f32], per: usize) -> Option<ByteScales> {
+        if per == 0 || vals.iter().any(|s| !s.is_finite() || *s < 0.0) {
+            return None;
+        }
+        BYTE_SHIFTS
+            .into_iter()
+            .find_map(|shift| Self::encode_at(vals, per, shift))
+    }
+
+    fn encode_at(vals: &[f32], per: usize, shift: u32) -> Option<ByteScales> {
+        let one = 1f32.to_bits() >> shift;
+        let code = |t: f32| ((t.to_bits() + (1 << (shift - 1))) >> shift).checked_sub(one);
+        let rows = vals.len() / per;
+        let (mut codes, mut factor) = (vec![BYTE_ZERO; rows * per], vec![1f32; rows]);
+        for ((row, c), f) in vals
+            .chunks_exact(per)
+            .zip(codes.chunks_exact_mut(per))
+            .zip(&mut factor)
+        {
+            let nonzero = row.iter().copied().filter(|s| *s != 0.0);
+            let Some(lo) = nonzero.reduce(f32::min) else {
+                continue; // an all-zero row
+            };
+            *f = lo;
+            for (c, s) in c.iter_mut().zip(row).filter(|(_, s)| **s != 0.0) {
+                match code(s / lo) {
+                    Some(k) if k < BYTE_ZERO as u32 => *c = k as u8,
+                    _ => return None,
+                }
+            }
+        }
+        Some(ByteScales {
+            codes,
+            factor,
+            shift,
+            per,
+        })
+    }
+
+    /// The offset added to a code before its shift (code 0 is 1.0).
+    fn k(&self) -> u32 {
+        1f32.to_bits() >> self.shift
+    }
+
+    /// Scale `i` of row `r`.
+    pub fn get(&self, r: usize, i: usize) -> f32 {
+        Self::value(self.codes[r * self.per + i], self.k(), self.shift) * self.factor[r]
+    }
+
+    /// A code's value before its row's factor.
+    #[inline(always)]
+    fn value(code: u8, k: u32, shift: u32) -> f32 {
+        if code == BYTE_ZERO {
+            0.0
+        } else {
+            f32::from_bits((code as u32 + k) << shift)
+        }
+    }
+
+    /// Rows `rows` in the kernels' layout (two scales per super-block, a wide row's one twice),
+    /// before their factors. Decode expands every scale of the model once per token, so on
+    /// AVX-512 16 at a time.
+    fn expand(&self, rows: std::ops::Range<usize>, wide: bool, out: &mut [f32]) {
+        let codes = &self.codes[rows.start * self.per..rows.end * self.per];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+            // SAFETY: the features were just detected; the function checks `out`'s length.
+            return unsafe { x86::expand_scales_avx512(codes, self.k(), self.shift, wide, out) };
+        }
+        Self::expand_plain(codes, self.k(), self.shift, wide, out);
+    }
+
+    /// The plain loop of [`ByteScales::expand`] (the reference for the AVX-512 one).
+    fn expand_plain(codes: &[u8], k: u32, shift: u32, wide: bool, out: &mut [f32]) {
+        let step = 1 + wide as usize;
+        for (i, &c) in codes.iter().enumerate() {
+            let v = Self::value(c, k, shift);
+            out[step * i] = v;
+            out[step * i + step - 1] = v;
+        }
+    }
+}
+
 /// A `[rows, cols]` ternary matrix in the kernel layout (module doc, step 1).
 #[derive(Clone, Debug)]
 pub struct PackedMatrix {
     /// `rows * sbs * 32` bytes of codes.
     codes: Vec<u8>,
-    /// The weight scales, `rows * 2 * sbs`: one per 64-block (0 for the padding block of an odd
-    /// block count; a wide row's one scale twice).
-    scales: Vec<f32>,
+    /// The weight scales (one per 64-block, or per super-block where `wide`), as stored.
+    scales: Scales,
     pub rows: usize,
     pub cols: usize,
     /// Super-blocks per row.
@@ -165,8 +314,20 @@ pub struct PackedMatrix {
 }
 
 impl PackedMatrix {
-    /// Repacks `rows` rows of GGUF blocks (`bytes`, row-major) into the kernel layout.
+    /// Repacks `rows` rows of GGUF blocks (`bytes`, row-major) into the kernel layout, the
+    /// scales kept as [`ScaleStore::chosen`] says.
     pub fn new(bytes: &[u8], rows: usize, cols: usize, packing: Packing) -> crate::Result<Self> {
+        Self::with_scales(bytes, rows, cols, packing, ScaleStore::chosen())
+    }
+
+    /// [`PackedMatrix::new`] with the scales kept as `store` says.
+    pub fn with_scales(
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+        packing: Packing,
+        store: ScaleStore,
+    ) -> crate::Result<Self> {
         let rb = packing.row_bytes(cols);
         if !cols.is_multiple_of(packing.block()) || bytes.len() < rows * rb {
             return Err(crate::Error::Msg(format!(
@@ -205,6 +366,17 @@ impl PackedMatrix {
             && scales
                 .chunks_exact(2)
                 .all(|p| p[0].to_bits() == p[1].to_bits());
+        let scales = match store {
+            ScaleStore::F32 => Scales::F32(scales),
+            ScaleStore::Byte => {
+                // A wide row keeps its one scale per super-block once.
+                let kept: Vec<f32> = scales.iter().step_by(1 + wide as usize).copied().collect();
+                match ByteScales::encode(&kept, if wide { sbs } else { 2 * sbs }) {
+                    Some(b) => Scales::Byte(b),
+                    None => Scales::F32(scales),
+                }
+            }
+        };
         Ok(Self {
             codes,
             scales,
@@ -217,24 +389,52 @@ impl PackedMatrix {
 
     /// Resident bytes of the repacked codes and scales.
     pub fn bytes(&self) -> usize {
-        self.codes.len() + 4 * self.scales.len()
+        self.codes.len()
+            + match &self.scales {
+                Scales::F32(s) => 4 * s.len(),
+                Scales::Byte(b) => b.codes.len() + 4 * b.factor.len(),
+            }
     }
 
-    /// The weight scales of `rows`, two per super-block (the kernels' layout).
-    fn scales_of(&self, rows: std::ops::Range<usize>) -> &[f32] {
+    /// How the scales are kept: `f32`, or `byte/M` (M mantissa bits kept).
+    pub fn scale_format(&self) -> String {
+        match &self.scales {
+            Scales::F32(_) => "f32".into(),
+            Scales::Byte(b) => format!("byte/{}", 23 - b.shift),
+        }
+    }
+
+    /// The weight scales of `rows`, two per super-block (the kernels' layout), and each row's
+    /// factor the kernels' outputs are multiplied by (none with f32 scales): the stored f32
+    /// slice itself, or byte scales expanded into `buf`.
+    fn scales_of<'a>(
+        &'a self,
+        rows: std::ops::Range<usize>,
+        buf: &'a mut Vec<f32>,
+    ) -> (&'a [f32], Option<&'a [f32]>) {
         let per = 2 * self.sbs;
-        &self.scales[rows.start * per..rows.end * per]
+        match &self.scales {
+            Scales::F32(s) => (&s[rows.start * per..rows.end * per], None),
+            Scales::Byte(b) => {
+                buf.clear();
+                buf.resize(rows.len() * per, 0.0);
+                b.expand(rows.clone(), self.wide, buf);
+                (buf, Some(&b.factor[rows]))
+            }
+        }
     }
 
     /// Row `r` dequantized (embedding lookup; the reference).
     pub fn row(&self, r: usize) -> Vec<f32> {
         let c = &self.codes[r * self.sbs * 32..];
-        let s = self.scales_of(r..r + 1);
+        let mut buf = Vec::new();
+        let (s, factor) = self.scales_of(r..r + 1, &mut buf);
+        let f = factor.map_or(1.0, |f| f[0]);
         (0..self.cols)
             .map(|j| {
                 let (sb, e) = (j / SB, j % SB);
                 let q = (c[sb * 32 + e % 32] >> (2 * (e / 32))) & 3;
-                (q as f32 - 1.0) * s[j / BLK]
+                (q as f32 - 1.0) * (s[j / BLK] * f)
             })
             .collect()
     }
@@ -337,15 +537,37 @@ impl RowTask<'_> {
     /// # Safety
     /// `out` must point to `n * m.rows` floats that no other task writes in `rows`.
     unsafe fn run(&self, isa: Isa, xq: &QuantizedRows, n: usize) {
+        // The task's scales in the kernels' layout, expanded once (at most 64 rows: L1).
+        thread_local! {
+            static SCALES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCALES.with_borrow_mut(|buf| {
+            let (ws, factor) = self.m.scales_of(self.rows.clone(), buf);
+            self.run_with(isa, xq, n, ws);
+            if let Some(f) = factor {
+                for t in 0..n {
+                    let out = self.out.0.add(t * self.m.rows + self.rows.start);
+                    let out = std::slice::from_raw_parts_mut(out, f.len());
+                    for (o, f) in out.iter_mut().zip(f) {
+                        *o *= f; // the row's smallest scale
+                    }
+                }
+            }
+        })
+    }
+
+    /// [`RowTask::run`] with the task's rows' scales `ws` (two per super-block and row), before
+    /// the rows' factors.
+    unsafe fn run_with(&self, isa: Isa, xq: &QuantizedRows, n: usize, ws: &[f32]) {
         let m = self.m;
-        let cb = m.sbs * 32;
+        let (cb, per) = (m.sbs * 32, 2 * m.sbs);
         if n == 1 {
             // Decode: the kernel walks the task's rows ROWS at a time (each load of the
             // activations serves ROWS rows) and writes the outputs in place.
             let rr = self.rows.clone();
             let out = std::slice::from_raw_parts_mut(self.out.0.add(rr.start), rr.len());
             let codes = &m.codes[rr.start * cb..rr.end * cb];
-            dot_rows(isa, m.wide, codes, m.scales_of(rr), &xq.row(0), out);
+            dot_rows(isa, m.wide, codes, ws, &xq.row(0), out);
             return;
         }
         // Token tiles outside, the task's rows inside: the rows' codes (at most 64 rows) stay
@@ -361,7 +583,8 @@ impl RowTask<'_> {
                 let nr = PAIR.min(self.rows.end - r);
                 let codes = &m.codes[r * cb..(r + nr) * cb];
                 let out = &mut tile[..nr * tn];
-                dot_tile(isa, m.wide, codes, m.scales_of(r..r + nr), &xs[..tn], out);
+                let w = &ws[(r - self.rows.start) * per..(r - self.rows.start + nr) * per];
+                dot_tile(isa, m.wide, codes, w, &xs[..tn], out);
                 for (j, row) in out.chunks(tn).enumerate() {
                     for (k, v) in row.iter().enumerate() {
                         *self.out.0.add((t0 + k) * m.rows + r + j) = *v;
@@ -1081,6 +1304,51 @@ mod x86 {
         by_tokens!(tile256[FloatGroups], xs.len(), wide, (codes, ws, xs, out))
     }
 
+    /// [`ByteScales::expand`] 16 codes at a time: widen, add `k`, shift into place (the zero
+    /// code masked to 0.0), and for wide rows store every value twice.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn expand_scales_avx512(
+        codes: &[u8],
+        k: u32,
+        shift: u32,
+        wide: bool,
+        out: &mut [f32],
+    ) {
+        let (b, sh) = (_mm512_set1_epi32(k as i32), _mm_cvtsi32_si128(shift as i32));
+        let lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        let hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+        let (n, o) = (codes.len(), out.as_mut_ptr());
+        assert!(out.len() >= n << wide as usize, "scale buffer too short");
+        for i in (0..n).step_by(16) {
+            let left = n - i;
+            let m: __mmask16 = if left >= 16 { 0xffff } else { (1 << left) - 1 };
+            let c8 = _mm_maskz_loadu_epi8(m, codes.as_ptr().add(i) as *const i8);
+            let nonzero = _mm_cmpneq_epi8_mask(c8, _mm_set1_epi8(super::BYTE_ZERO as i8));
+            let c = _mm512_add_epi32(_mm512_cvtepu8_epi32(c8), b);
+            let v = _mm512_castsi512_ps(_mm512_maskz_sll_epi32(nonzero, c, sh));
+            if wide {
+                let (m_lo, m_hi) = (
+                    if left >= 8 {
+                        0xffff
+                    } else {
+                        (1u16 << (2 * left)) - 1
+                    },
+                    if left >= 16 {
+                        0xffff
+                    } else if left > 8 {
+                        (1u16 << (2 * (left - 8))) - 1
+                    } else {
+                        0
+                    },
+                );
+                _mm512_mask_storeu_ps(o.add(2 * i), m_lo, _mm512_permutexvar_ps(lo, v));
+                _mm512_mask_storeu_ps(o.add(2 * i + 16), m_hi, _mm512_permutexvar_ps(hi, v));
+            } else {
+                _mm512_mask_storeu_ps(o.add(i), m, v);
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
     pub unsafe fn rows_avx512vnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
         if wide {
@@ -1436,6 +1704,7 @@ mod x86 {
                 w.fill(0.0);
             }
             let one = _mm512_set1_epi8(1);
+            let mut buf = Vec::new();
             for r in 0..nr {
                 let codes = m.codes.as_ptr().add((r0 + r) * m.sbs * 32);
                 let dst = a.as_mut_ptr().add(r * width);
@@ -1445,8 +1714,10 @@ mod x86 {
                     _mm512_storeu_si512(d, _mm512_sub_epi8(p01, one));
                     _mm512_storeu_si512(d.add(1), _mm512_sub_epi8(p23, one));
                 }
-                for (b, s) in m.scales_of(r0 + r..r0 + r + 1).iter().enumerate() {
-                    w[b * M + r] = *s;
+                let (s, factor) = m.scales_of(r0 + r..r0 + r + 1, &mut buf);
+                let f = factor.map_or(1.0, |f| f[0]);
+                for (b, s) in s.iter().enumerate() {
+                    w[b * M + r] = *s * f;
                 }
             }
         }
@@ -1628,13 +1899,24 @@ mod tests {
     use crate::quant::codec::{dequantize_row, pack_row};
 
     fn packed(rows: usize, cols: usize, p: Packing, group: usize) -> (Vec<u8>, PackedMatrix) {
+        packed_times(rows, cols, p, group, 1.0)
+    }
+
+    /// [`packed`] with every scale times `mul` (byte scales: other row factors than 1).
+    fn packed_times(
+        rows: usize,
+        cols: usize,
+        p: Packing,
+        group: usize,
+        mul: f32,
+    ) -> (Vec<u8>, PackedMatrix) {
         let mut buf = Vec::new();
         for r in 0..rows {
             let codes: Vec<i8> = (0..cols)
                 .map(|j| (((r * 31 + j * 17 + j / 7) % 3) as i8) - 1)
                 .collect();
             let scales: Vec<f32> = (0..cols.div_ceil(group))
-                .map(|g| 0.01 * (r + 1) as f32 + 0.3 * g as f32)
+                .map(|g| mul * (0.01 * (r + 1) as f32 + 0.3 * g as f32))
                 .collect();
             pack_row(&codes, &scales, group, p, &mut buf);
         }
@@ -1648,6 +1930,8 @@ mod tests {
             .collect()
     }
 
+    /// The repacked rows are the file's: bit for bit with f32 scales, and within the byte
+    /// scales' relative precision (`2^(shift - 24)`) with them.
     #[test]
     fn repacked_rows_equal_the_file_rows() {
         for (p, cols, group) in [
@@ -1655,39 +1939,162 @@ mod tests {
             (Packing::Q2_0, 320, 64),
             (Packing::PQ2_0, 384, 128),
         ] {
-            let (buf, m) = packed(5, cols, p, group);
+            let (buf, _) = packed(5, cols, p, group);
             let rb = p.row_bytes(cols);
+            let exact = PackedMatrix::with_scales(&buf, 5, cols, p, ScaleStore::F32).unwrap();
+            let bytes = PackedMatrix::with_scales(&buf, 5, cols, p, ScaleStore::Byte).unwrap();
+            let Scales::Byte(b) = &bytes.scales else {
+                panic!("{p:?} cols {cols}: byte scales expected");
+            };
+            let tol = (b.shift as f32 - 24.0).exp2();
             for r in 0..5 {
-                assert_eq!(
-                    m.row(r),
-                    dequantize_row(&buf[r * rb..(r + 1) * rb], cols, p),
-                    "{p:?} cols {cols} row {r}"
-                );
+                let file = dequantize_row(&buf[r * rb..(r + 1) * rb], cols, p);
+                assert_eq!(exact.row(r), file, "{p:?} cols {cols} row {r}");
+                for (j, (a, f)) in bytes.row(r).iter().zip(&file).enumerate() {
+                    assert!(
+                        (a - f).abs() <= tol * f.abs(),
+                        "{p:?} {cols} [{r}, {j}]: {a} vs {f}"
+                    );
+                }
             }
         }
         assert!(PackedMatrix::new(&[0; 10], 2, 64, Packing::Q2_0).is_err());
     }
 
-    /// The resident layout: 2 bits of code per weight plus one f32 scale per 64-block (odd
-    /// counts padded): 2.5 bits.
+    /// Byte scales keep the most mantissa bits every row's span allows, round to nearest, keep
+    /// zeros, and refuse what they cannot hold (then the matrix keeps f32).
     #[test]
-    fn resident_bytes_are_codes_plus_f32_scales() {
-        for (p, rows, cols, group) in [
-            (Packing::PQ2_0, 6, 384, 128),
-            (Packing::Q2_0, 6, 384, 128),
-            (Packing::Q2_0, 6, 384, 64),
-            (Packing::Q2_0, 6, 320, 64),
+    fn byte_scales_round_to_the_finest_step_that_fits() {
+        // Rows whose scales are within a quarter octave above their smallest, at f16 steps of
+        // it: all 10 of f16's mantissa bits, so exact; so is every row of one scale.
+        let f16s: Vec<f32> = [1.0f32, 1.125, 1.0009766, 0.0, 0.59375, 0.5]
+            .iter()
+            .map(|v| half::f16::from_f32(*v).to_f32())
+            .collect();
+        let b = ByteScales::encode(&f16s, 3).unwrap();
+        assert_eq!(b.shift, 13);
+        for (i, v) in f16s.iter().enumerate() {
+            assert_eq!(b.get(i / 3, i % 3), *v, "scale {i}");
+        }
+        let ones = [0.7001953f32, 0.123, 3e-7];
+        let b = ByteScales::encode(&ones, 1).unwrap();
+        assert_eq!(b.shift, 13);
+        assert_eq!([b.get(0, 0), b.get(1, 0), b.get(2, 0)], ones);
+        // Rows from 2^k up to `span` times that: 255 codes hold 0.2 octave at 10 mantissa bits
+        // (205 steps), 1 octave at 7 (128; 8 bits would need 256), 3 at 6, 7 at 5, not 9.
+        let spans = [
+            (1.2f32, Some(13)),
+            (2.0, Some(16)),
+            (8.0, Some(17)),
+            (128.0, Some(18)),
+        ];
+        for (span, shift) in spans.into_iter().chain([(512.0, None)]) {
+            let vals: Vec<f32> = [1.0f32, 0.25]
+                .iter()
+                .flat_map(|c| (0..16).map(move |i| c * span.powf(i as f32 / 15.0)))
+                .collect();
+            let b = ByteScales::encode(&vals, 16);
+            assert_eq!(b.as_ref().map(|b| b.shift), shift, "span {span}");
+            if let Some(b) = b {
+                let tol = (b.shift as f32 - 24.0).exp2();
+                for (i, v) in vals.iter().enumerate() {
+                    let got = b.get(i / 16, i % 16);
+                    assert!((got - v).abs() <= tol * v, "span {span}, {i}: {got} vs {v}");
+                }
+            }
+        }
+        assert!(ByteScales::encode(&[1.0, -0.5], 2).is_none());
+        assert!(ByteScales::encode(&[1.0, f32::NAN], 2).is_none());
+        let zeros = ByteScales::encode(&[0.0; 4], 2).unwrap();
+        assert_eq!((zeros.get(0, 0), zeros.get(1, 1)), (0.0, 0.0));
+        // Tiny scales (base below zero, wrapping) round-trip as well.
+        let tiny = ByteScales::encode(&[1e-30, 1.5e-30], 2).unwrap();
+        assert!((tiny.get(0, 1) - 1.5e-30).abs() <= 1.5e-30 * (tiny.shift as f32 - 24.0).exp2());
+    }
+
+    /// The AVX-512 expansion of byte scales equals the plain loop: every length around the
+    /// 16-code steps, wide and not, zeros included.
+    #[test]
+    fn byte_scale_expansion_matches_the_plain_loop() {
+        let vals: Vec<f32> = (0..41)
+            .map(|i| {
+                if i % 7 == 3 {
+                    0.0
+                } else {
+                    0.02 + 0.013 * i as f32
+                }
+            })
+            .collect();
+        let b = ByteScales::encode(&vals, 41).unwrap();
+        let tol = (b.shift as f32 - 24.0).exp2();
+        for n in [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 41] {
+            for wide in [false, true] {
+                let len = n << wide as usize;
+                let mut want = vec![-1f32; len + 3];
+                ByteScales::expand_plain(&b.codes[..n], b.k(), b.shift, wide, &mut want);
+                assert_eq!(want[len..], [-1.0; 3], "the plain loop stays in bounds");
+                for (i, v) in vals[..n].iter().enumerate() {
+                    let got = want[i << wide as usize] * b.factor[0];
+                    assert!((got - v).abs() <= tol * v, "n {n} {i}: {got} vs {v}");
+                }
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+                    let mut got = vec![-1f32; len + 3];
+                    unsafe {
+                        x86::expand_scales_avx512(&b.codes[..n], b.k(), b.shift, wide, &mut got)
+                    };
+                    assert_eq!(got, want, "n {n}, wide {wide}");
+                }
+            }
+        }
+    }
+
+    /// The resident layout: 2 bits of code per weight plus one byte per scale and an f32 base
+    /// per row (2.09 bits at 1024 columns, groups of 128); with `ScaleStore::F32` one f32 per
+    /// 64-block (odd counts padded): 2.5 bits.
+    #[test]
+    fn resident_bytes_are_codes_plus_scales() {
+        for (p, rows, cols, group, scales_per_row) in [
+            (Packing::PQ2_0, 6, 384, 128, 3),
+            (Packing::Q2_0, 6, 384, 128, 3),
+            (Packing::Q2_0, 6, 384, 64, 6),
+            (Packing::Q2_0, 6, 320, 64, 6),
         ] {
-            let (_, m) = packed(rows, cols, p, group);
+            let (buf, m) = packed(rows, cols, p, group);
             let sbs = cols.div_ceil(SB);
+            let codes = rows * sbs * 32;
+            let f32s = PackedMatrix::with_scales(&buf, rows, cols, p, ScaleStore::F32).unwrap();
             assert_eq!(
-                m.bytes(),
-                rows * sbs * 32 + 4 * rows * 2 * sbs,
+                f32s.bytes(),
+                codes + 4 * rows * 2 * sbs,
                 "{p:?} {cols} {group}"
             );
+            let bytes = PackedMatrix::with_scales(&buf, rows, cols, p, ScaleStore::Byte).unwrap();
+            assert_eq!(
+                bytes.bytes(),
+                codes + rows * scales_per_row + 4 * rows,
+                "{p:?} {cols} {group}"
+            );
+            let chosen = if ScaleStore::chosen() == ScaleStore::Byte {
+                &bytes
+            } else {
+                &f32s
+            };
+            assert_eq!(m.bytes(), chosen.bytes(), "new() keeps the chosen store");
         }
-        let (_, m) = packed(64, 1024, Packing::PQ2_0, 128);
-        assert_eq!(8.0 * m.bytes() as f64 / (64.0 * 1024.0), 2.5);
+        // A span of scales a trained model's row has (the helper's rows span 8 octaves, which
+        // keeps them f32).
+        let mut buf = Vec::new();
+        for r in 0..64 {
+            let codes: Vec<i8> = (0..1024).map(|j| ((r + j) % 3) as i8 - 1).collect();
+            let scales: Vec<f32> = (0..8).map(|g| 0.02 + 0.003 * (r + g) as f32).collect();
+            pack_row(&codes, &scales, 128, Packing::PQ2_0, &mut buf);
+        }
+        let m =
+            PackedMatrix::with_scales(&buf, 64, 1024, Packing::PQ2_0, ScaleStore::Byte).unwrap();
+        let bits = 8.0 * m.bytes() as f64 / (64.0 * 1024.0);
+        assert_eq!(bits, 2.0 + 8.0 / 128.0 + 32.0 / 1024.0);
+        assert!(bits <= 2.1);
     }
 
     /// Every kernel this CPU runs, on odd shapes (a lone 64-block, an odd block count, token
@@ -1717,14 +2124,30 @@ mod tests {
             (Packing::Q2_0, 11, 384, 128, true),
             (Packing::PQ2_0, 19, 384, 128, true),
         ] {
-            let (_, m) = packed(rows, cols, p, group);
-            assert_eq!(m.wide, wide, "{p:?} group {group}");
+            for (store, mul) in [
+                (ScaleStore::Byte, 1.0),
+                (ScaleStore::Byte, 37.0),
+                (ScaleStore::F32, 1.0),
+            ] {
+                let (buf, _) = packed_times(rows, cols, p, group, mul);
+                let m = PackedMatrix::with_scales(&buf, rows, cols, p, store).unwrap();
+                let byte = matches!(&m.scales, Scales::Byte(_));
+                assert_eq!(byte, store == ScaleStore::Byte, "{p:?} {cols} x{mul}");
+                assert_eq!(m.wide, wide, "{p:?} group {group}");
+                kernels_match_the_reference(&m);
+            }
+        }
+    }
+
+    fn kernels_match_the_reference(m: &PackedMatrix) {
+        let (p, rows, cols) = (m.scale_format(), m.rows, m.cols);
+        {
             // 9 tokens: the activations are quantized in parallel (8 or more rows); 6, 9, 13 and
             // 15 end in token tiles of every size; 17 and 40 leave partial AMX tiles of 16.
             for n in [1, 3, 6, 9, 13, 15, 17, 40] {
                 let x = input(n, cols);
                 let xq = QuantizedRows::new(&x, n, cols, m.sbs, false);
-                let reference = matmul_reference(&m, &x, n);
+                let reference = matmul_reference(m, &x, n);
                 let portable = m.matmul_with(Isa::Portable, &x, n);
                 // Each activation is off by at most half the step of its quantization block.
                 let bound = |i: usize, r: usize| -> f32 {
@@ -1745,8 +2168,15 @@ mod tests {
                             "{at}: {a} vs reference {r} (bound {})",
                             bound(i, row)
                         );
+                        // Summation order: relative to the terms' magnitude, not the result's.
+                        let terms: f32 = m
+                            .row(row)
+                            .iter()
+                            .zip(&x[i * cols..])
+                            .map(|(w, v)| (w * v).abs())
+                            .sum();
                         assert!(
-                            (a - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                            (a - q).abs() <= 1e-5 * (1.0 + q.abs()) + 2e-6 * terms,
                             "{at}: {a} vs portable {q}"
                         );
                     }
