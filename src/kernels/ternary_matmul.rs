@@ -416,8 +416,12 @@ impl PackedMatrix {
         match &self.scales {
             Scales::F32(s) => (&s[rows.start * per..rows.end * per], None),
             Scales::Byte(b) => {
-                buf.clear();
-                buf.resize(rows.len() * per, 0.0);
+                // Grown once per thread, never cleared: `expand` writes every value it returns.
+                let need = rows.len() * per;
+                if buf.len() < need {
+                    buf.resize(need, 0.0);
+                }
+                let buf = &mut buf[..need];
                 b.expand(rows.clone(), self.wide, buf);
                 (buf, Some(&b.factor[rows]))
             }
