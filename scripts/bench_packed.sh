@@ -13,13 +13,16 @@
 #      (ternary embedding), with and without its run-time repacking to the row-interleaved _R4
 #      layout (`-rtr 1`);
 #   5. results.md (the CPU model and flags, a table with the ratios) and the raw JSON in OUT_DIR.
+#   tern runs once per resident layout in SCALES (`tern --scales`: f32, the default, 2.5 bits per
+#   weight; byte, ~2.09 bits at this shape): the peers' ratios are against the first, and a second
+#   table sets every layout beside llama.cpp's TQ2_0 and the fastest ik_llama.cpp row.
 #   Every side reports the mean and standard deviation of REPS timed repetitions (llama-bench -r).
 #   Prompt processing and decode run as separate llama-bench calls: a peer that crashes in one
 #   (stock llama.cpp's AMX path dies with "Illegal instruction" on some AMX CPUs) leaves its
 #   cell empty ("n/a") and the rest of the table stands.
 # Usage: scripts/bench_packed.sh [OUT_DIR]
 #   env: THREADS="1 2", PROMPT=64, GEN=32, REPS=5, ARCH=qwen3-0.6b|smollm2-135m, MODEL=checkpoint,
-#        IK_LLAMA=path (optional), IK_TYPES="IQ2_BN IQ1_BN"
+#        IK_LLAMA=path (optional), IK_TYPES="IQ2_BN IQ1_BN", SCALES="f32 byte"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/bench-packed}
@@ -27,6 +30,7 @@ threads=${THREADS:-1 2}
 prompt=${PROMPT:-64}
 gen=${GEN:-32}
 reps=${REPS:-5}
+read -r -a scales <<< "${SCALES:-f32 byte}"
 mkdir -p "$out"
 cargo build --release >&2
 tern=./target/release/tern
@@ -90,7 +94,9 @@ PY
 for t in $threads; do
   echo "$t $("$out/membw" "$t")" >> "$out/membw.txt"
   # Separate processes: each load and RSS is its own.
-  $tern bench decode --gguf "$out/q2_0.gguf" --prompt "$prompt" -n "$gen" -r "$reps" --threads "$t" --json >> "$out/tern.jsonl"
+  for sc in "${scales[@]}"; do
+    $tern --scales "$sc" bench decode --gguf "$out/q2_0.gguf" --prompt "$prompt" -n "$gen" -r "$reps" --threads "$t" --json >> "$out/tern.jsonl"
+  done
   bench_peer "llama.cpp TQ2_0 (Q6_K embedding)" "$bin" jsonl -m "$out/tq2_0.gguf" -t "$t" >> "$out/peers.jsonl"
   bench_peer "llama.cpp TQ2_0" "$bin" jsonl -m "$out/tq2_0-te.gguf" -t "$t" >> "$out/peers.jsonl"
   for ty in "${ik_types[@]}"; do
@@ -114,26 +120,46 @@ q2_bytes = os.path.getsize(f"{out}/q2_0.gguf")
 pm = lambda v, sd: "n/a" if v is None else f"{v:.1f} ± {sd:.1f}"
 ratio = lambda a, b: "n/a" if a is None or b is None else f"{a / b:.2f}x"
 labels = list(dict.fromkeys(p["label"] for p in peers))
+threads = list(dict.fromkeys(t["threads"] for t in tern))
+def peer(label, n, dec):
+    return next(((p["tok_s"], p["sd"]) for p in peers
+                 if p["label"] == label and p["threads"] == n and p["decode"] == dec), (None, 0.0))
+def layout(t):  # tern's resident layout: bits per weight and scale store
+    bits = t.get("resident_bits_per_weight")
+    store = "+".join(dict.fromkeys(t.get("scales") or ["f32"]))
+    return f"{bits:.2f} bits resident, scales {store}" if bits else "f32 scales"
 rows = ["| threads | engine (file) | prefill tok/s | decode tok/s | tern prefill / it | tern decode / it |",
         "|---:|---|---:|---:|---:|---:|"]
-bound_rows = ["| threads | read GB/s | decode bound tok/s (tern's file / bandwidth) | tern decode / bound |",
-              "|---:|---:|---:|---:|"]
+for n in threads:
+    mine = [t for t in tern if t["threads"] == n]
+    first = mine[0]
+    tp, td = first["prefill_tok_s"], first["decode_tok_s"]
+    for t in mine:
+        rows.append(f"| {n} | **tern Q2_0** ({q2_bytes / 1e6:.1f} MB file; {layout(t)}; kernel {t['kernel']}) | "
+                    f"{pm(t['prefill_tok_s'], t.get('prefill_tok_s_sd', 0.0))} | "
+                    f"{pm(t['decode_tok_s'], t.get('decode_tok_s_sd', 0.0))} | | |")
+    for label in labels:
+        (pp, psd), (dd, dsd) = peer(label, n, False), peer(label, n, True)
+        rows.append(f"| {n} | {label} | {pm(pp, psd)} | {pm(dd, dsd)} | {ratio(tp, pp)} | {ratio(td, dd)} |")
+# Every tern layout beside llama.cpp's TQ2_0 (ternary embedding) and ik_llama's fastest decode,
+# and against the read bound of its own resident bytes.
+ik = [l for l in labels if l.startswith("ik_llama")]
+lay = ["| threads | tern layout | prefill tok/s | decode tok/s | decode / TQ2_0 | decode / best ik_llama | prefill / TQ2_0 | read GB/s | decode / bound |",
+       "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
 for t in tern:
     n = t["threads"]
-    tp, td = t["prefill_tok_s"], t["decode_tok_s"]
-    rows.append(f"| {n} | **tern Q2_0** ({q2_bytes / 1e6:.1f} MB, kernel {t['kernel']}) | "
-                f"{pm(tp, t.get('prefill_tok_s_sd', 0.0))} | {pm(td, t.get('decode_tok_s_sd', 0.0))} | | |")
-    for label in labels:
-        get = lambda dec: next(((p["tok_s"], p["sd"]) for p in peers
-                                if p["label"] == label and p["threads"] == n and p["decode"] == dec), (None, 0.0))
-        (pp, psd), (dd, dsd) = get(False), get(True)
-        rows.append(f"| {n} | {label} | {pm(pp, psd)} | {pm(dd, dsd)} | {ratio(tp, pp)} | {ratio(td, dd)} |")
+    tq_p, tq_d = peer("llama.cpp TQ2_0", n, False)[0], peer("llama.cpp TQ2_0", n, True)[0]
+    best = max((peer(l, n, True)[0] or 0.0 for l in ik), default=0.0) or None
     b = bw.get(n)
-    if b:
-        bound = b * 1e9 / q2_bytes
-        bound_rows.append(f"| {n} | {b:.1f} | {bound:.0f} | {td / bound:.0%} |")
+    # Bytes a decoded token reads: the packed matrices as tern holds them (older builds: the file).
+    resident = t.get("resident_weight_bytes") or q2_bytes
+    bound = b * 1e9 / resident if b else None
+    lay.append(f"| {n} | {layout(t)} | {t['prefill_tok_s']:.1f} | {t['decode_tok_s']:.1f} | "
+               f"{ratio(t['decode_tok_s'], tq_d)} | {ratio(t['decode_tok_s'], best)} | "
+               f"{ratio(t['prefill_tok_s'], tq_p)} | {b or 0:.1f} | "
+               + ("n/a" if bound is None else f"{t['decode_tok_s'] / bound:.0%} of {bound:.0f}") + " |")
 table = (f"CPU: {cpu} ({os.cpu_count()} cores; {flags.strip()}); model: {model}\n\n"
-         + "\n".join(rows) + "\n\n" + "\n".join(bound_rows))
+         + "\n".join(rows) + "\n\n" + "\n".join(lay))
 print(table)
 open(f"{out}/results.md", "w").write(table + "\n")
 PY

@@ -357,7 +357,7 @@ fn decode(
         let rss = tern::mem::rss_bytes().unwrap_or(0);
         let s = bench::decode::measure(&m, prompt, n, reps)?;
         let isa = tern::kernels::ternary_matmul::Isa::detect().name();
-        let (bits, scales) = resident_weights(&m);
+        let (bits, bytes, scales) = resident_weights(&m);
         if json {
             let v = serde_json::json!({"model": spec, "kind": kind, "threads": rayon::current_num_threads(),
                 "kernel": if m.is_packed() { isa } else { "dense f32" }, "load_s": load_s,
@@ -365,7 +365,7 @@ fn decode(
                 "prompt_tokens": s.prompt_tokens, "prefill_s": s.prefill_s, "prefill_tok_s": s.prefill_tok_s,
                 "prefill_tok_s_sd": s.prefill_tok_s_sd, "decode_tokens": s.decode_tokens,
                 "decode_tok_s": s.decode_tok_s, "decode_tok_s_sd": s.decode_tok_s_sd, "reps": s.reps,
-                "resident_bits_per_weight": bits, "scales": scales});
+                "resident_bits_per_weight": bits, "resident_weight_bytes": bytes, "scales": scales});
             println!("{v}");
         } else {
             println!(
@@ -388,9 +388,9 @@ fn decode(
     Ok(())
 }
 
-/// A packed model's resident bits per weight (codes and scales) and its matrices' scale
-/// formats; `None` for a dense model.
-fn resident_weights(m: &tern::model::Model) -> (Option<f64>, Vec<String>) {
+/// A packed model's resident bits per weight (codes and scales), the bytes they take (what a
+/// decoded token reads) and its matrices' scale formats; `None` and 0 for a dense model.
+fn resident_weights(m: &tern::model::Model) -> (Option<f64>, usize, Vec<String>) {
     let mats = m.packed_matrices();
     let bytes: usize = mats.iter().map(|p| p.bytes()).sum();
     let weights: usize = mats.iter().map(|p| p.rows * p.cols).sum();
@@ -399,6 +399,7 @@ fn resident_weights(m: &tern::model::Model) -> (Option<f64>, Vec<String>) {
     formats.dedup();
     (
         (weights > 0).then(|| 8.0 * bytes as f64 / weights as f64),
+        bytes,
         formats,
     )
 }
