@@ -112,6 +112,16 @@ fn main() {
     if let Some(s) = &cli.scales {
         // Read once by the loader (`ScaleStore::chosen`), before any worker thread exists.
         std::env::set_var("TERN_SCALES", s);
+    } else if let Some(v) = std::env::var_os("TERN_SCALES") {
+        // The loader would take anything but `byte` as f32: a typo must not pass silently
+        // into a measurement.
+        if v != "f32" && v != "byte" {
+            eprintln!(
+                "error: TERN_SCALES={}: expected f32 or byte",
+                v.to_string_lossy()
+            );
+            std::process::exit(2);
+        }
     }
     let res = run_in_pool(cli.threads, move || match cli.cmd {
         Cmd::Train(a) => cli::train::run(a),

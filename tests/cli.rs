@@ -289,6 +289,22 @@ fn bad_requests_are_refused_and_inputs_stay_untouched() {
 }
 
 #[test]
+fn an_unknown_scale_store_is_refused_by_flag_and_by_environment() {
+    let o = tern(&["--scales", "bytes", "info"], &[]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("bytes") && e.contains("byte"), "{e}");
+    let o = tern(&["info"], &[("TERN_SCALES", "bytes")]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("TERN_SCALES=bytes: expected f32 or byte"), "{e}");
+    for ok in ["f32", "byte"] {
+        let o = tern(&["info"], &[("TERN_SCALES", ok)]);
+        assert_eq!(o.status.code(), Some(0), "TERN_SCALES={ok}: {}", stderr(&o));
+    }
+}
+
+#[test]
 fn tokenizer_train_fits_a_bpe_that_train_and_eval_use_with_bits_per_byte() {
     let d = tempfile::tempdir().unwrap();
     let corpus = d.path().join("corpus.txt");
