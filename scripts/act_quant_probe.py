@@ -14,7 +14,8 @@ same top token, and perplexity, over non-overlapping windows of a text.
       --gguf data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --data data/english.txt \
       [--ctx 257] [--max-bytes 60000] [--groups 32,128,row]
 
-(scripts/setup_pytorch.sh makes the venv; transformers reads GGUF through PyPI's `gguf`.)
+(scripts/setup_pytorch.sh makes the venv, with PyPI's gguf and accelerate, which transformers
+needs to read a GGUF.)
 """
 import argparse
 import json
