@@ -50,6 +50,12 @@ def main():
     ap.add_argument("--groups", default="32,128,row")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     a = ap.parse_args()
+    for flag, path in (("--gguf", a.gguf), ("--data", a.data)):
+        if not os.path.isfile(path):
+            sys.exit(f"error: {flag} {path}: no such file")
+    for spec in a.groups.split(","):
+        if spec != "row" and not (spec.isdigit() and int(spec) > 0):
+            sys.exit(f"error: --groups: {spec!r}: expected a positive group size or 'row'")
     torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
