@@ -3,6 +3,7 @@
 mod cli;
 
 use clap::{Parser, Subcommand};
+use tern::kernels::ternary_matmul::ScaleStore;
 
 // Candle allocates and frees large tensors every op; the system allocator returns them to the OS
 // (mmap/munmap) and page-faults them back in, which cost more CPU time than the math itself.
@@ -35,7 +36,7 @@ struct Cli {
     /// How packed GGUF weights keep their scales in memory: `f32` (2.5 bits per weight, the
     /// file's values, fastest decode where measured) or `byte` (2.09 bits at 1024 columns,
     /// scales rounded to 5-10 mantissa bits; NOTES.md). Default: TERN_SCALES, else f32.
-    #[arg(long, global = true, value_parser = ["f32", "byte"])]
+    #[arg(long, global = true, value_parser = ScaleStore::NAMES)]
     scales: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
@@ -113,12 +114,13 @@ fn main() {
         // Read once by the loader (`ScaleStore::chosen`), before any worker thread exists.
         std::env::set_var("TERN_SCALES", s);
     } else if let Some(v) = std::env::var_os("TERN_SCALES") {
-        // The loader would take anything but `byte` as f32: a typo must not pass silently
-        // into a measurement.
-        if v != "f32" && v != "byte" {
+        // The loader would take an unknown name as f32: a typo must not pass silently into a
+        // measurement.
+        let v = v.to_string_lossy();
+        if ScaleStore::from_name(&v).is_none() {
             eprintln!(
-                "error: TERN_SCALES={}: expected f32 or byte",
-                v.to_string_lossy()
+                "error: TERN_SCALES={v}: expected {}",
+                ScaleStore::NAMES.join(" or ")
             );
             std::process::exit(2);
         }

@@ -165,12 +165,28 @@ pub enum ScaleStore {
 }
 
 impl ScaleStore {
-    /// `F32` unless `TERN_SCALES=byte` (`tern --scales byte`).
+    /// The names `tern --scales` and `TERN_SCALES` take, in [`ScaleStore::from_name`]'s order.
+    pub const NAMES: [&'static str; 2] = ["f32", "byte"];
+
+    /// The store a name in [`ScaleStore::NAMES`] stands for.
+    pub fn from_name(name: &str) -> Option<ScaleStore> {
+        match name {
+            "f32" => Some(ScaleStore::F32),
+            "byte" => Some(ScaleStore::Byte),
+            _ => None,
+        }
+    }
+
+    /// What `TERN_SCALES` names (`tern --scales` sets it), `F32` where unset. The binary
+    /// refuses any other value before anything loads; a library user's typo falls back to
+    /// `F32`.
     pub fn chosen() -> ScaleStore {
         static CHOSEN: std::sync::OnceLock<ScaleStore> = std::sync::OnceLock::new();
-        *CHOSEN.get_or_init(|| match std::env::var("TERN_SCALES") {
-            Ok(v) if v == "byte" => ScaleStore::Byte,
-            _ => ScaleStore::F32,
+        *CHOSEN.get_or_init(|| {
+            std::env::var("TERN_SCALES")
+                .ok()
+                .and_then(|v| ScaleStore::from_name(&v))
+                .unwrap_or(ScaleStore::F32)
         })
     }
 }
