@@ -16,7 +16,7 @@
 //!    resident in 2 + 8/128 + 32/cols bits per weight (2.09 at 1024 columns, against 2.06 for
 //!    llama.cpp's TQ2_0). Each task then expands its rows' bytes into f32 (at most 64 rows,
 //!    into L1) before the kernels run, so the kernels read f32 scales either way; the
-//!    expansion costs 1-thread decode ~8% on a Zen 4 whose kernel is bound by its operations,
+//!    expansion costs 1-thread decode 5-12% on a Zen 4 whose kernel is bound by its operations,
 //!    not its bytes (NOTES.md, session 22), hence opt-in. (Expanding the file's f16 scales
 //!    once per row and block cost 18%: session 8.)
 //! 2. Per call, [`QuantizedRows::new`]: each activation row is quantized per 32 values (one
@@ -160,7 +160,7 @@ pub enum ScaleStore {
     F32,
     /// One byte per scale ([`ByteScales`]), f32 where a row's scales span too many octaves:
     /// 2.09 bits per weight at 1024 columns with one scale per 128. Decode pays for expanding
-    /// them each token (8% at 1 thread on a Zen 4, NOTES.md), so it is opt-in.
+    /// them each token (5-12% at 1 thread on a Zen 4, NOTES.md), so it is opt-in.
     Byte,
 }
 
