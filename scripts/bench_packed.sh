@@ -15,14 +15,18 @@
 #   5. results.md (the CPU model and flags, a table with the ratios) and the raw JSON in OUT_DIR.
 #   tern runs once per resident layout in SCALES (`tern --scales`: f32, the default, 2.5 bits per
 #   weight; byte, ~2.09 bits at this shape): the peers' ratios are against the first, and a second
-#   table sets every layout beside llama.cpp's TQ2_0 and the fastest ik_llama.cpp row.
+#   table sets every layout beside llama.cpp's TQ2_0 and the fastest ik_llama.cpp row. Each
+#   layout runs once per input scheme in ACTS (`tern --act-quant`: none, int8 per 32, the file's;
+#   per_token, one int8 step per token: the kernels of a model trained with act_quant =
+#   "per_token"; on this random model it times them, accuracy is `tern eval --kl-base`'s job).
 #   Every side reports the mean and standard deviation of REPS timed repetitions (llama-bench -r).
 #   Prompt processing and decode run as separate llama-bench calls: a peer that crashes in one
 #   (stock llama.cpp's AMX path dies with "Illegal instruction" on some AMX CPUs) leaves its
 #   cell empty ("n/a") and the rest of the table stands.
 # Usage: scripts/bench_packed.sh [OUT_DIR]
 #   env: THREADS="1 2", PROMPT=64, GEN=32, REPS=5, ARCH=qwen3-0.6b|smollm2-135m, MODEL=checkpoint,
-#        IK_LLAMA=path (optional), IK_TYPES="IQ2_BN IQ1_BN", SCALES="f32 byte"
+#        IK_LLAMA=path (optional), IK_TYPES="IQ2_BN IQ1_BN", SCALES="f32 byte",
+#        ACTS="none per_token"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/bench-packed}
@@ -31,6 +35,7 @@ prompt=${PROMPT:-64}
 gen=${GEN:-32}
 reps=${REPS:-5}
 read -r -a scales <<< "${SCALES:-f32 byte}"
+read -r -a acts <<< "${ACTS:-none per_token}"
 mkdir -p "$out"
 cargo build --release >&2
 tern=./target/release/tern
@@ -94,8 +99,10 @@ PY
 for t in $threads; do
   echo "$t $("$out/membw" "$t")" >> "$out/membw.txt"
   # Separate processes: each load and RSS is its own.
-  for sc in "${scales[@]}"; do
-    $tern --scales "$sc" bench decode --gguf "$out/q2_0.gguf" --prompt "$prompt" -n "$gen" -r "$reps" --threads "$t" --json >> "$out/tern.jsonl"
+  for ac in "${acts[@]}"; do
+    for sc in "${scales[@]}"; do
+      $tern --scales "$sc" --act-quant "$ac" bench decode --gguf "$out/q2_0.gguf" --prompt "$prompt" -n "$gen" -r "$reps" --threads "$t" --json >> "$out/tern.jsonl"
+    done
   done
   bench_peer "llama.cpp TQ2_0 (Q6_K embedding)" "$bin" jsonl -m "$out/tq2_0.gguf" -t "$t" >> "$out/peers.jsonl"
   bench_peer "llama.cpp TQ2_0" "$bin" jsonl -m "$out/tq2_0-te.gguf" -t "$t" >> "$out/peers.jsonl"
@@ -127,7 +134,9 @@ def peer(label, n, dec):
 def layout(t):  # tern's resident layout: bits per weight and scale store
     bits = t.get("resident_bits_per_weight")
     store = "+".join(dict.fromkeys(t.get("scales") or ["f32"]))
-    return f"{bits:.2f} bits resident, scales {store}" if bits else "f32 scales"
+    act = t.get("act_quant", "none")
+    inputs = "inputs int8 per 32" if act == "none" else f"inputs {act}"
+    return (f"{bits:.2f} bits resident, scales {store}" if bits else "f32 scales") + f", {inputs}"
 rows = ["| threads | engine (file) | prefill tok/s | decode tok/s | tern prefill / it | tern decode / it |",
         "|---:|---|---:|---:|---:|---:|"]
 for n in threads:

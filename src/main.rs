@@ -4,6 +4,7 @@ mod cli;
 
 use clap::{Parser, Subcommand};
 use tern::kernels::ternary_matmul::ScaleStore;
+use tern::quant::ActQuant;
 
 // Candle allocates and frees large tensors every op; the system allocator returns them to the OS
 // (mmap/munmap) and page-faults them back in, which cost more CPU time than the math itself.
@@ -38,6 +39,12 @@ struct Cli {
     /// scales rounded to 5-10 mantissa bits; NOTES.md). Default: TERN_SCALES, else f32.
     #[arg(long, global = true, value_parser = ScaleStore::NAMES)]
     scales: Option<String>,
+    /// How packed GGUF weights quantize their inputs, overriding the file's `tern.act_quant`:
+    /// `none` (int8 per 32 values) or `per_token` (one int8 step per token: leaner kernels, but
+    /// accurate only for a model trained with `act_quant = "per_token"`). Default:
+    /// TERN_ACT_QUANT, else what the file records.
+    #[arg(long, global = true, value_parser = ActQuant::NAMES)]
+    act_quant: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -101,6 +108,20 @@ fn run_in_pool(
     pool.install(f)
 }
 
+/// Sets the loader's environment variable `var` from its flag, or refuses (exit 2) a value of
+/// it that is not one of `names`.
+fn pass_to_loader(var: &str, flag: Option<&str>, names: &[&str]) {
+    if let Some(s) = flag {
+        std::env::set_var(var, s);
+    } else if let Some(v) = std::env::var_os(var) {
+        let v = v.to_string_lossy();
+        if !names.contains(&v.as_ref()) {
+            eprintln!("error: {var}={v}: expected {}", names.join(" or "));
+            std::process::exit(2);
+        }
+    }
+}
+
 fn main() {
     keep_freed_pages();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -110,21 +131,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Some(s) = &cli.scales {
-        // Read once by the loader (`ScaleStore::chosen`), before any worker thread exists.
-        std::env::set_var("TERN_SCALES", s);
-    } else if let Some(v) = std::env::var_os("TERN_SCALES") {
-        // The loader would take an unknown name as f32: a typo must not pass silently into a
-        // measurement.
-        let v = v.to_string_lossy();
-        if ScaleStore::from_name(&v).is_none() {
-            eprintln!(
-                "error: TERN_SCALES={v}: expected {}",
-                ScaleStore::NAMES.join(" or ")
-            );
-            std::process::exit(2);
-        }
-    }
+    // Read by the loader, before any worker thread exists. The loader would take an unknown
+    // name as the default: a typo must not pass silently into a measurement.
+    pass_to_loader("TERN_SCALES", cli.scales.as_deref(), &ScaleStore::NAMES);
+    pass_to_loader("TERN_ACT_QUANT", cli.act_quant.as_deref(), &ActQuant::NAMES);
     let res = run_in_pool(cli.threads, move || match cli.cmd {
         Cmd::Train(a) => cli::train::run(a),
         Cmd::Eval(a) => cli::eval::run(a),

@@ -91,6 +91,9 @@ fn gguf_quant(file: &GgufFile) -> Option<QuantConfig> {
     if let Some(g) = file.get("tern.group_size").and_then(|v| v.as_u64()) {
         q.group_size = g as usize;
     }
+    if let Ok(a) = crate::gguf::load::act_quant_of(file) {
+        q.act_quant = a;
+    }
     if let Some(s) = file.get("tern.scale").and_then(|v| v.as_str()) {
         if let Ok(rule) = serde_json::from_value(serde_json::json!(s)) {
             q.scale = rule;

@@ -305,6 +305,30 @@ fn an_unknown_scale_store_is_refused_by_flag_and_by_environment() {
 }
 
 #[test]
+fn an_unknown_activation_scheme_is_refused_by_flag_and_by_environment() {
+    let o = tern(&["--act-quant", "row", "info"], &[]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("row") && e.contains("per_token"), "{e}");
+    let o = tern(&["info"], &[("TERN_ACT_QUANT", "row")]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("TERN_ACT_QUANT=row: expected none or per_token"),
+        "{e}"
+    );
+    for ok in ["none", "per_token"] {
+        let o = tern(&["info"], &[("TERN_ACT_QUANT", ok)]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "TERN_ACT_QUANT={ok}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
 fn tokenizer_train_fits_a_bpe_that_train_and_eval_use_with_bits_per_byte() {
     let d = tempfile::tempdir().unwrap();
     let corpus = d.path().join("corpus.txt");

@@ -8,7 +8,7 @@ use common::{max_abs, small_config};
 use candle_core::{DType, Device, Tensor, Var};
 use tern::model::params::{is_norm, Params};
 use tern::model::{Model, ModelConfig};
-use tern::quant::{project, QuantConfig, ScaleRule};
+use tern::quant::{project, ActQuant, QuantConfig, ScaleRule};
 
 fn tiny(tied: bool) -> ModelConfig {
     let mut c = small_config(48, 80, 12, 61);
@@ -130,6 +130,11 @@ fn every_parameter_gets_a_finite_nonzero_gradient() {
                 embeddings: false,
                 ..quant()
             },
+            // Inputs rounded to int8 per token (straight through) in every layer and the head.
+            QuantConfig {
+                act_quant: ActQuant::PerToken,
+                ..quant()
+            },
         ] {
             let cfg = tiny(tied);
             let params = Params::scratch(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
@@ -247,14 +252,16 @@ fn central_difference(
 #[test]
 fn fused_kernels_and_plain_references_give_the_same_gradients() {
     use tern::kernels::Kernels;
-    for tied in [true, false] {
+    let per_token = QuantConfig {
+        act_quant: ActQuant::PerToken,
+        ..quant()
+    };
+    for (tied, q) in [(true, quant()), (false, quant()), (true, per_token)] {
         let cfg = tiny(tied);
         let params = Params::scratch(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
         let (inp, tgt) = batch(&Device::Cpu, cfg.vocab_size as u32);
         let run = |kernels: Kernels| {
-            let model = Model::new(&cfg, quant(), &params)
-                .unwrap()
-                .with_kernels(kernels);
+            let model = Model::new(&cfg, q, &params).unwrap().with_kernels(kernels);
             let l = tern::train::step::batch_loss(&model, &inp, &tgt).unwrap();
             let grads = l.backward().unwrap();
             let per_param: Vec<Vec<f32>> = params

@@ -67,7 +67,9 @@ pub fn measure(
             .collect();
         pack_row(&codes, &scales, 128, Packing::PQ2_0, &mut bytes);
     }
-    let m = PackedMatrix::new(&bytes, rows, cols, Packing::PQ2_0)?;
+    // `tern --act-quant per_token bench gemm` times the per-token kernels.
+    let act = crate::quant::ActQuant::override_from_env().unwrap_or_default();
+    let m = PackedMatrix::new(&bytes, rows, cols, Packing::PQ2_0)?.with_act_quant(act);
     let x: Vec<f32> = (0..tokens * cols)
         .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
         .collect();

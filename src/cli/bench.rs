@@ -358,6 +358,7 @@ fn decode(
         let s = bench::decode::measure(&m, prompt, n, reps)?;
         let isa = tern::kernels::ternary_matmul::Isa::detect().name();
         let (bits, bytes, scales) = resident_weights(&m);
+        let act = m.quant.act_quant.name();
         if json {
             let v = serde_json::json!({"model": spec, "kind": kind, "threads": rayon::current_num_threads(),
                 "kernel": if m.is_packed() { isa } else { "dense f32" }, "load_s": load_s,
@@ -365,11 +366,12 @@ fn decode(
                 "prompt_tokens": s.prompt_tokens, "prefill_s": s.prefill_s, "prefill_tok_s": s.prefill_tok_s,
                 "prefill_tok_s_sd": s.prefill_tok_s_sd, "decode_tokens": s.decode_tokens,
                 "decode_tok_s": s.decode_tok_s, "decode_tok_s_sd": s.decode_tok_s_sd, "reps": s.reps,
-                "resident_bits_per_weight": bits, "resident_weight_bytes": bytes, "scales": scales});
+                "resident_bits_per_weight": bits, "resident_weight_bytes": bytes, "scales": scales,
+                "act_quant": act});
             println!("{v}");
         } else {
             println!(
-                "{kind} {spec} ({}; {} threads{}): load {load_s:.2} s, rss {:.1} MiB; prefill {prompt} tokens {:.3} s \
+                "{kind} {spec} ({}; {} threads{}; inputs act_quant {act}): load {load_s:.2} s, rss {:.1} MiB; prefill {prompt} tokens {:.3} s \
                  ({:.1} +/- {:.1} tokens/s); decode {:.1} +/- {:.1} tokens/s ({} tokens; {} reps)",
                 if m.is_packed() { isa } else { "dense" },
                 rayon::current_num_threads(),

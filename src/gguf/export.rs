@@ -196,6 +196,7 @@ pub fn export_gguf(
     w.meta("tern.ternary", Value::Bool(quant.ternary));
     w.meta("tern.group_size", Value::U32(quant.group_size as u32));
     w.meta("tern.scale", Value::Str(quant.scale.to_string()));
+    w.meta("tern.act_quant", Value::Str(quant.act_quant.name().into()));
     if let Some(rs) = &cfg.rope_scaling {
         // llama.cpp reads Llama-3 scaling as per-frequency factors; tern reads its own key.
         let json = serde_json::to_string(rs).expect("rope scaling serializes");

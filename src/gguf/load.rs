@@ -23,7 +23,7 @@ use crate::model::layers::{TernaryEmbedding, TernaryLinear};
 use crate::model::params::{self, expected_shapes, gguf_name, LayerTensor};
 use crate::model::{Model, ModelConfig, Params};
 use crate::quant::codec::{self, Packing};
-use crate::quant::QuantConfig;
+use crate::quant::{ActQuant, QuantConfig};
 use candle_core::{Device, Tensor};
 
 /// Metadata key where tern records Llama-3 rope scaling (JSON of the HF `rope_scaling`) beside
@@ -183,6 +183,12 @@ pub fn latents_from_gguf(file: &GgufFile) -> Result<(ModelConfig, Params)> {
 /// packed), for CPU inference.
 pub fn load_model(file: &GgufFile) -> Result<Model> {
     let cfg = config_from_gguf(file)?;
+    // `tern --act-quant` overrides what the file records (measuring a scheme on a model not
+    // trained with it).
+    let act = match ActQuant::override_from_env() {
+        Some(a) => a,
+        None => act_quant_of(file)?,
+    };
     let shapes = expected_shapes(&cfg);
     let shape_of = |hf: &str| -> Vec<usize> {
         shapes
@@ -219,7 +225,7 @@ pub fn load_model(file: &GgufFile) -> Result<Model> {
         } else {
             PackedMatrix::new(file.data(t), rows, cols, p)?
         };
-        Ok(Some(m))
+        Ok(Some(m.with_act_quant(act)))
     };
     let lin = |hf: &str| -> Result<TernaryLinear> {
         match packed(hf)? {
@@ -239,9 +245,26 @@ pub fn load_model(file: &GgufFile) -> Result<Model> {
     let quant = QuantConfig {
         ternary: false,
         group_size: group,
+        act_quant: act,
         ..QuantConfig::default()
     };
     Model::from_parts(&cfg, quant, lin, dense, embed)
+}
+
+/// The input quantization a tern GGUF records (`tern.act_quant`; absent: `none`, as every file
+/// written before the key existed).
+pub fn act_quant_of(file: &GgufFile) -> Result<ActQuant> {
+    let Some(v) = file.get("tern.act_quant") else {
+        return Ok(ActQuant::None);
+    };
+    let name = v.as_str().unwrap_or("");
+    ActQuant::from_name(name).ok_or_else(|| {
+        Error::Msg(format!(
+            "GGUF {}: tern.act_quant: expected {}, found {v:?}",
+            file.path.display(),
+            ActQuant::NAMES.map(|n| format!("\"{n}\"")).join(" or ")
+        ))
+    })
 }
 
 /// The architecture recorded in a GGUF file's `{arch}.*` metadata (arch = qwen3 or llama).

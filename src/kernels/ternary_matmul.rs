@@ -45,6 +45,7 @@
 //! shapes. On a GPU the same layout maps to `dp4a` / IMMA with the planes unpacked in registers.
 
 use crate::quant::codec::Packing;
+use crate::quant::ActQuant;
 use rayon::prelude::*;
 
 /// Weights per super-block (one 32-byte vector of 2-bit codes).
@@ -327,6 +328,9 @@ pub struct PackedMatrix {
     /// Every row's two 64-block scales per super-block are equal (tern's group-128 exports):
     /// a super-block's two blocks are then added before one weight-scale multiply, not two.
     wide: bool,
+    /// How its input is quantized: what the model was trained with (`tern.act_quant`), or
+    /// what `tern --act-quant` asks for.
+    pub act_quant: ActQuant,
 }
 
 impl PackedMatrix {
@@ -400,6 +404,7 @@ impl PackedMatrix {
             cols,
             sbs,
             wide,
+            act_quant: ActQuant::None,
         })
     }
 
@@ -470,9 +475,17 @@ impl PackedMatrix {
         out.pop().expect("one matrix, one output")
     }
 
-    /// Whether `other` can take the same quantized activations (same width).
+    /// This matrix with its input quantized as `a` says.
+    pub fn with_act_quant(self, a: ActQuant) -> Self {
+        Self {
+            act_quant: a,
+            ..self
+        }
+    }
+
+    /// Whether `other` can take the same quantized activations (same width and scheme).
     fn shares_input_with(&self, other: &PackedMatrix) -> bool {
-        self.cols == other.cols && self.sbs == other.sbs
+        self.cols == other.cols && self.sbs == other.sbs && self.act_quant == other.act_quant
     }
 }
 
@@ -500,7 +513,8 @@ pub fn matmul_many_with(isa: Isa, mats: &[&PackedMatrix], x: &[f32], n: usize) -
     } else {
         isa
     };
-    let xq = QuantizedRows::new(x, n, first.cols, first.sbs, isa == Isa::Avx2);
+    let per_token = first.act_quant == ActQuant::PerToken;
+    let xq = QuantizedRows::new(x, n, first.cols, first.sbs, isa == Isa::Avx2, per_token);
     #[cfg(target_arch = "x86_64")]
     let acts = amx.then(|| x86::amx::Acts::new(&xq, n));
     let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; m.rows * n]).collect();
@@ -632,18 +646,29 @@ pub struct QuantizedRows {
     /// (the i16 operand of one `vpmaddwd`), `n * sbs * 4 * 16`.
     mults: Vec<i16>,
     sbs: usize,
+    /// One step per row (`act_quant = "per_token"`): every group of a row has the row's step.
+    per_token: bool,
 }
 
 impl QuantizedRows {
     /// `with_mults`: also lay out the groups' integer step multiples for the AVX2 kernels.
-    pub fn new(x: &[f32], n: usize, cols: usize, sbs: usize, with_mults: bool) -> Self {
+    /// `per_token`: one step per row ([`group_steps`]).
+    pub fn new(
+        x: &[f32],
+        n: usize,
+        cols: usize,
+        sbs: usize,
+        with_mults: bool,
+        per_token: bool,
+    ) -> Self {
         let (width, groups) = (sbs * SB, sbs * SB / GROUP);
         let mut q = vec![0i8; n * width];
         let mut lanes = vec![0f32; n * sbs * 2 * LANES];
         let mut corr = vec![0f32; n * sbs * 2];
         let mut units = vec![0f32; n];
         let mut gm = vec![0i16; n * groups];
-        let one = |(((((q, l), c), m), u), x): RowParts| *u = quantize_row(x, q, l, c, m);
+        let one =
+            |(((((q, l), c), m), u), x): RowParts| *u = quantize_row(x, q, l, c, m, per_token);
         // Prefill quantizes hundreds of rows per matmul: in parallel (decode's one row is not
         // worth a fork).
         if n >= 8 {
@@ -675,6 +700,7 @@ impl QuantizedRows {
             units,
             mults,
             sbs,
+            per_token,
         }
     }
 
@@ -687,6 +713,7 @@ impl QuantizedRows {
             corr: &self.corr[i * c..(i + 1) * c],
             mults: &self.mults[i * m..(i + 1) * m],
             unit: self.units[i],
+            per_token: self.per_token,
         }
     }
 }
@@ -714,12 +741,23 @@ const MULT_MAX: f32 = 32767.0;
 /// group. A step grows by at most 1 / m over absmax / 127: 3e-5 for the row's largest group.
 /// An all-zero or non-finite group gets step 0 (it reads as zero), as does a whole row whose
 /// largest value is so small (below ~5e-31) that the unit would be subnormal. Returns the unit.
-fn group_steps(amax: &[f32], steps: &mut [f32], mults: &mut [i16]) -> f32 {
+///
+/// `per_token`: every group gets the row's one step `max absmax / 127` (multiple 1, and the
+/// unit is that step), except that all-zero and non-finite groups still read as zero.
+fn group_steps(amax: &[f32], steps: &mut [f32], mults: &mut [i16], per_token: bool) -> f32 {
     let top = amax
         .iter()
         .copied()
         .filter(|a| a.is_finite())
         .fold(0f32, f32::max);
+    if per_token {
+        let step = top / 127.0;
+        for ((&a, s), m) in amax.iter().zip(steps.iter_mut()).zip(mults.iter_mut()) {
+            let zero = a == 0.0 || !a.is_finite() || !step.is_normal();
+            (*s, *m) = if zero { (0.0, 0) } else { (step, 1) };
+        }
+        return step;
+    }
     let unit = top / 127.0 / MULT_MAX;
     for ((&a, s), m) in amax.iter().zip(steps.iter_mut()).zip(mults.iter_mut()) {
         (*s, *m) = if a == 0.0 || !a.is_finite() || !unit.is_normal() {
@@ -740,27 +778,28 @@ fn step_of(lanes: &[f32], j: usize) -> f32 {
 
 /// One activation row quantized per 32 values (absmax to int8, steps from [`group_steps`]) into
 /// `q` (zero-padded), the per-64-block `lanes` of steps, `corr` corrections and `mults`, each
-/// group's step in units. Returns the unit.
+/// group's step in units (`per_token`: one step for the row). Returns the unit.
 fn quantize_row(
     x: &[f32],
     q: &mut [i8],
     lanes: &mut [f32],
     corr: &mut [f32],
     mults: &mut [i16],
+    per_token: bool,
 ) -> f32 {
     // Baseline x86-64 (SSE2) has no vector rounding: `round` would be a libm call per value.
     // The same loop compiled for AVX2 rounds 8 values per instruction.
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (checked above).
-        return unsafe { quantize_row_avx512(x, q, lanes, corr, mults) };
+        return unsafe { quantize_row_avx512(x, q, lanes, corr, mults, per_token) };
     }
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { quantize_row_avx2(x, q, lanes, corr, mults) };
+        return unsafe { quantize_row_avx2(x, q, lanes, corr, mults, per_token) };
     }
-    quantize_row_body(x, q, lanes, corr, mults)
+    quantize_row_body(x, q, lanes, corr, mults, per_token)
 }
 
 /// A group's step into the row's `lanes` and its correction into `corr`.
@@ -782,6 +821,7 @@ unsafe fn quantize_row_avx512(
     lanes: &mut [f32],
     corr: &mut [f32],
     mults: &mut [i16],
+    per_token: bool,
 ) -> f32 {
     use std::arch::x86_64::*;
     #[inline(always)]
@@ -811,7 +851,7 @@ unsafe fn quantize_row_avx512(
         *m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
     }
     let mut steps = vec![0f32; groups];
-    let unit = group_steps(&amax, &mut steps, &mut mults[..groups]);
+    let unit = group_steps(&amax, &mut steps, &mut mults[..groups], per_token);
     for (g, &step) in steps.iter().enumerate() {
         if step == 0.0 {
             continue; // as quantize_row_body
@@ -839,8 +879,9 @@ unsafe fn quantize_row_avx2(
     lanes: &mut [f32],
     corr: &mut [f32],
     mults: &mut [i16],
+    per_token: bool,
 ) -> f32 {
-    quantize_row_body(x, q, lanes, corr, mults)
+    quantize_row_body(x, q, lanes, corr, mults, per_token)
 }
 
 #[inline(always)]
@@ -850,13 +891,14 @@ fn quantize_row_body(
     lanes: &mut [f32],
     corr: &mut [f32],
     mults: &mut [i16],
+    per_token: bool,
 ) -> f32 {
     let amax: Vec<f32> = x
         .chunks(GROUP)
         .map(|grp| grp.iter().fold(0f32, |m, v| m.max(v.abs())))
         .collect();
     let mut steps = vec![0f32; amax.len()];
-    let unit = group_steps(&amax, &mut steps, &mut mults[..amax.len()]);
+    let unit = group_steps(&amax, &mut steps, &mut mults[..amax.len()], per_token);
     for (g, (grp, &step)) in x.chunks(GROUP).zip(&steps).enumerate() {
         if step == 0.0 {
             continue; // all zero or not finite (the group reads as zero)
@@ -961,6 +1003,9 @@ struct XRow<'a> {
     mults: &'a [i16],
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     unit: f32,
+    /// One step for the whole token (`act_quant = "per_token"`): every group's step is `unit`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    per_token: bool,
 }
 
 impl XRow<'_> {
@@ -970,6 +1015,7 @@ impl XRow<'_> {
         corr: &[],
         mults: &[],
         unit: 0.0,
+        per_token: false,
     };
 }
 
@@ -1273,6 +1319,12 @@ mod x86 {
         }
     }
 
+    /// Whether a tile's tokens carry one step each (they all come from one
+    /// [`QuantizedRows`](super::QuantizedRows), so they agree).
+    fn per_token(xs: &[XRow]) -> bool {
+        xs.first().is_some_and(|x| x.per_token)
+    }
+
     /// The AVX2 kernels read the groups' step multiples: the activations must carry them.
     fn assert_mults(x: &XRow) {
         assert_eq!(
@@ -1371,10 +1423,11 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
     pub unsafe fn rows_avx512vnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        if wide {
-            z::rows::<true>(codes, ws, x, out)
-        } else {
-            z::rows::<false>(codes, ws, x, out)
+        match (x.per_token, wide) {
+            (true, true) => z::rows::<z::Token, true>(codes, ws, x, out),
+            (true, false) => z::rows::<z::Token, false>(codes, ws, x, out),
+            (false, true) => z::rows::<z::Groups, true>(codes, ws, x, out),
+            (false, false) => z::rows::<z::Groups, false>(codes, ws, x, out),
         }
     }
 
@@ -1386,7 +1439,11 @@ mod x86 {
         xs: &[XRow],
         out: &mut [f32],
     ) {
-        by_tokens!(z::tile, xs.len(), wide, (codes, ws, xs, out))
+        if per_token(xs) {
+            by_tokens!(z::tile[z::Token], xs.len(), wide, (codes, ws, xs, out))
+        } else {
+            by_tokens!(z::tile[z::Groups], xs.len(), wide, (codes, ws, xs, out))
+        }
     }
 
     /// [`dot_tile_avx512vnni`] for two rows (`out`: `[2][xs.len()]`).
@@ -1398,7 +1455,11 @@ mod x86 {
         xs: &[XRow],
         out: &mut [f32],
     ) {
-        by_tokens!(z::tile2, xs.len(), wide, (codes, ws, xs, out))
+        if per_token(xs) {
+            by_tokens!(z::tile2[z::Token], xs.len(), wide, (codes, ws, xs, out))
+        } else {
+            by_tokens!(z::tile2[z::Groups], xs.len(), wide, (codes, ws, xs, out))
+        }
     }
 
     /// The AVX-512 VNNI kernels on 512-bit vectors: a super-block's 32 code bytes are
@@ -1434,27 +1495,68 @@ mod x86 {
             l1: __m512,
         }
 
+        /// Which activation steps the kernels apply: per 32 values (the step lanes, per
+        /// super-block) or one per token (once per row, at the end).
+        pub trait Steps {
+            const PER_TOKEN: bool;
+        }
+
+        /// Per-32 steps (`act_quant = "none"`).
+        pub struct Groups;
+        impl Steps for Groups {
+            const PER_TOKEN: bool = false;
+        }
+
+        /// One step per token (`act_quant = "per_token"`).
+        pub struct Token;
+        impl Steps for Token {
+            const PER_TOKEN: bool = true;
+        }
+
         #[inline(always)]
-        pub unsafe fn load(x: XPtr, sb: usize) -> Xsb {
+        pub unsafe fn load<S: Steps>(x: XPtr, sb: usize) -> Xsb {
             let xp = x.q.add(sb * SB);
+            let (l0, l1) = if S::PER_TOKEN {
+                (_mm512_setzero_ps(), _mm512_setzero_ps()) // not read
+            } else {
+                (
+                    _mm512_loadu_ps(x.lanes.add(2 * sb * LANES)),
+                    _mm512_loadu_ps(x.lanes.add((2 * sb + 1) * LANES)),
+                )
+            };
             Xsb {
                 x01: _mm512_loadu_si512(xp as *const __m512i),
                 x23: _mm512_loadu_si512(xp.add(64) as *const __m512i),
-                l0: _mm512_loadu_ps(x.lanes.add(2 * sb * LANES)),
-                l1: _mm512_loadu_ps(x.lanes.add((2 * sb + 1) * LANES)),
+                l0,
+                l1,
             }
         }
 
         /// One row's (planes `p`, weight scales `w`) contribution of one super-block of one
         /// token to `acc`.
         #[inline(always)]
-        pub unsafe fn apply<const WIDE: bool>(
+        pub unsafe fn apply<S: Steps, const WIDE: bool>(
             p: (__m512i, __m512i),
             x: &Xsb,
             w: (f32, f32),
             acc: &mut __m512,
         ) {
             let zero = _mm512_setzero_si512();
+            if S::PER_TOKEN {
+                // One step for the whole token: a super-block's products add up in integers
+                // (two chained dots), one conversion and one FMA per weight scale; the step
+                // multiplies once per row (`finish`). 4 operations where per-32 steps take 7.
+                if WIDE {
+                    let d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, p.0, x.x01), p.1, x.x23);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(w.0), *acc);
+                } else {
+                    let d01 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, p.0, x.x01));
+                    let d23 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, p.1, x.x23));
+                    *acc = _mm512_fmadd_ps(d01, _mm512_set1_ps(w.0), *acc);
+                    *acc = _mm512_fmadd_ps(d23, _mm512_set1_ps(w.1), *acc);
+                }
+                return;
+            }
             let d01 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, p.0, x.x01));
             let d23 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, p.1, x.x23));
             // The corrections are subtracted once per row and token (`corrected`).
@@ -1485,8 +1587,20 @@ mod x86 {
             _mm512_reduce_add_ps(v)
         }
 
+        /// A row's dot from its accumulator: per-token steps multiply it by the token's step
+        /// first (its `unit`), then [`corrected`].
+        #[inline(always)]
+        pub unsafe fn finish<S: Steps>(acc: __m512, ws: *const f32, x: XPtr, n: usize) -> f32 {
+            let acc = if S::PER_TOKEN {
+                _mm512_mul_ps(acc, _mm512_set1_ps(x.unit))
+            } else {
+                acc
+            };
+            corrected(acc, ws, x.corr, n)
+        }
+
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
-        pub unsafe fn tile<const T: usize, const WIDE: bool>(
+        pub unsafe fn tile<S: Steps, const T: usize, const WIDE: bool>(
             codes: &[u8],
             ws: &[f32],
             xs: &[XRow],
@@ -1499,18 +1613,18 @@ mod x86 {
                 let p = planes(c.add(sb * 32));
                 let wsb = (*w.add(2 * sb), *w.add(2 * sb + 1));
                 for k in 0..T {
-                    apply::<WIDE>(p, &load(x[k], sb), wsb, &mut acc[k]);
+                    apply::<S, WIDE>(p, &load::<S>(x[k], sb), wsb, &mut acc[k]);
                 }
             }
             for k in 0..T {
-                out[k] = corrected(acc[k], w, x[k].corr, ws.len());
+                out[k] = finish::<S>(acc[k], w, x[k], ws.len());
             }
         }
 
         /// [`tile`] for two rows at once (`codes`, `ws` hold both): each token's activation
         /// loads serve both rows. `out` is `[2][T]`.
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
-        pub unsafe fn tile2<const T: usize, const WIDE: bool>(
+        pub unsafe fn tile2<S: Steps, const T: usize, const WIDE: bool>(
             codes: &[u8],
             ws: &[f32],
             xs: &[XRow],
@@ -1530,14 +1644,14 @@ mod x86 {
                 let w_a = (*wa.add(2 * sb), *wa.add(2 * sb + 1));
                 let w_b = (*wb.add(2 * sb), *wb.add(2 * sb + 1));
                 for k in 0..T {
-                    let xk = load(x[k], sb);
-                    apply::<WIDE>(pa, &xk, w_a, &mut acc[0][k]);
-                    apply::<WIDE>(pb, &xk, w_b, &mut acc[1][k]);
+                    let xk = load::<S>(x[k], sb);
+                    apply::<S, WIDE>(pa, &xk, w_a, &mut acc[0][k]);
+                    apply::<S, WIDE>(pb, &xk, w_b, &mut acc[1][k]);
                 }
             }
             for (r, w) in [wa, wb].into_iter().enumerate() {
                 for k in 0..T {
-                    out[r * T + k] = corrected(acc[r][k], w, x[k].corr, sbw);
+                    out[r * T + k] = finish::<S>(acc[r][k], w, x[k], sbw);
                 }
             }
         }
@@ -1546,20 +1660,25 @@ mod x86 {
         /// each load of the activations serves every row of a block; the codes are prefetched
         /// well ahead (they stream through once).
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
-        pub unsafe fn rows<const WIDE: bool>(codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+        pub unsafe fn rows<S: Steps, const WIDE: bool>(
+            codes: &[u8],
+            ws: &[f32],
+            x: &XRow,
+            out: &mut [f32],
+        ) {
             const R: usize = crate::kernels::ternary_matmul::ROWS;
             let (cb, sbw) = (codes.len() / out.len(), ws.len() / out.len());
             let x = XPtr::of(x);
             for (b, out) in out.chunks_exact_mut(R).enumerate() {
                 let (c, w) = (codes.as_ptr().add(b * R * cb), ws.as_ptr().add(b * R * sbw));
-                block::<WIDE>(c, w, cb, sbw, x, out);
+                block::<S, WIDE>(c, w, cb, sbw, x, out);
             }
         }
 
         /// One block of `ROWS` rows of [`rows`] at `c` / `w` (`cb` code bytes and `sbw`
         /// scales per row).
         #[inline(always)]
-        unsafe fn block<const WIDE: bool>(
+        unsafe fn block<S: Steps, const WIDE: bool>(
             c: *const u8,
             w: *const f32,
             cb: usize,
@@ -1570,16 +1689,16 @@ mod x86 {
             const R: usize = crate::kernels::ternary_matmul::ROWS;
             let mut acc = [_mm512_setzero_ps(); R];
             for sb in 0..cb / 32 {
-                let xsb = load(x, sb);
+                let xsb = load::<S>(x, sb);
                 for (j, a) in acc.iter_mut().enumerate() {
                     let at = c.add(j * cb + sb * 32);
                     _mm_prefetch::<_MM_HINT_T0>(super::ahead(c, sb, j, R));
                     let wsb = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
-                    apply::<WIDE>(planes(at), &xsb, wsb, a);
+                    apply::<S, WIDE>(planes(at), &xsb, wsb, a);
                 }
             }
             for (j, (o, a)) in out.iter_mut().zip(acc).enumerate() {
-                *o = corrected(a, w.add(j * sbw), x.corr, sbw);
+                *o = finish::<S>(a, w.add(j * sbw), x, sbw);
             }
         }
     }
@@ -2160,13 +2279,20 @@ mod tests {
     }
 
     fn kernels_match_the_reference(m: &PackedMatrix) {
+        for act in [ActQuant::None, ActQuant::PerToken] {
+            kernels_match_the_reference_with(&m.clone().with_act_quant(act));
+        }
+    }
+
+    fn kernels_match_the_reference_with(m: &PackedMatrix) {
         let (p, rows, cols) = (m.scale_format(), m.rows, m.cols);
+        let per_token = m.act_quant == ActQuant::PerToken;
         {
             // 9 tokens: the activations are quantized in parallel (8 or more rows); 6, 9, 13 and
             // 15 end in token tiles of every size; 17 and 40 leave partial AMX tiles of 16.
             for n in [1, 3, 6, 9, 13, 15, 17, 40] {
                 let x = input(n, cols);
-                let xq = QuantizedRows::new(&x, n, cols, m.sbs, false);
+                let xq = QuantizedRows::new(&x, n, cols, m.sbs, false, per_token);
                 let reference = matmul_reference(m, &x, n);
                 let portable = m.matmul_with(Isa::Portable, &x, n);
                 // Each activation is off by at most half the step of its quantization block.
@@ -2182,7 +2308,10 @@ mod tests {
                     let y = m.matmul_with(isa, &x, n);
                     for (k, ((a, r), q)) in y.iter().zip(&reference).zip(&portable).enumerate() {
                         let (i, row) = (k / rows, k % rows);
-                        let at = format!("{isa:?} {p:?} [{rows},{cols}] n {n} token {i} row {row}");
+                        let at = format!(
+                            "{isa:?} {p:?} {:?} [{rows},{cols}] n {n} token {i} row {row}",
+                            m.act_quant
+                        );
                         assert!(
                             (a - r).abs() <= bound(i, row),
                             "{at}: {a} vs reference {r} (bound {})",
@@ -2220,20 +2349,34 @@ mod tests {
         x[64..96].fill(0.0);
         x[100] = f32::INFINITY;
         let sbs = cols.div_ceil(SB);
-        type Quantizer = fn(&[f32], &mut [i8], &mut [f32], &mut [f32], &mut [i16]) -> f32;
-        let run = |f: Quantizer| {
-            let mut q = vec![0i8; sbs * SB];
-            let (mut l, mut c) = (vec![0f32; sbs * 2 * LANES], vec![0f32; sbs * 2]);
-            let mut m = vec![0i16; sbs * SB / GROUP];
-            let unit = f(&x, &mut q, &mut l, &mut c, &mut m);
-            (q, l, c, m, unit)
-        };
-        let (plain, fast) = (run(quantize_row_body), run(quantize_row));
-        assert_eq!(plain.0, fast.0, "codes");
-        assert_eq!(plain.1, fast.1, "steps");
-        assert_eq!(plain.2, fast.2, "corrections");
-        assert_eq!(plain.3, fast.3, "step multiples");
-        assert_eq!(plain.4, fast.4, "unit");
+        type Quantizer = fn(&[f32], &mut [i8], &mut [f32], &mut [f32], &mut [i16], bool) -> f32;
+        for per_token in [false, true] {
+            let run = |f: Quantizer| {
+                let mut q = vec![0i8; sbs * SB];
+                let (mut l, mut c) = (vec![0f32; sbs * 2 * LANES], vec![0f32; sbs * 2]);
+                let mut m = vec![0i16; sbs * SB / GROUP];
+                let unit = f(&x, &mut q, &mut l, &mut c, &mut m, per_token);
+                (q, l, c, m, unit)
+            };
+            let (plain, fast) = (run(quantize_row_body), run(quantize_row));
+            assert_eq!(plain.0, fast.0, "codes, per_token {per_token}");
+            assert_eq!(plain.1, fast.1, "steps, per_token {per_token}");
+            assert_eq!(plain.2, fast.2, "corrections, per_token {per_token}");
+            assert_eq!(plain.3, fast.3, "step multiples, per_token {per_token}");
+            assert_eq!(plain.4, fast.4, "unit, per_token {per_token}");
+        }
+    }
+
+    /// Per token: every nonzero finite group takes the row's one step `max / 127` (multiple 1,
+    /// the unit itself); zero and non-finite groups still read as zero.
+    #[test]
+    fn per_token_steps_are_one_per_row() {
+        let amax = [3.0f32, 1e-3, 0.0, f32::NAN, 127.0, f32::INFINITY];
+        let (mut steps, mut m) = ([0f32; 6], [0i16; 6]);
+        let unit = group_steps(&amax, &mut steps, &mut m, true);
+        assert_eq!(unit, 1.0);
+        assert_eq!(steps, [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]);
+        assert_eq!(m, [1, 1, 0, 0, 1, 0]);
     }
 
     /// Every group's step is its integer multiple of the row's unit, covers the group's
@@ -2252,7 +2395,7 @@ mod tests {
             126.99,
         ];
         let (mut steps, mut m) = ([0f32; 8], [0i16; 8]);
-        let unit = group_steps(&amax, &mut steps, &mut m);
+        let unit = group_steps(&amax, &mut steps, &mut m, false);
         assert_eq!(unit, 127.0 / 127.0 / MULT_MAX);
         for g in 0..amax.len() {
             if amax[g] == 0.0 || !amax[g].is_finite() {
@@ -2272,7 +2415,7 @@ mod tests {
         }
         assert_eq!(m[5], 32767, "the largest group takes the whole i16 range");
         let tiny = [1e-33f32, 5e-34];
-        let unit = group_steps(&tiny, &mut steps[..2], &mut m[..2]);
+        let unit = group_steps(&tiny, &mut steps[..2], &mut m[..2], false);
         assert!(!unit.is_normal());
         assert_eq!((steps[0], steps[1], m[0], m[1]), (0.0, 0.0, 0, 0));
     }
@@ -2298,6 +2441,36 @@ mod tests {
         }
     }
 
+    /// A token's outputs are the same bit for bit whether it runs alone (the decode kernels) or
+    /// in a batch (the tile kernels), per 32 and per token: what lets batched greedy decoding
+    /// equal each sequence decoded alone.
+    #[test]
+    fn a_token_alone_equals_it_in_a_batch() {
+        for (p, cols, group) in [
+            (Packing::PQ2_0, 384, 128),
+            (Packing::Q2_0, 320, 64),
+            (Packing::PQ2_0, 2560, 128),
+        ] {
+            let (_, m) = packed(37, cols, p, group);
+            for act in [ActQuant::None, ActQuant::PerToken] {
+                let m = m.clone().with_act_quant(act);
+                let n = 9;
+                let x = input(n, cols);
+                for isa in Isa::available().into_iter().filter(|&i| i != Isa::Amx) {
+                    let batch = m.matmul_with(isa, &x, n);
+                    for i in 0..n {
+                        let alone = m.matmul_with(isa, &x[i * cols..(i + 1) * cols], 1);
+                        assert_eq!(
+                            alone,
+                            batch[i * m.rows..(i + 1) * m.rows],
+                            "{isa:?} {act:?} {p:?} cols {cols} token {i}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// The integer kernel is exact given its quantized inputs: against an f64 sum over the
     /// dequantized int8 activations and the ternary weights.
     #[test]
@@ -2308,11 +2481,21 @@ mod tests {
     }
 
     fn integer_dots_exact(cols: usize, group: usize) {
+        for act in [ActQuant::None, ActQuant::PerToken] {
+            for isa in Isa::available() {
+                integer_dots_exact_with(cols, group, act, isa);
+            }
+        }
+    }
+
+    fn integer_dots_exact_with(cols: usize, group: usize, act: ActQuant, isa: Isa) {
         let (rows, n) = (5, 2);
         let (_, m) = packed(rows, cols, Packing::Q2_0, group);
+        let m = m.with_act_quant(act);
         let x = input(n, cols);
-        let xq = QuantizedRows::new(&x, n, cols, m.sbs, false);
-        let y = m.matmul_with(Isa::Portable, &x, n);
+        let per_token = act == ActQuant::PerToken;
+        let xq = QuantizedRows::new(&x, n, cols, m.sbs, false, per_token);
+        let y = m.matmul_with(isa, &x, n);
         for i in 0..n {
             let XRow { q, lanes: s, .. } = xq.row(i);
             let xd: Vec<f64> = (0..cols)
@@ -2322,7 +2505,7 @@ mod tests {
                 let want: f64 = m.row(r).iter().zip(&xd).map(|(w, v)| *w as f64 * v).sum();
                 assert!(
                     (y[i * rows + r] as f64 - want).abs() < 1e-4 * want.abs().max(1.0),
-                    "{i},{r}"
+                    "{isa:?} {act:?} token {i} row {r}"
                 );
             }
         }

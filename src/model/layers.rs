@@ -5,7 +5,8 @@
 use crate::error::{Error, Result};
 use crate::kernels::ternary_matmul::PackedMatrix;
 use crate::kernels::Kernels;
-use crate::quant::QuantConfig;
+use crate::quant::activations::fake_quant_per_token;
+use crate::quant::{ActQuant, QuantConfig};
 use candle_core::{Device, Tensor, D};
 
 /// `y = x @ W^T` with a ternary `W: [out, in]` (Qwen3 projections have no bias), or, for the
@@ -33,10 +34,12 @@ impl TernaryLinear {
         })
     }
 
+    /// A packed weight quantizes `x` as its `act_quant` says, inside the kernel; a dense one
+    /// sees `x` as `quant.act_quant` says ([`layer_input`]).
     pub fn forward(&self, x: &Tensor, quant: &QuantConfig, kernels: Kernels) -> Result<Tensor> {
         match &self.packed {
             Some(p) => packed_linear(x, p),
-            None => kernels.ternary_linear(x, &self.weight, quant),
+            None => kernels.ternary_linear(&layer_input(x, quant)?, &self.weight, quant),
         }
     }
 
@@ -50,6 +53,16 @@ impl TernaryLinear {
             weight: kernels.effective_weight(&self.weight, quant)?.detach(),
             packed: None,
         })
+    }
+}
+
+/// The input a dense ternary layer multiplies: `x` itself, or with `act_quant = "per_token"`
+/// `x` rounded to int8 steps per token with a straight-through gradient (what the packed
+/// kernels then compute with).
+pub fn layer_input(x: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
+    match quant.act_quant {
+        ActQuant::None => Ok(x.clone()),
+        ActQuant::PerToken => fake_quant_per_token(x),
     }
 }
 
@@ -96,9 +109,17 @@ pub fn forward_many<const N: usize>(
     let out: Vec<Tensor> = if packed.len() == N {
         packed_linear_many(x, &packed)?
     } else {
+        // One input quantization for all of them.
+        let (x, quant) = (
+            layer_input(x, quant)?,
+            QuantConfig {
+                act_quant: ActQuant::None,
+                ..*quant
+            },
+        );
         layers
             .iter()
-            .map(|l| l.forward(x, quant, kernels))
+            .map(|l| l.forward(&x, &quant, kernels))
             .collect::<Result<_>>()?
     };
     out.try_into()

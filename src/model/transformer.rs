@@ -315,6 +315,12 @@ impl Model {
             .clone())
     }
 
+    /// The LM head's input as a dense head sees it (`layers::layer_input`): what a loss that
+    /// takes the head's weight itself must multiply. A packed head quantizes inside its kernel.
+    pub fn head_input(&self, h: &Tensor) -> Result<Tensor> {
+        crate::model::layers::layer_input(h, &self.head_quant())
+    }
+
     /// The LM head weight `[vocab, hidden]` as the forward uses it (projected when ternary);
     /// dense models only.
     pub fn head_weight(&self) -> Result<Tensor> {
@@ -390,6 +396,7 @@ impl Model {
         let chunk = default_chunk(self.cfg.vocab_size);
         if !self.is_packed() {
             let w = self.head_weight()?;
+            let h = self.head_input(h)?;
             return lm_head_token_nll(&h.to_dtype(w.dtype())?, &w, targets, chunk);
         }
         let n = h.dim(0)?;

@@ -71,6 +71,10 @@ pub struct QuantConfig {
     /// and everything else stay f32. Run-time only, like `ramp`.
     #[serde(skip)]
     pub gemm_bf16: bool,
+    /// How every ternary layer's input is quantized (`quant::activations`): recorded in the
+    /// checkpoint, so inference from it sees what training saw.
+    #[serde(default)]
+    pub act_quant: crate::quant::ActQuant,
 }
 
 fn one() -> f64 {
@@ -90,6 +94,7 @@ impl Default for QuantConfig {
             ramp: 1.0,
             embeddings: true,
             gemm_bf16: false,
+            act_quant: crate::quant::ActQuant::None,
         }
     }
 }

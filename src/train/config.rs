@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::ModelConfig;
-use crate::quant::{QuantConfig, ScaleRule};
+use crate::quant::{ActQuant, QuantConfig, ScaleRule};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -51,6 +51,10 @@ pub struct ModelSection {
     pub scale: ScaleRule,
     /// default true: the embedding and the LM head are ternary too (false: full precision)
     pub ternary_embeddings: bool,
+    /// default "none": f32 layer inputs in training (int8 per 32 in packed inference);
+    /// "per_token": int8 per token in training (straight-through) and inference, for the
+    /// leaner packed kernels (src/quant/activations.rs)
+    pub act_quant: ActQuant,
 }
 
 impl Default for ModelSection {
@@ -73,6 +77,7 @@ impl Default for ModelSection {
             group_size: 128,
             scale: ScaleRule::MeanAbs,
             ternary_embeddings: true,
+            act_quant: ActQuant::None,
         }
     }
 }
@@ -130,6 +135,7 @@ impl ModelSection {
             ramp: 1.0,
             embeddings: self.ternary_embeddings,
             gemm_bf16: false,
+            act_quant: self.act_quant,
         }
     }
 }

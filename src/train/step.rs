@@ -15,7 +15,7 @@ use std::time::Instant;
 pub fn batch_loss(model: &Model, inp: &Tensor, tgt: &Tensor) -> Result<Tensor> {
     let h = model.forward(inp, &mut NoCache::new())?;
     model.kernels.lm_head_loss(
-        &h.flatten_to(1)?,
+        &model.head_input(&h.flatten_to(1)?)?,
         &model.head_latent()?,
         &model.head_quant(),
         &tgt.flatten_all()?,
@@ -61,7 +61,7 @@ pub fn distill_batch_loss(
         temperature: d.temperature,
     };
     let (loss, mut parts) = model.kernels.lm_head_distill_loss(
-        &h.flatten_to(1)?,
+        &model.head_input(&h.flatten_to(1)?)?,
         &model.head_latent()?,
         &model.head_quant(),
         &tgt.flatten_all()?,
