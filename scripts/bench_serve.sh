@@ -16,7 +16,9 @@
 # Usage: scripts/bench_serve.sh [OUT_DIR]
 #   env: THREADS=2 CLIENTS=8 REQUESTS=4 PROMPT_WORDS=64 GEN=64 SOAK=0 SOAK_CLIENTS=16
 #        SKIP_LLAMA=1 (tern only) TEMP=0 TERN=path (a tern binary to measure instead of this
-#        checkout's release build, e.g. an older build for an A/B pair)
+#        checkout's release build, e.g. an older build for an A/B pair), TERN_ARGS="..." (more
+#        `tern serve` flags, e.g. --prefill-chunk 512), TERN_ACT_QUANT=per_token (tern's kernels
+#        for a model trained with per-token inputs; the random model is not, so this times them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/bench-serve}
@@ -80,8 +82,9 @@ load() { # NAME CLIENTS [ARGS...]
 : > "$out/load.jsonl"
 ctx=$((words * 2 + gen + 64))
 echo "== tern serve" >&2
+# shellcheck disable=SC2086
 $tern --threads "$threads" serve --model "$out/q2_0.gguf" --port "$port" --parallel "$clients" \
-  --ctx "$ctx" > "$out/tern.log" 2>&1 &
+  --ctx "$ctx" ${TERN_ARGS:-} > "$out/tern.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 wait_up $pid
@@ -103,8 +106,9 @@ fi
 
 if [[ $soak -gt 0 ]]; then
   echo "== soak: tern serve, ${SOAK_CLIENTS:-16} clients, $soak s" >&2
+  # shellcheck disable=SC2086
   $tern --threads "$threads" serve --model "$out/q2_0.gguf" --port "$port" --parallel "$clients" \
-    --ctx "$ctx" > "$out/soak.log" 2>&1 &
+    --ctx "$ctx" ${TERN_ARGS:-} > "$out/soak.log" 2>&1 &
   pid=$!
   wait_up $pid
   load soak "${SOAK_CLIENTS:-16}" --duration "$soak" --malformed 0.1 --disconnect 0.1 --pid $pid
