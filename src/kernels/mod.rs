@@ -3,6 +3,8 @@
 //! runs, per op, from the switch (`[train] kernels`), the device and the dtype: the model, the
 //! trainer and the optimizer call `kernels.op(...)` and never pick for themselves.
 //!
+//! - [`act_quant`]: per-token int8 fake quantization of a layer's input in one pass, identity
+//!   backward (training with `act_quant = "per_token"`).
 //! - [`attention`]: the reference attention (GQA folding) and the per-forward mask.
 //! - [`adamw`]: the AdamW update of one tensor, fused in one pass or composed.
 //! - [`cross_entropy`]: next-token cross-entropy fused with the LM head, in chunks of tokens:
@@ -25,6 +27,7 @@
 //!   between them; opt-in (`TERN_POOL=spin`), rayon measured faster (not a kernel: its
 //!   reference is a sequential loop over the tasks).
 //!
+pub mod act_quant;
 pub mod adamw;
 pub mod amx;
 pub mod attention;
@@ -267,6 +270,16 @@ impl Kernels {
             project::project_ste(w, quant)
         } else {
             project::project_ste_reference(w, quant)
+        }
+    }
+
+    /// `x` rounded to int8 per token with a straight-through gradient (`act_quant =
+    /// "per_token"`): one fused pass on the CPU in f32, else the composed reference.
+    pub fn fake_quant_per_token(self, x: &Tensor) -> Result<Tensor> {
+        if self.fused() && act_quant::supported(x) {
+            act_quant::fake_quant_per_token(x)
+        } else {
+            crate::quant::activations::fake_quant_per_token(x)
         }
     }
 

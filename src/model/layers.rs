@@ -5,7 +5,6 @@
 use crate::error::{Error, Result};
 use crate::kernels::ternary_matmul::PackedMatrix;
 use crate::kernels::Kernels;
-use crate::quant::activations::fake_quant_per_token;
 use crate::quant::{ActQuant, QuantConfig};
 use candle_core::{Device, Tensor, D};
 
@@ -39,7 +38,10 @@ impl TernaryLinear {
     pub fn forward(&self, x: &Tensor, quant: &QuantConfig, kernels: Kernels) -> Result<Tensor> {
         match &self.packed {
             Some(p) => packed_linear(x, p),
-            None => kernels.ternary_linear(&layer_input(x, quant)?, &self.weight, quant),
+            None => {
+                let x = layer_input(x, quant, kernels)?;
+                kernels.ternary_linear(&x, &self.weight, quant)
+            }
         }
     }
 
@@ -59,10 +61,10 @@ impl TernaryLinear {
 /// The input a dense ternary layer multiplies: `x` itself, or with `act_quant = "per_token"`
 /// `x` rounded to int8 steps per token with a straight-through gradient (what the packed
 /// kernels then compute with).
-pub fn layer_input(x: &Tensor, quant: &QuantConfig) -> Result<Tensor> {
+pub fn layer_input(x: &Tensor, quant: &QuantConfig, kernels: Kernels) -> Result<Tensor> {
     match quant.act_quant {
         ActQuant::None => Ok(x.clone()),
-        ActQuant::PerToken => fake_quant_per_token(x),
+        ActQuant::PerToken => kernels.fake_quant_per_token(x),
     }
 }
 
@@ -111,7 +113,7 @@ pub fn forward_many<const N: usize>(
     } else {
         // One input quantization for all of them.
         let (x, quant) = (
-            layer_input(x, quant)?,
+            layer_input(x, quant, kernels)?,
             QuantConfig {
                 act_quant: ActQuant::None,
                 ..*quant

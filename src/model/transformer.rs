@@ -318,7 +318,7 @@ impl Model {
     /// The LM head's input as a dense head sees it (`layers::layer_input`): what a loss that
     /// takes the head's weight itself must multiply. A packed head quantizes inside its kernel.
     pub fn head_input(&self, h: &Tensor) -> Result<Tensor> {
-        crate::model::layers::layer_input(h, &self.head_quant())
+        crate::model::layers::layer_input(h, &self.head_quant(), self.kernels)
     }
 
     /// The LM head weight `[vocab, hidden]` as the forward uses it (projected when ternary);
