@@ -7,8 +7,6 @@ use common::*;
 
 use candle_core::{DType, Device};
 use std::sync::Arc;
-use tern::decode::generate::{generate_batch, GenerateConfig};
-use tern::decode::sampler::SamplerConfig;
 use tern::gguf::{export_gguf, file::GgufFile, Format};
 use tern::model::{load_checkpoint, Model};
 use tern::quant::{ActQuant, QuantConfig};
@@ -76,19 +74,5 @@ fn the_packed_kernels_quantize_per_token_as_the_dense_forward_does() {
 #[test]
 fn batched_greedy_generation_equals_each_prompt_alone_per_token() {
     let (packed, _) = packed_and_dense(ActQuant::PerToken);
-    let model = Arc::new(packed);
-    let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 42], vec![100, 3, 9, 250, 7, 81], vec![64, 1]];
-    let cfg = GenerateConfig {
-        max_new: 12,
-        sampler: SamplerConfig {
-            temp: 0.0,
-            ..Default::default()
-        },
-        eos: vec![],
-    };
-    let together = generate_batch(&model, &prompts, &cfg, |_, _| false).unwrap();
-    for (i, p) in prompts.iter().enumerate() {
-        let alone = generate_batch(&model, std::slice::from_ref(p), &cfg, |_, _| false).unwrap();
-        assert_eq!(together[i], alone[0], "prompt {i}");
-    }
+    assert_batched_greedy_equals_alone(Arc::new(packed));
 }

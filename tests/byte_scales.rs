@@ -8,8 +8,6 @@ use common::*;
 
 use candle_core::{DType, Device};
 use std::sync::Arc;
-use tern::decode::generate::{generate_batch, GenerateConfig};
-use tern::decode::sampler::SamplerConfig;
 use tern::gguf::{export_gguf, file::GgufFile, Format};
 use tern::model::{load_checkpoint, Model};
 use tern::quant::QuantConfig;
@@ -57,19 +55,5 @@ fn byte_scales_stay_within_the_accuracy_bound_of_the_checkpoint() {
 #[test]
 fn batched_greedy_generation_equals_each_prompt_alone_with_byte_scales() {
     let (_, packed) = dense_and_packed();
-    let model = Arc::new(packed);
-    let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 42], vec![100, 3, 9, 250, 7, 81], vec![64, 1]];
-    let cfg = GenerateConfig {
-        max_new: 12,
-        sampler: SamplerConfig {
-            temp: 0.0,
-            ..Default::default()
-        },
-        eos: vec![],
-    };
-    let together = generate_batch(&model, &prompts, &cfg, |_, _| false).unwrap();
-    for (i, p) in prompts.iter().enumerate() {
-        let alone = generate_batch(&model, std::slice::from_ref(p), &cfg, |_, _| false).unwrap();
-        assert_eq!(together[i], alone[0], "prompt {i}");
-    }
+    assert_batched_greedy_equals_alone(Arc::new(packed));
 }

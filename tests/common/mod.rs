@@ -189,3 +189,24 @@ pub fn small_config(
     c.rope_theta = 10_000.0;
     c
 }
+
+/// Greedy generation of a few prompts together (one batch) gives each prompt exactly the tokens
+/// it gets alone: the guarantee every packed layout and input scheme must keep.
+pub fn assert_batched_greedy_equals_alone(model: std::sync::Arc<tern::model::Model>) {
+    use tern::decode::generate::{generate_batch, GenerateConfig};
+    use tern::decode::sampler::SamplerConfig;
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 17, 42], vec![100, 3, 9, 250, 7, 81], vec![64, 1]];
+    let cfg = GenerateConfig {
+        max_new: 12,
+        sampler: SamplerConfig {
+            temp: 0.0,
+            ..Default::default()
+        },
+        eos: vec![],
+    };
+    let together = generate_batch(&model, &prompts, &cfg, |_, _| false).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = generate_batch(&model, std::slice::from_ref(p), &cfg, |_, _| false).unwrap();
+        assert_eq!(together[i], alone[0], "prompt {i}");
+    }
+}
