@@ -17,15 +17,13 @@ use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 /// The input quantization of ternary layers (module doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ActQuant {
     /// f32 in training; int8 per 32 values in packed inference.
     #[default]
-    #[value(name = "none")]
     None,
     /// int8 with one absmax step per token, in training (STE) and in packed inference.
-    #[value(name = "per_token")]
     PerToken,
 }
 
@@ -33,6 +31,7 @@ impl ActQuant {
     /// The names configs, GGUF metadata, `tern --act-quant` and `TERN_ACT_QUANT` use.
     pub const NAMES: [&'static str; 2] = ["none", "per_token"];
 
+    /// Its name in configs (as serde writes it), GGUF metadata and the CLI.
     pub fn name(self) -> &'static str {
         match self {
             ActQuant::None => "none",
@@ -40,12 +39,11 @@ impl ActQuant {
         }
     }
 
+    /// The scheme [`ActQuant::name`] calls `name`.
     pub fn from_name(name: &str) -> Option<ActQuant> {
-        match name {
-            "none" => Some(ActQuant::None),
-            "per_token" => Some(ActQuant::PerToken),
-            _ => None,
-        }
+        [ActQuant::None, ActQuant::PerToken]
+            .into_iter()
+            .find(|a| a.name() == name)
     }
 
     /// What `TERN_ACT_QUANT` names (`tern --act-quant` sets it): an override of the mode a
@@ -55,12 +53,6 @@ impl ActQuant {
         std::env::var("TERN_ACT_QUANT")
             .ok()
             .and_then(|v| ActQuant::from_name(&v))
-    }
-}
-
-impl std::fmt::Display for ActQuant {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -125,7 +117,10 @@ mod tests {
     #[test]
     fn names_round_trip() {
         for n in ActQuant::NAMES {
-            assert_eq!(ActQuant::from_name(n).map(ActQuant::name), Some(n));
+            let a = ActQuant::from_name(n).expect("every listed name parses");
+            assert_eq!(a.name(), n);
+            // Configs and checkpoints (serde) spell it the same way.
+            assert_eq!(serde_json::to_value(a).unwrap(), serde_json::json!(n));
         }
         assert_eq!(ActQuant::from_name("row"), None);
     }
