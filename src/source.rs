@@ -81,9 +81,12 @@ impl Latents {
     }
 }
 
-/// The tern quantization settings a GGUF records, when tern wrote it.
-fn gguf_quant(file: &GgufFile) -> Option<QuantConfig> {
-    file.get("tern.ternary")?;
+/// The tern quantization settings a GGUF records, when tern wrote it. An unknown
+/// `tern.act_quant` is an error (training on with the wrong input scheme would go unnoticed).
+fn gguf_quant(file: &GgufFile) -> Result<Option<QuantConfig>> {
+    if file.get("tern.ternary").is_none() {
+        return Ok(None);
+    }
     let mut q = QuantConfig {
         ternary: gguf::is_ternary(file),
         ..QuantConfig::default()
@@ -91,15 +94,13 @@ fn gguf_quant(file: &GgufFile) -> Option<QuantConfig> {
     if let Some(g) = file.get("tern.group_size").and_then(|v| v.as_u64()) {
         q.group_size = g as usize;
     }
-    if let Ok(a) = crate::gguf::load::act_quant_of(file) {
-        q.act_quant = a;
-    }
+    q.act_quant = crate::gguf::load::act_quant_of(file)?;
     if let Some(s) = file.get("tern.scale").and_then(|v| v.as_str()) {
         if let Ok(rule) = serde_json::from_value(serde_json::json!(s)) {
             q.scale = rule;
         }
     }
-    Some(q)
+    Ok(Some(q))
 }
 
 /// The tokenizer of a GGUF: its own, else a tokenizer.json beside the file.
@@ -153,7 +154,7 @@ pub fn load_latents(spec: &str, dtype: DType, device: &Device) -> Result<Latents
             Ok(Latents {
                 spec: kind.clone(),
                 config,
-                quant: gguf_quant(&file),
+                quant: gguf_quant(&file)?,
                 params,
                 tokenizer,
                 inputs,

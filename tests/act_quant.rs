@@ -76,3 +76,43 @@ fn batched_greedy_generation_equals_each_prompt_alone_per_token() {
     let (packed, _) = packed_and_dense(ActQuant::PerToken);
     assert_batched_greedy_equals_alone(Arc::new(packed));
 }
+
+/// A GGUF whose `tern.act_quant` names no scheme is refused, naming the key, by the packed
+/// loader and by the latent loader a fine-tune starts from: neither guesses a scheme.
+#[test]
+fn an_unknown_scheme_in_the_gguf_is_an_error() {
+    let ck = load_checkpoint(&fixtures_dir().join("tied_gqa2"), DType::F32, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.gguf");
+    let q = QuantConfig {
+        act_quant: ActQuant::PerToken,
+        ..QuantConfig::default()
+    };
+    export_gguf(&ck.config, &q, &ck.params, None, Format::Q2_0, "t", &out).unwrap();
+    // Same length, so every offset in the file stays valid.
+    let mut bytes = std::fs::read(&out).unwrap();
+    let at = bytes
+        .windows(9)
+        .position(|w| w == b"per_token")
+        .expect("the file records the scheme");
+    bytes[at..at + 9].copy_from_slice(b"per_tokex");
+    std::fs::write(&out, &bytes).unwrap();
+    let file = GgufFile::read(&out).unwrap();
+    let Err(e) = tern::gguf::load_model(&file) else {
+        panic!("the packed loader took an unknown scheme");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("tern.act_quant") && e.contains("per_tokex"),
+        "{e}"
+    );
+    let spec = out.display().to_string();
+    let Err(e) = tern::source::load_latents(&spec, DType::F32, &Device::Cpu) else {
+        panic!("the latent loader took an unknown scheme");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("tern.act_quant") && e.contains("per_tokex"),
+        "{e}"
+    );
+}
