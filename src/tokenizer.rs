@@ -557,14 +557,31 @@ pub fn train_bpe(text: &str, vocab_size: usize) -> Result<tokenizers::Tokenizer>
 }
 
 impl Tokenizer {
+    /// How many U+FFFD at the end of a decoded text may still turn into a character when more
+    /// tokens come. Byte-level BPE decodes all bytes at once, lossily, so an incomplete character
+    /// at the end is exactly one U+FFFD and every one before it is final (invalid bytes stay
+    /// invalid). Other decoders (SentencePiece's byte fallback) write one U+FFFD per byte, and an
+    /// incomplete character has at most 3 bytes.
+    pub fn unsettled_replacements(&self) -> usize {
+        if self.is_byte_level() {
+            1
+        } else {
+            3
+        }
+    }
+
+    fn is_byte_level(&self) -> bool {
+        matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        )
+    }
+
     /// Bytes of text each token id stands for (bits per byte divides by their sum). Byte-level
     /// BPE: one byte per character of the token's name; added tokens: their UTF-8 length; other
     /// tokenizers: the length of the token decoded alone.
     pub fn token_byte_lengths(&self) -> Vec<u32> {
-        let byte_level = matches!(
-            self.inner.get_decoder(),
-            Some(tokenizers::DecoderWrapper::ByteLevel(_))
-        );
+        let byte_level = self.is_byte_level();
         let added = self.inner.get_added_tokens_decoder();
         (0..self.vocab_size() as u32)
             .map(|id| {
@@ -584,6 +601,16 @@ impl Tokenizer {
     }
 }
 
+/// A byte-level BPE of `vocab` tokens trained on `text` (every byte has a token), for tests.
+#[cfg(test)]
+pub(crate) fn trained_for_tests(text: &str, vocab: usize) -> Tokenizer {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    let tk = train_bpe(text, vocab).unwrap();
+    std::fs::write(&path, tk.to_string(false).unwrap()).unwrap();
+    Tokenizer::from_file(&path).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,11 +620,7 @@ mod tests {
         runs 42 times.\n\nNaïve café owners don't mind: the dog's fox is quick.\n\n";
 
     fn trained(vocab: usize) -> Tokenizer {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        let tk = train_bpe(&TEXT.repeat(20), vocab).unwrap();
-        std::fs::write(&path, tk.to_string(false).unwrap()).unwrap();
-        Tokenizer::from_file(&path).unwrap()
+        trained_for_tests(&TEXT.repeat(20), vocab)
     }
 
     #[test]

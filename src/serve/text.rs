@@ -46,12 +46,10 @@ impl TextStream {
                 stopped: true,
             });
         }
-        let safe = safe_end(&full, &self.stop);
-        let text = if safe > self.sent {
-            full[self.sent..safe].to_string()
-        } else {
-            String::new()
-        };
+        let safe = safe_end(&full, &self.stop, tokenizer.unsettled_replacements());
+        // `get`: a decoder that rewrites text already sent (byte fallback turns a whole run of
+        // byte tokens into U+FFFD when a later byte breaks it) must not panic the engine.
+        let text = full.get(self.sent..safe).unwrap_or("").to_string();
         self.sent = self.sent.max(safe);
         Ok(Piece {
             text,
@@ -73,12 +71,19 @@ impl TextStream {
     }
 }
 
-/// The end of the text that can be sent: before a trailing U+FFFD (an incomplete character) and
-/// before the longest tail that is a proper prefix of a stop string.
-fn safe_end(full: &str, stop: &[String]) -> usize {
-    let mut end = full.len();
-    let body = full.trim_end_matches('\u{FFFD}');
-    end = end.min(body.len());
+/// The end of the text that can be sent: before the trailing U+FFFD that may still become a
+/// character (at most `unsettled` of them: see [`Tokenizer::unsettled_replacements`]; the ones
+/// before are final, so a run of invalid bytes does not hold the stream back) and before the
+/// longest tail that is a proper prefix of a stop string.
+fn safe_end(full: &str, stop: &[String], unsettled: usize) -> usize {
+    let held = full
+        .chars()
+        .rev()
+        .take(unsettled)
+        .take_while(|&c| c == '\u{FFFD}')
+        .count();
+    let body = &full[..full.len() - held * '\u{FFFD}'.len_utf8()];
+    let mut end = body.len();
     for s in stop {
         // Longest k < len(s) with body ending in s[..k], on character boundaries.
         for (k, _) in s
@@ -104,15 +109,51 @@ mod tests {
     #[test]
     fn safe_end_holds_partial_characters_and_stop_prefixes() {
         let stop = vec!["</s>".to_string(), "\n\n".to_string()];
-        assert_eq!(safe_end("hello", &stop), 5);
-        assert_eq!(safe_end("hello</", &stop), 5);
-        assert_eq!(safe_end("hello\n", &stop), 5);
-        assert_eq!(safe_end("héllo\u{FFFD}", &stop), "héllo".len());
+        assert_eq!(safe_end("hello", &stop, 1), 5);
+        assert_eq!(safe_end("hello</", &stop, 1), 5);
+        assert_eq!(safe_end("hello\n", &stop, 1), 5);
+        assert_eq!(safe_end("héllo\u{FFFD}", &stop, 1), "héllo".len());
         assert_eq!(
-            safe_end("a<b", &stop),
+            safe_end("a\u{FFFD}\u{FFFD}\u{FFFD}", &stop, 1),
+            "a\u{FFFD}\u{FFFD}".len(),
+            "only the last U+FFFD can still change"
+        );
+        assert_eq!(safe_end("a\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}", &stop, 3), 4);
+        assert_eq!(
+            safe_end("a<b", &stop, 1),
             3,
             "'<b' is no prefix of a stop string"
         );
-        assert_eq!(safe_end("ab", &[]), 2);
+        assert_eq!(safe_end("ab", &[], 1), 2);
+    }
+
+    /// Feeds `ids` one at a time: the pieces sent after each, and everything together with what
+    /// `finish` adds, which must be the whole decoded text.
+    fn stream(ids: &[u32], tok: &Tokenizer) -> Vec<String> {
+        let mut s = TextStream::new(Vec::new());
+        let mut sent: Vec<String> = ids.iter().map(|&t| s.push(t, tok).unwrap().text).collect();
+        sent.push(s.finish(tok).unwrap());
+        assert_eq!(sent.concat(), tok.decode(ids).unwrap());
+        sent
+    }
+
+    #[test]
+    fn a_character_split_over_byte_tokens_is_sent_whole_and_invalid_bytes_do_not_stall() {
+        let tok = crate::tokenizer::trained_for_tests(&"plain ascii text. ".repeat(20), 300);
+        assert_eq!(tok.unsettled_replacements(), 1, "byte-level BPE");
+        // No merges touch these bytes: one token per byte.
+        let ni = tok.encode("你").unwrap();
+        assert_eq!(ni.len(), 3, "{ni:?}");
+        let a = tok.encode("a").unwrap()[0];
+        let (e4, bd, a0) = (ni[0], ni[1], ni[2]);
+        assert_eq!(stream(&[a, e4, bd, a0, a], &tok), ["a", "", "", "你", "a", ""]);
+        // 0xE4 then 0xE4: the first can no longer become a character, so it goes out as U+FFFD
+        // while the second waits; repeated, the stream lags one token, not the whole output.
+        let r = '\u{FFFD}'.to_string();
+        assert_eq!(
+            stream(&[a, e4, e4, e4, a], &tok),
+            ["a", "", &r, &r, &(r.clone() + "a"), ""]
+        );
+        assert_eq!(stream(&[e4, e4, bd, a0], &tok), ["", &r, "", "你", ""]);
     }
 }
