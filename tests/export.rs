@@ -11,8 +11,8 @@ use tern::gguf::file::{GgufFile, Value};
 use tern::gguf::{export_gguf, verify_gguf, Format};
 use tern::model::params::gguf_name;
 use tern::model::{load_checkpoint, params::is_norm, Checkpoint};
-use tern::quant::codec::{unpack_row, Packing};
-use tern::quant::projection::codes_and_scales;
+use tern::quant::codec::{dequantize_row, unpack_row, Packing};
+use tern::quant::projection::{codes_and_scales, project};
 use tern::quant::QuantConfig;
 use tern::tokenizer::Tokenizer;
 
@@ -97,9 +97,20 @@ fn packed_codes_and_scales_round_trip_bit_exactly() {
                 codes.to_vec2::<f32>().unwrap(),
                 scales.to_vec2::<f32>().unwrap(),
             );
+            // What training and evaluation multiply by (the f16-stored scales).
+            let projected = project(var.as_tensor(), 128, q.scale)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             let data = file.data(t);
             for r in 0..rows {
-                let (c, s) = unpack_row(&data[r * packing.row_bytes(cols)..], cols, packing);
+                let bytes = &data[r * packing.row_bytes(cols)..];
+                assert_eq!(
+                    dequantize_row(bytes, cols, packing),
+                    projected[r],
+                    "{hf} row {r}: the file holds the checkpoint's weights exactly"
+                );
+                let (c, s) = unpack_row(bytes, cols, packing);
                 let want: Vec<i8> = codes[r].iter().map(|&x| x as i8).collect();
                 assert_eq!(c, want, "{hf} row {r}");
                 for (b, &d) in s.iter().enumerate() {

@@ -51,7 +51,7 @@ impl ProjectSte {
                         let s = if n == 0 {
                             T::zero()
                         } else {
-                            sum / T::from_usize(n)
+                            (sum / T::from_usize(n)).stored_scale()
                         };
                         for (oi, &x) in o.iter_mut().zip(g) {
                             let t = if x > thr {
@@ -70,9 +70,10 @@ impl ProjectSte {
                         _ => mean(),
                     };
                     let div = s.max(T::tiny());
+                    let stored = s.stored_scale();
                     for (oi, &x) in o.iter_mut().zip(g) {
                         let t = (x / div).ternary_step();
-                        *oi = x + lambda * (t * s - x);
+                        *oi = x + lambda * (t * stored - x);
                     }
                 }
             });
@@ -98,12 +99,15 @@ pub(crate) mod num_like {
         /// `clamp(round(self), -1, 1)` (round half away from zero), by two comparisons: the
         /// same values (NaN gives 0), without a libm `roundf` call per weight on baseline x86-64.
         fn ternary_step(self) -> Self;
+        /// Rounded to f16 and back, as the GGUF stores a scale
+        /// (`quant::projection::stored_scale`).
+        fn stored_scale(self) -> Self;
         fn from_usize(v: usize) -> Self;
         fn from_f64(v: f64) -> Self;
         fn tiny() -> Self;
     }
     macro_rules! imp {
-        ($t:ty) => {
+        ($t:ty, $to_f16:path, $from_f16:ident) => {
             impl Num for $t {
                 fn zero() -> Self {
                     0.0
@@ -123,6 +127,9 @@ pub(crate) mod num_like {
                         0.0
                     }
                 }
+                fn stored_scale(self) -> Self {
+                    $to_f16(self).$from_f16()
+                }
                 fn from_usize(v: usize) -> Self {
                     v as $t
                 }
@@ -135,8 +142,8 @@ pub(crate) mod num_like {
             }
         };
     }
-    imp!(f32);
-    imp!(f64);
+    imp!(f32, half::f16::from_f32, to_f32);
+    imp!(f64, half::f16::from_f64, to_f64);
 }
 
 impl CustomOp1 for ProjectSte {

@@ -146,7 +146,10 @@ mod tests {
         assert_eq!(ni.len(), 3, "{ni:?}");
         let a = tok.encode("a").unwrap()[0];
         let (e4, bd, a0) = (ni[0], ni[1], ni[2]);
-        assert_eq!(stream(&[a, e4, bd, a0, a], &tok), ["a", "", "", "你", "a", ""]);
+        assert_eq!(
+            stream(&[a, e4, bd, a0, a], &tok),
+            ["a", "", "", "你", "a", ""]
+        );
         // 0xE4 then 0xE4: the first can no longer become a character, so it goes out as U+FFFD
         // while the second waits; repeated, the stream lags one token, not the whole output.
         let r = '\u{FFFD}'.to_string();
