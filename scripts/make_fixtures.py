@@ -8,7 +8,9 @@ Usage:  python3 scripts/make_fixtures.py tests/fixtures/qwen3
 Needs:  pip install torch transformers safetensors   (only to regenerate; the outputs are committed)
 
 Ternary rule (group-wise along each row's contiguous input dim, last partial group on its own):
-    s = mean(|w|) (or max(|w|)) ;  t = clamp(round(w / s), -1, 1) ;  w_q = t * s
+    s = mean(|w|) (or max(|w|)) ;  t = clamp(round(w / s), -1, 1) ;  w_q = t * f16(s)
+where f16(s) is the scale the GGUF stores and tern multiplies by: s computed in float32 as tern
+computes it (|w| summed in row order, then divided), rounded to half precision.
 Applied to the embedding, every q/k/v/o/gate/up/down projection and the untied LM head; RMSNorm
 weights stay as they are.
 
@@ -19,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -61,6 +64,17 @@ def scales(w, rule):
     return out
 
 
+def stored_scale(g, rule):
+    """The scale of each row of the group `g` as the GGUF stores it and tern multiplies by: in
+    float32 as tern computes it (a sum in row order, not numpy's pairwise one), then float16."""
+    a = np.abs(g.float().numpy())
+    if rule == "mean_abs":
+        s = np.add.accumulate(a, axis=1, dtype=np.float32)[:, -1] / np.float32(a.shape[1])
+    else:
+        s = a.max(axis=1)
+    return torch.from_numpy(s.astype(np.float16)).double()
+
+
 def ternarize(w, rule):
     w = w.double()
     q = torch.zeros_like(w)
@@ -68,7 +82,7 @@ def ternarize(w, rule):
         s = s[:, None]
         r = w[:, a:b] / s.clamp_min(1e-30)
         t = torch.sign(r) * torch.floor(r.abs() + 0.5)  # round half away from zero
-        q[:, a:b] = t.clamp(-1, 1) * s
+        q[:, a:b] = t.clamp(-1, 1) * stored_scale(w[:, a:b], rule)[:, None]
     return q
 
 
@@ -155,7 +169,7 @@ def main():
         f"{__import__('transformers').__version__}, torch {torch.__version__}).\n"
         "Each folder is an HF-layout Qwen3 checkpoint with random weights; NAME.expected.safetensors\n"
         "holds input_ids [2,16] and the logits transformers computes in float64: full precision,\n"
-        "and after ternarizing with group 128 and scale mean_abs / max_abs.\n")
+        "and after ternarizing with group 128 and scale mean_abs / max_abs (stored as f16).\n")
 
 
 if __name__ == "__main__":

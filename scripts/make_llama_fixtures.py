@@ -213,7 +213,7 @@ def main():
         "Q5_0/Q5_1/F16/F32, a byte-level BPE tokenizer (pre smollm). tied_q4k.gguf: the same model\n"
         "requantized by llama-quantize to Q4_K_M. NAME.expected.safetensors: input_ids and the logits\n"
         "transformers computes (from the GGUF for the .gguf files), full precision and ternarized\n"
-        "(group 128, mean |w|).\n")
+        "(group 128, mean |w|, the scale stored as f16 as tern stores it).\n")
 
 
 if __name__ == "__main__":
