@@ -38,6 +38,7 @@ impl TextStream {
     pub fn push(&mut self, tok: u32, tokenizer: &Tokenizer) -> Result<Piece> {
         self.ids.push(tok);
         let full = tokenizer.decode(&self.ids)?;
+        self.resync(&full);
         if let Some(at) = self.first_stop(&full) {
             let text = full.get(self.sent..at).unwrap_or("").to_string();
             self.sent = full.len();
@@ -47,8 +48,6 @@ impl TextStream {
             });
         }
         let safe = safe_end(&full, &self.stop, tokenizer.unsettled_replacements());
-        // `get`: a decoder that rewrites text already sent (byte fallback turns a whole run of
-        // byte tokens into U+FFFD when a later byte breaks it) must not panic the engine.
         let text = full.get(self.sent..safe).unwrap_or("").to_string();
         self.sent = self.sent.max(safe);
         Ok(Piece {
@@ -60,9 +59,20 @@ impl TextStream {
     /// Everything not yet sent (at the end of generation, held text is final).
     pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String> {
         let full = tokenizer.decode(&self.ids)?;
+        self.resync(&full);
         let text = full.get(self.sent..).unwrap_or("").to_string();
         self.sent = full.len();
         Ok(text)
+    }
+
+    /// A decoder may rewrite text already sent: byte fallback turns a whole run of byte tokens
+    /// into one U+FFFD per byte when a later byte breaks it, so "é" sent becomes three U+FFFD.
+    /// What went out stands; the stream goes on from the next character boundary of the new text
+    /// (without this it would slice inside a character, or send nothing more).
+    fn resync(&mut self, full: &str) {
+        while self.sent < full.len() && !full.is_char_boundary(self.sent) {
+            self.sent += 1;
+        }
     }
 
     /// Byte offset of the earliest stop string in `full`.
@@ -158,5 +168,55 @@ mod tests {
             ["a", "", &r, &r, &(r.clone() + "a"), ""]
         );
         assert_eq!(stream(&[e4, e4, bd, a0], &tok), ["", &r, "", "你", ""]);
+    }
+
+    /// SentencePiece-style byte fallback (Llama 2's tokenizers): `<0xNN>` tokens, decoded one
+    /// U+FFFD per byte while a run of them is not valid UTF-8.
+    fn byte_fallback_tokenizer() -> Tokenizer {
+        let vocab: serde_json::Map<String, serde_json::Value> = [
+            "a", "<0xE4>", "<0xBD>", "<0xA0>", "<0xC3>", "<0xA9>", "<0xFF>",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), serde_json::json!(i)))
+        .collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "ByteFallback"},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                "fuse_unk": false, "byte_fallback": true, "vocab": vocab, "merges": []}
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        Tokenizer::from_file(&path).unwrap()
+    }
+
+    #[test]
+    fn byte_fallback_holds_up_to_three_replacements_and_a_rewrite_cannot_panic() {
+        let tok = byte_fallback_tokenizer();
+        assert_eq!(tok.unsettled_replacements(), 3);
+        let [a, e4, bd, a0, c3, a9, ff] = [0, 1, 2, 3, 4, 5, 6];
+        assert_eq!(
+            stream(&[a, e4, bd, a0, a], &tok),
+            ["a", "", "", "你", "a", ""]
+        );
+        let r = '\u{FFFD}'.to_string();
+        assert_eq!(
+            stream(&[a, e4, e4, e4, e4, a], &tok),
+            ["a", "", "", "", &r, &(r.repeat(3) + "a"), ""]
+        );
+        // "é" is sent, then 0xFF breaks its run: the decoder rewrites it as three U+FFFD, whose
+        // bytes no longer line up with the two sent. The text already out stands, the stream
+        // goes on after the first rewritten character, and nothing panics.
+        let mut s = TextStream::new(Vec::new());
+        let sent: Vec<String> = [c3, a9, ff, a]
+            .iter()
+            .map(|&t| s.push(t, &tok).unwrap().text)
+            .collect();
+        assert_eq!(sent, ["", "é", "", &(r.repeat(2) + "a")]);
+        assert_eq!(s.finish(&tok).unwrap(), "");
     }
 }
