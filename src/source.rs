@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::gguf::{self, GgufFile};
 use crate::hub::{resolve_model_dir, HubOptions, CONFIG_FILE, TOKENIZER_FILE};
 use crate::model::{io::weight_files, load_checkpoint, ModelConfig, Params};
-use crate::quant::QuantConfig;
+use crate::quant::{QuantConfig, ScaleRule};
 use crate::tokenizer::{Tokenizer, TOKENIZER_CONFIG_FILE};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -91,14 +91,29 @@ fn gguf_quant(file: &GgufFile) -> Result<Option<QuantConfig>> {
         ternary: gguf::is_ternary(file),
         ..QuantConfig::default()
     };
-    if let Some(g) = file.get("tern.group_size").and_then(|v| v.as_u64()) {
-        q.group_size = g as usize;
+    // A key that is there but unreadable is an error, not the default: training on from this
+    // file would otherwise quietly use another rule than the one that made it.
+    let bad = |key: &str, expected: String, v: &crate::gguf::file::Value| {
+        Error::Msg(format!(
+            "GGUF {}: {key}: expected {expected}, found {v:?}",
+            file.path.display()
+        ))
+    };
+    if let Some(v) = file.get("tern.group_size") {
+        let g = v.as_u64().filter(|&g| g > 0);
+        q.group_size =
+            g.ok_or_else(|| bad("tern.group_size", "a positive integer".into(), v))? as usize;
     }
     q.act_quant = crate::gguf::load::act_quant_of(file)?;
-    if let Some(s) = file.get("tern.scale").and_then(|v| v.as_str()) {
-        if let Ok(rule) = serde_json::from_value(serde_json::json!(s)) {
-            q.scale = rule;
-        }
+    if let Some(v) = file.get("tern.scale") {
+        use clap::ValueEnum;
+        let rule = v.as_str().and_then(|s| ScaleRule::from_str(s, false).ok());
+        q.scale = rule.ok_or_else(|| {
+            let names = ScaleRule::value_variants()
+                .iter()
+                .map(|r| format!("\"{r}\""));
+            bad("tern.scale", names.collect::<Vec<_>>().join(" or "), v)
+        })?;
     }
     Ok(Some(q))
 }

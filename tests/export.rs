@@ -13,7 +13,7 @@ use tern::model::params::gguf_name;
 use tern::model::{load_checkpoint, params::is_norm, Checkpoint};
 use tern::quant::codec::{dequantize_row, unpack_row, Packing};
 use tern::quant::projection::{codes_and_scales, project};
-use tern::quant::QuantConfig;
+use tern::quant::{QuantConfig, ScaleRule};
 use tern::tokenizer::Tokenizer;
 
 /// A minimal byte-level BPE tokenizer.json with Qwen2's pre-tokenizer (what export reads:
@@ -358,4 +358,45 @@ fn eval_of_the_q2_0_export_equals_eval_of_the_checkpoint_in_ternary_mode() {
             "{resident} bytes for {packed_weights} weights"
         );
     }
+}
+
+/// A training source's `tern.scale` or `tern.group_size` that cannot be read is an error naming
+/// the file and key, never the default rule in its place.
+#[test]
+fn an_unreadable_scale_rule_or_group_size_in_a_source_gguf_is_an_error() {
+    let ck = fixture();
+    let d = tempfile::tempdir().unwrap();
+    let out = export(&ck, &QuantConfig::default(), Format::Q2_0, d.path());
+    let clean = std::fs::read(&out).unwrap();
+    let spec = out.display().to_string();
+    let load = || tern::source::load_latents(&spec, DType::F32, &Device::Cpu);
+    assert_eq!(load().unwrap().quant.unwrap().scale, ScaleRule::MeanAbs);
+    // The value after the key, rewritten in place (same length, so every offset stays valid).
+    let rewrite = |key: &[u8], from: &[u8], to: &[u8]| {
+        let mut bytes = clean.clone();
+        let k = bytes.windows(key.len()).position(|w| w == key).unwrap();
+        let at = k + bytes[k..]
+            .windows(from.len())
+            .position(|w| w == from)
+            .unwrap();
+        bytes[at..at + to.len()].copy_from_slice(to);
+        std::fs::write(&out, &bytes).unwrap();
+    };
+    rewrite(b"tern.scale", b"mean_abs", b"mean_abz");
+    let e = load().err().expect("an unknown rule was taken").to_string();
+    assert!(
+        e.contains("tern.scale") && e.contains("mean_abz") && e.contains("twn"),
+        "{e}"
+    );
+    // tern.group_size is a u32 (GGUF type 4) of 128; make it 0.
+    rewrite(
+        b"tern.group_size",
+        &128u32.to_le_bytes(),
+        &0u32.to_le_bytes(),
+    );
+    let e = load().err().expect("group size 0 was taken").to_string();
+    assert!(
+        e.contains("tern.group_size") && e.contains("positive"),
+        "{e}"
+    );
 }
