@@ -11,19 +11,25 @@ use tern::gguf::{export_gguf, file::GgufFile, Format};
 use tern::model::{load_checkpoint, Model};
 use tern::quant::{ActQuant, QuantConfig};
 
-/// The `tied_gqa2` fixture exported as a per-token model to Q2_0, loaded packed, and the same
-/// file's weights dequantized into a dense model whose layers see their inputs as `act` says.
-/// Both then hold the same ternary weights (the file's f16 scales), so what differs is only
-/// how the inputs are quantized.
-fn packed_and_dense(act: ActQuant) -> (Model, Model) {
+/// The `tied_gqa2` fixture exported as a per-token model to Q2_0 in `dir`.
+fn export_per_token(dir: &std::path::Path) -> std::path::PathBuf {
     let ck = load_checkpoint(&fixtures_dir().join("tied_gqa2"), DType::F32, &Device::Cpu).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("m.gguf");
+    let out = dir.join("m.gguf");
     let q = QuantConfig {
         act_quant: ActQuant::PerToken,
         ..QuantConfig::default()
     };
     export_gguf(&ck.config, &q, &ck.params, None, Format::Q2_0, "t", &out).unwrap();
+    out
+}
+
+/// The `tied_gqa2` fixture exported as a per-token model to Q2_0, loaded packed, and the same
+/// file's weights dequantized into a dense model whose layers see their inputs as `act` says.
+/// Both then hold the same ternary weights (the file's f16 scales), so what differs is only
+/// how the inputs are quantized.
+fn packed_and_dense(act: ActQuant) -> (Model, Model) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = export_per_token(dir.path());
     let file = GgufFile::read(&out).unwrap();
     let packed = tern::gguf::load_model(&file).unwrap();
     let (cfg, weights) = tern::gguf::latents_from_gguf(&file).unwrap();
@@ -81,22 +87,11 @@ fn batched_greedy_generation_equals_each_prompt_alone_per_token() {
 /// loader and by the latent loader a fine-tune starts from: neither guesses a scheme.
 #[test]
 fn an_unknown_scheme_in_the_gguf_is_an_error() {
-    let ck = load_checkpoint(&fixtures_dir().join("tied_gqa2"), DType::F32, &Device::Cpu).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("m.gguf");
-    let q = QuantConfig {
-        act_quant: ActQuant::PerToken,
-        ..QuantConfig::default()
-    };
-    export_gguf(&ck.config, &q, &ck.params, None, Format::Q2_0, "t", &out).unwrap();
-    // Same length, so every offset in the file stays valid.
-    let mut bytes = std::fs::read(&out).unwrap();
-    let at = bytes
-        .windows(9)
-        .position(|w| w == b"per_token")
-        .expect("the file records the scheme");
-    bytes[at..at + 9].copy_from_slice(b"per_tokex");
-    std::fs::write(&out, &bytes).unwrap();
+    let out = export_per_token(dir.path());
+    let bytes = std::fs::read(&out).unwrap();
+    let bad = with_value_replaced(&bytes, b"tern.act_quant", b"per_token", b"per_tokex");
+    std::fs::write(&out, bad).unwrap();
     let file = GgufFile::read(&out).unwrap();
     let Err(e) = tern::gguf::load_model(&file) else {
         panic!("the packed loader took an unknown scheme");

@@ -371,16 +371,9 @@ fn an_unreadable_scale_rule_or_group_size_in_a_source_gguf_is_an_error() {
     let spec = out.display().to_string();
     let load = || tern::source::load_latents(&spec, DType::F32, &Device::Cpu);
     assert_eq!(load().unwrap().quant.unwrap().scale, ScaleRule::MeanAbs);
-    // The value after the key, rewritten in place (same length, so every offset stays valid).
+    // One value corrupted at a time, in the clean file.
     let rewrite = |key: &[u8], from: &[u8], to: &[u8]| {
-        let mut bytes = clean.clone();
-        let k = bytes.windows(key.len()).position(|w| w == key).unwrap();
-        let at = k + bytes[k..]
-            .windows(from.len())
-            .position(|w| w == from)
-            .unwrap();
-        bytes[at..at + to.len()].copy_from_slice(to);
-        std::fs::write(&out, &bytes).unwrap();
+        std::fs::write(&out, with_value_replaced(&clean, key, from, to)).unwrap();
     };
     rewrite(b"tern.scale", b"mean_abs", b"mean_abz");
     let e = load().err().expect("an unknown rule was taken").to_string();

@@ -8,6 +8,18 @@ pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3")
 }
 
+/// `bytes` (a GGUF file's) with the first `from` after `key` replaced by `to`, of the same
+/// length so that every offset in the file stays valid: a metadata value corrupted in place.
+pub fn with_value_replaced(bytes: &[u8], key: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len(), "a same-length rewrite");
+    let find = |hay: &[u8], pat: &[u8]| hay.windows(pat.len()).position(|w| w == pat);
+    let k = find(bytes, key).expect("the key is in the file");
+    let at = k + find(&bytes[k..], from).expect("the value follows its key");
+    let mut out = bytes.to_vec();
+    out[at..at + to.len()].copy_from_slice(to);
+    out
+}
+
 /// tests/fixtures/llama (scripts/make_llama_fixtures.py).
 pub fn llama_fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama")
