@@ -9,6 +9,7 @@
 //! and the final `x + (q - x)`), so the two agree bit for bit (a test checks).
 
 use crate::error::Result;
+use crate::quant::activations::{QMAX, STEP_FLOOR};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -16,12 +17,13 @@ struct FakeQuantPerToken;
 
 /// `x + (q - x)` of one row, `q` its values rounded to steps of `max|x| / 127`.
 fn quantize_row(x: &[f32], out: &mut [f32]) {
+    let qmax = QMAX as f32;
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     // candle's `t / 127.0` is an affine op: a multiply by the f32 of 1 / 127, plus 0.
-    let step = amax * (1.0f64 / 127.0) as f32 + 0.0;
-    let floor = step.max(1e-30);
+    let step = amax * (1.0 / QMAX) as f32 + 0.0;
+    let floor = step.max(STEP_FLOOR as f32);
     for (o, &v) in out.iter_mut().zip(x) {
-        let q = (v / floor).round().clamp(-127.0, 127.0) * step;
+        let q = (v / floor).round().clamp(-qmax, qmax) * step;
         *o = v + (q - v);
     }
 }

@@ -57,7 +57,10 @@ impl ActQuant {
 }
 
 /// Largest int8 code of an activation (symmetric: -127..=127).
-const QMAX: f64 = 127.0;
+pub(crate) const QMAX: f64 = 127.0;
+
+/// The smallest step a row is divided by: an all-zero row gives 0 / tiny = 0, never 0 / 0.
+pub(crate) const STEP_FLOOR: f64 = 1e-30;
 
 /// `x` with each row (last dimension) rounded to int8 steps of `max|row| / 127`, half away from
 /// zero as the packed kernels' quantizer rounds, with a straight-through gradient: the forward
@@ -67,9 +70,8 @@ const QMAX: f64 = 127.0;
 pub fn fake_quant_per_token(x: &Tensor) -> Result<Tensor> {
     let xf = x.detach().to_dtype(DType::F32)?;
     let step = (xf.abs()?.max_keepdim(D::Minus1)? / QMAX)?;
-    // Dividing by a floor of 1e-30 keeps an all-zero row at 0 / tiny = 0, never 0 / 0.
     let q = xf
-        .broadcast_div(&step.clamp(1e-30, f64::INFINITY)?)?
+        .broadcast_div(&step.clamp(STEP_FLOOR, f64::INFINITY)?)?
         .round()?
         .clamp(-QMAX, QMAX)?
         .broadcast_mul(&step)?
