@@ -23,6 +23,7 @@
 //! - [`ternary_linear`]: projection + GEMM as one op that re-projects in the backward instead of
 //!   keeping every projected weight alive (the model's ternary layers use it for training).
 //! - [`rope`]: rotary embedding fused with the head transpose, with its backward.
+//! - [`swiglu`]: the MLP's `silu(gate) * up` in one pass, with its backward.
 //! - [`spin_pool`]: workers for packed decoding's short parallel regions that stay awake
 //!   between them; opt-in (`TERN_POOL=spin`), rayon measured faster (not a kernel: its
 //!   reference is a sequential loop over the tasks).
@@ -38,6 +39,7 @@ pub mod norm;
 pub mod project;
 pub mod rope;
 pub mod spin_pool;
+pub mod swiglu;
 pub mod ternary_linear;
 pub mod ternary_matmul;
 
@@ -188,7 +190,7 @@ impl Compute {
     }
 }
 
-/// Which implementation runs for norms, RoPE, attention, the projection, the ternary linear
+/// Which implementation runs for norms, RoPE, attention, SwiGLU, the projection, the ternary linear
 /// layer, the LM-head loss and the optimizer. Fused kernels exist for the CPU (f32/f64); on
 /// other devices and dtypes every op falls back to its reference, here and nowhere else.
 #[derive(
@@ -234,6 +236,15 @@ impl Kernels {
         match self {
             Kernels::Fused => rope::rope_transposed(x, cos, sin),
             Kernels::Reference => rope::rope_transposed_reference(x, cos, sin),
+        }
+    }
+
+    /// The MLP's activation `silu(gate) * up`.
+    pub fn swiglu(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if self.fused() && swiglu::supported(gate, up) {
+            swiglu::swiglu(gate, up)
+        } else {
+            swiglu::swiglu_reference(gate, up)
         }
     }
 

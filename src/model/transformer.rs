@@ -94,7 +94,7 @@ struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor, quant: &QuantConfig, kern: Kernels) -> Result<Tensor> {
         let [gate, up] = forward_many([&self.gate, &self.up], x, quant, kern)?;
-        let h = (gate.silu()? * up)?;
+        let h = kern.swiglu(&gate, &up)?;
         self.down.forward(&h, quant, kern)
     }
     fn freeze(&self, quant: &QuantConfig, kern: Kernels) -> Result<Self> {
