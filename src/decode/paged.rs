@@ -344,7 +344,11 @@ impl PagedKvCache {
     }
 
     fn slot(&self, s: &Seq, pos: usize, head: usize) -> usize {
-        let b = s.blocks[pos / self.block_size];
+        self.slot_in(s.blocks[pos / self.block_size], pos, head)
+    }
+
+    /// The offset of `head`'s row for position `pos` in block `b`.
+    fn slot_in(&self, b: usize, pos: usize, head: usize) -> usize {
         ((b * self.kv_heads + head) * self.block_size + pos % self.block_size) * self.head_dim
     }
 
@@ -357,21 +361,22 @@ impl PagedKvCache {
         k: &[f32],
         v: &[f32],
     ) -> Result<()> {
-        let seq = self.seq(s)?.clone();
+        let seq = self.seq(s)?;
         if pos >= seq.len {
             return Err(Error::Msg(format!(
                 "paged cache: position {pos} not reserved (length {})",
                 seq.len
             )));
         }
-        if self.refcount[seq.blocks[pos / self.block_size]] > 1 {
+        let b = seq.blocks[pos / self.block_size];
+        if self.refcount[b] > 1 {
             return Err(Error::Msg(
                 "paged cache: write into a shared block (reserve first)".into(),
             ));
         }
         let hd = self.head_dim;
         for h in 0..self.kv_heads {
-            let o = self.slot(&seq, pos, h);
+            let o = self.slot_in(b, pos, h);
             self.k[layer].put(o, &k[h * hd..(h + 1) * hd]);
             self.v[layer].put(o, &v[h * hd..(h + 1) * hd]);
         }
@@ -582,27 +587,22 @@ impl Cache for PagedStep<'_> {
     ) -> Result<Tensor> {
         let (_, nh, n, hd) = q.dims4()?;
         let nkv = k.dim(1)?;
-        // [heads, n, hd] host copies; write every new K/V first, then attend (causal).
+        // Token-major host copies `[n, heads, hd]` (one transposing copy each), so a token's
+        // K/V and a KV head's group of queries are contiguous slices: write every new K/V
+        // first, then attend (causal).
         let to_host = |t: &Tensor| -> Result<Vec<f32>> {
             Ok(t.squeeze(0)?
+                .transpose(0, 1)?
                 .to_dtype(DType::F32)?
                 .flatten_all()?
                 .to_vec1()?)
         };
         let (qh, kh, vh) = (to_host(q)?, to_host(&k)?, to_host(&v)?);
-        let per_token = |src: &[f32], heads: usize, t: usize| -> Vec<f32> {
-            (0..heads)
-                .flat_map(|head| src[(head * n + t) * hd..(head * n + t + 1) * hd].to_vec())
-                .collect()
-        };
+        let kv_row = nkv * hd;
         for (t, &(s, pos)) in self.rows.iter().enumerate() {
-            self.cache.write(
-                layer,
-                s,
-                pos,
-                &per_token(&kh, nkv, t),
-                &per_token(&vh, nkv, t),
-            )?;
+            let at = t * kv_row..(t + 1) * kv_row;
+            self.cache
+                .write(layer, s, pos, &kh[at.clone()], &vh[at])?;
         }
         // Each (token, KV head) attends on its own (the cache is only read now): in parallel, as
         // with continuous batching the row holds many sequences' tokens, and one decoding token
@@ -613,12 +613,9 @@ impl Cache for PagedStep<'_> {
         let work = |(i, out): (usize, &mut [f32])| {
             let (t, kvh) = (i / nkv, i % nkv);
             let (s, pos) = rows[t];
-            // This group's queries, `[g, hd]` (qh is `[heads, n, hd]`).
-            let qs: Vec<f32> = (kvh * g..(kvh + 1) * g)
-                .flat_map(|h| &qh[(h * n + t) * hd..(h * n + t + 1) * hd])
-                .copied()
-                .collect();
-            cache.attend_group(layer, s, pos, &qs, kvh, out)
+            // This group's queries, `[g, hd]` (qh is `[n, heads, hd]`).
+            let q0 = (t * nh + kvh * g) * hd;
+            cache.attend_group(layer, s, pos, &qh[q0..q0 + g * hd], kvh, out)
         };
         let mut o = vec![0f32; n * nh * hd];
         let positions: usize = rows.iter().map(|&(_, pos)| pos + 1).sum();
