@@ -601,8 +601,7 @@ impl Cache for PagedStep<'_> {
         let kv_row = nkv * hd;
         for (t, &(s, pos)) in self.rows.iter().enumerate() {
             let at = t * kv_row..(t + 1) * kv_row;
-            self.cache
-                .write(layer, s, pos, &kh[at.clone()], &vh[at])?;
+            self.cache.write(layer, s, pos, &kh[at.clone()], &vh[at])?;
         }
         // Each (token, KV head) attends on its own (the cache is only read now): in parallel, as
         // with continuous batching the row holds many sequences' tokens, and one decoding token

@@ -68,13 +68,48 @@ impl Act for f64 {
     }
 }
 
+/// The loop over one chunk (inlined into each of the variants compiled per vector width).
+#[inline(always)]
+fn chunk<T: Act>(y: &mut [T], g: &[T], u: &[T]) {
+    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+        *y = T::swiglu(g, u);
+    }
+}
+
+/// [`chunk`] compiled for AVX-512 (16 lanes; the crate's x86-64 baseline has SSE2's 4, which
+/// made this op 3.6% of a 512-token serving step).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn chunk_avx512<T: Act>(y: &mut [T], g: &[T], u: &[T]) {
+    chunk(y, g, u)
+}
+
+/// [`chunk`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chunk_avx2<T: Act>(y: &mut [T], g: &[T], u: &[T]) {
+    chunk(y, g, u)
+}
+
+/// [`chunk`] at the widest vectors the CPU has.
+fn chunk_widest<T: Act>(y: &mut [T], g: &[T], u: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { chunk_avx512(y, g, u) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { chunk_avx2(y, g, u) };
+        }
+    }
+    chunk(y, g, u)
+}
+
 fn forward<T: Act>(g: &[T], u: &[T]) -> Vec<T> {
     let mut y = vec![T::from(0.0); g.len()];
-    let run = |(y, (g, u)): (&mut [T], (&[T], &[T]))| {
-        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-            *y = T::swiglu(g, u);
-        }
-    };
+    let run = |(y, (g, u)): (&mut [T], (&[T], &[T]))| chunk_widest(y, g, u);
     if g.len() <= CHUNK {
         run((&mut y, (g, u)));
     } else {
