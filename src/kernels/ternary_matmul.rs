@@ -1467,7 +1467,7 @@ mod x86 {
     /// `vpdpbusd` does 64 multiply-adds: two per super-block and token. Lanes 0-7 of such a dot
     /// hold the products of the first plane's 32 values (one quantization group), lanes 8-15
     /// the second's: multiplying by the block's scale lanes applies both groups' scales at once.
-    mod z {
+    pub(super) mod z {
         use super::{XPtr, LANES, SB};
         use crate::kernels::ternary_matmul::XRow;
         use std::arch::x86_64::*;
@@ -1559,7 +1559,7 @@ mod x86 {
             }
             let d01 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, p.0, x.x01));
             let d23 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, p.1, x.x23));
-            // The corrections are subtracted once per row and token (`corrected`).
+            // The corrections are subtracted once per row and token (`corrected_lanes`).
             if WIDE {
                 let f = _mm512_fmadd_ps(d23, x.l1, _mm512_mul_ps(d01, x.l0));
                 *acc = _mm512_fmadd_ps(f, _mm512_set1_ps(w.0), *acc);
@@ -1569,10 +1569,16 @@ mod x86 {
             }
         }
 
-        /// `sum(acc) - sum_b ws[b] * corr[b]` over a row's `n` 64-block weight scales and a
-        /// token's corrections (the `- sum x` of every block, once per row and token).
+        /// Lanes whose sum is `sum(acc) - sum_b ws[b] * corr[b]` over a row's `n` 64-block
+        /// weight scales and a token's corrections (the `- sum x` of every block, once per row
+        /// and token).
         #[inline(always)]
-        pub unsafe fn corrected(acc: __m512, ws: *const f32, corr: *const f32, n: usize) -> f32 {
+        unsafe fn corrected_lanes(
+            acc: __m512,
+            ws: *const f32,
+            corr: *const f32,
+            n: usize,
+        ) -> __m512 {
             let mut v = acc;
             for b in (0..n).step_by(16) {
                 let m: __mmask16 = if n - b >= 16 {
@@ -1584,19 +1590,56 @@ mod x86 {
                 let c = _mm512_maskz_loadu_ps(m, corr.add(b));
                 v = _mm512_fnmadd_ps(w, c, v);
             }
-            _mm512_reduce_add_ps(v)
+            v
+        }
+
+        /// The horizontal sums of eight vectors, each added in the tree `_mm512_reduce_add_ps`
+        /// uses (256-bit halves, then 128-bit halves, then 64-bit, then 32-bit), so every sum is
+        /// bit for bit that of a reduce call (a test checks): a tile's outputs stay equal to the
+        /// one-token kernel's while its eight reductions share their shuffles (eight separate
+        /// reductions were a sixth of the tile kernel's time at 1024 columns).
+        #[inline(always)]
+        pub unsafe fn reduce8(v: [__m512; 8]) -> __m256 {
+            // Lanes (0|2, 1|3) of a and of b, added: [a02 a13 b02 b13].
+            let halves = |a: __m512, b: __m512| {
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x44>(a, b),
+                    _mm512_shuffle_f32x4::<0xEE>(a, b),
+                )
+            };
+            // [a02 a13 b02 b13] and [c.. d..] -> [a b c d], each 128-bit lane one vector's.
+            let quarters = |x: __m512, y: __m512| {
+                _mm512_add_ps(
+                    _mm512_shuffle_f32x4::<0x88>(x, y),
+                    _mm512_shuffle_f32x4::<0xDD>(x, y),
+                )
+            };
+            let t0 = quarters(halves(v[0], v[1]), halves(v[2], v[3]));
+            let t1 = quarters(halves(v[4], v[5]), halves(v[6], v[7]));
+            // Within each lane: elements (0+2, 1+3), then their sum: lane i holds v[i] and
+            // v[4 + i] in its first two elements.
+            let p = _mm512_add_ps(_mm512_unpacklo_ps(t0, t1), _mm512_unpackhi_ps(t0, t1));
+            let q = _mm512_add_ps(p, _mm512_shuffle_ps::<0x4E>(p, p));
+            let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+            _mm512_castps512_ps256(_mm512_permutexvar_ps(order, q))
         }
 
         /// A row's dot from its accumulator: per-token steps multiply it by the token's step
-        /// first (its `unit`), then [`corrected`].
+        /// first (its `unit`), then [`corrected_lanes`], then the horizontal sum.
         #[inline(always)]
         pub unsafe fn finish<S: Steps>(acc: __m512, ws: *const f32, x: XPtr, n: usize) -> f32 {
+            _mm512_reduce_add_ps(finish_lanes::<S>(acc, ws, x, n))
+        }
+
+        /// [`finish`] before its horizontal sum.
+        #[inline(always)]
+        unsafe fn finish_lanes<S: Steps>(acc: __m512, ws: *const f32, x: XPtr, n: usize) -> __m512 {
             let acc = if S::PER_TOKEN {
                 _mm512_mul_ps(acc, _mm512_set1_ps(x.unit))
             } else {
                 acc
             };
-            corrected(acc, ws, x.corr, n)
+            corrected_lanes(acc, ws, x.corr, n)
         }
 
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
@@ -1648,6 +1691,16 @@ mod x86 {
                     apply::<S, WIDE>(pa, &xk, w_a, &mut acc[0][k]);
                     apply::<S, WIDE>(pb, &xk, w_b, &mut acc[1][k]);
                 }
+            }
+            if T == 4 {
+                // Eight outputs `[2][4]`, in `out`'s order, reduced together.
+                let v: [__m512; 8] = std::array::from_fn(|i| {
+                    let (r, k) = (i / 4, i % 4);
+                    finish_lanes::<S>(acc[r][k], [wa, wb][r], x[k], sbw)
+                });
+                assert!(out.len() >= 8, "tile output");
+                _mm256_storeu_ps(out.as_mut_ptr(), reduce8(v));
+                return;
             }
             for (r, w) in [wa, wb].into_iter().enumerate() {
                 for k in 0..T {
@@ -2444,6 +2497,38 @@ mod tests {
     /// A token's outputs are the same bit for bit whether it runs alone (the decode kernels) or
     /// in a batch (the tile kernels), per 32 and per token: what lets batched greedy decoding
     /// equal each sequence decoded alone.
+    /// The tile kernel's joint reduction of eight accumulators adds each in the same tree as
+    /// `_mm512_reduce_add_ps` (what the one-token kernel uses): equal bit for bit, on values
+    /// spread over 40 octaves so any other order would round differently.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn joint_reduction_equals_eight_reductions_bit_for_bit() {
+        use std::arch::x86_64::*;
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: this CPU has no AVX-512F");
+            return;
+        }
+        #[target_feature(enable = "avx2,avx512f")]
+        unsafe fn check(vals: &[f32]) {
+            let v: [__m512; 8] = std::array::from_fn(|i| _mm512_loadu_ps(vals[16 * i..].as_ptr()));
+            let mut got = [0f32; 8];
+            _mm256_storeu_ps(got.as_mut_ptr(), super::x86::z::reduce8(v));
+            for (i, g) in got.iter().enumerate() {
+                let want = _mm512_reduce_add_ps(v[i]);
+                assert_eq!(g.to_bits(), want.to_bits(), "vector {i}: {g} vs {want}");
+            }
+        }
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let vals: Vec<f32> = (0..128)
+                .map(|_| rng.gen_range(-1.0f32..1.0) * 2f32.powi(rng.gen_range(-20..20)))
+                .collect();
+            // SAFETY: the CPU has AVX-512F (checked above).
+            unsafe { check(&vals) };
+        }
+    }
+
     #[test]
     fn a_token_alone_equals_it_in_a_batch() {
         for (p, cols, group) in [
