@@ -1694,10 +1694,11 @@ mod x86 {
             }
             if T == 4 {
                 // Eight outputs `[2][4]`, in `out`'s order, reduced together.
-                let v: [__m512; 8] = std::array::from_fn(|i| {
+                let mut v = [_mm512_setzero_ps(); 8];
+                for (i, v) in v.iter_mut().enumerate() {
                     let (r, k) = (i / 4, i % 4);
-                    finish_lanes::<S>(acc[r][k], [wa, wb][r], x[k], sbw)
-                });
+                    *v = finish_lanes::<S>(acc[r][k], [wa, wb][r], x[k], sbw);
+                }
                 assert!(out.len() >= 8, "tile output");
                 _mm256_storeu_ps(out.as_mut_ptr(), reduce8(v));
                 return;
@@ -1749,6 +1750,18 @@ mod x86 {
                     let wsb = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
                     apply::<S, WIDE>(planes(at), &xsb, wsb, a);
                 }
+            }
+            if R == 4 {
+                // The four rows' sums together (the other half of the joint reduction adds
+                // zeros), bit for bit what `finish` gives each.
+                let mut v = [_mm512_setzero_ps(); 8];
+                for j in 0..4 {
+                    v[j] = finish_lanes::<S>(acc[j], w.add(j * sbw), x, sbw);
+                }
+                let sums = _mm256_castps256_ps128(reduce8(v));
+                assert!(out.len() >= 4, "row block output");
+                _mm_storeu_ps(out.as_mut_ptr(), sums);
+                return;
             }
             for (j, (o, a)) in out.iter_mut().zip(acc).enumerate() {
                 *o = finish::<S>(a, w.add(j * sbw), x, sbw);
