@@ -31,6 +31,15 @@ use candle_core::{DType, Tensor};
 /// saves (a short decode step).
 const PAR_ATTENTION_WORK: usize = 1 << 15;
 
+/// The queries of [`PagedKvCache::attend_rows`]: row `i`'s `g` heads (`[g, head_dim]`) start
+/// at `q[i * stride]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Queries<'a> {
+    pub q: &'a [f32],
+    pub stride: usize,
+    pub g: usize,
+}
+
 /// Handle of a sequence in a [`PagedKvCache`].
 pub type SeqId = usize;
 
@@ -403,9 +412,7 @@ impl PagedKvCache {
 
     /// The query heads of KV head `kvh` (`qs`: `[g, head_dim]`, the `g` heads that share it) of
     /// `s` at `pos`, attending over the K/V of `s` up to `pos` in `layer`: their outputs written
-    /// to `out` (`[g, head_dim]`). One pass over the pages with an online softmax per head; each
-    /// K and V row is read once for the whole group (grouped-query attention reads half or less
-    /// of what a pass per query head would).
+    /// to `out` (`[g, head_dim]`). [`Self::attend_rows`] with one row.
     pub fn attend_group(
         &self,
         layer: usize,
@@ -415,10 +422,46 @@ impl PagedKvCache {
         kvh: usize,
         out: &mut [f32],
     ) -> Result<()> {
+        let q = Queries {
+            q: qs,
+            stride: qs.len(),
+            g: qs.len() / self.head_dim.max(1),
+        };
+        self.attend_rows(layer, s, pos, q, kvh, out)
+    }
+
+    /// Consecutive positions `pos0 ..` of `s` (a prompt chunk, or one decoding token), the query
+    /// heads of KV head `kvh` each: every row attends causally over the K/V of `s` up to its own
+    /// position in `layer`, and row `i`'s outputs go to `out[i * g * head_dim ..]` (`[rows][g,
+    /// head_dim]`, `rows = out.len() / (g * head_dim)`). One pass over the pages with an online
+    /// softmax per row and head: each K and V row is read (and, in an f16 cache, widened) once
+    /// for all the run's rows and the group's heads, not once per query (grouped-query
+    /// attention, and a prompt chunk's rows, share it). A row's result does not depend on
+    /// which rows share its run.
+    pub fn attend_rows(
+        &self,
+        layer: usize,
+        s: SeqId,
+        pos0: usize,
+        q: Queries,
+        kvh: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let seq = self.seq(s)?;
-        if pos >= seq.len {
+        let width = q.g * self.head_dim;
+        let rows = out.len().checked_div(width).unwrap_or(0);
+        if rows == 0 || out.len() != rows * width || q.q.len() < (rows - 1) * q.stride + width {
             return Err(Error::Msg(format!(
-                "paged cache: query at {pos} past length {}",
+                "paged cache: {} outputs and {} queries (stride {}) for rows of {width}",
+                out.len(),
+                q.q.len(),
+                q.stride
+            )));
+        }
+        if pos0 + rows > seq.len {
+            return Err(Error::Msg(format!(
+                "paged cache: queries at {pos0}..{} past length {}",
+                pos0 + rows,
                 seq.len
             )));
         }
@@ -427,82 +470,91 @@ impl PagedKvCache {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F (checked above).
-            unsafe { self.group_avx512(layer, seq, pos, qs, kvh, out) };
+            unsafe { self.rows_avx512(layer, seq, pos0, q, kvh, out) };
             return Ok(());
         }
-        self.group::<false>(layer, seq, pos, qs, kvh, out);
+        self.rows::<false>(layer, seq, pos0, q, kvh, out);
         Ok(())
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn group_avx512(
+    unsafe fn rows_avx512(
         &self,
         layer: usize,
         seq: &Seq,
-        pos: usize,
-        qs: &[f32],
+        pos0: usize,
+        q: Queries,
         kvh: usize,
         out: &mut [f32],
     ) {
-        self.group::<true>(layer, seq, pos, qs, kvh, out)
+        self.rows::<true>(layer, seq, pos0, q, kvh, out)
     }
 
-    /// [`Self::attend_group`]'s work, `pos` already checked. `WIDE`: the f32 loops in explicit
-    /// AVX-512 (only from [`Self::group_avx512`]).
+    /// [`Self::attend_rows`]'s work, its shapes already checked. `WIDE`: the f32 loops in
+    /// explicit AVX-512 (only from [`Self::rows_avx512`]).
     #[inline(always)]
-    fn group<const WIDE: bool>(
+    fn rows<const WIDE: bool>(
         &self,
         layer: usize,
         seq: &Seq,
-        pos: usize,
-        qs: &[f32],
+        pos0: usize,
+        q: Queries,
         kvh: usize,
         out: &mut [f32],
     ) {
-        let (hd, bs) = (self.head_dim, self.block_size);
-        let g = qs.len() / hd;
+        let (hd, bs, g) = (self.head_dim, self.block_size, q.g);
+        let rows = out.len() / (g * hd);
+        let last = pos0 + rows - 1;
         let scale = 1.0 / (hd as f32).sqrt();
-        // Per head: running max, running sum, and this block's scores (then probabilities).
-        let (mut m, mut l) = (vec![f32::NEG_INFINITY; g], vec![0f32; g]);
+        // Per row and head: running max, running sum; per head this block's scores (then
+        // probabilities) for the row being updated.
+        let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows * g], vec![0f32; rows * g]);
         let mut p = vec![0f32; g * bs];
         let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
         out.fill(0.0);
-        for p0 in (0..=pos).step_by(bs) {
+        for p0 in (0..=last).step_by(bs) {
             let base = self.slot(seq, p0, kvh);
-            let n = (pos + 1 - p0).min(bs);
-            let kb = self.k[layer].get(base..base + n * hd, &mut kbuf);
-            let vb = self.v[layer].get(base..base + n * hd, &mut vbuf);
-            for (r, kr) in kb.chunks_exact(hd).enumerate() {
-                for (j, q) in qs.chunks_exact(hd).enumerate() {
-                    // SAFETY: WIDE only where the CPU has AVX-512F (`group_avx512`).
-                    p[j * bs + r] = if WIDE {
-                        unsafe { f32::dot_avx512(kr, q) }
-                    } else {
-                        dot(kr, q)
-                    } * scale;
+            let nb = (last + 1 - p0).min(bs);
+            let kb = self.k[layer].get(base..base + nb * hd, &mut kbuf);
+            let vb = self.v[layer].get(base..base + nb * hd, &mut vbuf);
+            // Rows before this block's first position see none of it.
+            for i in p0.saturating_sub(pos0)..rows {
+                let n = (pos0 + i + 1 - p0).min(nb);
+                let qi = &q.q[i * q.stride..i * q.stride + g * hd];
+                let (mi, li) = (&mut m[i * g..(i + 1) * g], &mut l[i * g..(i + 1) * g]);
+                let oi = &mut out[i * g * hd..(i + 1) * g * hd];
+                for (r, kr) in kb[..n * hd].chunks_exact(hd).enumerate() {
+                    for (j, q) in qi.chunks_exact(hd).enumerate() {
+                        // SAFETY: WIDE only where the CPU has AVX-512F (`rows_avx512`).
+                        p[j * bs + r] = if WIDE {
+                            unsafe { f32::dot_avx512(kr, q) }
+                        } else {
+                            dot(kr, q)
+                        } * scale;
+                    }
                 }
-            }
-            for j in 0..g {
-                let ps = &mut p[j * bs..j * bs + n];
-                let m_new = ps.iter().copied().fold(m[j], f32::max);
-                let f = if m[j] == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    (m[j] - m_new).exp()
-                };
-                l[j] *= f;
-                out[j * hd..(j + 1) * hd].iter_mut().for_each(|x| *x *= f);
-                l[j] += exp_in_place(ps, m_new);
-                m[j] = m_new;
-            }
-            for (j, o) in out.chunks_exact_mut(hd).enumerate() {
-                let pj = &p[j * bs..j * bs + n];
-                if WIDE {
-                    // SAFETY: as above.
-                    unsafe { f32::add_weighted_rows_avx512(o, pj, vb) }
-                } else {
-                    add_weighted_rows(o, pj, vb)
+                for j in 0..g {
+                    let ps = &mut p[j * bs..j * bs + n];
+                    let m_new = ps.iter().copied().fold(mi[j], f32::max);
+                    let f = if mi[j] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        (mi[j] - m_new).exp()
+                    };
+                    li[j] *= f;
+                    oi[j * hd..(j + 1) * hd].iter_mut().for_each(|x| *x *= f);
+                    li[j] += exp_in_place(ps, m_new);
+                    mi[j] = m_new;
+                }
+                for (j, o) in oi.chunks_exact_mut(hd).enumerate() {
+                    let pj = &p[j * bs..j * bs + n];
+                    if WIDE {
+                        // SAFETY: as above.
+                        unsafe { f32::add_weighted_rows_avx512(o, pj, &vb[..n * hd]) }
+                    } else {
+                        add_weighted_rows(o, pj, &vb[..n * hd])
+                    }
                 }
             }
         }
@@ -603,32 +655,65 @@ impl Cache for PagedStep<'_> {
             let at = t * kv_row..(t + 1) * kv_row;
             self.cache.write(layer, s, pos, &kh[at.clone()], &vh[at])?;
         }
-        // Each (token, KV head) attends on its own (the cache is only read now): in parallel, as
-        // with continuous batching the row holds many sequences' tokens, and one decoding token
-        // still has every KV head to share out. Small contexts stay on this thread.
+        // Runs of consecutive positions of one sequence (a prompt chunk, or one decoding
+        // token), each attending with every KV head on its own (the cache is only read now): in
+        // parallel, as with continuous batching the row holds many sequences' tokens, and one
+        // decoding token still has every KV head to share out. Small contexts stay on this
+        // thread.
         let cache = &*self.cache;
-        let rows = &self.rows;
         let g = nh / nkv.max(1);
-        let work = |(i, out): (usize, &mut [f32])| {
-            let (t, kvh) = (i / nkv, i % nkv);
-            let (s, pos) = rows[t];
-            // This group's queries, `[g, hd]` (qh is `[n, heads, hd]`).
-            let q0 = (t * nh + kvh * g) * hd;
-            cache.attend_group(layer, s, pos, &qh[q0..q0 + g * hd], kvh, out)
+        let runs = runs_of(&self.rows);
+        let work = |i: usize| -> Result<Vec<f32>> {
+            let ((t0, len), kvh) = (runs[i / nkv], i % nkv);
+            let (s, pos0) = self.rows[t0];
+            let mut out = vec![0f32; len * g * hd];
+            // The run's queries of this KV head: row t's `[g, hd]` at (t * heads + kvh * g) * hd
+            // (qh is `[n, heads, hd]`).
+            let q0 = (t0 * nh + kvh * g) * hd;
+            let q = Queries {
+                q: &qh[q0..],
+                stride: nh * hd,
+                g,
+            };
+            cache.attend_rows(layer, s, pos0, q, kvh, &mut out)?;
+            Ok(out)
+        };
+        let items = runs.len() * nkv;
+        let positions: usize = self.rows.iter().map(|&(_, pos)| pos + 1).sum();
+        let outs: Vec<Vec<f32>> = if positions * nh * hd >= PAR_ATTENTION_WORK {
+            use rayon::prelude::*;
+            (0..items)
+                .into_par_iter()
+                .map(work)
+                .collect::<Result<_>>()?
+        } else {
+            (0..items).map(work).collect::<Result<_>>()?
         };
         let mut o = vec![0f32; n * nh * hd];
-        let positions: usize = rows.iter().map(|&(_, pos)| pos + 1).sum();
-        if positions * nh * hd >= PAR_ATTENTION_WORK {
-            use rayon::prelude::*;
-            o.par_chunks_mut(g * hd).enumerate().try_for_each(work)?;
-        } else {
-            o.chunks_mut(g * hd).enumerate().try_for_each(work)?;
+        for (i, out) in outs.iter().enumerate() {
+            let ((t0, _), kvh) = (runs[i / nkv], i % nkv);
+            for (r, src) in out.chunks_exact(g * hd).enumerate() {
+                let at = ((t0 + r) * nh + kvh * g) * hd;
+                o[at..at + g * hd].copy_from_slice(src);
+            }
         }
         // Token-major [1, n, H, hd] -> [1, H, n, hd], as the model expects.
         Ok(Tensor::from_vec(o, (1, n, nh, hd), q.device())?
             .to_dtype(q.dtype())?
             .transpose(1, 2)?)
     }
+}
+
+/// The step's tokens as runs `(first token, length)` of consecutive positions of one sequence.
+fn runs_of(rows: &[(SeqId, usize)]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (t, &(s, pos)) in rows.iter().enumerate() {
+        match runs.last_mut() {
+            Some((t0, len)) if rows[*t0].0 == s && rows[*t0].1 + *len == pos => *len += 1,
+            _ => runs.push((t, 1)),
+        }
+    }
+    runs
 }
 
 #[cfg(test)]
@@ -679,6 +764,13 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_steps_rows_split_into_runs_of_consecutive_positions() {
+        let rows = [(0, 5), (0, 6), (1, 0), (0, 7), (2, 3), (2, 4), (2, 6)];
+        assert_eq!(runs_of(&rows), vec![(0, 2), (2, 1), (3, 1), (4, 2), (6, 1)]);
+        assert!(runs_of(&[]).is_empty());
     }
 
     /// The vector widening equals `half`'s on every f16 bit pattern (subnormals, infinities;
@@ -768,6 +860,33 @@ mod tests {
                         .map(|(a, b)| (a - b).abs())
                         .fold(0f32, f32::max);
                     assert!(err < 1e-5, "{t:?} seq {i} layer {l} pos {pos}: {err}");
+                }
+                // A run of rows (a prompt chunk) gives each row what it gives alone, bit for
+                // bit, with its queries strided as the step's `[n, heads, hd]` holds them.
+                let (g, pos0) = (heads / kv, len / 3);
+                let rows = len - pos0;
+                let qs = rnd(rows * heads * hd, &mut rng);
+                for kvh in 0..kv {
+                    let mut run = vec![0f32; rows * g * hd];
+                    let q = Queries {
+                        q: &qs[kvh * g * hd..],
+                        stride: heads * hd,
+                        g,
+                    };
+                    cache.attend_rows(l, s, pos0, q, kvh, &mut run).unwrap();
+                    for r in 0..rows {
+                        let at = (r * heads + kvh * g) * hd;
+                        let mut alone = vec![0f32; g * hd];
+                        let q = &qs[at..at + g * hd];
+                        cache
+                            .attend_group(l, s, pos0 + r, q, kvh, &mut alone)
+                            .unwrap();
+                        assert_eq!(
+                            run[r * g * hd..(r + 1) * g * hd],
+                            alone[..],
+                            "{t:?} seq {i} layer {l} kv head {kvh} row {r}"
+                        );
+                    }
                 }
             }
         }

@@ -629,9 +629,12 @@ impl RowTask<'_> {
                 let out = &mut tile[..nr * tn];
                 let w = &ws[(r - self.rows.start) * per..(r - self.rows.start + nr) * per];
                 dot_tile(isa, m.wide, codes, w, &xs[..tn], out);
-                for (j, row) in out.chunks(tn).enumerate() {
-                    for (k, v) in row.iter().enumerate() {
-                        *self.out.0.add((t0 + k) * m.rows + r + j) = *v;
+                // `out` is `[nr][tn]`; the output `[n, rows]` (the stride read once: through
+                // the raw pointer the compiler would reload it after every store).
+                let (stride, at) = (m.rows, self.out.0.add(t0 * m.rows + r));
+                for k in 0..tn {
+                    for j in 0..nr {
+                        *at.add(k * stride + j) = out[j * tn + k];
                     }
                 }
             }
