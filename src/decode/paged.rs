@@ -137,6 +137,85 @@ impl Pool {
     }
 }
 
+/// How [`PagedKvCache::attend_rows`] reads a block of K or V rows: as f32 (borrowed from an
+/// f32 pool, or an f16 pool's values widened into a buffer), or as f16 straight from an f16
+/// pool, for the AVX-512 loops that widen as they load (a batched decode step spent 6% of its
+/// time widening pages into buffers). Widening is exact, so both give the same sums.
+trait KvElem: Copy {
+    fn block<'a>(pool: &'a Pool, r: std::ops::Range<usize>, buf: &'a mut Vec<f32>) -> &'a [Self];
+
+    /// `k . q`.
+    ///
+    /// # Safety
+    /// `WIDE` (explicit AVX-512) only in code compiled for and run on AVX-512F.
+    unsafe fn dot<const WIDE: bool>(k: &[Self], q: &[f32]) -> f32;
+
+    /// `o += sum_j p[j] v[j]`.
+    ///
+    /// # Safety
+    /// As [`KvElem::dot`].
+    unsafe fn add_weighted_rows<const WIDE: bool>(o: &mut [f32], p: &[f32], v: &[Self]);
+}
+
+impl KvElem for f32 {
+    fn block<'a>(pool: &'a Pool, r: std::ops::Range<usize>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        pool.get(r, buf)
+    }
+
+    #[inline(always)]
+    unsafe fn dot<const WIDE: bool>(k: &[f32], q: &[f32]) -> f32 {
+        if WIDE {
+            f32::dot_avx512(k, q)
+        } else {
+            dot(k, q)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn add_weighted_rows<const WIDE: bool>(o: &mut [f32], p: &[f32], v: &[f32]) {
+        if WIDE {
+            f32::add_weighted_rows_avx512(o, p, v)
+        } else {
+            add_weighted_rows(o, p, v)
+        }
+    }
+}
+
+impl KvElem for half::f16 {
+    fn block<'a>(
+        pool: &'a Pool,
+        r: std::ops::Range<usize>,
+        _buf: &'a mut Vec<f32>,
+    ) -> &'a [half::f16] {
+        match pool {
+            Pool::F16(p) => &p[r],
+            Pool::F32(_) => panic!("paged cache: f16 rows asked of an f32 pool"),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn dot<const WIDE: bool>(k: &[half::f16], q: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if WIDE {
+            return crate::kernels::flash_attention::zmm::dot(k, q);
+        }
+        let mut w = vec![0f32; k.len()];
+        f16_to_f32(k, &mut w);
+        dot(&w, q)
+    }
+
+    #[inline(always)]
+    unsafe fn add_weighted_rows<const WIDE: bool>(o: &mut [f32], p: &[f32], v: &[half::f16]) {
+        #[cfg(target_arch = "x86_64")]
+        if WIDE {
+            return crate::kernels::flash_attention::zmm::add_weighted_rows(o, p, v);
+        }
+        let mut w = vec![0f32; v.len()];
+        f16_to_f32(v, &mut w);
+        add_weighted_rows(o, p, &w)
+    }
+}
+
 /// `src` widened into `dst` (same length). `half`'s slice conversion calls an out-of-line
 /// 8-value routine per 8 values (11% of a batched decode step at 8 clients, perf); AVX-512
 /// widens 16 per instruction inline.
@@ -467,19 +546,26 @@ impl PagedKvCache {
         }
         // The same loops compiled for AVX-512 run the dots and updates on 16 lanes (the build's
         // baseline has 4): attention is a sixth of a batched step at a few hundred positions.
+        // An f16 cache is read as f16 there, widened as the loops load it.
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F (checked above).
-            unsafe { self.rows_avx512(layer, seq, pos0, q, kvh, out) };
+            // SAFETY (both): the CPU has AVX-512F (checked above); f16 rows only from f16 pools.
+            match self.k[layer] {
+                Pool::F16(_) => unsafe {
+                    self.rows_avx512::<half::f16>(layer, seq, pos0, q, kvh, out)
+                },
+                Pool::F32(_) => unsafe { self.rows_avx512::<f32>(layer, seq, pos0, q, kvh, out) },
+            }
             return Ok(());
         }
-        self.rows::<false>(layer, seq, pos0, q, kvh, out);
+        // SAFETY: not WIDE, and f32 rows read any pool.
+        unsafe { self.rows::<false, f32>(layer, seq, pos0, q, kvh, out) };
         Ok(())
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn rows_avx512(
+    unsafe fn rows_avx512<E: KvElem>(
         &self,
         layer: usize,
         seq: &Seq,
@@ -488,13 +574,16 @@ impl PagedKvCache {
         kvh: usize,
         out: &mut [f32],
     ) {
-        self.rows::<true>(layer, seq, pos0, q, kvh, out)
+        self.rows::<true, E>(layer, seq, pos0, q, kvh, out)
     }
 
-    /// [`Self::attend_rows`]'s work, its shapes already checked. `WIDE`: the f32 loops in
-    /// explicit AVX-512 (only from [`Self::rows_avx512`]).
+    /// [`Self::attend_rows`]'s work, its shapes already checked, reading K and V as `E`.
+    ///
+    /// # Safety
+    /// `WIDE` (the loops in explicit AVX-512) only from [`Self::rows_avx512`]; `E = f16` only
+    /// with f16 pools.
     #[inline(always)]
-    fn rows<const WIDE: bool>(
+    unsafe fn rows<const WIDE: bool, E: KvElem>(
         &self,
         layer: usize,
         seq: &Seq,
@@ -516,8 +605,8 @@ impl PagedKvCache {
         for p0 in (0..=last).step_by(bs) {
             let base = self.slot(seq, p0, kvh);
             let nb = (last + 1 - p0).min(bs);
-            let kb = self.k[layer].get(base..base + nb * hd, &mut kbuf);
-            let vb = self.v[layer].get(base..base + nb * hd, &mut vbuf);
+            let kb = E::block(&self.k[layer], base..base + nb * hd, &mut kbuf);
+            let vb = E::block(&self.v[layer], base..base + nb * hd, &mut vbuf);
             // Rows before this block's first position see none of it.
             for i in p0.saturating_sub(pos0)..rows {
                 let n = (pos0 + i + 1 - p0).min(nb);
@@ -527,11 +616,7 @@ impl PagedKvCache {
                 for (r, kr) in kb[..n * hd].chunks_exact(hd).enumerate() {
                     for (j, q) in qi.chunks_exact(hd).enumerate() {
                         // SAFETY: WIDE only where the CPU has AVX-512F (`rows_avx512`).
-                        p[j * bs + r] = if WIDE {
-                            unsafe { f32::dot_avx512(kr, q) }
-                        } else {
-                            dot(kr, q)
-                        } * scale;
+                        p[j * bs + r] = E::dot::<WIDE>(kr, q) * scale;
                     }
                 }
                 for j in 0..g {
@@ -548,13 +633,8 @@ impl PagedKvCache {
                     mi[j] = m_new;
                 }
                 for (j, o) in oi.chunks_exact_mut(hd).enumerate() {
-                    let pj = &p[j * bs..j * bs + n];
-                    if WIDE {
-                        // SAFETY: as above.
-                        unsafe { f32::add_weighted_rows_avx512(o, pj, &vb[..n * hd]) }
-                    } else {
-                        add_weighted_rows(o, pj, &vb[..n * hd])
-                    }
+                    // SAFETY: as above.
+                    E::add_weighted_rows::<WIDE>(o, &p[j * bs..j * bs + n], &vb[..n * hd]);
                 }
             }
         }

@@ -263,26 +263,70 @@ pub(crate) mod zmm {
         ((1u32 << n) - 1) as __mmask16
     }
 
+    /// What the loops below read K and V rows as: f32, or f16 widened as it is loaded (an f16
+    /// KV cache then needs no widened copy of its pages; the widening is exact, so the sums are
+    /// bit for bit those over the widened rows).
+    pub trait Lanes: Copy {
+        /// 16 values from `p`.
+        unsafe fn load(p: *const Self) -> __m512;
+        /// The first `n` (< 16) values from `p`, the other lanes zero.
+        unsafe fn load_head(p: *const Self, n: usize) -> __m512;
+    }
+
+    impl Lanes for f32 {
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_head(p: *const f32, n: usize) -> __m512 {
+            _mm512_maskz_loadu_ps(head(n), p)
+        }
+    }
+
+    impl Lanes for half::f16 {
+        #[inline(always)]
+        unsafe fn load(p: *const half::f16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn load_head(p: *const half::f16, n: usize) -> __m512 {
+            // A tail (head sizes are multiples of 16 in practice): widened one by one, as the
+            // masked 16-bit load would need AVX-512BW.
+            let mut w = [0f32; 16];
+            for (i, w) in w.iter_mut().enumerate().take(n) {
+                *w = (*p.add(i)).to_f32();
+            }
+            _mm512_loadu_ps(w.as_ptr())
+        }
+    }
+
     /// `a . b`: two chains of FMAs, one tree reduction.
     ///
     /// # Safety
     /// AVX-512F; `a` and `b` of one length.
     #[inline(always)]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    pub unsafe fn dot<E: Lanes>(a: &[E], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut i = 0;
         while i + 32 <= n {
-            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+            s0 = _mm512_fmadd_ps(E::load(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
             let (x, y) = (pa.add(i + 16), pb.add(i + 16));
-            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(y), s1);
+            s1 = _mm512_fmadd_ps(E::load(x), _mm512_loadu_ps(y), s1);
             i += 32;
         }
         while i < n {
-            let m = if n - i >= 16 { 0xffff } else { head(n - i) };
-            let x = _mm512_maskz_loadu_ps(m, pa.add(i));
-            s0 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, pb.add(i)), s0);
+            let (x, y) = if n - i >= 16 {
+                (E::load(pa.add(i)), _mm512_loadu_ps(pb.add(i)))
+            } else {
+                (
+                    E::load_head(pa.add(i), n - i),
+                    f32::load_head(pb.add(i), n - i),
+                )
+            };
+            s0 = _mm512_fmadd_ps(x, y, s0);
             i += 16;
         }
         _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
@@ -295,24 +339,28 @@ pub(crate) mod zmm {
     /// # Safety
     /// AVX-512F; `v` holds `p.len()` rows of `acc.len()`.
     #[inline(always)]
-    pub unsafe fn add_weighted_rows(acc: &mut [f32], p: &[f32], v: &[f32]) {
+    pub unsafe fn add_weighted_rows<E: Lanes>(acc: &mut [f32], p: &[f32], v: &[E]) {
         let d = acc.len();
         assert!(v.len() >= p.len() * d, "add_weighted_rows: v too short");
         let mut c = 0;
         while c + 128 <= d {
-            chunk::<8>(acc, p, v, c);
+            chunk::<8, E>(acc, p, v, c);
             c += 128;
         }
         while c + 64 <= d {
-            chunk::<4>(acc, p, v, c);
+            chunk::<4, E>(acc, p, v, c);
             c += 64;
         }
         let (o, pv) = (acc.as_mut_ptr(), v.as_ptr());
         while c < d {
-            let m = if d - c >= 16 { 0xffff } else { head(d - c) };
+            let (m, n) = if d - c >= 16 {
+                (0xffff, 16)
+            } else {
+                (head(d - c), d - c)
+            };
             let mut a = _mm512_maskz_loadu_ps(m, o.add(c));
             for (j, &pj) in p.iter().enumerate() {
-                let x = _mm512_maskz_loadu_ps(m, pv.add(j * d + c));
+                let x = E::load_head(pv.add(j * d + c), n);
                 a = _mm512_fmadd_ps(_mm512_set1_ps(pj), x, a);
             }
             _mm512_mask_storeu_ps(o.add(c), m, a);
@@ -322,13 +370,13 @@ pub(crate) mod zmm {
 
     /// Columns `c .. c + 16 R` of [`add_weighted_rows`] in `R` registers.
     #[inline(always)]
-    unsafe fn chunk<const R: usize>(acc: &mut [f32], p: &[f32], v: &[f32], c: usize) {
+    unsafe fn chunk<const R: usize, E: Lanes>(acc: &mut [f32], p: &[f32], v: &[E], c: usize) {
         let (d, o, pv) = (acc.len(), acc.as_mut_ptr(), v.as_ptr());
         let mut a: [__m512; R] = std::array::from_fn(|k| _mm512_loadu_ps(o.add(c + 16 * k)));
         for (j, &pj) in p.iter().enumerate() {
             let (w, row) = (_mm512_set1_ps(pj), pv.add(j * d + c));
             for (k, a) in a.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(row.add(16 * k)), *a);
+                *a = _mm512_fmadd_ps(w, E::load(row.add(16 * k)), *a);
             }
         }
         for (k, a) in a.iter().enumerate() {
@@ -1049,6 +1097,16 @@ mod tests {
                 (fast - plain).abs() <= 1e-5 * (1.0 + plain.abs()),
                 "dot d={d}"
             );
+            // f16 rows (an f16 KV cache) widened as loaded: bit for bit the f32 loops over the
+            // widened values.
+            let half = |x: &[f32]| -> Vec<half::f16> {
+                x.iter().map(|&v| half::f16::from_f32(v)).collect()
+            };
+            let widened = |x: &[half::f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
+            let a16 = half(&a);
+            // SAFETY: as above.
+            let (f16_dot, f32_dot) = unsafe { (zmm::dot(&a16, &b), zmm::dot(&widened(&a16), &b)) };
+            assert_eq!(f16_dot.to_bits(), f32_dot.to_bits(), "f16 dot d={d}");
             for keys in [0, 1, 5, 16, 64] {
                 let (p, v) = (vals(keys, 3), vals(keys * d, 4));
                 let (mut fast, mut plain) = (vals(d, 5), vals(d, 5));
@@ -1061,6 +1119,14 @@ mod tests {
                         "rows d={d} keys={keys}"
                     );
                 }
+                let v16 = half(&v);
+                let (mut from16, mut from32) = (vals(d, 5), vals(d, 5));
+                // SAFETY: as above.
+                unsafe {
+                    zmm::add_weighted_rows(&mut from16, &p, &v16);
+                    zmm::add_weighted_rows(&mut from32, &p, &widened(&v16));
+                }
+                assert_eq!(from16, from32, "f16 rows d={d} keys={keys}");
             }
         }
     }
