@@ -513,10 +513,10 @@ impl PagedKvCache {
     /// heads of KV head `kvh` each: every row attends causally over the K/V of `s` up to its own
     /// position in `layer`, and row `i`'s outputs go to `out[i * g * head_dim ..]` (`[rows][g,
     /// head_dim]`, `rows = out.len() / (g * head_dim)`). One pass over the pages with an online
-    /// softmax per row and head: each K and V row is read (and, in an f16 cache, widened) once
-    /// for all the run's rows and the group's heads, not once per query (grouped-query
-    /// attention, and a prompt chunk's rows, share it). A row's result does not depend on
-    /// which rows share its run.
+    /// softmax per row and head: each K/V block is fetched once for all the run's rows and the
+    /// group's heads, not once per query (grouped-query attention, and a prompt chunk's rows,
+    /// share it; an f16 block is widened as the AVX-512 loops load it, elsewhere into a buffer
+    /// once per block). A row's result does not depend on which rows share its run.
     pub fn attend_rows(
         &self,
         layer: usize,
