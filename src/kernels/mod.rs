@@ -67,6 +67,28 @@ use crate::error::Result;
 use crate::quant::QuantConfig;
 use candle_core::{DType, Device, Tensor};
 
+/// An f32 or f64 element that a fused CPU op computes in f64 (norms, SwiGLU's backward).
+pub(crate) trait Elem: Copy + Send + Sync + candle_core::WithDType {
+    fn f(self) -> f64;
+    fn from(v: f64) -> Self;
+}
+impl Elem for f32 {
+    fn f(self) -> f64 {
+        self as f64
+    }
+    fn from(v: f64) -> Self {
+        v as f32
+    }
+}
+impl Elem for f64 {
+    fn f(self) -> f64 {
+        self
+    }
+    fn from(v: f64) -> Self {
+        v
+    }
+}
+
 /// `data` as `layout` describes it, when that is one contiguous run: how the fused CPU ops read
 /// their inputs in place.
 pub(crate) fn contiguous_slice<'a, T>(

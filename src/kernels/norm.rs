@@ -18,33 +18,11 @@
 //! On a GPU this is one kernel per pass: a block (or warp) per row doing the reductions in
 //! shared memory/registers, the statistics written to a small [rows] buffer for the backward.
 
-use super::{contiguous_slice, with_cpu_slices};
+use super::{contiguous_slice, with_cpu_slices, Elem};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::Mutex;
-
-/// f32 or f64 element, computed in f64.
-trait Elem: Copy + Send + Sync + candle_core::WithDType {
-    fn f(self) -> f64;
-    fn from(v: f64) -> Self;
-}
-impl Elem for f32 {
-    fn f(self) -> f64 {
-        self as f64
-    }
-    fn from(v: f64) -> Self {
-        v as f32
-    }
-}
-impl Elem for f64 {
-    fn f(self) -> f64 {
-        self
-    }
-    fn from(v: f64) -> Self {
-        v
-    }
-}
 
 /// Rows per parallel task in the backward passes: each task keeps one partial weight gradient
 /// (summed in task order afterwards, so the result does not depend on scheduling).

@@ -8,7 +8,7 @@
 //! forward and gradients.
 
 use super::cross_entropy::exp_f32;
-use super::{contiguous_slice, with_cpu_slices};
+use super::{contiguous_slice, with_cpu_slices, Elem};
 use crate::error::Result;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -36,10 +36,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// One element type's forward: `g * sigmoid(g) * u`.
-trait Act: Copy + Send + Sync + candle_core::WithDType {
+trait Act: Elem {
     fn swiglu(g: Self, u: Self) -> Self;
-    fn f(self) -> f64;
-    fn from(v: f64) -> Self;
 }
 
 impl Act for f32 {
@@ -47,24 +45,12 @@ impl Act for f32 {
     fn swiglu(g: f32, u: f32) -> f32 {
         g / (1.0 + exp_f32(-g)) * u
     }
-    fn f(self) -> f64 {
-        self as f64
-    }
-    fn from(v: f64) -> f32 {
-        v as f32
-    }
 }
 
 impl Act for f64 {
     #[inline(always)]
     fn swiglu(g: f64, u: f64) -> f64 {
         g / (1.0 + (-g).exp()) * u
-    }
-    fn f(self) -> f64 {
-        self
-    }
-    fn from(v: f64) -> f64 {
-        v
     }
 }
 
@@ -121,7 +107,7 @@ fn forward<T: Act>(g: &[T], u: &[T]) -> Vec<T> {
 }
 
 /// d gate = dy * u * s * (1 + g * (1 - s)) and d up = dy * g * s, with s = sigmoid(g), in f64.
-fn backward<T: Act>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+fn backward<T: Elem>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
     let mut dg = vec![T::from(0.0); g.len()];
     let mut du = vec![T::from(0.0); g.len()];
     dg.par_chunks_mut(CHUNK)
@@ -181,7 +167,7 @@ impl CustomOp2 for SwiGlu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        fn typed<T: Act>(
+        fn typed<T: Elem>(
             g: &Tensor,
             u: &Tensor,
             dy: &Tensor,
