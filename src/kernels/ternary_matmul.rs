@@ -1637,6 +1637,15 @@ mod x86 {
             _mm512_castps512_ps256(_mm512_permutexvar_ps(order, q))
         }
 
+        /// The sums of the first `n` (at most 8) vectors of `v` into `out[..n]`, by
+        /// [`reduce8`] (the others are zero and not stored).
+        #[inline(always)]
+        unsafe fn store_sums(v: &[__m512; 8], n: usize, out: &mut [f32]) {
+            assert!(n <= 8 && out.len() >= n, "reduced outputs");
+            let keep = ((1u32 << n) - 1) as __mmask8;
+            _mm256_mask_storeu_ps(out.as_mut_ptr(), keep, reduce8(*v));
+        }
+
         /// A row's dot from its accumulator: per-token steps multiply it by the token's step
         /// first (its `unit`), then [`corrected_lanes`], then the horizontal sum.
         #[inline(always)]
@@ -1705,22 +1714,13 @@ mod x86 {
                     apply::<S, WIDE>(pb, &xk, w_b, &mut acc[1][k]);
                 }
             }
-            if T == 4 {
-                // Eight outputs `[2][4]`, in `out`'s order, reduced together.
-                let mut v = [_mm512_setzero_ps(); 8];
-                for (i, v) in v.iter_mut().enumerate() {
-                    let (r, k) = (i / 4, i % 4);
-                    *v = finish_lanes::<S>(acc[r][k], [wa, wb][r], x[k], sbw);
-                }
-                assert!(out.len() >= 8, "tile output");
-                _mm256_storeu_ps(out.as_mut_ptr(), reduce8(v));
-                return;
+            // The 2 x T outputs `[2][T]`, in `out`'s order, reduced together.
+            let mut v = [_mm512_setzero_ps(); 8];
+            for (i, v) in v.iter_mut().enumerate().take(2 * T) {
+                let (r, k) = (i / T, i % T);
+                *v = finish_lanes::<S>(acc[r][k], [wa, wb][r], x[k], sbw);
             }
-            for (r, w) in [wa, wb].into_iter().enumerate() {
-                for k in 0..T {
-                    out[r * T + k] = finish::<S>(acc[r][k], w, x[k], sbw);
-                }
-            }
+            store_sums(&v, 2 * T, out);
         }
 
         /// Rows against one token (decode), `ROWS` at a time (`out.len()` a multiple of it):
@@ -1764,21 +1764,12 @@ mod x86 {
                     apply::<S, WIDE>(planes(at), &xsb, wsb, a);
                 }
             }
-            if R == 4 {
-                // The four rows' sums together (the other half of the joint reduction adds
-                // zeros), bit for bit what `finish` gives each.
-                let mut v = [_mm512_setzero_ps(); 8];
-                for j in 0..4 {
-                    v[j] = finish_lanes::<S>(acc[j], w.add(j * sbw), x, sbw);
-                }
-                let sums = _mm256_castps256_ps128(reduce8(v));
-                assert!(out.len() >= 4, "row block output");
-                _mm_storeu_ps(out.as_mut_ptr(), sums);
-                return;
+            // The block's rows' sums together (the rest of the joint reduction adds zeros).
+            let mut v = [_mm512_setzero_ps(); 8];
+            for (j, v) in v.iter_mut().enumerate().take(R) {
+                *v = finish_lanes::<S>(acc[j], w.add(j * sbw), x, sbw);
             }
-            for (j, (o, a)) in out.iter_mut().zip(acc).enumerate() {
-                *o = finish::<S>(a, w.add(j * sbw), x, sbw);
-            }
+            store_sums(&v, R, out);
         }
     }
 
