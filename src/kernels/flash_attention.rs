@@ -257,7 +257,7 @@ pub(crate) fn exp_in_place<T: AttnFloat>(x: &mut [T], m: T) -> T {
 pub(crate) mod zmm {
     use std::arch::x86_64::*;
 
-    /// Mask of the first `n` (< 16) lanes.
+    /// Mask of the first `n` (at most 16) lanes.
     #[inline(always)]
     fn head(n: usize) -> __mmask16 {
         ((1u32 << n) - 1) as __mmask16
@@ -269,7 +269,7 @@ pub(crate) mod zmm {
     pub trait Lanes: Copy {
         /// 16 values from `p`.
         unsafe fn load(p: *const Self) -> __m512;
-        /// The first `n` (< 16) values from `p`, the other lanes zero.
+        /// The first `n` (at most 16) values from `p`, the other lanes zero.
         unsafe fn load_head(p: *const Self, n: usize) -> __m512;
     }
 
