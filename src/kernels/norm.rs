@@ -63,6 +63,40 @@ pub fn layer_norm_reference(x: &Tensor, g: &Tensor, b: &Tensor, eps: f64) -> Res
     Ok(xc.broadcast_mul(&r)?.broadcast_mul(g)?.broadcast_add(b)?)
 }
 
+/// One row's RMSNorm `y = x * r * w`, in f64; returns `r = 1/sqrt(mean(x^2) + eps)`.
+#[inline]
+fn rms_row<T: Elem>(xr: &[T], w: &[T], eps: f64, yr: &mut [T]) -> f64 {
+    let ms = xr.iter().map(|&v| v.f() * v.f()).sum::<f64>() / xr.len() as f64;
+    let r = 1.0 / (ms + eps).sqrt();
+    for ((o, &v), &wv) in yr.iter_mut().zip(xr).zip(w) {
+        *o = T::from(v.f() * r * wv.f());
+    }
+    r
+}
+
+/// Rows below which [`rms_norm_rows`] stays on the calling thread (one decoding token's rows
+/// cost less than a fork).
+const PAR_ROWS: usize = 16;
+
+/// The fused op's forward on host rows (`x`: rows of `w.len()` values), for inference that
+/// runs outside candle (`model::host`): the same arithmetic, so the same bits.
+pub fn rms_norm_rows(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
+    let d = w.len().max(1);
+    let mut y = vec![0f32; x.len()];
+    if x.len() / d < PAR_ROWS {
+        for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
+            rms_row(xr, w, eps, yr);
+        }
+    } else {
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(yr, xr)| {
+                rms_row(xr, w, eps, yr);
+            });
+    }
+    y
+}
+
 struct RmsNormOp {
     eps: f64,
     /// Per-row r from the forward, for the backward.
@@ -84,14 +118,7 @@ impl RmsNormOp {
         let rstd: Vec<f64> = y
             .par_chunks_mut(d)
             .zip(x.par_chunks(d))
-            .map(|(yr, xr)| {
-                let ms = xr.iter().map(|&v| v.f() * v.f()).sum::<f64>() / d as f64;
-                let r = 1.0 / (ms + self.eps).sqrt();
-                for ((o, &v), &wv) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = T::from(v.f() * r * wv.f());
-                }
-                r
-            })
+            .map(|(yr, xr)| rms_row(xr, w, self.eps, yr))
             .collect();
         *self.rstd.lock().expect("rstd lock") = rstd;
         Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
@@ -393,6 +420,25 @@ mod tests {
             .unwrap()
             .to_dtype(dtype)
             .unwrap()
+    }
+
+    /// The host rows function is the op's forward bit for bit, on one thread (few rows) and
+    /// split over workers (many).
+    #[test]
+    fn host_rows_equal_the_op() {
+        for rows in [3, 40] {
+            let x = randn(&[rows, 24], 0.5, 2.0, DType::F32, 7);
+            let w = randn(&[24], 1.0, 0.3, DType::F32, 8);
+            let op: Vec<f32> = rms_norm(&x, &w, 1e-6)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let host = rms_norm_rows(&xs, &w.to_vec1::<f32>().unwrap(), 1e-6);
+            assert_eq!(host, op, "{rows} rows");
+        }
     }
 
     /// Fused and reference: outputs and every gradient agree (loss = sum(y * c)).

@@ -44,6 +44,16 @@ impl Rope {
         dtype: DType,
         device: &Device,
     ) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.tables(positions);
+        let shape = (positions.len(), self.inv_freq.len() * 2);
+        Ok((
+            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// [`Rope::cos_sin`]'s values as host rows `[T, head_dim]` (f32).
+    pub fn tables(&self, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half * 2);
         let mut sin = Vec::with_capacity(positions.len() * half * 2);
@@ -55,11 +65,37 @@ impl Rope {
                 sin.extend(ang.iter().map(|a| (*a as f64).sin() as f32));
             }
         }
-        let shape = (positions.len(), half * 2);
-        Ok((
-            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
-            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
-        ))
+        (cos, sin)
+    }
+}
+
+/// One head's rotation in place: `x` (`d` values) by one position's table rows `cs`, `sn`.
+#[inline]
+fn rotate<T: Float>(x: &mut [T], cs: &[f64], sn: &[f64]) {
+    let half = x.len() / 2;
+    let c = |v: f64| T::from(v).unwrap_or_else(T::nan);
+    for j in 0..half {
+        let (a, b) = (x[j], x[j + half]);
+        x[j] = a * c(cs[j]) - b * c(sn[j]);
+        x[j + half] = b * c(cs[j + half]) + a * c(sn[j + half]);
+    }
+}
+
+/// The fused op's rotation on host rows, in place, for inference outside candle
+/// (`model::host`): `x: [T, heads, d]` token-major (no transpose), token `t` rotated by row `t`
+/// of the tables `[T, d]` ([`Rope::tables`] widened to f64, as the op holds them). The same
+/// arithmetic as the op, so the same bits.
+pub fn rope_rows(x: &mut [f32], d: usize, cos: &[f64], sin: &[f64]) {
+    if d == 0 {
+        return;
+    }
+    let tokens = cos.len() / d;
+    let per_token = x.len() / tokens.max(1);
+    for (t, tok) in x.chunks_mut(per_token.max(1)).enumerate().take(tokens) {
+        let (cs, sn) = (&cos[t * d..(t + 1) * d], &sin[t * d..(t + 1) * d]);
+        for head in tok.chunks_exact_mut(d) {
+            rotate(head, cs, sn);
+        }
     }
 }
 
@@ -106,13 +142,9 @@ impl RopeOp {
                 .for_each(|(bh, chunk)| {
                     let (bi, hi) = (bh / h, bh % h);
                     for (ti, y) in chunk.chunks_mut(d).enumerate() {
-                        let x = &src[((bi * t + ti) * h + hi) * d..][..d];
+                        y.copy_from_slice(&src[((bi * t + ti) * h + hi) * d..][..d]);
                         let row = self.table_row(bi, ti, t) * d;
-                        let (cs, sn) = (&self.cos[row..row + d], &self.sin[row..row + d]);
-                        for j in 0..half {
-                            y[j] = x[j] * c(cs[j]) - x[j + half] * c(sn[j]);
-                            y[j + half] = x[j + half] * c(cs[j + half]) + x[j] * c(sn[j + half]);
-                        }
+                        rotate(y, &self.cos[row..row + d], &self.sin[row..row + d]);
                     }
                 });
         } else {
@@ -231,6 +263,29 @@ mod tests {
             .unwrap()
             .to_dtype(dt)
             .unwrap()
+    }
+
+    /// The host rows function is the op's forward bit for bit (token-major, not transposed).
+    #[test]
+    fn host_rows_equal_the_op() {
+        let (t, h, d) = (5, 3, 8);
+        let rope = Rope::new(d, 10000.0);
+        let positions = [0, 7, 8, 9, 300];
+        let (cos, sin) = rope.cos_sin(&positions, DType::F32, &Device::Cpu).unwrap();
+        let x = randn(&[1, t, h, d], 3, DType::F32);
+        let op: Vec<f32> = rope_transposed(&x, &cos, &sin)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (c, s) = rope.tables(&positions);
+        let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
+        let mut host: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        rope_rows(&mut host, d, &widen(c), &widen(s));
+        assert_eq!(host, op);
     }
 
     #[test]

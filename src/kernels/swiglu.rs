@@ -93,6 +93,12 @@ fn chunk_widest<T: Act>(y: &mut [T], g: &[T], u: &[T]) {
     chunk(y, g, u)
 }
 
+/// The fused op's forward on host values, for inference outside candle (`model::host`): the
+/// same function, so the same bits.
+pub fn swiglu_rows(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    forward(gate, up)
+}
+
 fn forward<T: Act>(g: &[T], u: &[T]) -> Vec<T> {
     let mut y = vec![T::from(0.0); g.len()];
     let run = |(y, (g, u)): (&mut [T], (&[T], &[T]))| chunk_widest(y, g, u);
