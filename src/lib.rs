@@ -14,7 +14,7 @@
 //! error mem                     errors; heap and RSS readings
 //! device files plot hub quant   devices; atomic writes; PNG plots; HF dirs and hub ids; quantization math
 //! tokenizer kernels             BPE tokenizer (load, train); fused ops beside their references, the one choice
-//! data model                    text -> batches; the model (names, layers, caches, forward, checkpoint IO)
+//! data model                    text -> batches; the model (names, layers, caches, forward, host forward, checkpoint IO)
 //! gguf decode eval              GGUF format, export, packed load; generation; perplexity
 //! source                        a model spec (HF dir | hub id | GGUF) -> config, weights, tokenizer
 //! train                         config, optimizer, step, checkpoints, the loop

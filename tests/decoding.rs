@@ -250,7 +250,15 @@ fn paged_kv_cache_generation_equals_the_contiguous_cache() {
             };
             let contiguous = generate_batch(&m, &prompts, &cfg, |_, _| false).unwrap();
             for block in [1, 4, 16] {
-                let paged = generate_paged(&m, &prompts, &cfg, block, |_, _| false).unwrap();
+                let paged = generate_paged(
+                    &m,
+                    &prompts,
+                    &cfg,
+                    block,
+                    tern::decode::paged::KvType::F32,
+                    |_, _| false,
+                )
+                .unwrap();
                 assert_eq!(paged, contiguous, "{name} block {block} {sampler:?}");
             }
         }

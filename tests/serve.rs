@@ -186,18 +186,21 @@ fn batched_equals_alone(model: &Arc<Model>, tok: &Arc<Tokenizer>, kv: KvType) {
         .collect();
     for (r, w) in reqs.iter().zip(&want) {
         assert_eq!(w.tokens.len(), r.max_tokens);
-        // (plain paged generation keeps f32)
-        if r.sampler.temp == 0.0 && kv == KvType::F32 {
+        if r.sampler.temp == 0.0 {
             let cfg = GenerateConfig {
                 max_new: r.max_tokens,
                 sampler: r.sampler,
                 eos: vec![],
             };
-            let plain =
-                generate_paged(&model, std::slice::from_ref(&r.prompt), &cfg, 16, |_, _| {
-                    false
-                })
-                .unwrap();
+            let plain = generate_paged(
+                &model,
+                std::slice::from_ref(&r.prompt),
+                &cfg,
+                16,
+                kv,
+                |_, _| false,
+            )
+            .unwrap();
             assert_eq!(plain[0].0, w.tokens, "engine alone == generate_paged");
         }
     }

@@ -1,7 +1,9 @@
 //! Prefill and decode speed of greedy generation (batch 1, synthetic prompt ids), for any model
-//! `runtime` loads: a checkpoint (dense f32 weights, projected once) or a GGUF (packed).
+//! `runtime` loads: a checkpoint (dense f32 weights, projected once) or a GGUF (packed, decoded
+//! by the host forward over the paged cache: `generate_auto`).
 
-use crate::decode::generate::{generate_batch, GenerateConfig};
+use crate::decode::generate::{generate_auto, GenerateConfig};
+use crate::decode::paged::KvType;
 use crate::decode::sampler::SamplerConfig;
 use crate::error::Result;
 use crate::model::Model;
@@ -23,7 +25,13 @@ pub struct DecodeSpeed {
 /// One warm-up, then `reps` times a timed prefill (1 new token) and a run of `n` new tokens
 /// whose decode is timed from the first sampled token to the last (`n - 1` decode forwards, no
 /// prefill in it). Rates are the mean and sample standard deviation of the repetitions' rates.
-pub fn measure(model: &Model, prompt: usize, n: usize, reps: usize) -> Result<DecodeSpeed> {
+pub fn measure(
+    model: &Model,
+    prompt: usize,
+    n: usize,
+    reps: usize,
+    kv: KvType,
+) -> Result<DecodeSpeed> {
     let ids: Vec<u32> = (0..prompt as u32)
         .map(|i| (i * 7919 + 11) % model.cfg.vocab_size as u32)
         .collect();
@@ -38,13 +46,14 @@ pub fn measure(model: &Model, prompt: usize, n: usize, reps: usize) -> Result<De
     // `on_token` runs as each token is sampled: the first right after the prefill, the next
     // ones after each decode forward, so decode is timed between the first and last token.
     let run = |max_new: usize, stamps: &mut Vec<Instant>| {
-        generate_batch(
+        generate_auto(
             model,
             std::slice::from_ref(&ids),
             &GenerateConfig {
                 max_new,
                 ..cfg.clone()
             },
+            kv,
             |_, _| {
                 stamps.push(Instant::now());
                 false

@@ -76,6 +76,10 @@ pub enum Cmd {
         /// One JSON line per model instead of text.
         #[arg(long)]
         json: bool,
+        /// What a packed model's paged KV cache stores (llama-bench's default is f16; a dense
+        /// model decodes over the contiguous cache in its own dtype).
+        #[arg(long = "cache-type", value_enum, default_value_t = tern::decode::paged::KvType::F16)]
+        cache_type: tern::decode::paged::KvType,
     },
     /// The serving engine without HTTP: CLIENTS requests of synthetic prompt ids at once (greedy,
     /// EOS ignored) stepped to the end by continuous batching: aggregate tokens/s, the time until
@@ -194,7 +198,8 @@ pub fn run(cmd: Cmd) -> Result<i32> {
             tokens,
             reps,
             json,
-        } => decode(model, gguf, prompt, tokens, reps, json)?,
+            cache_type,
+        } => decode(model, gguf, prompt, tokens, reps, json, cache_type)?,
         Cmd::Batch {
             m,
             clients,
@@ -341,6 +346,7 @@ fn decode(
     n: usize,
     reps: usize,
     json: bool,
+    kv: tern::decode::paged::KvType,
 ) -> Result<()> {
     anyhow::ensure!(
         model.is_some() || gguf.is_some(),
@@ -355,10 +361,17 @@ fn decode(
         let m = super::load_model(&spec, Precision::Ternary, "cpu")?.model;
         let load_s = t0.elapsed().as_secs_f64();
         let rss = tern::mem::rss_bytes().unwrap_or(0);
-        let s = bench::decode::measure(&m, prompt, n, reps)?;
+        let s = bench::decode::measure(&m, prompt, n, reps, kv)?;
         let isa = tern::kernels::ternary_matmul::Isa::detect().name();
         let (bits, bytes, scales) = resident_weights(&m);
         let act = m.quant.act_quant.name();
+        // A packed model decodes over the paged cache (`generate_auto`), a dense one over the
+        // contiguous cache in its own dtype.
+        let cache = if m.runs_on_host() {
+            format!("paged {kv:?}").to_lowercase()
+        } else {
+            "contiguous".into()
+        };
         if json {
             let v = serde_json::json!({"model": spec, "kind": kind, "threads": rayon::current_num_threads(),
                 "kernel": if m.is_packed() { isa } else { "dense f32" }, "load_s": load_s,
@@ -367,11 +380,11 @@ fn decode(
                 "prefill_tok_s_sd": s.prefill_tok_s_sd, "decode_tokens": s.decode_tokens,
                 "decode_tok_s": s.decode_tok_s, "decode_tok_s_sd": s.decode_tok_s_sd, "reps": s.reps,
                 "resident_bits_per_weight": bits, "resident_weight_bytes": bytes, "scales": scales,
-                "act_quant": act});
+                "act_quant": act, "cache_type": cache});
             println!("{v}");
         } else {
             println!(
-                "{kind} {spec} ({}; {} threads{}; inputs act_quant {act}): load {load_s:.2} s, rss {:.1} MiB; prefill {prompt} tokens {:.3} s \
+                "{kind} {spec} ({}; {} threads{}; inputs act_quant {act}; kv cache {cache}): load {load_s:.2} s, rss {:.1} MiB; prefill {prompt} tokens {:.3} s \
                  ({:.1} +/- {:.1} tokens/s); decode {:.1} +/- {:.1} tokens/s ({} tokens; {} reps)",
                 if m.is_packed() { isa } else { "dense" },
                 rayon::current_num_threads(),

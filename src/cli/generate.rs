@@ -6,12 +6,15 @@ use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
-use tern::decode::generate::{generate_batch, generate_paged, GenerateConfig};
+use tern::decode::generate::{generate_auto, generate_batch, generate_paged, GenerateConfig};
 use tern::model::Model;
 use tern::tokenizer::Tokenizer;
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvCacheKind {
+    /// Paged for packed (GGUF) models, which then decode without candle between the matmuls;
+    /// contiguous otherwise.
+    Auto,
     /// One tensor per layer, padded batch.
     Contiguous,
     /// Blocks from a pool, a block table per sequence, no padding.
@@ -45,8 +48,12 @@ pub struct Args {
     #[arg(long)]
     stop: Vec<String>,
     /// KV cache for plain generation.
-    #[arg(long = "kv-cache", value_enum, default_value_t = KvCacheKind::Contiguous)]
+    #[arg(long = "kv-cache", value_enum, default_value_t = KvCacheKind::Auto)]
     kv_cache: KvCacheKind,
+    /// What the paged KV cache stores: f16 (half the reads per token; llama.cpp's default and
+    /// `tern serve`'s) or f32 (exactly what the model computed).
+    #[arg(long = "cache-type", value_enum, default_value_t = tern::decode::paged::KvType::F16)]
+    cache_type: tern::decode::paged::KvType,
     /// Positions per block of the paged KV cache.
     #[arg(long = "block-size", default_value_t = 16, value_parser = super::at_least_one)]
     block_size: usize,
@@ -151,8 +158,16 @@ pub fn run(mut a: Args) -> Result<i32> {
         hit.is_some()
     };
     let results = match a.kv_cache {
-        KvCacheKind::Paged => generate_paged(&loaded.model, &ids, &cfg, a.block_size, on_token)?,
+        KvCacheKind::Paged => generate_paged(
+            &loaded.model,
+            &ids,
+            &cfg,
+            a.block_size,
+            a.cache_type,
+            on_token,
+        )?,
         KvCacheKind::Contiguous => generate_batch(&loaded.model, &ids, &cfg, on_token)?,
+        KvCacheKind::Auto => generate_auto(&loaded.model, &ids, &cfg, a.cache_type, on_token)?,
     };
     let secs = t0.elapsed().as_secs_f64();
     let n_new: usize = results.iter().map(|r| r.0.len()).sum();

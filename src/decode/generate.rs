@@ -2,6 +2,7 @@
 //! in one forward and decoded one token per step with the KV cache. Each row has its own
 //! positions and never sees its padding, so every output equals running its prompt alone.
 
+use super::paged::{KvType, PagedKvCache};
 use super::sampler::{Sampler, SamplerConfig};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
@@ -53,7 +54,8 @@ pub fn last_logits(model: &Model, h: &Tensor) -> Result<Vec<Vec<f32>>> {
 }
 
 /// One forward over the paged cache: appends each `(seq, tokens)` and returns the next-token
-/// logits after each sequence's last new token. Use on a `freeze()`d model.
+/// logits after each sequence's last new token. Use on a `freeze()`d model. A packed model runs
+/// the host forward (`model::host`, the same values without candle between the matmuls).
 pub fn paged_forward(
     model: &Model,
     batch: &[(super::paged::SeqId, Vec<u32>)],
@@ -61,13 +63,17 @@ pub fn paged_forward(
 ) -> Result<Vec<Vec<f32>>> {
     let (mut step, ids) = super::paged::PagedStep::new(cache, batch)?;
     let n = ids.len();
-    let h = model.forward(&Tensor::from_vec(ids, (1, n), model.device())?, &mut step)?;
     let mut last = Vec::with_capacity(batch.len());
     let mut end = 0;
     for (_, toks) in batch {
         end += toks.len();
-        last.push((end - 1) as u32);
+        last.push(end - 1);
     }
+    if model.runs_on_host() {
+        return model.host_logits(&ids, &mut step, &last);
+    }
+    let last: Vec<u32> = last.iter().map(|&r| r as u32).collect();
+    let h = model.forward(&Tensor::from_vec(ids, (1, n), model.device())?, &mut step)?;
     let h = h
         .squeeze(0)?
         .index_select(&Tensor::new(last.as_slice(), model.device())?, 0)?;
@@ -160,23 +166,49 @@ pub fn generate_batch(
         .collect())
 }
 
+/// Positions per block of the paged cache where no size is named.
+pub const DEFAULT_BLOCK: usize = 16;
+
+/// Generation with the KV cache that suits the model: the paged one (storing `kv`) for a model
+/// that [`Model::runs_on_host`] (its host forward attends over the paged cache, without candle
+/// between the matmuls), the contiguous one otherwise. Same samplers and seeds either way.
+pub fn generate_auto(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    cfg: &GenerateConfig,
+    kv: KvType,
+    on_token: impl FnMut(usize, u32) -> bool,
+) -> Result<Vec<(Vec<u32>, Finish)>> {
+    if model.runs_on_host() {
+        generate_paged(model, prompts, cfg, DEFAULT_BLOCK, kv, on_token)
+    } else {
+        generate_batch(model, prompts, cfg, on_token)
+    }
+}
+
 /// [`generate_batch`] over the paged KV cache (`decode::paged`): no padding (each sequence has
 /// its own block table and length), finished rows drop out of the batch and free their blocks.
-/// Same samplers and seeds, so the same tokens.
+/// Same samplers and seeds, so the same tokens (with an f32 cache, `kv`; f16 rounds K and V).
 pub fn generate_paged(
     model: &Model,
     prompts: &[Vec<u32>],
     cfg: &GenerateConfig,
     block_size: usize,
+    kv: KvType,
     mut on_token: impl FnMut(usize, u32) -> bool,
 ) -> Result<Vec<(Vec<u32>, Finish)>> {
-    use super::paged::PagedKvCache;
     if prompts.is_empty() {
         return Ok(vec![]);
     }
     check_prompts(prompts, model.cfg.vocab_size)?;
     let c = &model.cfg;
-    let mut cache = PagedKvCache::new(c.num_hidden_layers, c.kv_heads(), c.head_dim(), block_size);
+    let mut cache = PagedKvCache::with_type(
+        c.num_hidden_layers,
+        c.kv_heads(),
+        c.head_dim(),
+        block_size,
+        kv,
+    );
     let seqs: Vec<usize> = prompts.iter().map(|_| cache.add_seq()).collect();
     let mut samplers = row_samplers(&cfg.sampler, prompts);
     let mut out: Vec<(Vec<u32>, Option<Finish>)> = vec![(Vec::new(), None); prompts.len()];

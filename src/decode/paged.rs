@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::kernels::flash_attention::{add_weighted_rows, dot, exp_in_place, AttnFloat};
 use crate::kernels::Kernels;
 use crate::model::cache::{Cache, Positions, StepInfo};
+use crate::model::HostAttention;
 use candle_core::{DType, Tensor};
 
 /// Query-key products (positions x heads x head_dim) in one step's attention above which its
@@ -718,10 +719,8 @@ impl Cache for PagedStep<'_> {
         _kernels: Kernels,
     ) -> Result<Tensor> {
         let (_, nh, n, hd) = q.dims4()?;
-        let nkv = k.dim(1)?;
         // Token-major host copies `[n, heads, hd]` (one transposing copy each), so a token's
-        // K/V and a KV head's group of queries are contiguous slices: write every new K/V
-        // first, then attend (causal).
+        // K/V and a KV head's group of queries are contiguous slices.
         let to_host = |t: &Tensor| -> Result<Vec<f32>> {
             Ok(t.squeeze(0)?
                 .transpose(0, 1)?
@@ -729,8 +728,38 @@ impl Cache for PagedStep<'_> {
                 .flatten_all()?
                 .to_vec1()?)
         };
-        let (qh, kh, vh) = (to_host(q)?, to_host(&k)?, to_host(&v)?);
+        let o = HostAttention::attend(self, layer, &to_host(q)?, &to_host(&k)?, &to_host(&v)?, nh)?;
+        // Token-major [1, n, H, hd] -> [1, H, n, hd], as the model expects.
+        Ok(Tensor::from_vec(o, (1, n, nh, hd), q.device())?
+            .to_dtype(q.dtype())?
+            .transpose(1, 2)?)
+    }
+}
+
+impl HostAttention for PagedStep<'_> {
+    fn positions(&self) -> Vec<u32> {
+        self.rows.iter().map(|r| r.1 as u32).collect()
+    }
+
+    fn attend(
+        &mut self,
+        layer: usize,
+        qh: &[f32],
+        kh: &[f32],
+        vh: &[f32],
+        nh: usize,
+    ) -> Result<Vec<f32>> {
+        let (n, nkv, hd) = (self.rows.len(), self.cache.kv_heads, self.cache.head_dim);
         let kv_row = nkv * hd;
+        if qh.len() != n * nh * hd || kh.len() != n * kv_row || vh.len() != n * kv_row {
+            return Err(Error::Msg(format!(
+                "paged attention: q/k/v of {}/{}/{} values for {n} tokens of {nh}/{nkv} heads of {hd}",
+                qh.len(),
+                kh.len(),
+                vh.len()
+            )));
+        }
+        // Write every new K/V first, then attend (causal).
         for (t, &(s, pos)) in self.rows.iter().enumerate() {
             let at = t * kv_row..(t + 1) * kv_row;
             self.cache.write(layer, s, pos, &kh[at.clone()], &vh[at])?;
@@ -777,10 +806,7 @@ impl Cache for PagedStep<'_> {
                 o[at..at + g * hd].copy_from_slice(src);
             }
         }
-        // Token-major [1, n, H, hd] -> [1, H, n, hd], as the model expects.
-        Ok(Tensor::from_vec(o, (1, n, nh, hd), q.device())?
-            .to_dtype(q.dtype())?
-            .transpose(1, 2)?)
+        Ok(o)
     }
 }
 

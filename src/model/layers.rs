@@ -7,6 +7,7 @@ use crate::kernels::ternary_matmul::PackedMatrix;
 use crate::kernels::Kernels;
 use crate::quant::{ActQuant, QuantConfig};
 use candle_core::{Device, Tensor, D};
+use std::sync::OnceLock;
 
 /// `y = x @ W^T` with a ternary `W: [out, in]` (Qwen3 projections have no bias), or, for the
 /// embedding, rows of `W` looked up by token id. For inference
@@ -162,11 +163,31 @@ impl TernaryLinear {
 pub struct RmsNorm {
     pub weight: Tensor,
     eps: f64,
+    /// The weight's values on the host, read once, for the host forward (`model::host`), which
+    /// runs inference models only: their weights never change.
+    host: OnceLock<Vec<f32>>,
 }
 
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f64) -> Self {
-        Self { weight, eps }
+        Self {
+            weight,
+            eps,
+            host: OnceLock::new(),
+        }
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// The weight as host f32 values (read on the first call, kept after).
+    pub fn host_weight(&self) -> Result<&[f32]> {
+        if let Some(w) = self.host.get() {
+            return Ok(w);
+        }
+        let w = self.weight.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        Ok(self.host.get_or_init(|| w))
     }
 
     pub fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
@@ -174,9 +195,6 @@ impl RmsNorm {
     }
 
     pub fn detached(&self) -> Self {
-        Self {
-            weight: self.weight.detach(),
-            eps: self.eps,
-        }
+        Self::new(self.weight.detach(), self.eps)
     }
 }

@@ -6,11 +6,14 @@
 //!   names (HF and GGUF) and shapes.
 //! - [`layers`]: ternary linear / embedding (dense latent or packed) and RMSNorm.
 //! - [`cache`]: what a forward attends over (none, contiguous KV cache, draft tree).
-//! - [`qwen3`]: the model and its one forward.
+//! - [`transformer`]: the model and its one forward.
+//! - [`host`]: the same forward for packed models on host slices (inference on the CPU without
+//!   candle between the matmuls), checked against the one forward.
 //! - [`io`]: load and save HF-layout checkpoints (config.json + safetensors, sharded or not).
 
 pub mod cache;
 pub mod config;
+pub mod host;
 pub mod io;
 pub mod layers;
 pub mod params;
@@ -18,6 +21,7 @@ pub mod transformer;
 
 pub use cache::{Cache, KvCache, NoCache, TreeStep};
 pub use config::{Arch, ModelConfig};
+pub use host::HostAttention;
 pub use io::{load_checkpoint, save_checkpoint, Checkpoint};
 pub use params::Params;
 pub use transformer::Model;

@@ -25,17 +25,17 @@ use crate::quant::QuantConfig;
 use candle_core::{DType, Device, Tensor};
 
 #[derive(Debug, Clone)]
-struct Attention {
-    q: TernaryLinear,
-    k: TernaryLinear,
-    v: TernaryLinear,
-    o: TernaryLinear,
+pub(super) struct Attention {
+    pub(super) q: TernaryLinear,
+    pub(super) k: TernaryLinear,
+    pub(super) v: TernaryLinear,
+    pub(super) o: TernaryLinear,
     /// Qwen3's per-head norms of q and k (None for Llama).
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
+    pub(super) q_norm: Option<RmsNorm>,
+    pub(super) k_norm: Option<RmsNorm>,
+    pub(super) heads: usize,
+    pub(super) kv_heads: usize,
+    pub(super) head_dim: usize,
 }
 
 impl Attention {
@@ -85,10 +85,10 @@ impl Attention {
 }
 
 #[derive(Debug, Clone)]
-struct Mlp {
-    gate: TernaryLinear,
-    up: TernaryLinear,
-    down: TernaryLinear,
+pub(super) struct Mlp {
+    pub(super) gate: TernaryLinear,
+    pub(super) up: TernaryLinear,
+    pub(super) down: TernaryLinear,
 }
 
 impl Mlp {
@@ -107,11 +107,11 @@ impl Mlp {
 }
 
 #[derive(Debug, Clone)]
-struct Layer {
-    input_norm: RmsNorm,
-    attn: Attention,
-    post_norm: RmsNorm,
-    mlp: Mlp,
+pub(super) struct Layer {
+    pub(super) input_norm: RmsNorm,
+    pub(super) attn: Attention,
+    pub(super) post_norm: RmsNorm,
+    pub(super) mlp: Mlp,
 }
 
 impl Layer {
@@ -146,11 +146,11 @@ pub struct Model {
     /// dtype of the activations and GEMMs: the weights' (f32) or bf16 for mixed precision, where
     /// the latent weights, norms, softmax and loss stay f32 ([`Qwen3::with_compute_dtype`]).
     pub compute: DType,
-    embed: TernaryEmbedding,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
-    lm_head: Option<TernaryLinear>,
-    rope: Rope,
+    pub(super) embed: TernaryEmbedding,
+    pub(super) layers: Vec<Layer>,
+    pub(super) norm: RmsNorm,
+    pub(super) lm_head: Option<TernaryLinear>,
+    pub(super) rope: Rope,
 }
 
 impl Model {
