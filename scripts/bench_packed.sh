@@ -136,7 +136,8 @@ def layout(t):  # tern's resident layout: bits per weight and scale store
     store = "+".join(dict.fromkeys(t.get("scales") or ["f32"]))
     act = t.get("act_quant", "none")
     inputs = "inputs int8 per 32" if act == "none" else f"inputs {act}"
-    return (f"{bits:.2f} bits resident, scales {store}" if bits else "f32 scales") + f", {inputs}"
+    kv = f", kv {t['cache_type']}" if t.get("cache_type") else ""
+    return (f"{bits:.2f} bits resident, scales {store}" if bits else "f32 scales") + f", {inputs}{kv}"
 rows = ["| threads | engine (file) | prefill tok/s | decode tok/s | tern prefill / it | tern decode / it |",
         "|---:|---|---:|---:|---:|---:|"]
 for n in threads:
