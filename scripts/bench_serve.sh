@@ -131,8 +131,10 @@ lines = [f"CPU: {cpu} (CPUID model {model}), {threads} threads; Qwen3-0.6B shape
          "|---|---:|---:|---:|---:|---:|---:|---:|"]
 for r in runs:
     f = lambda x: "n/a" if x is None else f"{x:.3f}"
-    rel = r["completion_tok_per_s"] / alone[r["server"]] if alone.get(r["server"]) else float("nan")
-    lines.append(f"| {r['server']} | {r['clients']} | {r['ok']} | {r['completion_tok_per_s']:.1f} | {rel:.2f}x | "
+    # The soak row has no one-client run of its own ("soak" is not a server name): left blank.
+    rel = (f"{r['completion_tok_per_s'] / alone[r['server']]:.2f}x"
+           if alone.get(r["server"]) else "")
+    lines.append(f"| {r['server']} | {r['clients']} | {r['ok']} | {r['completion_tok_per_s']:.1f} | {rel} | "
                  f"{f(r['ttft_p50_s'])} | {f(r['ttft_p99_s'])} | {r['error_count']} |")
 batched = {r["server"]: r["completion_tok_per_s"] for r in runs if r["clients"] > 1 and r["server"] != "soak"}
 if "tern" in batched and "llama-server" in batched:
