@@ -7,8 +7,8 @@
 mod common;
 use common::*;
 
-use candle_core::{DType, Device, Tensor};
-use tern::decode::generate::paged_forward;
+use candle_core::{DType, Device};
+use tern::decode::generate::{paged_forward, paged_forward_reference};
 use tern::decode::paged::{KvType, PagedKvCache, PagedStep, SeqId};
 use tern::gguf::{export_gguf, file::GgufFile, Format};
 use tern::kernels::Kernels;
@@ -28,35 +28,6 @@ fn packed(dir: &std::path::Path, act: ActQuant) -> Model {
     let m = tern::gguf::load_model(&GgufFile::read(&out).unwrap()).unwrap();
     assert!(m.runs_on_host(), "{}", dir.display());
     m
-}
-
-/// The one forward over the paged cache, then the LM head on each sequence's last new token:
-/// what `paged_forward` runs for a model that does not run on the host.
-fn one_forward_logits(
-    model: &Model,
-    batch: &[(SeqId, Vec<u32>)],
-    cache: &mut PagedKvCache,
-) -> Vec<Vec<f32>> {
-    let (mut step, ids) = PagedStep::new(cache, batch).unwrap();
-    let n = ids.len();
-    let h = model
-        .forward(
-            &Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap(),
-            &mut step,
-        )
-        .unwrap();
-    let mut last = Vec::new();
-    let mut end = 0u32;
-    for (_, toks) in batch {
-        end += toks.len() as u32;
-        last.push(end - 1);
-    }
-    let h = h
-        .squeeze(0)
-        .unwrap()
-        .index_select(&Tensor::new(last.as_slice(), &Device::Cpu).unwrap(), 0)
-        .unwrap();
-    model.logits(&h).unwrap().to_vec2().unwrap()
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -87,7 +58,7 @@ fn assert_host_equals_one_forward(model: &Model, kv: KvType, what: &str) {
     let mut batch = vec![(seqs[0], prompt(9, 1)), (seqs[1], prompt(3, 5))];
     for step in 0..12 {
         let got = paged_forward(model, &batch, &mut host).unwrap();
-        let want = one_forward_logits(model, &batch, &mut plain);
+        let want = paged_forward_reference(model, &batch, &mut plain).unwrap();
         let differ = got
             .iter()
             .flatten()

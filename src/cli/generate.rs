@@ -55,7 +55,7 @@ pub struct Args {
     #[arg(long = "cache-type", value_enum, default_value_t = tern::decode::paged::KvType::F16)]
     cache_type: tern::decode::paged::KvType,
     /// Positions per block of the paged KV cache.
-    #[arg(long = "block-size", default_value_t = 16, value_parser = super::at_least_one)]
+    #[arg(long = "block-size", default_value_t = tern::decode::generate::DEFAULT_BLOCK, value_parser = super::at_least_one)]
     block_size: usize,
     /// Beam search with this many beams (sampling flags are then ignored).
     #[arg(long, value_parser = super::at_least_one)]

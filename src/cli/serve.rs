@@ -19,7 +19,7 @@ pub struct EngineArgs {
     #[arg(long = "prefill-chunk", default_value_t = 256, value_parser = super::at_least_one)]
     pub prefill_chunk: usize,
     /// Positions per block of the paged KV cache.
-    #[arg(long = "block-size", default_value_t = 16, value_parser = super::at_least_one)]
+    #[arg(long = "block-size", default_value_t = tern::decode::generate::DEFAULT_BLOCK, value_parser = super::at_least_one)]
     pub block_size: usize,
     /// How the KV cache stores keys and values (llama.cpp's --cache-type-k/-v; f16 halves the
     /// cache's memory and its reads per token).

@@ -2,7 +2,7 @@
 //! in one forward and decoded one token per step with the KV cache. Each row has its own
 //! positions and never sees its padding, so every output equals running its prompt alone.
 
-use super::paged::{KvType, PagedKvCache};
+use super::paged::{KvType, PagedKvCache, PagedStep, SeqId};
 use super::sampler::{Sampler, SamplerConfig};
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Model};
@@ -55,29 +55,46 @@ pub fn last_logits(model: &Model, h: &Tensor) -> Result<Vec<Vec<f32>>> {
 
 /// One forward over the paged cache: appends each `(seq, tokens)` and returns the next-token
 /// logits after each sequence's last new token. Use on a `freeze()`d model. A packed model runs
-/// the host forward (`model::host`, the same values without candle between the matmuls).
+/// the host forward (`model::host`: the same values as [`paged_forward_reference`], without
+/// candle between the matmuls).
 pub fn paged_forward(
     model: &Model,
-    batch: &[(super::paged::SeqId, Vec<u32>)],
-    cache: &mut super::paged::PagedKvCache,
+    batch: &[(SeqId, Vec<u32>)],
+    cache: &mut PagedKvCache,
 ) -> Result<Vec<Vec<f32>>> {
-    let (mut step, ids) = super::paged::PagedStep::new(cache, batch)?;
+    if !model.runs_on_host() {
+        return paged_forward_reference(model, batch, cache);
+    }
+    let (mut step, ids) = PagedStep::new(cache, batch)?;
+    model.host_logits(&ids, &mut step, &last_rows(batch))
+}
+
+/// [`paged_forward`] through the one forward, `Model::forward` (any model and device): the
+/// reference the host forward is checked against.
+pub fn paged_forward_reference(
+    model: &Model,
+    batch: &[(SeqId, Vec<u32>)],
+    cache: &mut PagedKvCache,
+) -> Result<Vec<Vec<f32>>> {
+    let (mut step, ids) = PagedStep::new(cache, batch)?;
     let n = ids.len();
-    let mut last = Vec::with_capacity(batch.len());
-    let mut end = 0;
-    for (_, toks) in batch {
-        end += toks.len();
-        last.push(end - 1);
-    }
-    if model.runs_on_host() {
-        return model.host_logits(&ids, &mut step, &last);
-    }
-    let last: Vec<u32> = last.iter().map(|&r| r as u32).collect();
+    let last: Vec<u32> = last_rows(batch).iter().map(|&r| r as u32).collect();
     let h = model.forward(&Tensor::from_vec(ids, (1, n), model.device())?, &mut step)?;
     let h = h
         .squeeze(0)?
         .index_select(&Tensor::new(last.as_slice(), model.device())?, 0)?;
     Ok(model.logits(&h)?.to_dtype(DType::F32)?.to_vec2()?)
+}
+
+/// The index of each sequence's last new token in the step's flattened tokens.
+fn last_rows(batch: &[(SeqId, Vec<u32>)]) -> Vec<usize> {
+    batch
+        .iter()
+        .scan(0, |end, (_, toks)| {
+            *end += toks.len();
+            Some(*end - 1)
+        })
+        .collect()
 }
 
 /// One sampler per row: row r draws with seed `seed + r`, its prompt seen by the repetition

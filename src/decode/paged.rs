@@ -705,9 +705,7 @@ impl Cache for PagedStep<'_> {
                 step.new_tokens
             )));
         }
-        Ok(Positions::Shared(
-            self.rows.iter().map(|r| r.1 as u32).collect(),
-        ))
+        Ok(Positions::Shared(HostAttention::positions(self)))
     }
 
     fn attend(

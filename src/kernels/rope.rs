@@ -86,13 +86,15 @@ fn rotate<T: Float>(x: &mut [T], cs: &[f64], sn: &[f64]) {
 /// of the tables `[T, d]` ([`Rope::tables`] widened to f64, as the op holds them). The same
 /// arithmetic as the op, so the same bits.
 pub fn rope_rows(x: &mut [f32], d: usize, cos: &[f64], sin: &[f64]) {
-    if d == 0 {
+    let tokens = cos.len().checked_div(d).unwrap_or(0);
+    let Some(per_token) = x.len().checked_div(tokens).filter(|&p| p > 0) else {
         return;
-    }
-    let tokens = cos.len() / d;
-    let per_token = x.len() / tokens.max(1);
-    for (t, tok) in x.chunks_mut(per_token.max(1)).enumerate().take(tokens) {
-        let (cs, sn) = (&cos[t * d..(t + 1) * d], &sin[t * d..(t + 1) * d]);
+    };
+    for ((tok, cs), sn) in x
+        .chunks_exact_mut(per_token)
+        .zip(cos.chunks_exact(d))
+        .zip(sin.chunks_exact(d))
+    {
         for head in tok.chunks_exact_mut(d) {
             rotate(head, cs, sn);
         }

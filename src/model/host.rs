@@ -145,7 +145,7 @@ impl Model {
             last.extend_from_slice(row);
         }
         let h = rms_norm_rows(&last, self.norm.host_weight()?, self.norm.eps());
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let head = self.head();
         let [logits] = matmul([head], &h, rows.len())?;
         let vocab = packed(head)?.rows;
         Ok(logits.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect())

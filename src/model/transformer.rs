@@ -374,9 +374,14 @@ impl Model {
         self.norm.forward(&x, self.kernels)
     }
 
+    /// The LM head: its own layer, or the embedding when tied.
+    pub(super) fn head(&self) -> &TernaryLinear {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
     /// Logits `[..., vocab]` of hidden states `[..., H]`, in the weights' dtype.
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let head = self.head();
         // Mixed precision: the head GEMM runs in the compute dtype, the logits come back in the
         // weights' (f32) for sampling and losses.
         Ok(head

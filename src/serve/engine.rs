@@ -112,7 +112,7 @@ impl Default for EngineConfig {
             parallel: 4,
             ctx: 2048,
             prefill_chunk: 256,
-            block_size: 16,
+            block_size: crate::decode::generate::DEFAULT_BLOCK,
             kv_type: KvType::F32,
         }
     }
