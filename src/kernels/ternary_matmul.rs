@@ -1798,19 +1798,35 @@ mod x86 {
         /// Bytes of one B tile: K / 4 rows of N tokens x 4 values.
         const B_TILE: usize = K * N;
 
-        /// Quantized activations as AMX B tiles: per 16-token tile and per 32-value group, 8
-        /// rows of 64 bytes where row `i` holds values `4i .. 4i + 3` of token 0, then of token
-        /// 1, ... (tokens past `n` are zero), and the 16 tokens' steps of that group.
+        /// Quantized activations as AMX B tiles.
+        ///
+        /// More than [`PAIRED`] tokens: per 16-token tile and per 32-value group, 8 rows of 64
+        /// bytes where row `i` holds values `4i .. 4i + 3` of token 0, then of token 1, ...
+        /// (tokens past `n` are zero), and the 16 tokens' steps of that group.
+        ///
+        /// At most [`PAIRED`] tokens (batched decode): one tile, and each B tile holds a whole
+        /// 64-block (K = 64): its first 8 rows hold the block's first group in columns 0-7
+        /// (one per token) and zeros in columns 8-15, its last 8 rows the second group in
+        /// columns 8-15. One multiply then gives both groups' sums side by side, so a
+        /// half-empty token tile costs half the multiplies, tile stores and epilogue; the
+        /// block's 16 steps are laid out the same way (lanes 0-7 the first group's).
         pub struct Acts {
             b: Vec<i8>,
             steps: Vec<f32>,
             groups: usize,
             tiles: usize,
             n: usize,
+            paired: bool,
         }
+
+        /// Most tokens that run as paired tiles (one 64-block per B tile).
+        pub const PAIRED: usize = N / 2;
 
         impl Acts {
             pub fn new(xq: &QuantizedRows, n: usize) -> Acts {
+                if n <= PAIRED {
+                    return Acts::paired(xq, n);
+                }
                 let groups = xq.sbs * SB / K;
                 let tiles = n.div_ceil(N);
                 let mut b = vec![0i8; tiles * groups * B_TILE];
@@ -1844,6 +1860,40 @@ mod x86 {
                     groups,
                     tiles,
                     n,
+                    paired: false,
+                }
+            }
+
+            /// The paired layout (struct doc) for `n <= PAIRED` tokens.
+            fn paired(xq: &QuantizedRows, n: usize) -> Acts {
+                let groups = xq.sbs * SB / K;
+                let blocks = groups / 2;
+                // Per 64-block: 16 rows of 64 bytes (the same bytes as two 32-groups' tiles).
+                let mut b = vec![0i8; blocks * 2 * B_TILE];
+                let mut steps = vec![0f32; blocks * N];
+                for k in 0..n {
+                    let row = xq.row(k);
+                    let (q, lanes) = (row.q, row.lanes);
+                    for h in 0..blocks {
+                        let dst = &mut b[h * 2 * B_TILE..(h + 1) * 2 * B_TILE];
+                        for half in 0..2 {
+                            let (g, col) = (2 * h + half, half * PAIRED + k);
+                            for i in 0..K / 4 {
+                                let at = (half * K / 4 + i) * 4 * N + 4 * col;
+                                dst[at..at + 4]
+                                    .copy_from_slice(&q[g * K + 4 * i..g * K + 4 * i + 4]);
+                            }
+                            steps[h * N + col] = step_of(lanes, g * K);
+                        }
+                    }
+                }
+                Acts {
+                    b,
+                    steps,
+                    groups,
+                    tiles: 1,
+                    n,
+                    paired: true,
                 }
             }
         }
@@ -1878,20 +1928,29 @@ mod x86 {
                 // Two sets of 4 tile results (8 KiB), zeroed once per call, not per block.
                 let mut c: [[CTile; 4]; 2] =
                     std::array::from_fn(|_| std::array::from_fn(|_| CTile([0; M * N])));
+                // Values per multiply: one 32-group, or a 64-block when paired.
+                let k = if acts.paired { 2 * K } else { K };
                 let mut cfg = TileConfig::new();
                 for t in [0, 3, 4, 5] {
                     cfg = cfg.set(t, M as u8, (4 * N) as u16); // C: 16 rows x 16 int32
                 }
                 for t in [1, 6] {
-                    cfg = cfg.set(t, M as u8, K as u16); // A: 16 weight rows x 32 int8
+                    cfg = cfg.set(t, M as u8, k as u16); // A: 16 weight rows x k int8
                 }
                 for t in [2, 7] {
-                    cfg = cfg.set(t, (K / 4) as u8, (4 * N) as u16); // B: 8 x (16 tokens x 4)
+                    cfg = cfg.set(t, (k / 4) as u8, (4 * N) as u16); // B: k / 4 x (16 x 4)
                 }
                 cfg.load();
                 for r0 in rows.clone().step_by(M) {
                     let nr = M.min(rows.end - r0);
                     unpack(m, r0, nr, a, w);
+                    if acts.paired {
+                        block_paired(a, w, acts, width, &mut c, |k, v| {
+                            let at = out.add(k * m.rows + r0);
+                            _mm512_mask_storeu_ps(at, ((1u32 << nr) - 1) as u16, v);
+                        });
+                        continue;
+                    }
                     for tt in 0..acts.tiles {
                         block(a, w, acts, tt, width, &mut c, |k, v| {
                             let at = out.add((tt * N + k) * m.rows + r0);
@@ -1928,6 +1987,120 @@ mod x86 {
                 for (b, s) in s.iter().enumerate() {
                     w[b * M + r] = *s * f;
                 }
+            }
+        }
+
+        /// [`block`] for the paired layout ([`Acts`]: at most [`PAIRED`] tokens, one 64-block
+        /// per multiply). Units of four 64-blocks (two super-blocks; a row has an even number
+        /// of blocks, so the last unit has two or four) run into the four accumulator tiles,
+        /// and, as in [`block`], unit `u + 1` is issued before unit `u`'s epilogue. Per row the
+        /// f32 accumulator holds the even groups' sums of the tokens in lanes 0-7 and the odd
+        /// groups' in lanes 8-15; the two halves are added once, at the end.
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        unsafe fn block_paired(
+            a: &[i8],
+            w: &[f32],
+            acts: &Acts,
+            width: usize,
+            c: &mut [[CTile; 4]; 2],
+            mut store: impl FnMut(usize, __m512),
+        ) {
+            const BLOCK: usize = 2 * K;
+            const B_BLOCK: usize = 2 * B_TILE;
+            let blocks = acts.groups / 2;
+            let units = blocks.div_ceil(4);
+            let mut acc = [_mm512_setzero_ps(); M];
+            for u in 0..=units {
+                if u < units {
+                    let (a, b, c) = (
+                        a.as_ptr().add(4 * u * BLOCK),
+                        acts.b.as_ptr().add(4 * u * B_BLOCK),
+                        &mut c[u % 2],
+                    );
+                    if blocks - 4 * u >= 4 {
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm3",
+                            "tilezero tmm4",
+                            "tilezero tmm5",
+                            "tileloadd tmm1, [{a0} + {sa} * 1]",
+                            "tileloadd tmm2, [{b0} + {sb} * 1]",
+                            "tdpbssd tmm0, tmm1, tmm2",
+                            "tileloadd tmm6, [{a1} + {sa} * 1]",
+                            "tileloadd tmm7, [{b1} + {sb} * 1]",
+                            "tdpbssd tmm3, tmm6, tmm7",
+                            "tileloadd tmm1, [{a2} + {sa} * 1]",
+                            "tileloadd tmm2, [{b2} + {sb} * 1]",
+                            "tdpbssd tmm4, tmm1, tmm2",
+                            "tileloadd tmm6, [{a3} + {sa} * 1]",
+                            "tileloadd tmm7, [{b3} + {sb} * 1]",
+                            "tdpbssd tmm5, tmm6, tmm7",
+                            "tilestored [{c0} + {sb} * 1], tmm0",
+                            "tilestored [{c1} + {sb} * 1], tmm3",
+                            "tilestored [{c2} + {sb} * 1], tmm4",
+                            "tilestored [{c3} + {sb} * 1], tmm5",
+                            a0 = in(reg) a,
+                            a1 = in(reg) a.add(BLOCK),
+                            a2 = in(reg) a.add(2 * BLOCK),
+                            a3 = in(reg) a.add(3 * BLOCK),
+                            sa = in(reg) width,
+                            b0 = in(reg) b,
+                            b1 = in(reg) b.add(B_BLOCK),
+                            b2 = in(reg) b.add(2 * B_BLOCK),
+                            b3 = in(reg) b.add(3 * B_BLOCK),
+                            sb = in(reg) 4 * N,
+                            c0 = in(reg) c[0].0.as_mut_ptr(),
+                            c1 = in(reg) c[1].0.as_mut_ptr(),
+                            c2 = in(reg) c[2].0.as_mut_ptr(),
+                            c3 = in(reg) c[3].0.as_mut_ptr(),
+                            options(nostack),
+                        );
+                    } else {
+                        asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm3",
+                            "tileloadd tmm1, [{a0} + {sa} * 1]",
+                            "tileloadd tmm2, [{b0} + {sb} * 1]",
+                            "tdpbssd tmm0, tmm1, tmm2",
+                            "tileloadd tmm6, [{a1} + {sa} * 1]",
+                            "tileloadd tmm7, [{b1} + {sb} * 1]",
+                            "tdpbssd tmm3, tmm6, tmm7",
+                            "tilestored [{c0} + {sb} * 1], tmm0",
+                            "tilestored [{c1} + {sb} * 1], tmm3",
+                            a0 = in(reg) a,
+                            a1 = in(reg) a.add(BLOCK),
+                            sa = in(reg) width,
+                            b0 = in(reg) b,
+                            b1 = in(reg) b.add(B_BLOCK),
+                            sb = in(reg) 4 * N,
+                            c0 = in(reg) c[0].0.as_mut_ptr(),
+                            c1 = in(reg) c[1].0.as_mut_ptr(),
+                            options(nostack),
+                        );
+                    }
+                }
+                if u > 0 {
+                    let u = u - 1;
+                    let nb = 4.min(blocks - 4 * u);
+                    let cs = &c[u % 2];
+                    for j in 0..nb {
+                        let h = 4 * u + j;
+                        let steps = _mm512_loadu_ps(acts.steps.as_ptr().add(h * N));
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let at = cs[j].0.as_ptr().add(r * N) as *const __m512i;
+                            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(at)), steps);
+                            let wr = *w.as_ptr().add(h * M + r);
+                            *acc = _mm512_fmadd_ps(t, _mm512_set1_ps(wr), *acc);
+                        }
+                    }
+                }
+            }
+            // Each row's two halves (even and odd groups) added, then transposed: output `k`
+            // of the transpose is token `k`'s 16 rows.
+            let acc = acc.map(|v| _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v)));
+            let t = crate::kernels::amx::transpose16(acc);
+            for (k, v) in t.into_iter().enumerate().take(acts.n) {
+                store(k, v);
             }
         }
 
@@ -2359,8 +2532,9 @@ mod tests {
         let per_token = m.act_quant == ActQuant::PerToken;
         {
             // 9 tokens: the activations are quantized in parallel (8 or more rows); 6, 9, 13 and
-            // 15 end in token tiles of every size; 17 and 40 leave partial AMX tiles of 16.
-            for n in [1, 3, 6, 9, 13, 15, 17, 40] {
+            // 15 end in token tiles of every size; 17 and 40 leave partial AMX tiles of 16; 6
+            // and 8 run AMX's paired tiles.
+            for n in [1, 3, 6, 8, 9, 13, 15, 17, 40] {
                 let x = input(n, cols);
                 let xq = QuantizedRows::new(&x, n, cols, m.sbs, false, per_token);
                 let reference = matmul_reference(m, &x, n);
