@@ -1925,6 +1925,9 @@ mod x86 {
                 let (width, blocks) = (m.sbs * SB, 2 * m.sbs);
                 a.resize(M * width, 0);
                 w.resize(blocks * M, 0.0);
+                // Paired calls: two units' A tiles (unit u + 1 is unpacked while unit u's
+                // tiles multiply), 8 KiB, zeroed once per call as the C tiles.
+                let mut units = [UnitTiles([0; UNIT]), UnitTiles([0; UNIT])];
                 // Two sets of 4 tile results (8 KiB), zeroed once per call, not per block.
                 let mut c: [[CTile; 4]; 2] =
                     std::array::from_fn(|_| std::array::from_fn(|_| CTile([0; M * N])));
@@ -1943,14 +1946,22 @@ mod x86 {
                 cfg.load();
                 for r0 in rows.clone().step_by(M) {
                     let nr = M.min(rows.end - r0);
-                    unpack(m, r0, nr, a, w);
                     if acts.paired {
-                        block_paired(a, w, acts, width, &mut c, |k, v| {
+                        unpack_scales(m, r0, nr, w);
+                        // The next 16 rows' codes, fetched into L2 while this block multiplies
+                        // (decode-sized calls are as much reading as multiplying).
+                        let cb = m.sbs * 32;
+                        let next = (r0 + M).min(m.rows)..(r0 + 2 * M).min(m.rows);
+                        let ahead = &m.codes[next.start * cb..next.end * cb];
+                        let codes = m.codes[r0 * cb..].as_ptr();
+                        let tiles = &mut units;
+                        block_paired(codes, m.sbs, nr, w, acts, ahead, tiles, &mut c, |k, v| {
                             let at = out.add(k * m.rows + r0);
                             _mm512_mask_storeu_ps(at, ((1u32 << nr) - 1) as u16, v);
                         });
                         continue;
                     }
+                    unpack(m, r0, nr, a, w);
                     for tt in 0..acts.tiles {
                         block(a, w, acts, tt, width, &mut c, |k, v| {
                             let at = out.add((tt * N + k) * m.rows + r0);
@@ -1969,10 +1980,8 @@ mod x86 {
             let width = m.sbs * SB;
             if nr < M {
                 a.fill(0);
-                w.fill(0.0);
             }
             let one = _mm512_set1_epi8(1);
-            let mut buf = Vec::new();
             for r in 0..nr {
                 let codes = m.codes.as_ptr().add((r0 + r) * m.sbs * 32);
                 let dst = a.as_mut_ptr().add(r * width);
@@ -1982,10 +1991,52 @@ mod x86 {
                     _mm512_storeu_si512(d, _mm512_sub_epi8(p01, one));
                     _mm512_storeu_si512(d.add(1), _mm512_sub_epi8(p23, one));
                 }
+            }
+            unpack_scales(m, r0, nr, w);
+        }
+
+        /// The 64-block scales of rows `r0 .. r0 + nr` (`w`: per block, the 16 rows'; rows past
+        /// `nr` are zero).
+        fn unpack_scales(m: &PackedMatrix, r0: usize, nr: usize, w: &mut [f32]) {
+            if nr < M {
+                w.fill(0.0);
+            }
+            let mut buf = Vec::new();
+            for r in 0..nr {
                 let (s, factor) = m.scales_of(r0 + r..r0 + r + 1, &mut buf);
                 let f = factor.map_or(1.0, |f| f[0]);
                 for (b, s) in s.iter().enumerate() {
                     w[b * M + r] = *s * f;
+                }
+            }
+        }
+
+        /// Bytes of one unit's A tiles in [`block_paired`]: four 64-blocks of 16 rows.
+        const UNIT: usize = 4 * M * 2 * K;
+
+        /// A unit's A tiles: 64-block `j` of the unit's 16 rows at `j * 1024`, row by row.
+        #[repr(C, align(64))]
+        struct UnitTiles([i8; UNIT]);
+
+        /// Unit `u` (super-blocks `2u`, `2u + 1` where they exist) of the 16 rows whose codes
+        /// start at `codes` (`sbs` super-blocks a row), as [`UnitTiles`]; rows past `nr` are
+        /// left as they are (zero).
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        unsafe fn unpack_unit(
+            codes: *const u8,
+            sbs: usize,
+            nr: usize,
+            u: usize,
+            dst: &mut UnitTiles,
+        ) {
+            let one = _mm512_set1_epi8(1);
+            let d = dst.0.as_mut_ptr();
+            for r in 0..nr {
+                for s in 0..2.min(sbs - 2 * u) {
+                    let (p01, p23) = super::z::planes(codes.add((r * sbs + 2 * u + s) * 32));
+                    let at = |j: usize| d.add(j * M * 2 * K + r * 2 * K) as *mut __m512i;
+                    _mm512_store_si512(at(2 * s), _mm512_sub_epi8(p01, one));
+                    _mm512_store_si512(at(2 * s + 1), _mm512_sub_epi8(p23, one));
                 }
             }
         }
@@ -1996,24 +2047,38 @@ mod x86 {
         /// and, as in [`block`], unit `u + 1` is issued before unit `u`'s epilogue. Per row the
         /// f32 accumulator holds the even groups' sums of the tokens in lanes 0-7 and the odd
         /// groups' in lanes 8-15; the two halves are added once, at the end.
+        #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
         unsafe fn block_paired(
-            a: &[i8],
+            codes: *const u8,
+            sbs: usize,
+            nr: usize,
             w: &[f32],
             acts: &Acts,
-            width: usize,
+            ahead: &[u8],
+            tiles: &mut [UnitTiles; 2],
             c: &mut [[CTile; 4]; 2],
             mut store: impl FnMut(usize, __m512),
         ) {
-            const BLOCK: usize = 2 * K;
+            const BLOCK: usize = M * 2 * K;
             const B_BLOCK: usize = 2 * B_TILE;
             let blocks = acts.groups / 2;
             let units = blocks.div_ceil(4);
+            if nr < M {
+                // Rows past `nr` multiply as zeros (no unit writes them).
+                tiles.iter_mut().for_each(|t| t.0.fill(0));
+            }
+            unpack_unit(codes, sbs, nr, 0, &mut tiles[0]);
+            // Cache lines of `ahead` each unit prefetches (spread so the fill buffers keep up).
+            let per_unit = ahead.len().div_ceil(64).div_ceil(units.max(1));
             let mut acc = [_mm512_setzero_ps(); M];
             for u in 0..=units {
                 if u < units {
+                    for l in u * per_unit..((u + 1) * per_unit).min(ahead.len().div_ceil(64)) {
+                        _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(64 * l) as *const i8);
+                    }
                     let (a, b, c) = (
-                        a.as_ptr().add(4 * u * BLOCK),
+                        tiles[u % 2].0.as_ptr(),
                         acts.b.as_ptr().add(4 * u * B_BLOCK),
                         &mut c[u % 2],
                     );
@@ -2043,7 +2108,7 @@ mod x86 {
                             a1 = in(reg) a.add(BLOCK),
                             a2 = in(reg) a.add(2 * BLOCK),
                             a3 = in(reg) a.add(3 * BLOCK),
-                            sa = in(reg) width,
+                            sa = in(reg) 2 * K,
                             b0 = in(reg) b,
                             b1 = in(reg) b.add(B_BLOCK),
                             b2 = in(reg) b.add(2 * B_BLOCK),
@@ -2069,7 +2134,7 @@ mod x86 {
                             "tilestored [{c1} + {sb} * 1], tmm3",
                             a0 = in(reg) a,
                             a1 = in(reg) a.add(BLOCK),
-                            sa = in(reg) width,
+                            sa = in(reg) 2 * K,
                             b0 = in(reg) b,
                             b1 = in(reg) b.add(B_BLOCK),
                             sb = in(reg) 4 * N,
@@ -2077,6 +2142,9 @@ mod x86 {
                             c1 = in(reg) c[1].0.as_mut_ptr(),
                             options(nostack),
                         );
+                    }
+                    if u + 1 < units {
+                        unpack_unit(codes, sbs, nr, u + 1, &mut tiles[(u + 1) % 2]);
                     }
                 }
                 if u > 0 {
