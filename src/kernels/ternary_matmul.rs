@@ -2150,12 +2150,11 @@ mod x86 {
                 if u > 0 {
                     let u = u - 1;
                     let nb = 4.min(blocks - 4 * u);
-                    let cs = &c[u % 2];
-                    for j in 0..nb {
+                    for (j, cj) in c[u % 2].iter().enumerate().take(nb) {
                         let h = 4 * u + j;
                         let steps = _mm512_loadu_ps(acts.steps.as_ptr().add(h * N));
                         for (r, acc) in acc.iter_mut().enumerate() {
-                            let at = cs[j].0.as_ptr().add(r * N) as *const __m512i;
+                            let at = cj.0.as_ptr().add(r * N) as *const __m512i;
                             let t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(at)), steps);
                             let wr = *w.as_ptr().add(h * M + r);
                             *acc = _mm512_fmadd_ps(t, _mm512_set1_ps(wr), *acc);
