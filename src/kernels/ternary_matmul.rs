@@ -449,6 +449,23 @@ impl PackedMatrix {
         }
     }
 
+    /// The stored bytes of `rows`: their codes, and their scales as stored (f32 or byte codes),
+    /// for prefetching.
+    fn bytes_of(&self, rows: std::ops::Range<usize>) -> [&[u8]; 2] {
+        let cb = self.sbs * 32;
+        let codes = &self.codes[rows.start * cb..rows.end * cb];
+        let scales: &[u8] = match &self.scales {
+            Scales::F32(s) => {
+                let per = 2 * self.sbs;
+                let s = &s[rows.start * per..rows.end * per];
+                // SAFETY: any f32 slice is a valid byte slice of four times its length.
+                unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, 4 * s.len()) }
+            }
+            Scales::Byte(b) => &b.codes[rows.start * b.per..rows.end * b.per],
+        };
+        [codes, scales]
+    }
+
     /// Row `r` dequantized (embedding lookup; the reference).
     pub fn row(&self, r: usize) -> Vec<f32> {
         let c = &self.codes[r * self.sbs * 32..];
@@ -1950,10 +1967,9 @@ mod x86 {
                         unpack_scales(m, r0, nr, w);
                         // The next 16 rows' codes, fetched into L2 while this block multiplies
                         // (decode-sized calls are as much reading as multiplying).
-                        let cb = m.sbs * 32;
                         let next = (r0 + M).min(m.rows)..(r0 + 2 * M).min(m.rows);
-                        let ahead = &m.codes[next.start * cb..next.end * cb];
-                        let codes = m.codes[r0 * cb..].as_ptr();
+                        let ahead = m.bytes_of(next);
+                        let codes = m.codes[r0 * m.sbs * 32..].as_ptr();
                         let tiles = &mut units;
                         block_paired(codes, m.sbs, nr, w, acts, ahead, tiles, &mut c, |k, v| {
                             let at = out.add(k * m.rows + r0);
@@ -1995,20 +2011,31 @@ mod x86 {
             unpack_scales(m, r0, nr, w);
         }
 
-        /// The 64-block scales of rows `r0 .. r0 + nr` (`w`: per block, the 16 rows'; rows past
-        /// `nr` are zero).
-        fn unpack_scales(m: &PackedMatrix, r0: usize, nr: usize, w: &mut [f32]) {
-            if nr < M {
-                w.fill(0.0);
+        /// The 64-block scales of rows `r0 .. r0 + nr`, each times its row's factor (`w`: per
+        /// block, the 16 rows'; rows past `nr` are zero): one gather per block.
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
+        unsafe fn unpack_scales(m: &PackedMatrix, r0: usize, nr: usize, w: &mut [f32]) {
+            thread_local! {
+                static BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
             }
-            let mut buf = Vec::new();
-            for r in 0..nr {
-                let (s, factor) = m.scales_of(r0 + r..r0 + r + 1, &mut buf);
-                let f = factor.map_or(1.0, |f| f[0]);
-                for (b, s) in s.iter().enumerate() {
-                    w[b * M + r] = *s * f;
+            BUF.with_borrow_mut(|buf| {
+                let per = 2 * m.sbs;
+                let (s, factor) = m.scales_of(r0..r0 + nr, buf);
+                let mask = ((1u32 << nr) - 1) as u16;
+                let f = match factor {
+                    Some(f) => _mm512_maskz_loadu_ps(mask, f.as_ptr()),
+                    None => _mm512_set1_ps(1.0),
+                };
+                let rows = _mm512_mullo_epi32(
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                    _mm512_set1_epi32(per as i32),
+                );
+                for b in 0..per {
+                    let at = s.as_ptr().add(b);
+                    let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, rows, at);
+                    _mm512_storeu_ps(w.as_mut_ptr().add(b * M), _mm512_mul_ps(v, f));
                 }
-            }
+            })
         }
 
         /// Bytes of one unit's A tiles in [`block_paired`]: four 64-blocks of 16 rows.
@@ -2055,7 +2082,7 @@ mod x86 {
             nr: usize,
             w: &[f32],
             acts: &Acts,
-            ahead: &[u8],
+            ahead: [&[u8]; 2],
             tiles: &mut [UnitTiles; 2],
             c: &mut [[CTile; 4]; 2],
             mut store: impl FnMut(usize, __m512),
@@ -2070,12 +2097,17 @@ mod x86 {
             }
             unpack_unit(codes, sbs, nr, 0, &mut tiles[0]);
             // Cache lines of `ahead` each unit prefetches (spread so the fill buffers keep up).
-            let per_unit = ahead.len().div_ceil(64).div_ceil(units.max(1));
+            let lines = ahead.map(|a| a.len().div_ceil(64));
+            let per_unit = (lines[0] + lines[1]).div_ceil(units.max(1));
+            let line = |l: usize| match l < lines[0] {
+                true => ahead[0].as_ptr().add(64 * l),
+                false => ahead[1].as_ptr().add(64 * (l - lines[0])),
+            };
             let mut acc = [_mm512_setzero_ps(); M];
             for u in 0..=units {
                 if u < units {
-                    for l in u * per_unit..((u + 1) * per_unit).min(ahead.len().div_ceil(64)) {
-                        _mm_prefetch::<_MM_HINT_T1>(ahead.as_ptr().add(64 * l) as *const i8);
+                    for l in u * per_unit..((u + 1) * per_unit).min(lines[0] + lines[1]) {
+                        _mm_prefetch::<_MM_HINT_T1>(line(l) as *const i8);
                     }
                     let (a, b, c) = (
                         tiles[u % 2].0.as_ptr(),
