@@ -85,6 +85,27 @@ impl Pool {
         };
     }
 
+    /// Asks the CPU to bring values `r` into the cache (a hint; nothing off x86-64).
+    fn prefetch(&self, r: std::ops::Range<usize>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (at, len) = match self {
+                Pool::F32(p) => (p[r.clone()].as_ptr() as *const u8, r.len() * 4),
+                Pool::F16(p) => (p[r.clone()].as_ptr() as *const u8, r.len() * 2),
+            };
+            for l in (0..len).step_by(64) {
+                // SAFETY: a prefetch of an address inside the slice (it never faults).
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        at.add(l) as *const i8
+                    )
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = r;
+    }
+
     fn bytes(&self) -> usize {
         match self {
             Pool::F32(p) => p.len() * 4,
@@ -606,6 +627,14 @@ impl PagedKvCache {
         for p0 in (0..=last).step_by(bs) {
             let base = self.slot(seq, p0, kvh);
             let nb = (last + 1 - p0).min(bs);
+            // Each block's K and V are a page apart from the last block's: the hardware
+            // prefetchers start cold on every one. This block's V is fetched while its scores
+            // are computed, the next block's K while its values are added.
+            self.v[layer].prefetch(base..base + nb * hd);
+            if p0 + bs <= last {
+                let next = self.slot(seq, p0 + bs, kvh);
+                self.k[layer].prefetch(next..next + (last + 1 - p0 - bs).min(bs) * hd);
+            }
             let kb = E::block(&self.k[layer], base..base + nb * hd, &mut kbuf);
             let vb = E::block(&self.v[layer], base..base + nb * hd, &mut vbuf);
             // Rows before this block's first position see none of it.
