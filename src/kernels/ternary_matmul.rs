@@ -61,8 +61,9 @@ const TILE: usize = 4;
 /// Rows that share one load of a token's activations (decode).
 const ROWS: usize = 4;
 /// Fewest tokens for which `Isa::Amx` runs its tiles (fewer run the AVX-512 VNNI kernels: a
-/// call costs AMX about the same from 1 to 16 tokens, the weights' unpacking; `tern bench gemm`
-/// at [3072, 1024] on 1 thread: 4 tokens 0.21 vs 0.18 ms, 5 tokens 0.20 vs 0.24, 8 0.22 vs 0.37).
+/// call costs AMX about the same from 2 to 8 tokens, the weights' unpacking; `tern bench gemm`
+/// at [3072, 1024] on 1 thread, AMX vs VNNI: 2 tokens 0.155 vs 0.107 ms, 3 0.156 vs 0.148, 4
+/// 0.148 vs 0.162-0.176, 5 0.150 vs 0.238, 8 0.16 vs 0.34; at 4 the two are within noise).
 pub const AMX_MIN_TOKENS: usize = 5;
 /// Rows that share each token's activation loads in a prefill tile (AVX-512 VNNI: 2 rows x 4
 /// tokens keep 8 accumulators, 4 code planes and 2 activation vectors in registers).
@@ -1798,7 +1799,9 @@ mod x86 {
     /// by its token's activation step times its row's weight scale into f32 accumulators (the
     /// per-32 activation scales stay exact, as in the vector kernels). With K = 32 each tile
     /// result must be stored and rescaled: perf puts most of the time in those stores and
-    /// the tile loads, the rest in the epilogue.
+    /// the tile loads, the rest in the epilogue. At most 8 tokens (batched decode) run paired
+    /// tiles instead (`Acts`, `block_paired`): two groups per multiply in the two halves
+    /// of the token columns, each unit of the weights unpacked just before its tiles.
     pub mod amx {
         use crate::kernels::amx::{release, TileConfig};
         use crate::kernels::ternary_matmul::{step_of, PackedMatrix, QuantizedRows, SB};
