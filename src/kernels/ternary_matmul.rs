@@ -2071,6 +2071,108 @@ mod x86 {
             }
         }
 
+        /// Four independent tile multiplies `c[j] = a[j] x b[j]` (A: 16 weight rows `sa` bytes
+        /// apart; B: rows of 64 bytes; C stored as rows of 16 int32), each into its own
+        /// accumulator (`tmm0`, 3, 4, 5; A / B alternate between two register pairs): tile
+        /// registers are not renamed, so one accumulator would chain every zero, multiply and
+        /// store behind the last.
+        ///
+        /// # Safety
+        /// The thread's tile configuration is loaded (A in `tmm1`, `tmm6`; B in `tmm2`, `tmm7`;
+        /// C in `tmm0`, 3, 4, 5), and every address holds its tile.
+        #[inline(always)]
+        unsafe fn tiles4(a: [*const i8; 4], sa: usize, b: [*const i8; 4], c: [*mut i32; 4]) {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm3",
+                "tilezero tmm4",
+                "tilezero tmm5",
+                "tileloadd tmm1, [{a0} + {sa} * 1]",
+                "tileloadd tmm2, [{b0} + {sb} * 1]",
+                "tdpbssd tmm0, tmm1, tmm2",
+                "tileloadd tmm6, [{a1} + {sa} * 1]",
+                "tileloadd tmm7, [{b1} + {sb} * 1]",
+                "tdpbssd tmm3, tmm6, tmm7",
+                "tileloadd tmm1, [{a2} + {sa} * 1]",
+                "tileloadd tmm2, [{b2} + {sb} * 1]",
+                "tdpbssd tmm4, tmm1, tmm2",
+                "tileloadd tmm6, [{a3} + {sa} * 1]",
+                "tileloadd tmm7, [{b3} + {sb} * 1]",
+                "tdpbssd tmm5, tmm6, tmm7",
+                "tilestored [{c0} + {sb} * 1], tmm0",
+                "tilestored [{c1} + {sb} * 1], tmm3",
+                "tilestored [{c2} + {sb} * 1], tmm4",
+                "tilestored [{c3} + {sb} * 1], tmm5",
+                a0 = in(reg) a[0],
+                a1 = in(reg) a[1],
+                a2 = in(reg) a[2],
+                a3 = in(reg) a[3],
+                sa = in(reg) sa,
+                b0 = in(reg) b[0],
+                b1 = in(reg) b[1],
+                b2 = in(reg) b[2],
+                b3 = in(reg) b[3],
+                sb = in(reg) 4 * N,
+                c0 = in(reg) c[0],
+                c1 = in(reg) c[1],
+                c2 = in(reg) c[2],
+                c3 = in(reg) c[3],
+                options(nostack),
+            );
+        }
+
+        /// The operands of [`tiles4`]: four A tiles `a.1` bytes apart from `a.0`, four B tiles
+        /// `b.1` bytes apart, and the four C buffers. (Plain arrays: closures that built them
+        /// were left as calls in the kernels, which cost a third of a decode-sized call.)
+        #[inline(always)]
+        #[allow(clippy::type_complexity)]
+        unsafe fn four(
+            a: (*const i8, usize),
+            b: (*const i8, usize),
+            c: &mut [CTile; 4],
+        ) -> ([*const i8; 4], [*const i8; 4], [*mut i32; 4]) {
+            let [c0, c1, c2, c3] = c;
+            (
+                [a.0, a.0.add(a.1), a.0.add(2 * a.1), a.0.add(3 * a.1)],
+                [b.0, b.0.add(b.1), b.0.add(2 * b.1), b.0.add(3 * b.1)],
+                [
+                    c0.0.as_mut_ptr(),
+                    c1.0.as_mut_ptr(),
+                    c2.0.as_mut_ptr(),
+                    c3.0.as_mut_ptr(),
+                ],
+            )
+        }
+
+        /// [`tiles4`] with two multiplies (`tmm0`, `tmm3`): a row's last unit of two blocks.
+        ///
+        /// # Safety
+        /// As [`tiles4`].
+        #[inline(always)]
+        unsafe fn tiles2(a: [*const i8; 2], sa: usize, b: [*const i8; 2], c: [*mut i32; 2]) {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm3",
+                "tileloadd tmm1, [{a0} + {sa} * 1]",
+                "tileloadd tmm2, [{b0} + {sb} * 1]",
+                "tdpbssd tmm0, tmm1, tmm2",
+                "tileloadd tmm6, [{a1} + {sa} * 1]",
+                "tileloadd tmm7, [{b1} + {sb} * 1]",
+                "tdpbssd tmm3, tmm6, tmm7",
+                "tilestored [{c0} + {sb} * 1], tmm0",
+                "tilestored [{c1} + {sb} * 1], tmm3",
+                a0 = in(reg) a[0],
+                a1 = in(reg) a[1],
+                sa = in(reg) sa,
+                b0 = in(reg) b[0],
+                b1 = in(reg) b[1],
+                sb = in(reg) 4 * N,
+                c0 = in(reg) c[0],
+                c1 = in(reg) c[1],
+                options(nostack),
+            );
+        }
+
         /// [`block`] for the paired layout ([`Acts`]: at most [`PAIRED`] tokens, one 64-block
         /// per multiply). Units of four 64-blocks (two super-blocks; a row has an even number
         /// of blocks, so the last unit has two or four) run into the four accumulator tiles,
@@ -2112,71 +2214,13 @@ mod x86 {
                     for l in u * per_unit..((u + 1) * per_unit).min(lines[0] + lines[1]) {
                         _mm_prefetch::<_MM_HINT_T1>(line(l) as *const i8);
                     }
-                    let (a, b, c) = (
-                        tiles[u % 2].0.as_ptr(),
-                        acts.b.as_ptr().add(4 * u * B_BLOCK),
-                        &mut c[u % 2],
-                    );
+                    let a = tiles[u % 2].0.as_ptr();
+                    let b = acts.b.as_ptr().add(4 * u * B_BLOCK);
+                    let (a, b, c) = four((a, BLOCK), (b, B_BLOCK), &mut c[u % 2]);
                     if blocks - 4 * u >= 4 {
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm3",
-                            "tilezero tmm4",
-                            "tilezero tmm5",
-                            "tileloadd tmm1, [{a0} + {sa} * 1]",
-                            "tileloadd tmm2, [{b0} + {sb} * 1]",
-                            "tdpbssd tmm0, tmm1, tmm2",
-                            "tileloadd tmm6, [{a1} + {sa} * 1]",
-                            "tileloadd tmm7, [{b1} + {sb} * 1]",
-                            "tdpbssd tmm3, tmm6, tmm7",
-                            "tileloadd tmm1, [{a2} + {sa} * 1]",
-                            "tileloadd tmm2, [{b2} + {sb} * 1]",
-                            "tdpbssd tmm4, tmm1, tmm2",
-                            "tileloadd tmm6, [{a3} + {sa} * 1]",
-                            "tileloadd tmm7, [{b3} + {sb} * 1]",
-                            "tdpbssd tmm5, tmm6, tmm7",
-                            "tilestored [{c0} + {sb} * 1], tmm0",
-                            "tilestored [{c1} + {sb} * 1], tmm3",
-                            "tilestored [{c2} + {sb} * 1], tmm4",
-                            "tilestored [{c3} + {sb} * 1], tmm5",
-                            a0 = in(reg) a,
-                            a1 = in(reg) a.add(BLOCK),
-                            a2 = in(reg) a.add(2 * BLOCK),
-                            a3 = in(reg) a.add(3 * BLOCK),
-                            sa = in(reg) 2 * K,
-                            b0 = in(reg) b,
-                            b1 = in(reg) b.add(B_BLOCK),
-                            b2 = in(reg) b.add(2 * B_BLOCK),
-                            b3 = in(reg) b.add(3 * B_BLOCK),
-                            sb = in(reg) 4 * N,
-                            c0 = in(reg) c[0].0.as_mut_ptr(),
-                            c1 = in(reg) c[1].0.as_mut_ptr(),
-                            c2 = in(reg) c[2].0.as_mut_ptr(),
-                            c3 = in(reg) c[3].0.as_mut_ptr(),
-                            options(nostack),
-                        );
+                        tiles4(a, 2 * K, b, c);
                     } else {
-                        asm!(
-                            "tilezero tmm0",
-                            "tilezero tmm3",
-                            "tileloadd tmm1, [{a0} + {sa} * 1]",
-                            "tileloadd tmm2, [{b0} + {sb} * 1]",
-                            "tdpbssd tmm0, tmm1, tmm2",
-                            "tileloadd tmm6, [{a1} + {sa} * 1]",
-                            "tileloadd tmm7, [{b1} + {sb} * 1]",
-                            "tdpbssd tmm3, tmm6, tmm7",
-                            "tilestored [{c0} + {sb} * 1], tmm0",
-                            "tilestored [{c1} + {sb} * 1], tmm3",
-                            a0 = in(reg) a,
-                            a1 = in(reg) a.add(BLOCK),
-                            sa = in(reg) 2 * K,
-                            b0 = in(reg) b,
-                            b1 = in(reg) b.add(B_BLOCK),
-                            sb = in(reg) 4 * N,
-                            c0 = in(reg) c[0].0.as_mut_ptr(),
-                            c1 = in(reg) c[1].0.as_mut_ptr(),
-                            options(nostack),
-                        );
+                        tiles2([a[0], a[1]], 2 * K, [b[0], b[1]], [c[0], c[1]]);
                     }
                     if u + 1 < units {
                         unpack_unit(codes, sbs, nr, u + 1, &mut tiles[(u + 1) % 2]);
@@ -2229,48 +2273,9 @@ mod x86 {
             let bt = acts.b.as_ptr().add(tt * groups * B_TILE);
             for sb in 0..=sbs {
                 if sb < sbs {
-                    let (a, b, c) = (
-                        a.as_ptr().add(sb * SB),
-                        bt.add(4 * sb * B_TILE),
-                        &mut c[sb % 2],
-                    );
-                    asm!(
-                        "tilezero tmm0",
-                        "tilezero tmm3",
-                        "tilezero tmm4",
-                        "tilezero tmm5",
-                        "tileloadd tmm1, [{a0} + {sa} * 1]",
-                        "tileloadd tmm2, [{b0} + {sb} * 1]",
-                        "tdpbssd tmm0, tmm1, tmm2",
-                        "tileloadd tmm6, [{a1} + {sa} * 1]",
-                        "tileloadd tmm7, [{b1} + {sb} * 1]",
-                        "tdpbssd tmm3, tmm6, tmm7",
-                        "tileloadd tmm1, [{a2} + {sa} * 1]",
-                        "tileloadd tmm2, [{b2} + {sb} * 1]",
-                        "tdpbssd tmm4, tmm1, tmm2",
-                        "tileloadd tmm6, [{a3} + {sa} * 1]",
-                        "tileloadd tmm7, [{b3} + {sb} * 1]",
-                        "tdpbssd tmm5, tmm6, tmm7",
-                        "tilestored [{c0} + {sb} * 1], tmm0",
-                        "tilestored [{c1} + {sb} * 1], tmm3",
-                        "tilestored [{c2} + {sb} * 1], tmm4",
-                        "tilestored [{c3} + {sb} * 1], tmm5",
-                        a0 = in(reg) a,
-                        a1 = in(reg) a.add(K),
-                        a2 = in(reg) a.add(2 * K),
-                        a3 = in(reg) a.add(3 * K),
-                        sa = in(reg) width,
-                        b0 = in(reg) b,
-                        b1 = in(reg) b.add(B_TILE),
-                        b2 = in(reg) b.add(2 * B_TILE),
-                        b3 = in(reg) b.add(3 * B_TILE),
-                        sb = in(reg) 4 * N,
-                        c0 = in(reg) c[0].0.as_mut_ptr(),
-                        c1 = in(reg) c[1].0.as_mut_ptr(),
-                        c2 = in(reg) c[2].0.as_mut_ptr(),
-                        c3 = in(reg) c[3].0.as_mut_ptr(),
-                        options(nostack),
-                    );
+                    let (a, b) = (a.as_ptr().add(sb * SB), bt.add(4 * sb * B_TILE));
+                    let (a, b, c) = four((a, K), (b, B_TILE), &mut c[sb % 2]);
+                    tiles4(a, width, b, c);
                 }
                 if sb > 0 {
                     let sb = sb - 1;
