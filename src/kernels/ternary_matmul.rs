@@ -1888,8 +1888,10 @@ mod x86 {
             fn paired(xq: &QuantizedRows, n: usize) -> Acts {
                 let groups = xq.sbs * SB / K;
                 let blocks = groups / 2;
-                // Per 64-block: 16 rows of 64 bytes (the same bytes as two 32-groups' tiles).
-                let mut b = vec![0i8; blocks * 2 * B_TILE];
+                // Per 64-block: 16 rows of 64 bytes (the same bytes as two 32-groups' tiles),
+                // zero-padded to whole units of four blocks so every unit runs four multiplies
+                // (the padding's products are zero and never read).
+                let mut b = vec![0i8; blocks.next_multiple_of(4) * 2 * B_TILE];
                 let mut steps = vec![0f32; blocks * N];
                 for k in 0..n {
                     let row = xq.row(k);
@@ -2144,38 +2146,9 @@ mod x86 {
             )
         }
 
-        /// [`tiles4`] with two multiplies (`tmm0`, `tmm3`): a row's last unit of two blocks.
-        ///
-        /// # Safety
-        /// As [`tiles4`].
-        #[inline(always)]
-        unsafe fn tiles2(a: [*const i8; 2], sa: usize, b: [*const i8; 2], c: [*mut i32; 2]) {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm3",
-                "tileloadd tmm1, [{a0} + {sa} * 1]",
-                "tileloadd tmm2, [{b0} + {sb} * 1]",
-                "tdpbssd tmm0, tmm1, tmm2",
-                "tileloadd tmm6, [{a1} + {sa} * 1]",
-                "tileloadd tmm7, [{b1} + {sb} * 1]",
-                "tdpbssd tmm3, tmm6, tmm7",
-                "tilestored [{c0} + {sb} * 1], tmm0",
-                "tilestored [{c1} + {sb} * 1], tmm3",
-                a0 = in(reg) a[0],
-                a1 = in(reg) a[1],
-                sa = in(reg) sa,
-                b0 = in(reg) b[0],
-                b1 = in(reg) b[1],
-                sb = in(reg) 4 * N,
-                c0 = in(reg) c[0],
-                c1 = in(reg) c[1],
-                options(nostack),
-            );
-        }
-
         /// [`block`] for the paired layout ([`Acts`]: at most [`PAIRED`] tokens, one 64-block
-        /// per multiply). Units of four 64-blocks (two super-blocks; a row has an even number
-        /// of blocks, so the last unit has two or four) run into the four accumulator tiles,
+        /// per multiply). Units of four 64-blocks (two super-blocks; a row's last unit may have
+        /// two, padded by zero activations) run into the four accumulator tiles,
         /// and, as in [`block`], unit `u + 1` is issued before unit `u`'s epilogue. Per row the
         /// f32 accumulator holds the even groups' sums of the tokens in lanes 0-7 and the odd
         /// groups' in lanes 8-15; the two halves are added once, at the end.
@@ -2217,11 +2190,7 @@ mod x86 {
                     let a = tiles[u % 2].0.as_ptr();
                     let b = acts.b.as_ptr().add(4 * u * B_BLOCK);
                     let (a, b, c) = four((a, BLOCK), (b, B_BLOCK), &mut c[u % 2]);
-                    if blocks - 4 * u >= 4 {
-                        tiles4(a, 2 * K, b, c);
-                    } else {
-                        tiles2([a[0], a[1]], 2 * K, [b[0], b[1]], [c[0], c[1]]);
-                    }
+                    tiles4(a, 2 * K, b, c);
                     if u + 1 < units {
                         unpack_unit(codes, sbs, nr, u + 1, &mut tiles[(u + 1) % 2]);
                     }
