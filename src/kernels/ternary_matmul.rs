@@ -451,7 +451,8 @@ impl PackedMatrix {
     }
 
     /// The stored bytes of `rows`: their codes, and their scales as stored (f32 or byte codes),
-    /// for prefetching.
+    /// for prefetching (the AMX kernel's).
+    #[cfg(target_arch = "x86_64")]
     fn bytes_of(&self, rows: std::ops::Range<usize>) -> [&[u8]; 2] {
         let cb = self.sbs * 32;
         let codes = &self.codes[rows.start * cb..rows.end * cb];
