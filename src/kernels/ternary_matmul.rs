@@ -1837,7 +1837,6 @@ mod x86 {
             groups: usize,
             tiles: usize,
             n: usize,
-            paired: bool,
         }
 
         /// Most tokens that run as paired tiles (one 64-block per B tile).
@@ -1846,7 +1845,7 @@ mod x86 {
         impl Acts {
             pub fn new(xq: &QuantizedRows, n: usize) -> Acts {
                 if n <= PAIRED {
-                    return Acts::paired(xq, n);
+                    return Acts::new_paired(xq, n);
                 }
                 let groups = xq.sbs * SB / K;
                 let tiles = n.div_ceil(N);
@@ -1881,12 +1880,11 @@ mod x86 {
                     groups,
                     tiles,
                     n,
-                    paired: false,
                 }
             }
 
             /// The paired layout (struct doc) for `n <= PAIRED` tokens.
-            fn paired(xq: &QuantizedRows, n: usize) -> Acts {
+            fn new_paired(xq: &QuantizedRows, n: usize) -> Acts {
                 let groups = xq.sbs * SB / K;
                 let blocks = groups / 2;
                 // Per 64-block: 16 rows of 64 bytes (the same bytes as two 32-groups' tiles),
@@ -1916,8 +1914,12 @@ mod x86 {
                     groups,
                     tiles: 1,
                     n,
-                    paired: true,
                 }
+            }
+
+            /// Whether these activations are laid out paired (at most [`PAIRED`] tokens).
+            fn paired(&self) -> bool {
+                self.n <= PAIRED
             }
         }
 
@@ -1955,7 +1957,7 @@ mod x86 {
                 let mut c: [[CTile; 4]; 2] =
                     std::array::from_fn(|_| std::array::from_fn(|_| CTile([0; M * N])));
                 // Values per multiply: one 32-group, or a 64-block when paired.
-                let k = if acts.paired { 2 * K } else { K };
+                let k = if acts.paired() { 2 * K } else { K };
                 let mut cfg = TileConfig::new();
                 for t in [0, 3, 4, 5] {
                     cfg = cfg.set(t, M as u8, (4 * N) as u16); // C: 16 rows x 16 int32
@@ -1969,7 +1971,7 @@ mod x86 {
                 cfg.load();
                 for r0 in rows.clone().step_by(M) {
                     let nr = M.min(rows.end - r0);
-                    if acts.paired {
+                    if acts.paired() {
                         unpack_scales(m, r0, nr, w);
                         // The next 16 rows' codes, fetched into L2 while this block multiplies
                         // (decode-sized calls are as much reading as multiplying).
