@@ -243,7 +243,7 @@ impl KvElem for half::f16 {
 /// widens 16 per instruction inline.
 fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if crate::kernels::avx512f() {
         // SAFETY: the CPU has AVX-512F (checked above).
         unsafe { f16_to_f32_avx512(src, dst) };
         return;
@@ -570,7 +570,7 @@ impl PagedKvCache {
         // baseline has 4): attention is a sixth of a batched step at a few hundred positions.
         // An f16 cache is read as f16 there, widened as the loops load it.
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::kernels::avx512f() {
             // SAFETY (both): the CPU has AVX-512F (checked above); f16 rows only from f16 pools.
             match self.k[layer] {
                 Pool::F16(_) => unsafe {
@@ -580,9 +580,33 @@ impl PagedKvCache {
             }
             return Ok(());
         }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe { self.rows_avx2(layer, seq, pos0, q, kvh, out) };
+            return Ok(());
+        }
         // SAFETY: not WIDE, and f32 rows read any pool.
         unsafe { self.rows::<false, f32>(layer, seq, pos0, q, kvh, out) };
         Ok(())
+    }
+
+    /// The plain loops compiled for AVX2 (8 lanes; the build's baseline has 4), for CPUs
+    /// without AVX-512 (and `TERN_ISA=avx2`). The same sums in the same order as the plain
+    /// loops: only the vector width differs.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows_avx2(
+        &self,
+        layer: usize,
+        seq: &Seq,
+        pos0: usize,
+        q: Queries,
+        kvh: usize,
+        out: &mut [f32],
+    ) {
+        self.rows::<false, f32>(layer, seq, pos0, q, kvh, out)
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -91,7 +91,7 @@ pub(crate) fn max_ignoring_nan(xs: &[f32]) -> f32 {
 fn exp_sum(block: &[f32], m: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::kernels::avx512f() {
             // SAFETY: the CPU has AVX-512F (checked above).
             return unsafe { exp_sum_avx512(block, m) };
         }

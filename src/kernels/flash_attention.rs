@@ -463,7 +463,7 @@ impl SimdLevel {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx512f") {
+            if crate::kernels::avx512f() {
                 return SimdLevel::Avx512;
             }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {

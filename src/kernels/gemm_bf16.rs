@@ -51,8 +51,7 @@ impl Bf16Kernel {
         {
             let mut v = Vec::new();
             // The packing is AVX-512 (F, BW) in both cases; every AMX CPU has it.
-            let avx512 =
-                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+            let avx512 = crate::kernels::avx512f() && is_x86_feature_detected!("avx512bw");
             if avx512 && Amx::get().bf16 {
                 v.push(Bf16Kernel::Amx);
             }

@@ -81,7 +81,7 @@ unsafe fn chunk_avx2<T: Act>(y: &mut [T], g: &[T], u: &[T]) {
 fn chunk_widest<T: Act>(y: &mut [T], g: &[T], u: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") {
+        if crate::kernels::avx512f() {
             // SAFETY: the CPU has AVX-512F (checked above).
             return unsafe { chunk_avx512(y, g, u) };
         }
