@@ -26,7 +26,11 @@
 # Usage: scripts/bench_packed.sh [OUT_DIR]
 #   env: THREADS="1 2", PROMPT=64, GEN=32, REPS=5, ARCH=qwen3-0.6b|smollm2-135m, MODEL=checkpoint,
 #        IK_LLAMA=path (optional), IK_TYPES="IQ2_BN IQ1_BN", SCALES="f32 byte",
-#        ACTS="none per_token"
+#        ACTS="none per_token", ISA=native|avx2
+#   ISA=avx2: every side as on a CPU without AVX-512 (AMD Zen 2/3, Intel client cores), on a CPU
+#   that has more: tern under TERN_ISA=avx2, llama.cpp and ik_llama.cpp built for AVX2 + FMA only
+#   (LLAMA_ISA=avx2 in their build scripts). A stand-in: the real CPU's clocks, ports and memory
+#   differ, so its figures are labelled as such in results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/bench-packed}
@@ -36,6 +40,12 @@ gen=${GEN:-32}
 reps=${REPS:-5}
 read -r -a scales <<< "${SCALES:-f32 byte}"
 read -r -a acts <<< "${ACTS:-none per_token}"
+isa=${ISA:-native}
+case $isa in
+  native) ;;
+  avx2) export TERN_ISA=avx2 LLAMA_ISA=avx2 ;;
+  *) echo "error: ISA=$isa: expected native or avx2" >&2; exit 1 ;;
+esac
 mkdir -p "$out"
 cargo build --release >&2
 tern=./target/release/tern
@@ -117,9 +127,9 @@ done
 cpu=$(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 cpu+=", CPUID family $(grep -m1 "cpu family" /proc/cpuinfo | cut -d: -f2 | tr -d ' ') model $(grep -m1 "^model[[:space:]]" /proc/cpuinfo | cut -d: -f2 | tr -d ' ')"
 flags=$(grep -m1 "^flags" /proc/cpuinfo | tr ' ' '\n' | grep -E "^(avx2|avx512f|avx512_vnni|avx_vnni|avx512_bf16|amx_tile|amx_int8|amx_bf16|asimddp)$" | tr '\n' ' ' || true)
-python3 - "$out" "$cpu" "$flags" "$(basename "$model")" <<'PY'
+python3 - "$out" "$cpu" "$flags" "$(basename "$model")" "$isa" <<'PY'
 import json, os, sys
-out, cpu, flags, model = sys.argv[1:5]
+out, cpu, flags, model, isa = sys.argv[1:6]
 load = lambda name: [json.loads(l) for l in open(f"{out}/{name}") if l.strip()]
 tern, peers = load("tern.jsonl"), load("peers.jsonl")
 bw = {int(l.split()[0]): float(l.split()[1]) for l in open(f"{out}/membw.txt")}
@@ -168,6 +178,8 @@ for t in tern:
                f"{ratio(t['decode_tok_s'], tq_d)} | {ratio(t['decode_tok_s'], best)} | "
                f"{ratio(t['prefill_tok_s'], tq_p)} | {b or 0:.1f} | "
                + ("n/a" if bound is None else f"{t['decode_tok_s'] / bound:.0%} of {bound:.0f}") + " |")
+if isa == "avx2":
+    flags += "; RUN AS AN AVX2-ONLY CPU: tern with TERN_ISA=avx2, the peers built for AVX2 + FMA only"
 table = (f"CPU: {cpu} ({os.cpu_count()} cores; {flags.strip()}); model: {model}\n\n"
          + "\n".join(rows) + "\n\n" + "\n".join(lay))
 print(table)

@@ -5,13 +5,21 @@
 # PyPI in a venv. Idempotent; the last line printed is the directory holding the binaries.
 #   scripts/build_ik_llama.sh SRC_DIR [WORKDIR]   (default WORKDIR: build/ik_llama, ignored by git)
 #   SRC_DIR: a checkout, or a git directory (a bare mirror: its HEAD is exported into WORKDIR/src).
+#   env LLAMA_ISA=avx2: for AVX2 + FMA only, in WORKDIR/build-avx2 (as scripts/build_llama_cpp.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=${1:?usage: scripts/build_ik_llama.sh SRC_DIR [WORKDIR]}
 work=${2:-build/ik_llama}
 mkdir -p "$work"
 work=$(cd "$work" && pwd)
-bin="$work/build/bin"
+case ${LLAMA_ISA:-native} in
+  native) build=build; isa_flags=(-DGGML_NATIVE="${NATIVE:-ON}") ;;
+  avx2) build=build-avx2
+    isa_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+      -DGGML_AVX512=OFF -DGGML_AVXVNNI=OFF) ;;
+  *) echo "error: LLAMA_ISA=$LLAMA_ISA: expected native or avx2" >&2; exit 1 ;;
+esac
+bin="$work/$build/bin"
 if [[ -x $bin/llama-bench && -x $bin/llama-quantize ]]; then
   echo "$bin"; exit 0
 fi
@@ -39,8 +47,8 @@ if [[ ! -x $work/venv/bin/cmake ]]; then
   "$work/venv/bin/pip" install --quiet cmake ninja >&2
 fi
 # The examples switch carries llama-bench and llama-quantize in this tree.
-PATH="$work/venv/bin:$PATH" cmake -S "$src" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+PATH="$work/venv/bin:$PATH" cmake -S "$src" -B "$work/$build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
-  -DGGML_NATIVE="${NATIVE:-ON}" >&2
-PATH="$work/venv/bin:$PATH" cmake --build "$work/build" --target llama-bench llama-quantize -j"$(nproc)" >&2
+  "${isa_flags[@]}" >&2
+PATH="$work/venv/bin:$PATH" cmake --build "$work/$build" --target llama-bench llama-quantize -j"$(nproc)" >&2
 echo "$bin"
