@@ -297,7 +297,10 @@ impl ByteScales {
     fn expand(&self, rows: std::ops::Range<usize>, wide: bool, out: &mut [f32]) {
         let codes = &self.codes[rows.start * self.per..rows.end * self.per];
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+        if crate::kernels::avx512f()
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+        {
             // SAFETY: the features were just detected; the function checks `out`'s length.
             return unsafe { x86::expand_scales_avx512(codes, self.k(), self.shift, wide, out) };
         }
@@ -822,7 +825,7 @@ fn quantize_row(
     // Baseline x86-64 (SSE2) has no vector rounding: `round` would be a libm call per value.
     // The same loop compiled for AVX2 rounds 8 values per instruction.
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
+    if crate::kernels::avx512f() {
         // SAFETY: the CPU has AVX-512F (checked above).
         return unsafe { quantize_row_avx512(x, q, lanes, corr, mults, per_token) };
     }
@@ -1261,6 +1264,46 @@ mod x86 {
         }
     }
 
+    /// AVX2 with one step per token (`act_quant = "per_token"`): every group's multiple is 1
+    /// (or 0 for a group of zeros, whose codes are 0), so a weight-scale block's groups add as
+    /// the i16 pair sums themselves (at most 4 x 508: llama.cpp's TQ2_0 does the same over 256
+    /// values) and one `vpmaddwd` by ones widens the block: per super-block 4 `vpmaddubsw`, 3
+    /// i16 adds and 1 `vpmaddwd`, where [`IntGroups`] takes 4 more `vpmaddwd` and 3 i32 adds.
+    /// Those two multiplies run on the same two ports on Intel and AMD, the kernel's limit.
+    struct IntToken;
+
+    impl Step256 for IntToken {
+        #[inline(always)]
+        unsafe fn step<const WIDE: bool>(
+            p: &[__m256i; 4],
+            x: XPtr,
+            sb: usize,
+            w: (f32, f32),
+            acc: &mut __m256,
+        ) {
+            let xp = x.q.add(sb * SB);
+            let group = |k: usize| {
+                let xk = _mm256_loadu_si256(xp.add(32 * k) as *const __m256i);
+                _mm256_maddubs_epi16(p[k], xk)
+            };
+            let ones = _mm256_set1_epi16(1);
+            let b0 = _mm256_add_epi16(group(0), group(1));
+            let b1 = _mm256_add_epi16(group(2), group(3));
+            if WIDE {
+                let d = _mm256_madd_epi16(_mm256_add_epi16(b0, b1), ones);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(w.0), *acc);
+            } else {
+                let (d0, d1) = (_mm256_madd_epi16(b0, ones), _mm256_madd_epi16(b1, ones));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(w.0), *acc);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(w.1), *acc);
+            }
+        }
+
+        fn unit(x: XPtr) -> f32 {
+            x.unit
+        }
+    }
+
     /// `acc - sum_b ws[b] * corr[b]` over a row's `n` 64-block weight scales and a token's
     /// corrections: the whole `- sum x` correction of the row, once per row and token instead
     /// of once per block.
@@ -1369,10 +1412,11 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn rows_avx2(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
         assert_mults(x);
-        if wide {
-            rows256::<IntGroups, true>(codes, ws, x, out)
-        } else {
-            rows256::<IntGroups, false>(codes, ws, x, out)
+        match (x.per_token, wide) {
+            (true, true) => rows256::<IntToken, true>(codes, ws, x, out),
+            (true, false) => rows256::<IntToken, false>(codes, ws, x, out),
+            (false, true) => rows256::<IntGroups, true>(codes, ws, x, out),
+            (false, false) => rows256::<IntGroups, false>(codes, ws, x, out),
         }
     }
 
@@ -1394,7 +1438,11 @@ mod x86 {
         out: &mut [f32],
     ) {
         xs.iter().for_each(assert_mults);
-        by_tokens!(tile256[IntGroups], xs.len(), wide, (codes, ws, xs, out))
+        if per_token(xs) {
+            by_tokens!(tile256[IntToken], xs.len(), wide, (codes, ws, xs, out))
+        } else {
+            by_tokens!(tile256[IntGroups], xs.len(), wide, (codes, ws, xs, out))
+        }
     }
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
