@@ -159,24 +159,33 @@ impl Pool {
     }
 }
 
+/// Which loops [`PagedKvCache::attend_rows`] runs: the plain ones (compiled for the build's
+/// baseline, or for AVX2 in [`PagedKvCache::rows_avx2`]), or the explicit 256-bit
+/// (`flash_attention::ymm`: AVX2, FMA, F16C) or 512-bit (`zmm`: AVX-512F) ones.
+const PLAIN: u8 = 0;
+#[cfg(target_arch = "x86_64")]
+const YMM: u8 = 1;
+#[cfg(target_arch = "x86_64")]
+const ZMM: u8 = 2;
+
 /// How [`PagedKvCache::attend_rows`] reads a block of K or V rows: as f32 (borrowed from an
 /// f32 pool, or an f16 pool's values widened into a buffer), or as f16 straight from an f16
-/// pool, for the AVX-512 loops that widen as they load (a batched decode step spent 6% of its
-/// time widening pages into buffers). Widening is exact, so both give the same sums.
+/// pool, for the explicit SIMD loops that widen as they load (a batched decode step spent 6% of
+/// its time widening pages into buffers). Widening is exact, so both give the same sums.
 trait KvElem: Copy {
     fn block<'a>(pool: &'a Pool, r: std::ops::Range<usize>, buf: &'a mut Vec<f32>) -> &'a [Self];
 
     /// `k . q`.
     ///
     /// # Safety
-    /// `WIDE` (explicit AVX-512) only in code compiled for and run on AVX-512F.
-    unsafe fn dot<const WIDE: bool>(k: &[Self], q: &[f32]) -> f32;
+    /// `SIMD` [`ZMM`] only on a CPU with AVX-512F, [`YMM`] only with AVX2, FMA and F16C.
+    unsafe fn dot<const SIMD: u8>(k: &[Self], q: &[f32]) -> f32;
 
     /// `o += sum_j p[j] v[j]`.
     ///
     /// # Safety
     /// As [`KvElem::dot`].
-    unsafe fn add_weighted_rows<const WIDE: bool>(o: &mut [f32], p: &[f32], v: &[Self]);
+    unsafe fn add_weighted_rows<const SIMD: u8>(o: &mut [f32], p: &[f32], v: &[Self]);
 }
 
 impl KvElem for f32 {
@@ -185,24 +194,29 @@ impl KvElem for f32 {
     }
 
     #[inline(always)]
-    unsafe fn dot<const WIDE: bool>(k: &[f32], q: &[f32]) -> f32 {
-        if WIDE {
-            f32::dot_avx512(k, q)
-        } else {
-            dot(k, q)
+    unsafe fn dot<const SIMD: u8>(k: &[f32], q: &[f32]) -> f32 {
+        match SIMD {
+            #[cfg(target_arch = "x86_64")]
+            ZMM => f32::dot_avx512(k, q),
+            #[cfg(target_arch = "x86_64")]
+            YMM => crate::kernels::flash_attention::ymm::dot(k, q),
+            _ => dot(k, q),
         }
     }
 
     #[inline(always)]
-    unsafe fn add_weighted_rows<const WIDE: bool>(o: &mut [f32], p: &[f32], v: &[f32]) {
-        if WIDE {
-            f32::add_weighted_rows_avx512(o, p, v)
-        } else {
-            add_weighted_rows(o, p, v)
+    unsafe fn add_weighted_rows<const SIMD: u8>(o: &mut [f32], p: &[f32], v: &[f32]) {
+        match SIMD {
+            #[cfg(target_arch = "x86_64")]
+            ZMM => f32::add_weighted_rows_avx512(o, p, v),
+            #[cfg(target_arch = "x86_64")]
+            YMM => crate::kernels::flash_attention::ymm::add_weighted_rows(o, p, v),
+            _ => add_weighted_rows(o, p, v),
         }
     }
 }
 
+/// f16 rows are read in place only by the explicit SIMD loops (`SIMD` [`YMM`] or [`ZMM`]).
 impl KvElem for half::f16 {
     fn block<'a>(
         pool: &'a Pool,
@@ -216,25 +230,31 @@ impl KvElem for half::f16 {
     }
 
     #[inline(always)]
-    unsafe fn dot<const WIDE: bool>(k: &[half::f16], q: &[f32]) -> f32 {
+    unsafe fn dot<const SIMD: u8>(k: &[half::f16], q: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
-        if WIDE {
-            return crate::kernels::flash_attention::zmm::dot(k, q);
+        {
+            use crate::kernels::flash_attention::{ymm, zmm};
+            match SIMD {
+                ZMM => return zmm::dot(k, q),
+                YMM => return ymm::dot(k, q),
+                _ => {}
+            }
         }
-        let mut w = vec![0f32; k.len()];
-        f16_to_f32(k, &mut w);
-        dot(&w, q)
+        unreachable!("f16 rows are widened into f32 for the plain loops")
     }
 
     #[inline(always)]
-    unsafe fn add_weighted_rows<const WIDE: bool>(o: &mut [f32], p: &[f32], v: &[half::f16]) {
+    unsafe fn add_weighted_rows<const SIMD: u8>(o: &mut [f32], p: &[f32], v: &[half::f16]) {
         #[cfg(target_arch = "x86_64")]
-        if WIDE {
-            return crate::kernels::flash_attention::zmm::add_weighted_rows(o, p, v);
+        {
+            use crate::kernels::flash_attention::{ymm, zmm};
+            match SIMD {
+                ZMM => return zmm::add_weighted_rows(o, p, v),
+                YMM => return ymm::add_weighted_rows(o, p, v),
+                _ => {}
+            }
         }
-        let mut w = vec![0f32; v.len()];
-        f16_to_f32(v, &mut w);
-        add_weighted_rows(o, p, &w)
+        unreachable!("f16 rows are widened into f32 for the plain loops")
     }
 }
 
@@ -566,38 +586,39 @@ impl PagedKvCache {
                 seq.len
             )));
         }
-        // The same loops compiled for AVX-512 run the dots and updates on 16 lanes (the build's
-        // baseline has 4): attention is a sixth of a batched step at a few hundred positions.
-        // An f16 cache is read as f16 there, widened as the loops load it.
+        // The dots and updates in explicit 512-bit (AVX-512F) or 256-bit (AVX2; attention was
+        // a seventh of 1-thread decode under TERN_ISA=avx2 in the build's 4-lane loops) SIMD:
+        // attention is a sixth of a batched step at a few hundred positions. An f16 cache is
+        // read as f16 there, widened as the loops load it.
         #[cfg(target_arch = "x86_64")]
-        if crate::kernels::avx512f() {
-            // SAFETY (both): the CPU has AVX-512F (checked above); f16 rows only from f16 pools.
-            match self.k[layer] {
-                Pool::F16(_) => unsafe {
-                    self.rows_avx512::<half::f16>(layer, seq, pos0, q, kvh, out)
-                },
-                Pool::F32(_) => unsafe { self.rows_avx512::<f32>(layer, seq, pos0, q, kvh, out) },
-            }
-            return Ok(());
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            unsafe { self.rows_avx2(layer, seq, pos0, q, kvh, out) };
-            return Ok(());
+            use std::arch::is_x86_feature_detected as has;
+            let f16 = matches!(self.k[layer], Pool::F16(_));
+            // SAFETY (all four): the CPU has the features each function is compiled for
+            // (checked here); f16 rows only from f16 pools.
+            if crate::kernels::avx512f() {
+                match f16 {
+                    true => unsafe { self.rows_zmm::<half::f16>(layer, seq, pos0, q, kvh, out) },
+                    false => unsafe { self.rows_zmm::<f32>(layer, seq, pos0, q, kvh, out) },
+                }
+                return Ok(());
+            }
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                match f16 {
+                    true => unsafe { self.rows_ymm::<half::f16>(layer, seq, pos0, q, kvh, out) },
+                    false => unsafe { self.rows_ymm::<f32>(layer, seq, pos0, q, kvh, out) },
+                }
+                return Ok(());
+            }
         }
-        // SAFETY: not WIDE, and f32 rows read any pool.
-        unsafe { self.rows::<false, f32>(layer, seq, pos0, q, kvh, out) };
+        // SAFETY: the plain loops, and f32 rows read any pool.
+        unsafe { self.rows::<PLAIN, f32>(layer, seq, pos0, q, kvh, out) };
         Ok(())
     }
 
-    /// The plain loops compiled for AVX2 (8 lanes; the build's baseline has 4), for CPUs
-    /// without AVX-512 (and `TERN_ISA=avx2`). The same sums in the same order as the plain
-    /// loops: only the vector width differs.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows_avx2(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_ymm<E: KvElem>(
         &self,
         layer: usize,
         seq: &Seq,
@@ -606,12 +627,12 @@ impl PagedKvCache {
         kvh: usize,
         out: &mut [f32],
     ) {
-        self.rows::<false, f32>(layer, seq, pos0, q, kvh, out)
+        self.rows::<YMM, E>(layer, seq, pos0, q, kvh, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn rows_avx512<E: KvElem>(
+    unsafe fn rows_zmm<E: KvElem>(
         &self,
         layer: usize,
         seq: &Seq,
@@ -620,16 +641,16 @@ impl PagedKvCache {
         kvh: usize,
         out: &mut [f32],
     ) {
-        self.rows::<true, E>(layer, seq, pos0, q, kvh, out)
+        self.rows::<ZMM, E>(layer, seq, pos0, q, kvh, out)
     }
 
     /// [`Self::attend_rows`]'s work, its shapes already checked, reading K and V as `E`.
     ///
     /// # Safety
-    /// `WIDE` (the loops in explicit AVX-512) only from [`Self::rows_avx512`]; `E = f16` only
+    /// `SIMD` other than [`PLAIN`] only from [`Self::rows_ymm`] / [`Self::rows_zmm`]; `E = f16` only
     /// with f16 pools.
     #[inline(always)]
-    unsafe fn rows<const WIDE: bool, E: KvElem>(
+    unsafe fn rows<const SIMD: u8, E: KvElem>(
         &self,
         layer: usize,
         seq: &Seq,
@@ -669,8 +690,8 @@ impl PagedKvCache {
                 let oi = &mut out[i * g * hd..(i + 1) * g * hd];
                 for (r, kr) in kb[..n * hd].chunks_exact(hd).enumerate() {
                     for (j, q) in qi.chunks_exact(hd).enumerate() {
-                        // SAFETY: WIDE only where the CPU has AVX-512F (`rows_avx512`).
-                        p[j * bs + r] = E::dot::<WIDE>(kr, q) * scale;
+                        // SAFETY: SIMD only where the CPU has its features (`rows_*mm`).
+                        p[j * bs + r] = E::dot::<SIMD>(kr, q) * scale;
                     }
                 }
                 for j in 0..g {
@@ -688,7 +709,7 @@ impl PagedKvCache {
                 }
                 for (j, o) in oi.chunks_exact_mut(hd).enumerate() {
                     // SAFETY: as above.
-                    E::add_weighted_rows::<WIDE>(o, &p[j * bs..j * bs + n], &vb[..n * hd]);
+                    E::add_weighted_rows::<SIMD>(o, &p[j * bs..j * bs + n], &vb[..n * hd]);
                 }
             }
         }
