@@ -23,13 +23,16 @@
 //!    code plane), absmax to int8 (`x ~ s * xq`, s >= max|x| / 127), as llama.cpp's Q8_0 does,
 //!    with each group's `s * sum(xq)` kept for the correction below. Every step `s` of a row is
 //!    an exact integer multiple `m * unit` of one per-row unit (m <= 32767, at most 3e-5 over
-//!    max|x| / 127 for the row's largest group: [`group_steps`]), so the AVX2 kernel can scale a
-//!    group's integer dot by `m` in integers and convert once per weight-scale block. (Per 128
+//!    max|x| / 127 for the row's largest group: [`group_steps`]), so the 256-bit kernels
+//!    (AVX2, AVX-VNNI) can scale a group's integer dot by `m` in integers and convert once per
+//!    weight-scale block. (Per 128
 //!    values made prefill 15% faster but put 1.1% of the trained tiny model's top tokens off
 //!    the f32 model's; NOTES.md.)
 //! 3. The dot products in integers: `sum_j t_j xq_j = sum_j q_j xq_j - sum_j xq_j`, where the
 //!    first sum is exactly what `maddubs` (u8 x i8, AVX2) or `dpbusd` (AVX-512 VNNI / AVX-VNNI)
-//!    compute; each group's integer dot is scaled by its activation scale (on AVX-512 one
+//!    compute; with one step per token (`act_quant = "per_token"`) a weight-scale block's groups
+//!    add in integers before one conversion; otherwise each group's integer dot is scaled by its
+//!    activation scale (on AVX-512 one
 //!    multiply scales two groups: their products sit in different lanes), a 64-block's
 //!    correction is subtracted once, and the block's weight scale multiplies into an f32
 //!    accumulator. Several tokens share one unpacking of the
@@ -292,8 +295,8 @@ impl ByteScales {
     }
 
     /// Rows `rows` in the kernels' layout (two scales per super-block, a wide row's one twice),
-    /// before their factors. Decode expands every scale of the model once per token, so on
-    /// AVX-512 16 at a time.
+    /// before their factors. Decode expands every scale of the model once per token, so 16 at a
+    /// time on AVX-512 and 8 on AVX2 (the plain loop cost AVX2 decode a third: NOTES.md).
     fn expand(&self, rows: std::ops::Range<usize>, wide: bool, out: &mut [f32]) {
         let codes = &self.codes[rows.start * self.per..rows.end * self.per];
         #[cfg(target_arch = "x86_64")]
@@ -304,10 +307,15 @@ impl ByteScales {
             // SAFETY: the features were just detected; the function checks `out`'s length.
             return unsafe { x86::expand_scales_avx512(codes, self.k(), self.shift, wide, out) };
         }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { x86::expand_scales_avx2(codes, self.k(), self.shift, wide, out) };
+        }
         Self::expand_plain(codes, self.k(), self.shift, wide, out);
     }
 
-    /// The plain loop of [`ByteScales::expand`] (the reference for the AVX-512 one).
+    /// The plain loop of [`ByteScales::expand`] (the reference for the AVX-512 and AVX2 ones).
     fn expand_plain(codes: &[u8], k: u32, shift: u32, wide: bool, out: &mut [f32]) {
         let step = 1 + wide as usize;
         for (i, &c) in codes.iter().enumerate() {
@@ -536,7 +544,8 @@ pub fn matmul_many_with(isa: Isa, mats: &[&PackedMatrix], x: &[f32], n: usize) -
         isa
     };
     let per_token = first.act_quant == ActQuant::PerToken;
-    let xq = QuantizedRows::new(x, n, first.cols, first.sbs, isa == Isa::Avx2, per_token);
+    let mults = matches!(isa, Isa::Avx2 | Isa::AvxVnni);
+    let xq = QuantizedRows::new(x, n, first.cols, first.sbs, mults, per_token);
     #[cfg(target_arch = "x86_64")]
     let acts = amx.then(|| x86::amx::Acts::new(&xq, n));
     // Outputs are allocated, not zeroed: the tasks write every cell (zeroing 6 MiB per matrix
@@ -686,7 +695,7 @@ pub struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    /// `with_mults`: also lay out the groups' integer step multiples for the AVX2 kernels.
+    /// `with_mults`: also lay out the groups' integer step multiples for the 256-bit kernels.
     /// `per_token`: one step per row ([`group_steps`]).
     pub fn new(
         x: &[f32],
@@ -1186,10 +1195,14 @@ mod x86 {
         fn unit(x: XPtr) -> f32;
     }
 
-    /// AVX-VNNI: `vpdpbusd` per group, each group converted and scaled by its own step.
-    struct FloatGroups;
+    /// AVX-VNNI with one step per token: the four groups' `vpdpbusd` accumulate into one
+    /// integer sum per weight-scale block, converted and scaled once (the row's step is the
+    /// unit). (With a step per group, AVX-VNNI runs [`IntGroups`]: faster than `vpdpbusd` per
+    /// group converted and scaled one by one, 3.55 vs 3.88 ms on `tern bench gemm` [64 x 1024]
+    /// @ [3072 x 1024]^T, CPU B.)
+    struct TokenVnni;
 
-    impl Step256 for FloatGroups {
+    impl Step256 for TokenVnni {
         #[inline(always)]
         unsafe fn step<const WIDE: bool>(
             p: &[__m256i; 4],
@@ -1199,30 +1212,23 @@ mod x86 {
             acc: &mut __m256,
         ) {
             let xp = x.q.add(sb * SB);
-            let group = |k: usize| {
+            let dot = |k: usize, d: __m256i| {
                 let xk = _mm256_loadu_si256(xp.add(32 * k) as *const __m256i);
-                let scale = *x.lanes.add((2 * sb + k / 2) * LANES + (k % 2) * 8);
-                let d = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), p[k], xk);
-                (_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale))
+                _mm256_dpbusd_avx_epi32(d, p[k], xk)
             };
-            // A 64-block's float dot (its correction is subtracted once per row: `corrected256`).
-            let block = |h: usize| {
-                let (d0, s0) = group(2 * h);
-                let (d1, s1) = group(2 * h + 1);
-                _mm256_fmadd_ps(d1, s1, _mm256_mul_ps(d0, s0))
-            };
+            let zero = _mm256_setzero_si256();
             if WIDE {
-                // One weight scale for the super-block: add the blocks first.
-                let f = _mm256_add_ps(block(0), block(1));
-                *acc = _mm256_fmadd_ps(f, _mm256_set1_ps(w.0), *acc);
+                let d = dot(3, dot(2, dot(1, dot(0, zero))));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(w.0), *acc);
             } else {
-                *acc = _mm256_fmadd_ps(block(0), _mm256_set1_ps(w.0), *acc);
-                *acc = _mm256_fmadd_ps(block(1), _mm256_set1_ps(w.1), *acc);
+                let (d0, d1) = (dot(1, dot(0, zero)), dot(3, dot(2, zero)));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(w.0), *acc);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(w.1), *acc);
             }
         }
 
-        fn unit(_: XPtr) -> f32 {
-            1.0
+        fn unit(x: XPtr) -> f32 {
+            x.unit
         }
     }
 
@@ -1231,6 +1237,9 @@ mod x86 {
     /// of a weight-scale block added in integers, one convert and one FMA per block: 3 integer
     /// operations per group instead of 4 and a float conversion (the row's unit multiplies
     /// once at the end). Measured on AMD Zen 2, where AVX2 is the best kernel (NOTES.md).
+    /// AVX-VNNI CPUs run it too: `vpdpwssd` in place of `vpmaddwd` and the add measured 3-4%
+    /// slower on CPU B (3.92-3.99 vs 3.81-3.86 ms, `tern bench gemm` [64 x 1024] @
+    /// [3072 x 1024]^T).
     struct IntGroups;
 
     impl Step256 for IntGroups {
@@ -1400,12 +1409,12 @@ mod x86 {
         xs.first().is_some_and(|x| x.per_token)
     }
 
-    /// The AVX2 kernels read the groups' step multiples: the activations must carry them.
+    /// The 256-bit kernels read the groups' step multiples: the activations must carry them.
     fn assert_mults(x: &XRow) {
         assert_eq!(
             x.mults.len() * 2,
             x.q.len(),
-            "AVX2 needs QuantizedRows with mults"
+            "the 256-bit kernels need QuantizedRows with mults"
         );
     }
 
@@ -1422,10 +1431,12 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
     pub unsafe fn rows_avxvnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        if wide {
-            rows256::<FloatGroups, true>(codes, ws, x, out)
-        } else {
-            rows256::<FloatGroups, false>(codes, ws, x, out)
+        assert_mults(x);
+        match (x.per_token, wide) {
+            (true, true) => rows256::<TokenVnni, true>(codes, ws, x, out),
+            (true, false) => rows256::<TokenVnni, false>(codes, ws, x, out),
+            (false, true) => rows256::<IntGroups, true>(codes, ws, x, out),
+            (false, false) => rows256::<IntGroups, false>(codes, ws, x, out),
         }
     }
 
@@ -1453,7 +1464,12 @@ mod x86 {
         xs: &[XRow],
         out: &mut [f32],
     ) {
-        by_tokens!(tile256[FloatGroups], xs.len(), wide, (codes, ws, xs, out))
+        xs.iter().for_each(assert_mults);
+        if per_token(xs) {
+            by_tokens!(tile256[TokenVnni], xs.len(), wide, (codes, ws, xs, out))
+        } else {
+            by_tokens!(tile256[IntGroups], xs.len(), wide, (codes, ws, xs, out))
+        }
     }
 
     /// [`ByteScales::expand`] 16 codes at a time: widen, add `k`, shift into place (the zero
@@ -1499,6 +1515,38 @@ mod x86 {
                 _mm512_mask_storeu_ps(o.add(i), m, v);
             }
         }
+    }
+
+    /// [`ByteScales::expand`](super::ByteScales) 8 codes at a time in AVX2 (as the AVX-512 one;
+    /// a tail of fewer than 8 codes takes the plain loop).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn expand_scales_avx2(
+        codes: &[u8],
+        k: u32,
+        shift: u32,
+        wide: bool,
+        out: &mut [f32],
+    ) {
+        let (b, sh) = (_mm256_set1_epi32(k as i32), _mm_cvtsi32_si128(shift as i32));
+        let zero = _mm256_set1_epi32(super::BYTE_ZERO as i32);
+        let lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        let hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+        let (n, o) = (codes.len(), out.as_mut_ptr());
+        assert!(out.len() >= n << wide as usize, "scale buffer too short");
+        let whole = n / 8 * 8;
+        for i in (0..whole).step_by(8) {
+            let c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.as_ptr().add(i) as *const __m128i));
+            let v = _mm256_sll_epi32(_mm256_add_epi32(c, b), sh);
+            let v = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(c, zero), v));
+            if wide {
+                _mm256_storeu_ps(o.add(2 * i), _mm256_permutevar8x32_ps(v, lo));
+                _mm256_storeu_ps(o.add(2 * i + 8), _mm256_permutevar8x32_ps(v, hi));
+            } else {
+                _mm256_storeu_ps(o.add(i), v);
+            }
+        }
+        let at = whole << wide as usize;
+        super::ByteScales::expand_plain(&codes[whole..], k, shift, wide, &mut out[at..]);
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
@@ -2553,6 +2601,15 @@ mod tests {
                         x86::expand_scales_avx512(&b.codes[..n], b.k(), b.shift, wide, &mut got)
                     };
                     assert_eq!(got, want, "n {n}, wide {wide}");
+                }
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx2") {
+                    let mut got = vec![-1f32; len + 3];
+                    // SAFETY: the CPU has AVX2 (checked above).
+                    unsafe {
+                        x86::expand_scales_avx2(&b.codes[..n], b.k(), b.shift, wide, &mut got)
+                    };
+                    assert_eq!(got, want, "AVX2, n {n}, wide {wide}");
                 }
             }
         }
