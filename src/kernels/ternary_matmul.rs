@@ -61,6 +61,12 @@ const GROUP: usize = 32;
 const LANES: usize = 16;
 /// Tokens that share one unpacking of a row's codes.
 const TILE: usize = 4;
+/// The same for the AVX2 kernel with per-token inputs, whose multiplies compete with the
+/// unpacking's shifts for the same two ports: 8 accumulators, 4 code planes and a mask fit its
+/// 16 registers (`tern bench gemm` [64 x 1024] @ [3072 x 1024]^T, CPU B: 3.07-3.11 -> 2.84-2.88
+/// ms). With per-32 inputs, whose multiples take registers too, and on AVX-VNNI, 8 tokens
+/// measured level to 5% slower, so those keep [`TILE`].
+const TILE_AVX2: usize = 8;
 /// Rows that share one load of a token's activations (decode).
 const ROWS: usize = 4;
 /// Fewest tokens for which `Isa::Amx` runs its tiles (fewer run the AVX-512 VNNI kernels: a
@@ -647,10 +653,14 @@ impl RowTask<'_> {
         }
         // Token tiles outside, the task's rows inside: the rows' codes (at most 64 rows) stay
         // in L1/L2 while each tile's activations are read once per task, not per row.
-        let mut tile = [0f32; PAIR * TILE];
-        let mut xs: [XRow; TILE] = [XRow::EMPTY; TILE];
-        for t0 in (0..n).step_by(TILE) {
-            let tn = TILE.min(n - t0);
+        let tile_n = match isa {
+            Isa::Avx2 if xq.per_token => TILE_AVX2,
+            _ => TILE,
+        };
+        let mut tile = [0f32; PAIR * TILE_AVX2];
+        let mut xs: [XRow; TILE_AVX2] = [XRow::EMPTY; TILE_AVX2];
+        for t0 in (0..n).step_by(tile_n) {
+            let tn = tile_n.min(n - t0);
             for (k, x) in xs.iter_mut().enumerate().take(tn) {
                 *x = xq.row(t0 + k);
             }
@@ -959,7 +969,8 @@ fn quantize_row_body(
 }
 
 /// `out[j * tn + k] = W_{row j} . xs[k]` for one or two consecutive rows (`codes`, `ws` hold
-/// them in order) and the `tn` tokens of one tile (at most `TILE`).
+/// them in order) and the `tn` tokens of one tile (at most `TILE`; `TILE_AVX2` for AVX2 with
+/// per-token inputs).
 fn dot_tile(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
     let nr = out.len() / xs.len();
     let tn = xs.len();
@@ -1130,6 +1141,23 @@ mod x86 {
                 (3, false) => $($f)::+::<$($k,)? 3, false>($($arg),*),
                 (2, false) => $($f)::+::<$($k,)? 2, false>($($arg),*),
                 (_, false) => $($f)::+::<$($k,)? 1, false>($($arg),*),
+            }
+        };
+    }
+
+    /// [`by_tokens`] for tiles of up to [`TILE_AVX2`](super::TILE_AVX2) tokens.
+    macro_rules! by_tokens_8 {
+        ($($f:ident)::+ [$k:ty], $n:expr, $wide:expr, ($($arg:expr),*)) => {
+            match ($n, $wide) {
+                (8, true) => $($f)::+::<$k, 8, true>($($arg),*),
+                (7, true) => $($f)::+::<$k, 7, true>($($arg),*),
+                (6, true) => $($f)::+::<$k, 6, true>($($arg),*),
+                (5, true) => $($f)::+::<$k, 5, true>($($arg),*),
+                (8, false) => $($f)::+::<$k, 8, false>($($arg),*),
+                (7, false) => $($f)::+::<$k, 7, false>($($arg),*),
+                (6, false) => $($f)::+::<$k, 6, false>($($arg),*),
+                (5, false) => $($f)::+::<$k, 5, false>($($arg),*),
+                _ => by_tokens!($($f)::+ [$k], $n, $wide, ($($arg),*)),
             }
         };
     }
@@ -1450,7 +1478,7 @@ mod x86 {
     ) {
         xs.iter().for_each(assert_mults);
         if per_token(xs) {
-            by_tokens!(tile256[IntToken], xs.len(), wide, (codes, ws, xs, out))
+            by_tokens_8!(tile256[IntToken], xs.len(), wide, (codes, ws, xs, out))
         } else {
             by_tokens!(tile256[IntGroups], xs.len(), wide, (codes, ws, xs, out))
         }
@@ -2716,9 +2744,9 @@ mod tests {
         let per_token = m.act_quant == ActQuant::PerToken;
         {
             // 9 tokens: the activations are quantized in parallel (8 or more rows); 6, 9, 13 and
-            // 15 end in token tiles of every size; 17 and 40 leave partial AMX tiles of 16; 6
-            // and 8 run AMX's paired tiles.
-            for n in [1, 3, 6, 8, 9, 13, 15, 17, 40] {
+            // 15 end in token tiles of every size (of 4; of 8 on AVX2 per token, with 2, 3 and
+            // 12); 17 and 40 leave partial AMX tiles of 16; 6 and 8 run AMX's paired tiles.
+            for n in [1, 2, 3, 6, 8, 9, 12, 13, 15, 17, 40] {
                 let x = input(n, cols);
                 let xq = QuantizedRows::new(&x, n, cols, m.sbs, false, per_token);
                 let reference = matmul_reference(m, &x, n);
