@@ -21,7 +21,9 @@
 //! PagedAttention: one thread block per (sequence, head), the block table in shared memory.
 
 use crate::error::{Error, Result};
-use crate::kernels::flash_attention::{add_weighted_rows, dot, exp_in_place, AttnFloat};
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::flash_attention::AttnFloat;
+use crate::kernels::flash_attention::{add_weighted_rows, dot, exp_in_place};
 use crate::kernels::Kernels;
 use crate::model::cache::{Cache, Positions, StepInfo};
 use crate::model::HostAttention;
@@ -240,6 +242,7 @@ impl KvElem for half::f16 {
                 _ => {}
             }
         }
+        let _ = (k, q);
         unreachable!("f16 rows are widened into f32 for the plain loops")
     }
 
@@ -254,6 +257,7 @@ impl KvElem for half::f16 {
                 _ => {}
             }
         }
+        let _ = (o, p, v);
         unreachable!("f16 rows are widened into f32 for the plain loops")
     }
 }

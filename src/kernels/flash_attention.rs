@@ -1194,6 +1194,7 @@ mod tests {
     /// The explicit SIMD loops of module `$m` ([`zmm`], [`ymm`]) equal the plain ones on
     /// lengths around every chunk edge (tails, 64- and 128-column register chunks), to f32
     /// rounding, and read f16 rows bit for bit as their widened f32 values.
+    #[cfg(target_arch = "x86_64")]
     macro_rules! loops_match_the_plain_loops {
         ($m:ident) => {{
             let vals = |n: usize, seed: u32| -> Vec<f32> {
