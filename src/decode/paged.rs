@@ -161,9 +161,9 @@ impl Pool {
     }
 }
 
-/// Which loops [`PagedKvCache::attend_rows`] runs: the plain ones (compiled for the build's
-/// baseline, or for AVX2 in [`PagedKvCache::rows_avx2`]), or the explicit 256-bit
-/// (`flash_attention::ymm`: AVX2, FMA, F16C) or 512-bit (`zmm`: AVX-512F) ones.
+/// Which loops [`PagedKvCache::attend_rows`] runs: the plain ones (the build's baseline, f32
+/// rows only), or the explicit 256-bit (`flash_attention::ymm`: AVX2, FMA, F16C) or 512-bit
+/// (`zmm`: AVX-512F) ones.
 const PLAIN: u8 = 0;
 #[cfg(target_arch = "x86_64")]
 const YMM: u8 = 1;
@@ -590,10 +590,10 @@ impl PagedKvCache {
                 seq.len
             )));
         }
-        // The dots and updates in explicit 512-bit (AVX-512F) or 256-bit (AVX2; attention was
-        // a seventh of 1-thread decode under TERN_ISA=avx2 in the build's 4-lane loops) SIMD:
-        // attention is a sixth of a batched step at a few hundred positions. An f16 cache is
-        // read as f16 there, widened as the loops load it.
+        // The dots and updates in explicit 512-bit (AVX-512F) or 256-bit (AVX2) SIMD: attention
+        // is a sixth of a batched step at a few hundred positions, and the plain loops compiled
+        // for AVX2 were a seventh of 1-thread decode under TERN_ISA=avx2. An f16 cache is read
+        // as f16 there, widened as the loops load it.
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;

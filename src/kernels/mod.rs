@@ -65,9 +65,9 @@ pub(crate) mod testing {
 
 /// Whether a kernel may take its AVX-512F path: the CPU has it and `TERN_ISA` does not name a
 /// 256-bit ternary kernel (`avx2`, `avxvnni`). So `TERN_ISA=avx2` runs every kernel (matmuls,
-/// activation quantization, attention, norms, SwiGLU, sampling) as a CPU without AVX-512 runs
-/// it (AMD Zen 2/3, Intel client cores), and a benchmark on a larger CPU can stand in for one
-/// beside a peer built the same way (`LLAMA_ISA=avx2 scripts/build_llama_cpp.sh`).
+/// activation quantization, attention, SwiGLU, sampling, the bf16 GEMM) as a CPU without
+/// AVX-512 runs it (AMD Zen 2/3, Intel client cores), and a benchmark on a larger CPU can stand
+/// in for one beside a peer built the same way (`LLAMA_ISA=avx2 scripts/build_llama_cpp.sh`).
 #[cfg(target_arch = "x86_64")]
 pub fn avx512f() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -302,7 +302,7 @@ impl ByteScales {
 
     /// Rows `rows` in the kernels' layout (two scales per super-block, a wide row's one twice),
     /// before their factors. Decode expands every scale of the model once per token, so 16 at a
-    /// time on AVX-512 and 8 on AVX2 (the plain loop cost AVX2 decode a third: NOTES.md).
+    /// time on AVX-512 and 8 on AVX2 (the plain loop cost AVX2 decode a quarter: NOTES.md).
     fn expand(&self, rows: std::ops::Range<usize>, wide: bool, out: &mut [f32]) {
         let codes = &self.codes[rows.start * self.per..rows.end * self.per];
         #[cfg(target_arch = "x86_64")]
@@ -1238,8 +1238,8 @@ mod x86 {
     /// AVX-VNNI with one step per token: the four groups' `vpdpbusd` accumulate into one
     /// integer sum per weight-scale block, converted and scaled once (the row's step is the
     /// unit). (With a step per group, AVX-VNNI runs [`IntGroups`]: faster than `vpdpbusd` per
-    /// group converted and scaled one by one, 3.55 vs 3.88 ms on `tern bench gemm` [64 x 1024]
-    /// @ [3072 x 1024]^T, CPU B.)
+    /// group converted and scaled one by one, 3.72-3.87 vs 4.10-4.17 ms on `tern bench gemm`
+    /// [64 x 1024] @ [3072 x 1024]^T, CPU B.)
     struct TokenVnni;
 
     impl Step256 for TokenVnni {
@@ -1317,8 +1317,8 @@ mod x86 {
     /// (or 0 for a group of zeros, whose codes are 0), so a weight-scale block's groups add as
     /// the i16 pair sums themselves (at most 4 x 508: llama.cpp's TQ2_0 does the same over 256
     /// values) and one `vpmaddwd` by ones widens the block: per super-block 4 `vpmaddubsw`, 3
-    /// i16 adds and 1 `vpmaddwd`, where [`IntGroups`] takes 4 more `vpmaddwd` and 3 i32 adds.
-    /// Those two multiplies run on the same two ports on Intel and AMD, the kernel's limit.
+    /// i16 adds and 1 `vpmaddwd`, where [`IntGroups`] takes 4 `vpmaddwd` and 3 i32 adds. On
+    /// Intel both multiplies issue on the same two ports, the kernel's limit.
     struct IntToken;
 
     impl Step256 for IntToken {
