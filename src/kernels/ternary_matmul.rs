@@ -1221,7 +1221,9 @@ mod x86 {
     }
 
     /// How a 256-bit kernel turns a super-block's code planes and one token's activations into
-    /// its f32 accumulator: the only part that differs between AVX2 and AVX-VNNI.
+    /// its f32 accumulator: the only part that differs between AVX2 and AVX-VNNI, per-32 and
+    /// per-token inputs. Every one sums in units of the token's step unit (`XPtr::unit`), which
+    /// multiplies the accumulator once at the end.
     trait Step256 {
         /// Adds one token's dot with super-block `sb` (weight scales `w`) into `acc`.
         unsafe fn step<const WIDE: bool>(
@@ -1231,8 +1233,24 @@ mod x86 {
             w: (f32, f32),
             acc: &mut __m256,
         );
-        /// What the accumulator is multiplied by at the end (AVX2: the row's step unit).
-        fn unit(x: XPtr) -> f32;
+    }
+
+    /// A super-block's two 64-blocks' i32 sums `b0`, `b1` into `acc`, scaled by their weight
+    /// scales: added first and converted once where they share one (`WIDE`).
+    #[inline(always)]
+    unsafe fn add_blocks<const WIDE: bool>(
+        b0: __m256i,
+        b1: __m256i,
+        w: (f32, f32),
+        acc: &mut __m256,
+    ) {
+        if WIDE {
+            let d = _mm256_cvtepi32_ps(_mm256_add_epi32(b0, b1));
+            *acc = _mm256_fmadd_ps(d, _mm256_set1_ps(w.0), *acc);
+        } else {
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b0), _mm256_set1_ps(w.0), *acc);
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b1), _mm256_set1_ps(w.1), *acc);
+        }
     }
 
     /// AVX-VNNI with one step per token: the four groups' `vpdpbusd` accumulate into one
@@ -1257,18 +1275,8 @@ mod x86 {
                 _mm256_dpbusd_avx_epi32(d, p[k], xk)
             };
             let zero = _mm256_setzero_si256();
-            if WIDE {
-                let d = dot(3, dot(2, dot(1, dot(0, zero))));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(w.0), *acc);
-            } else {
-                let (d0, d1) = (dot(1, dot(0, zero)), dot(3, dot(2, zero)));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(w.0), *acc);
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(w.1), *acc);
-            }
-        }
-
-        fn unit(x: XPtr) -> f32 {
-            x.unit
+            let (d0, d1) = (dot(1, dot(0, zero)), dot(3, dot(2, zero)));
+            add_blocks::<WIDE>(d0, d1, w, acc);
         }
     }
 
@@ -1299,17 +1307,7 @@ mod x86 {
             };
             let b0 = _mm256_add_epi32(group(0), group(1));
             let b1 = _mm256_add_epi32(group(2), group(3));
-            if WIDE {
-                let d = _mm256_cvtepi32_ps(_mm256_add_epi32(b0, b1));
-                *acc = _mm256_fmadd_ps(d, _mm256_set1_ps(w.0), *acc);
-            } else {
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b0), _mm256_set1_ps(w.0), *acc);
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(b1), _mm256_set1_ps(w.1), *acc);
-            }
-        }
-
-        fn unit(x: XPtr) -> f32 {
-            x.unit
+            add_blocks::<WIDE>(b0, b1, w, acc);
         }
     }
 
@@ -1339,17 +1337,13 @@ mod x86 {
             let b0 = _mm256_add_epi16(group(0), group(1));
             let b1 = _mm256_add_epi16(group(2), group(3));
             if WIDE {
+                // One weight scale: the whole super-block in i16, one widening.
                 let d = _mm256_madd_epi16(_mm256_add_epi16(b0, b1), ones);
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(w.0), *acc);
             } else {
                 let (d0, d1) = (_mm256_madd_epi16(b0, ones), _mm256_madd_epi16(b1, ones));
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(w.0), *acc);
-                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(w.1), *acc);
+                add_blocks::<false>(d0, d1, w, acc);
             }
-        }
-
-        fn unit(x: XPtr) -> f32 {
-            x.unit
         }
     }
 
@@ -1392,7 +1386,7 @@ mod x86 {
             }
         }
         for k in 0..T {
-            let a = _mm256_mul_ps(acc[k], _mm256_set1_ps(K::unit(x[k])));
+            let a = _mm256_mul_ps(acc[k], _mm256_set1_ps(x[k].unit));
             out[k] = corrected256(a, w, x[k].corr, ws.len());
         }
     }
@@ -1437,7 +1431,7 @@ mod x86 {
                 K::step::<WIDE>(&planes256(at), x, sb, wsb, a);
             }
         }
-        let unit = _mm256_set1_ps(K::unit(x));
+        let unit = _mm256_set1_ps(x.unit);
         for (j, (o, a)) in out.iter_mut().zip(acc).enumerate() {
             *o = corrected256(_mm256_mul_ps(a, unit), w.add(j * sbw), x.corr, sbw);
         }
