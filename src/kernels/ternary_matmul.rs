@@ -25,7 +25,8 @@
 //!    an exact integer multiple `m * unit` of one per-row unit (m <= 32767, at most 3e-5 over
 //!    max|x| / 127 for the row's largest group: [`group_steps`]), so the 256-bit kernels
 //!    (AVX2, AVX-VNNI) can scale a group's integer dot by `m` in integers and convert once per
-//!    weight-scale block. (Per 128
+//!    super-block: for them the values are laid out in [`chunk_order`], so that every lane of
+//!    their pair sums holds one group. (Per 128
 //!    values made prefill 15% faster but put 1.1% of the trained tiny model's top tokens off
 //!    the f32 model's; NOTES.md.)
 //! 3. The dot products in integers: `sum_j t_j xq_j = sum_j q_j xq_j - sum_j xq_j`, where the
@@ -550,8 +551,10 @@ pub fn matmul_many_with(isa: Isa, mats: &[&PackedMatrix], x: &[f32], n: usize) -
         isa
     };
     let per_token = first.act_quant == ActQuant::PerToken;
-    let mults = matches!(isa, Isa::Avx2 | Isa::AvxVnni);
-    let xq = QuantizedRows::new(x, n, first.cols, first.sbs, mults, per_token);
+    // Only the 256-bit kernels' per-32 path (`IntGroups`) reads the chunked order and the
+    // multiples; per token they read the values in order, as every other kernel.
+    let chunked = matches!(isa, Isa::Avx2 | Isa::AvxVnni) && !per_token;
+    let xq = QuantizedRows::new(x, n, first.cols, first.sbs, chunked, per_token);
     #[cfg(target_arch = "x86_64")]
     let acts = amx.then(|| x86::amx::Acts::new(&xq, n));
     // Outputs are allocated, not zeroed: the tasks write every cell (zeroing 6 MiB per matrix
@@ -696,8 +699,10 @@ pub struct QuantizedRows {
     corr: Vec<f32>,
     /// Per row: the unit every group's step is an integer multiple of ([`group_steps`]).
     units: Vec<f32>,
-    /// For the AVX2 kernels only (empty otherwise): per 32-group, its step in units, 16 times
-    /// (the i16 operand of one `vpmaddwd`), `n * sbs * 4 * 16`.
+    /// For the 256-bit kernels' per-32 path only (`chunked`; empty otherwise): per
+    /// super-block the i16 operand of one `vpmaddwd`, each of its four groups' steps in units
+    /// four times (lanes `4g .. 4g + 4`: the i16 lanes that hold group g in [`chunk_order`]),
+    /// `n * sbs * 16`.
     mults: Vec<i16>,
     sbs: usize,
     /// One step per row (`act_quant = "per_token"`): every group of a row has the row's step.
@@ -705,14 +710,15 @@ pub struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    /// `with_mults`: also lay out the groups' integer step multiples for the 256-bit kernels.
-    /// `per_token`: one step per row ([`group_steps`]).
+    /// `chunked`: the values in [`chunk_order`] and the groups' integer step multiples laid
+    /// out, for the 256-bit kernels' per-32 path. `per_token`: one step per row
+    /// ([`group_steps`]).
     pub fn new(
         x: &[f32],
         n: usize,
         cols: usize,
         sbs: usize,
-        with_mults: bool,
+        chunked: bool,
         per_token: bool,
     ) -> Self {
         let (width, groups) = (sbs * SB, sbs * SB / GROUP);
@@ -721,8 +727,12 @@ impl QuantizedRows {
         let mut corr = vec![0f32; n * sbs * 2];
         let mut units = vec![0f32; n];
         let mut gm = vec![0i16; n * groups];
-        let one =
-            |(((((q, l), c), m), u), x): RowParts| *u = quantize_row(x, q, l, c, m, per_token);
+        let one = |(((((q, l), c), m), u), x): RowParts| {
+            *u = quantize_row(x, q, l, c, m, per_token);
+            if chunked {
+                chunk_order(q);
+            }
+        };
         // Prefill quantizes hundreds of rows per matmul: in parallel (decode's one row is not
         // worth a fork).
         if n >= 8 {
@@ -742,8 +752,8 @@ impl QuantizedRows {
                 .zip(x.chunks(cols))
                 .for_each(one);
         }
-        let mults = if with_mults {
-            gm.iter().flat_map(|&m| [m; 16]).collect()
+        let mults = if chunked {
+            gm.iter().flat_map(|&m| [m; 4]).collect()
         } else {
             Vec::new()
         };
@@ -760,7 +770,7 @@ impl QuantizedRows {
 
     fn row(&self, i: usize) -> XRow<'_> {
         let (w, l, c) = (self.sbs * SB, self.sbs * 2 * LANES, self.sbs * 2);
-        let m = if self.mults.is_empty() { 0 } else { w / 2 };
+        let m = if self.mults.is_empty() { 0 } else { w / 8 };
         XRow {
             q: &self.q[i * w..(i + 1) * w],
             lanes: &self.lanes[i * l..(i + 1) * l],
@@ -784,8 +794,9 @@ type RowParts<'a> = (
     &'a [f32],
 );
 
-/// The largest step multiple ([`group_steps`]). The AVX2 kernel's i32 lanes then hold at most
-/// 4 groups x 2 x 508 x 32767 (~1.3e8) per super-block.
+/// The largest step multiple ([`group_steps`]). The 256-bit kernels' i32 lanes then hold at
+/// most 2 x 4 x 508 x 32767 (~1.3e8) per super-block (two i16 lanes of four planes' pair sums,
+/// each times its multiple).
 const MULT_MAX: f32 = 32767.0;
 
 /// Each 32-group's step from its absmax: the smallest multiple `m * unit` of the row's unit
@@ -854,6 +865,25 @@ fn quantize_row(
         return unsafe { quantize_row_avx2(x, q, lanes, corr, mults, per_token) };
     }
     quantize_row_body(x, q, lanes, corr, mults, per_token)
+}
+
+/// Reorders each super-block of 128 quantized values from `[group g][8-chunk c][8]` to
+/// `[c][g][8]` (a 4 x 4 transpose of 8-byte chunks; its own inverse), the order of the
+/// 256-bit kernels' chunked planes: there plane `c` holds chunk `c` of all four groups, so the
+/// i16 lanes `4g .. 4g + 4` of every plane's `vpmaddubsw` hold group g, the four planes' pair
+/// sums add in i16 lane by lane, and one `vpmaddwd` by the groups' step multiples scales a
+/// whole super-block (`IntGroups`).
+fn chunk_order(q: &mut [i8]) {
+    for sb in q.chunks_exact_mut(SB) {
+        for g in 0..4 {
+            for c in g + 1..4 {
+                let (a, b) = (32 * g + 8 * c, 32 * c + 8 * g);
+                for r in 0..8 {
+                    sb.swap(a + r, b + r);
+                }
+            }
+        }
+    }
 }
 
 /// A group's step into the row's `lanes` and its correction into `corr`.
@@ -1059,7 +1089,8 @@ fn dot_rows(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut 
 }
 
 /// One token's activations ([`QuantizedRows`]): int8 values, per-64-block step lanes and
-/// corrections, and (AVX2 only, else empty) every group's step as a multiple of `unit`.
+/// corrections, and (the 256-bit kernels' per-32 path only, else empty) every group's step as
+/// a multiple of `unit`.
 #[derive(Clone, Copy)]
 struct XRow<'a> {
     q: &'a [i8],
@@ -1225,6 +1256,12 @@ mod x86 {
     /// per-token inputs. Every one sums in units of the token's step unit (`XPtr::unit`), which
     /// multiplies the accumulator once at the end.
     trait Step256 {
+        /// A super-block's four code planes, in the order this step reads the activations.
+        #[inline(always)]
+        unsafe fn planes(at: *const u8) -> [__m256i; 4] {
+            planes256(at)
+        }
+
         /// Adds one token's dot with super-block `sb` (weight scales `w`) into `acc`.
         unsafe fn step<const WIDE: bool>(
             p: &[__m256i; 4],
@@ -1280,17 +1317,32 @@ mod x86 {
         }
     }
 
-    /// AVX2: each group's u8 x i8 pair sums (`vpmaddubsw`, i16, at most 508) multiplied by the
-    /// group's step in units and summed to i32 (`vpmaddwd` by the group's `mults`), the groups
-    /// of a weight-scale block added in integers, one convert and one FMA per block: 3 integer
-    /// operations per group instead of 4 and a float conversion (the row's unit multiplies
-    /// once at the end). Measured on AMD Zen 2, where AVX2 is the best kernel (NOTES.md).
-    /// AVX-VNNI CPUs run it too: `vpdpwssd` in place of `vpmaddwd` and the add measured 3-4%
-    /// slower on CPU B (3.92-3.99 vs 3.81-3.86 ms, `tern bench gemm` [64 x 1024] @
-    /// [3072 x 1024]^T).
+    /// AVX2 and AVX-VNNI with a step per 32-group: the super-block read in chunk order
+    /// ([`chunk_order`](super::chunk_order)), so the i16 lanes `4g .. 4g + 4` of every plane's
+    /// `vpmaddubsw` hold group g. The four planes' pair sums add in i16 (at most 4 x 508), one
+    /// `vpmaddwd` by the groups' step multiples (in units) widens and scales the whole
+    /// super-block, and one convert and one FMA by the weight scales (lanes 0-3 hold the first
+    /// 64-block, 4-7 the second) add it: 5 multiplies per super-block and token where a
+    /// `vpmaddwd` per group took 8, on the two ports the unpacking's shifts use too. The row's
+    /// unit multiplies once at the end. Unpacking in chunk order costs one more shift per
+    /// super-block and row (each 8-byte chunk broadcast as it loads, shifted by its plane).
+    /// (Before: `tern bench gemm` [64 x 1024] @ [3072 x 1024]^T on CPU B, AVX2 3.74-3.82 ms,
+    /// AVX-VNNI 3.86-3.94; `vpdpwssd` in place of `vpmaddwd` and an add was 3-4% slower.)
     struct IntGroups;
 
     impl Step256 for IntGroups {
+        /// Plane `c`: chunk `c` of the 32 code bytes broadcast to four 64-bit lanes, lane g
+        /// shifted by 2g: bytes `8g .. 8g + 8` then hold values `32g + 8c ..` of group g.
+        #[inline(always)]
+        unsafe fn planes(at: *const u8) -> [__m256i; 4] {
+            let (mask, shifts) = (_mm256_set1_epi8(3), _mm256_setr_epi64x(0, 2, 4, 6));
+            let plane = |c: usize| {
+                let chunk = _mm256_set1_epi64x((at.add(8 * c) as *const i64).read_unaligned());
+                _mm256_and_si256(_mm256_srlv_epi64(chunk, shifts), mask)
+            };
+            [plane(0), plane(1), plane(2), plane(3)]
+        }
+
         #[inline(always)]
         unsafe fn step<const WIDE: bool>(
             p: &[__m256i; 4],
@@ -1299,15 +1351,21 @@ mod x86 {
             w: (f32, f32),
             acc: &mut __m256,
         ) {
-            let (xp, mp) = (x.q.add(sb * SB), x.mults.add(sb * 4 * 16));
-            let group = |k: usize| {
-                let xk = _mm256_loadu_si256(xp.add(32 * k) as *const __m256i);
-                let mk = _mm256_loadu_si256(mp.add(16 * k) as *const __m256i);
-                _mm256_madd_epi16(_mm256_maddubs_epi16(p[k], xk), mk)
+            let (xp, mp) = (x.q.add(sb * SB), x.mults.add(sb * 16));
+            let pairs = |c: usize| {
+                let xc = _mm256_loadu_si256(xp.add(32 * c) as *const __m256i);
+                _mm256_maddubs_epi16(p[c], xc)
             };
-            let b0 = _mm256_add_epi32(group(0), group(1));
-            let b1 = _mm256_add_epi32(group(2), group(3));
-            add_blocks::<WIDE>(b0, b1, w, acc);
+            let s01 = _mm256_add_epi16(pairs(0), pairs(1));
+            let s = _mm256_add_epi16(s01, _mm256_add_epi16(pairs(2), pairs(3)));
+            let m = _mm256_loadu_si256(mp as *const __m256i);
+            let d = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, m));
+            let ws = if WIDE {
+                _mm256_set1_ps(w.0)
+            } else {
+                _mm256_set_m128(_mm_set1_ps(w.1), _mm_set1_ps(w.0))
+            };
+            *acc = _mm256_fmadd_ps(d, ws, *acc);
         }
     }
 
@@ -1379,7 +1437,7 @@ mod x86 {
         let (c, w) = (codes.as_ptr(), ws.as_ptr());
         let mut acc = [_mm256_setzero_ps(); T];
         for sb in 0..codes.len() / 32 {
-            let p = planes256(c.add(sb * 32));
+            let p = K::planes(c.add(sb * 32));
             let wsb = (*w.add(2 * sb), *w.add(2 * sb + 1));
             for k in 0..T {
                 K::step::<WIDE>(&p, x[k], sb, wsb, &mut acc[k]);
@@ -1428,7 +1486,7 @@ mod x86 {
                 // The weights stream through once: ask for the next row groups' codes early.
                 _mm_prefetch::<_MM_HINT_T0>(ahead(c, sb, j, R));
                 let wsb = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
-                K::step::<WIDE>(&planes256(at), x, sb, wsb, a);
+                K::step::<WIDE>(&K::planes(at), x, sb, wsb, a);
             }
         }
         let unit = _mm256_set1_ps(x.unit);
@@ -1443,34 +1501,41 @@ mod x86 {
         xs.first().is_some_and(|x| x.per_token)
     }
 
-    /// The 256-bit kernels read the groups' step multiples: the activations must carry them.
-    fn assert_mults(x: &XRow) {
+    /// The per-32 path ([`IntGroups`]) reads the values in chunk order and the groups' step
+    /// multiples: the activations must carry them (`QuantizedRows::new(.., chunked: true, ..)`).
+    fn assert_chunked(x: &XRow) {
         assert_eq!(
-            x.mults.len() * 2,
+            x.mults.len() * 8,
             x.q.len(),
-            "the 256-bit kernels need QuantizedRows with mults"
+            "the 256-bit kernels' per-32 path needs chunked QuantizedRows"
         );
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn rows_avx2(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        assert_mults(x);
         match (x.per_token, wide) {
             (true, true) => rows256::<IntToken, true>(codes, ws, x, out),
             (true, false) => rows256::<IntToken, false>(codes, ws, x, out),
-            (false, true) => rows256::<IntGroups, true>(codes, ws, x, out),
-            (false, false) => rows256::<IntGroups, false>(codes, ws, x, out),
+            (false, wide) => rows_groups(wide, codes, ws, x, out),
+        }
+    }
+
+    /// [`IntGroups`] over rows, for both 256-bit ISAs (inlined into each one's features).
+    #[inline(always)]
+    unsafe fn rows_groups(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+        assert_chunked(x);
+        match wide {
+            true => rows256::<IntGroups, true>(codes, ws, x, out),
+            false => rows256::<IntGroups, false>(codes, ws, x, out),
         }
     }
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
     pub unsafe fn rows_avxvnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        assert_mults(x);
         match (x.per_token, wide) {
             (true, true) => rows256::<TokenVnni, true>(codes, ws, x, out),
             (true, false) => rows256::<TokenVnni, false>(codes, ws, x, out),
-            (false, true) => rows256::<IntGroups, true>(codes, ws, x, out),
-            (false, false) => rows256::<IntGroups, false>(codes, ws, x, out),
+            (false, wide) => rows_groups(wide, codes, ws, x, out),
         }
     }
 
@@ -1482,10 +1547,10 @@ mod x86 {
         xs: &[XRow],
         out: &mut [f32],
     ) {
-        xs.iter().for_each(assert_mults);
         if per_token(xs) {
             by_tokens_8!(tile256[IntToken], xs.len(), wide, (codes, ws, xs, out))
         } else {
+            xs.iter().for_each(assert_chunked);
             by_tokens!(tile256[IntGroups], xs.len(), wide, (codes, ws, xs, out))
         }
     }
@@ -1498,10 +1563,10 @@ mod x86 {
         xs: &[XRow],
         out: &mut [f32],
     ) {
-        xs.iter().for_each(assert_mults);
         if per_token(xs) {
             by_tokens!(tile256[TokenVnni], xs.len(), wide, (codes, ws, xs, out))
         } else {
+            xs.iter().for_each(assert_chunked);
             by_tokens!(tile256[IntGroups], xs.len(), wide, (codes, ws, xs, out))
         }
     }
@@ -2827,6 +2892,22 @@ mod tests {
             assert_eq!(plain.3, fast.3, "step multiples, per_token {per_token}");
             assert_eq!(plain.4, fast.4, "unit, per_token {per_token}");
         }
+    }
+
+    /// The chunk order moves value `32g + 8c + r` of every super-block to `32c + 8g + r` (the
+    /// layout `IntGroups`' planes read), and applying it twice restores the values.
+    #[test]
+    fn chunk_order_transposes_8_byte_chunks() {
+        let natural: Vec<i8> = (0..2 * SB).map(|i| (i as i32 - 128) as i8).collect();
+        let mut q = natural.clone();
+        chunk_order(&mut q);
+        for at in [0, SB] {
+            for (g, c, r) in (0..SB).map(|i| (i / 32, i / 8 % 4, i % 8)) {
+                assert_eq!(q[at + 32 * c + 8 * g + r], natural[at + 32 * g + 8 * c + r]);
+            }
+        }
+        chunk_order(&mut q);
+        assert_eq!(q, natural);
     }
 
     /// Per token: every nonzero finite group takes the row's one step `max / 127` (multiple 1,
