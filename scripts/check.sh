@@ -22,8 +22,9 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test
 # The kernels of a CPU without AVX-512 (AVX2 matmuls, attention, quantization, SwiGLU, top-k),
-# forced on this one (~30 s more): the library's tests and the paged forward's again.
-TERN_ISA=avx2 cargo test --lib --test host_forward --test decoding
+# forced on this one (~30 s more): the library's tests, the paged forward's and the serving
+# engine's again.
+TERN_ISA=avx2 cargo test --lib --test host_forward --test decoding --test serve
 scripts/test_neon.sh
 scripts/check_metal.sh >/dev/null
 scripts/build_cuda.sh --bin tern --test devices >/dev/null
