@@ -25,18 +25,18 @@
 //!    an exact integer multiple `m * unit` of one per-row unit (m <= 32767, at most 3e-5 over
 //!    max|x| / 127 for the row's largest group: [`group_steps`]), so the 256-bit kernels
 //!    (AVX2, AVX-VNNI) can scale a group's integer dot by `m` in integers and convert once per
-//!    super-block: for them the values are laid out in [`chunk_order`], so that every lane of
-//!    their pair sums holds one group. (Per 128
-//!    values made prefill 15% faster but put 1.1% of the trained tiny model's top tokens off
-//!    the f32 model's; NOTES.md.)
+//!    super-block. For the x86 vector kernels the values are laid out in [`chunk_order`] and
+//!    the codes unpacked to match, so that every lane of their integer dots holds one group.
+//!    (Per 128 values made prefill 15% faster but put 1.1% of the trained tiny model's top
+//!    tokens off the f32 model's; NOTES.md.)
 //! 3. The dot products in integers: `sum_j t_j xq_j = sum_j q_j xq_j - sum_j xq_j`, where the
 //!    first sum is exactly what `maddubs` (u8 x i8, AVX2) or `dpbusd` (AVX-512 VNNI / AVX-VNNI)
 //!    compute; with one step per token (`act_quant = "per_token"`) a weight-scale block's groups
 //!    add in integers before one conversion; otherwise each group's integer dot is scaled by its
-//!    activation scale (on AVX-512 one
-//!    multiply scales two groups: their products sit in different lanes), a 64-block's
-//!    correction is subtracted once, and the block's weight scale multiplies into an f32
-//!    accumulator. Several tokens share one unpacking of the
+//!    activation scale (in chunk order a super-block's four groups sit in different lanes of
+//!    one dot: one multiply by the step lanes, or on 256-bit one `vpmaddwd` by the multiples,
+//!    scales all four), a 64-block's correction is subtracted once, and the block's weight
+//!    scale multiplies into an f32 accumulator. Several tokens share one unpacking of the
 //!    codes (tiles of up to 4 tokens; on AVX-512 VNNI 2 rows x 4 tokens share the activation
 //!    loads too), so prefill is a packed GEMM, not a loop of matrix-vector products. Matrices
 //!    that read the same input (q/k/v, gate/up) share one quantization and one parallel region
@@ -551,9 +551,9 @@ pub fn matmul_many_with(isa: Isa, mats: &[&PackedMatrix], x: &[f32], n: usize) -
         isa
     };
     let per_token = first.act_quant == ActQuant::PerToken;
-    // Only the 256-bit kernels' per-32 path (`IntGroups`) reads the chunked order and the
-    // multiples; per token they read the values in order, as every other kernel.
-    let chunked = matches!(isa, Isa::Avx2 | Isa::AvxVnni) && !per_token;
+    // The x86 vector kernels' per-32 paths read the values in chunk order; per token they
+    // read them in order, as AMX, NEON and the portable kernel always do.
+    let chunked = !per_token && !amx && matches!(isa, Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni);
     let xq = QuantizedRows::new(x, n, first.cols, first.sbs, chunked, per_token);
     #[cfg(target_arch = "x86_64")]
     let acts = amx.then(|| x86::amx::Acts::new(&xq, n));
@@ -704,6 +704,10 @@ pub struct QuantizedRows {
     /// four times (lanes `4g .. 4g + 4`: the i16 lanes that hold group g in [`chunk_order`]),
     /// `n * sbs * 16`.
     mults: Vec<i16>,
+    /// With `chunked` (empty otherwise): per super-block the 16 step lanes of the AVX-512
+    /// per-32 path, lane `l` the step of group `(l / 2) % 4` (the lanes of a 512-bit integer
+    /// dot over chunk-ordered values that hold that group's products), `n * sbs * 16`.
+    chunk_lanes: Vec<f32>,
     sbs: usize,
     /// One step per row (`act_quant = "per_token"`): every group of a row has the row's step.
     per_token: bool,
@@ -757,12 +761,24 @@ impl QuantizedRows {
         } else {
             Vec::new()
         };
+        let chunk_lanes = if chunked {
+            let of = |i: usize, sb: usize, g: usize| {
+                step_of(&lanes[i * sbs * 2 * LANES..], sb * SB + g * GROUP)
+            };
+            (0..n * sbs)
+                .flat_map(|r| (0..LANES).map(move |l| (r / sbs, r % sbs, l / 2 % 4)))
+                .map(|(i, sb, g)| of(i, sb, g))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Self {
             q,
             lanes,
             corr,
             units,
             mults,
+            chunk_lanes,
             sbs,
             per_token,
         }
@@ -771,11 +787,17 @@ impl QuantizedRows {
     fn row(&self, i: usize) -> XRow<'_> {
         let (w, l, c) = (self.sbs * SB, self.sbs * 2 * LANES, self.sbs * 2);
         let m = if self.mults.is_empty() { 0 } else { w / 8 };
+        let cl = if self.chunk_lanes.is_empty() {
+            0
+        } else {
+            w / 8
+        };
         XRow {
             q: &self.q[i * w..(i + 1) * w],
             lanes: &self.lanes[i * l..(i + 1) * l],
             corr: &self.corr[i * c..(i + 1) * c],
             mults: &self.mults[i * m..(i + 1) * m],
+            chunk_lanes: &self.chunk_lanes[i * cl..(i + 1) * cl],
             unit: self.units[i],
             per_token: self.per_token,
         }
@@ -1100,6 +1122,8 @@ struct XRow<'a> {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     mults: &'a [i16],
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    chunk_lanes: &'a [f32],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     unit: f32,
     /// One step for the whole token (`act_quant = "per_token"`): every group's step is `unit`.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -1112,6 +1136,7 @@ impl XRow<'_> {
         lanes: &[],
         corr: &[],
         mults: &[],
+        chunk_lanes: &[],
         unit: 0.0,
         per_token: false,
     };
@@ -1210,9 +1235,9 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub struct XPtr {
         q: *const i8,
-        lanes: *const f32,
         corr: *const f32,
         mults: *const i16,
+        chunk_lanes: *const f32,
         unit: f32,
     }
 
@@ -1220,9 +1245,9 @@ mod x86 {
         pub fn of(x: &XRow) -> Self {
             Self {
                 q: x.q.as_ptr(),
-                lanes: x.lanes.as_ptr(),
                 corr: x.corr.as_ptr(),
                 mults: x.mults.as_ptr(),
+                chunk_lanes: x.chunk_lanes.as_ptr(),
                 unit: x.unit,
             }
         }
@@ -1504,10 +1529,9 @@ mod x86 {
     /// The per-32 path ([`IntGroups`]) reads the values in chunk order and the groups' step
     /// multiples: the activations must carry them (`QuantizedRows::new(.., chunked: true, ..)`).
     fn assert_chunked(x: &XRow) {
-        assert_eq!(
-            x.mults.len() * 8,
-            x.q.len(),
-            "the 256-bit kernels' per-32 path needs chunked QuantizedRows"
+        assert!(
+            x.mults.len() * 8 == x.q.len() && x.chunk_lanes.len() * 8 == x.q.len(),
+            "the per-32 vector kernels need chunked QuantizedRows"
         );
     }
 
@@ -1650,6 +1674,9 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
     pub unsafe fn rows_avx512vnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
+        if !x.per_token {
+            assert_chunked(x);
+        }
         match (x.per_token, wide) {
             (true, true) => z::rows::<z::Token, true>(codes, ws, x, out),
             (true, false) => z::rows::<z::Token, false>(codes, ws, x, out),
@@ -1669,6 +1696,7 @@ mod x86 {
         if per_token(xs) {
             by_tokens!(z::tile[z::Token], xs.len(), wide, (codes, ws, xs, out))
         } else {
+            xs.iter().for_each(assert_chunked);
             by_tokens!(z::tile[z::Groups], xs.len(), wide, (codes, ws, xs, out))
         }
     }
@@ -1685,25 +1713,57 @@ mod x86 {
         if per_token(xs) {
             by_tokens!(z::tile2[z::Token], xs.len(), wide, (codes, ws, xs, out))
         } else {
+            xs.iter().for_each(assert_chunked);
             by_tokens!(z::tile2[z::Groups], xs.len(), wide, (codes, ws, xs, out))
         }
     }
 
-    /// The AVX-512 VNNI kernels on 512-bit vectors: a super-block's 32 code bytes are
-    /// broadcast to both halves of a zmm and shifted per half (planes 0|1, then 2|3), so each
-    /// `vpdpbusd` does 64 multiply-adds: two per super-block and token. Lanes 0-7 of such a dot
-    /// hold the products of the first plane's 32 values (one quantization group), lanes 8-15
-    /// the second's: multiplying by the block's scale lanes applies both groups' scales at once.
+    /// The AVX-512 VNNI kernels on 512-bit vectors: each `vpdpbusd` does 64 multiply-adds,
+    /// two per super-block and token. With one step per token a super-block's 32 code bytes
+    /// are broadcast to both halves of a zmm and shifted per half (planes 0|1, then 2|3), the
+    /// values in order. With a step per 32-group the values are in chunk order
+    /// ([`chunk_order`](super::super::chunk_order)): each 64-bit lane of a plane pair holds one
+    /// 8-byte code chunk shifted by its group, so every i32 lane of both dots holds one group
+    /// (lane `l`: group `(l / 2) % 4`), the two dots add in integers, and one multiply by the
+    /// step lanes scales all four groups.
     pub(super) mod z {
         use super::{XPtr, LANES, SB};
         use crate::kernels::ternary_matmul::XRow;
         use std::arch::x86_64::*;
 
+        /// A super-block's codes in the order `S` reads the activations: [`planes`] per
+        /// token, [`chunk_planes`] per group.
+        #[inline(always)]
+        unsafe fn planes_for<S: Steps>(at: *const u8) -> (__m512i, __m512i) {
+            if S::PER_TOKEN {
+                planes(at)
+            } else {
+                chunk_planes(at)
+            }
+        }
+
+        /// A super-block's codes in chunk order as two zmm of u8 in {0, 1, 2}: code chunks
+        /// 0|1 and 2|3, each broadcast to four 64-bit lanes, lane g shifted by 2g (so bytes
+        /// `8g .. 8g + 8` of chunk c's half hold values `32g + 8c ..`).
+        #[inline(always)]
+        unsafe fn chunk_planes(at: *const u8) -> (__m512i, __m512i) {
+            let (mask, shifts) = (
+                _mm512_set1_epi8(3),
+                _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6),
+            );
+            let c = _mm512_castsi256_si512(_mm256_loadu_si256(at as *const __m256i));
+            let pair = |a: i64, b: i64| {
+                let v = _mm512_permutexvar_epi64(_mm512_setr_epi64(a, a, a, a, b, b, b, b), c);
+                _mm512_and_si512(_mm512_srlv_epi64(v, shifts), mask)
+            };
+            (pair(0, 1), pair(2, 3))
+        }
+
         /// Planes (0|1) and (2|3) of 32 code bytes as two zmm of u8 in {0, 1, 2}.
         #[inline(always)]
         pub unsafe fn planes(at: *const u8) -> (__m512i, __m512i) {
-            let c = _mm512_broadcast_i64x4(_mm256_loadu_si256(at as *const __m256i));
             let mask = _mm512_set1_epi8(3);
+            let c = _mm512_broadcast_i64x4(_mm256_loadu_si256(at as *const __m256i));
             let shift = |lo: i16, hi: i16| {
                 _mm512_inserti64x4(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi), 1)
             };
@@ -1718,8 +1778,8 @@ mod x86 {
         pub struct Xsb {
             x01: __m512i,
             x23: __m512i,
-            l0: __m512,
-            l1: __m512,
+            /// Per-32 steps: the super-block's step lanes (`XRow::chunk_lanes`).
+            l: __m512,
         }
 
         /// Which activation steps the kernels apply: per 32 values (the step lanes, per
@@ -1743,19 +1803,15 @@ mod x86 {
         #[inline(always)]
         pub unsafe fn load<S: Steps>(x: XPtr, sb: usize) -> Xsb {
             let xp = x.q.add(sb * SB);
-            let (l0, l1) = if S::PER_TOKEN {
-                (_mm512_setzero_ps(), _mm512_setzero_ps()) // not read
+            let l = if S::PER_TOKEN {
+                _mm512_setzero_ps() // not read
             } else {
-                (
-                    _mm512_loadu_ps(x.lanes.add(2 * sb * LANES)),
-                    _mm512_loadu_ps(x.lanes.add((2 * sb + 1) * LANES)),
-                )
+                _mm512_loadu_ps(x.chunk_lanes.add(sb * LANES))
             };
             Xsb {
                 x01: _mm512_loadu_si512(xp as *const __m512i),
                 x23: _mm512_loadu_si512(xp.add(64) as *const __m512i),
-                l0,
-                l1,
+                l,
             }
         }
 
@@ -1784,16 +1840,18 @@ mod x86 {
                 }
                 return;
             }
-            let d01 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, p.0, x.x01));
-            let d23 = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, p.1, x.x23));
+            // Chunk order: every lane of both dots holds one group, so they add in integers
+            // and one multiply applies the four groups' steps; lanes 4-7 and 12-15 hold the
+            // second 64-block (groups 2 and 3). 5 operations where the planes in order took 7.
             // The corrections are subtracted once per row and token (`corrected_lanes`).
-            if WIDE {
-                let f = _mm512_fmadd_ps(d23, x.l1, _mm512_mul_ps(d01, x.l0));
-                *acc = _mm512_fmadd_ps(f, _mm512_set1_ps(w.0), *acc);
+            let d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, p.0, x.x01), p.1, x.x23);
+            let f = _mm512_mul_ps(_mm512_cvtepi32_ps(d), x.l);
+            let w = if WIDE {
+                _mm512_set1_ps(w.0)
             } else {
-                *acc = _mm512_fmadd_ps(_mm512_mul_ps(d01, x.l0), _mm512_set1_ps(w.0), *acc);
-                *acc = _mm512_fmadd_ps(_mm512_mul_ps(d23, x.l1), _mm512_set1_ps(w.1), *acc);
-            }
+                _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(w.0), _mm512_set1_ps(w.1))
+            };
+            *acc = _mm512_fmadd_ps(f, w, *acc);
         }
 
         /// Lanes whose sum is `sum(acc) - sum_b ws[b] * corr[b]` over a row's `n` 64-block
@@ -1889,7 +1947,7 @@ mod x86 {
             let (c, w) = (codes.as_ptr(), ws.as_ptr());
             let mut acc = [_mm512_setzero_ps(); T];
             for sb in 0..codes.len() / 32 {
-                let p = planes(c.add(sb * 32));
+                let p = planes_for::<S>(c.add(sb * 32));
                 let wsb = (*w.add(2 * sb), *w.add(2 * sb + 1));
                 for k in 0..T {
                     apply::<S, WIDE>(p, &load::<S>(x[k], sb), wsb, &mut acc[k]);
@@ -1919,7 +1977,10 @@ mod x86 {
                 // fetch ahead (later token tiles find them in cache; the extra hints are cheap).
                 _mm_prefetch::<_MM_HINT_T0>(super::ahead(ca, sb, 0, 2));
                 _mm_prefetch::<_MM_HINT_T0>(super::ahead(ca, sb, 1, 2));
-                let (pa, pb) = (planes(ca.add(sb * 32)), planes(cb_.add(sb * 32)));
+                let (pa, pb) = (
+                    planes_for::<S>(ca.add(sb * 32)),
+                    planes_for::<S>(cb_.add(sb * 32)),
+                );
                 let w_a = (*wa.add(2 * sb), *wa.add(2 * sb + 1));
                 let w_b = (*wb.add(2 * sb), *wb.add(2 * sb + 1));
                 for k in 0..T {
@@ -1975,7 +2036,7 @@ mod x86 {
                     let at = c.add(j * cb + sb * 32);
                     _mm_prefetch::<_MM_HINT_T0>(super::ahead(c, sb, j, R));
                     let wsb = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
-                    apply::<S, WIDE>(planes(at), &xsb, wsb, a);
+                    apply::<S, WIDE>(planes_for::<S>(at), &xsb, wsb, a);
                 }
             }
             // The block's rows' sums together (the rest of the joint reduction adds zeros).
