@@ -858,7 +858,6 @@ fn group_steps(amax: &[f32], steps: &mut [f32], mults: &mut [i16], per_token: bo
 }
 
 /// The quantization step (scale) of value `j` of a row, from its lanes.
-#[cfg(any(test, target_arch = "x86_64"))]
 fn step_of(lanes: &[f32], j: usize) -> f32 {
     lanes[(j / BLK) * LANES + (j % BLK) / GROUP * 8]
 }
