@@ -25,7 +25,7 @@
 //!    an exact integer multiple `m * unit` of one per-row unit (m <= 32767, at most 3e-5 over
 //!    max|x| / 127 for the row's largest group: [`group_steps`]), so the 256-bit kernels
 //!    (AVX2, AVX-VNNI) can scale a group's integer dot by `m` in integers and convert once per
-//!    super-block. For the x86 vector kernels the values are laid out in [`chunk_order`] and
+//!    super-block. For the x86 vector kernels the values are laid out in [`ActOrder`] and
 //!    the codes unpacked to match, so that every lane of their integer dots holds one group.
 //!    (Per 128 values made prefill 15% faster but put 1.1% of the trained tiny model's top
 //!    tokens off the f32 model's; NOTES.md.)
@@ -553,8 +553,13 @@ pub fn matmul_many_with(isa: Isa, mats: &[&PackedMatrix], x: &[f32], n: usize) -
     let per_token = first.act_quant == ActQuant::PerToken;
     // The x86 vector kernels' per-32 paths read the values in chunk order; per token they
     // read them in order, as AMX, NEON and the portable kernel always do.
-    let chunked = !per_token && !amx && matches!(isa, Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni);
-    let xq = QuantizedRows::new(x, n, first.cols, first.sbs, chunked, per_token);
+    let order = match isa {
+        _ if per_token || amx => ActOrder::Plain,
+        Isa::Avx2 | Isa::AvxVnni => ActOrder::Chunks256,
+        Isa::Avx512Vnni => ActOrder::Chunks512,
+        _ => ActOrder::Plain,
+    };
+    let xq = QuantizedRows::new(x, n, first.cols, first.sbs, order, per_token);
     #[cfg(target_arch = "x86_64")]
     let acts = amx.then(|| x86::amx::Acts::new(&xq, n));
     // Outputs are allocated, not zeroed: the tasks write every cell (zeroing 6 MiB per matrix
@@ -699,14 +704,13 @@ pub struct QuantizedRows {
     corr: Vec<f32>,
     /// Per row: the unit every group's step is an integer multiple of ([`group_steps`]).
     units: Vec<f32>,
-    /// For the 256-bit kernels' per-32 path only (`chunked`; empty otherwise): per
-    /// super-block the i16 operand of one `vpmaddwd`, each of its four groups' steps in units
-    /// four times (lanes `4g .. 4g + 4`: the i16 lanes that hold group g in [`chunk_order`]),
-    /// `n * sbs * 16`.
+    /// With [`ActOrder::Chunks256`] (empty otherwise): per super-block the i16 operand of one
+    /// `vpmaddwd`, each of its four groups' steps in units four times (lanes `4g .. 4g + 4`:
+    /// the i16 lanes that hold group g), `n * sbs * 16`.
     mults: Vec<i16>,
-    /// With `chunked` (empty otherwise): per super-block the 16 step lanes of the AVX-512
-    /// per-32 path, lane `l` the step of group `(l / 2) % 4` (the lanes of a 512-bit integer
-    /// dot over chunk-ordered values that hold that group's products), `n * sbs * 16`.
+    /// With [`ActOrder::Chunks512`] (empty otherwise): per super-block the 16 step lanes of
+    /// the AVX-512 per-32 path, lane `l` the step of group `l / 4` (the i32 lanes of its dots
+    /// that hold that group's products), `n * sbs * 16`.
     chunk_lanes: Vec<f32>,
     sbs: usize,
     /// One step per row (`act_quant = "per_token"`): every group of a row has the row's step.
@@ -714,15 +718,14 @@ pub struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    /// `chunked`: the values in [`chunk_order`] and the groups' integer step multiples laid
-    /// out, for the 256-bit kernels' per-32 path. `per_token`: one step per row
-    /// ([`group_steps`]).
+    /// `order`: how each super-block's values lie, and the per-group data its kernels read
+    /// with them. `per_token`: one step per row ([`group_steps`]).
     pub fn new(
         x: &[f32],
         n: usize,
         cols: usize,
         sbs: usize,
-        chunked: bool,
+        order: ActOrder,
         per_token: bool,
     ) -> Self {
         let (width, groups) = (sbs * SB, sbs * SB / GROUP);
@@ -733,9 +736,7 @@ impl QuantizedRows {
         let mut gm = vec![0i16; n * groups];
         let one = |(((((q, l), c), m), u), x): RowParts| {
             *u = quantize_row(x, q, l, c, m, per_token);
-            if chunked {
-                chunk_order(q);
-            }
+            order.apply(q);
         };
         // Prefill quantizes hundreds of rows per matmul: in parallel (decode's one row is not
         // worth a fork).
@@ -756,21 +757,21 @@ impl QuantizedRows {
                 .zip(x.chunks(cols))
                 .for_each(one);
         }
-        let mults = if chunked {
-            gm.iter().flat_map(|&m| [m; 4]).collect()
-        } else {
-            Vec::new()
+        let mults = match order {
+            ActOrder::Chunks256 => gm.iter().flat_map(|&m| [m; 4]).collect(),
+            _ => Vec::new(),
         };
-        let chunk_lanes = if chunked {
-            let of = |i: usize, sb: usize, g: usize| {
-                step_of(&lanes[i * sbs * 2 * LANES..], sb * SB + g * GROUP)
-            };
-            (0..n * sbs)
-                .flat_map(|r| (0..LANES).map(move |l| (r / sbs, r % sbs, l / 2 % 4)))
-                .map(|(i, sb, g)| of(i, sb, g))
-                .collect()
-        } else {
-            Vec::new()
+        let chunk_lanes = match order {
+            ActOrder::Chunks512 => {
+                let of = |i: usize, sb: usize, g: usize| {
+                    step_of(&lanes[i * sbs * 2 * LANES..], sb * SB + g * GROUP)
+                };
+                (0..n * sbs)
+                    .flat_map(|r| (0..LANES).map(move |l| (r / sbs, r % sbs, l / 4)))
+                    .map(|(i, sb, g)| of(i, sb, g))
+                    .collect()
+            }
+            _ => Vec::new(),
         };
         Self {
             q,
@@ -888,20 +889,46 @@ fn quantize_row(
     quantize_row_body(x, q, lanes, corr, mults, per_token)
 }
 
-/// Reorders each super-block of 128 quantized values from `[group g][8-chunk c][8]` to
-/// `[c][g][8]` (a 4 x 4 transpose of 8-byte chunks; its own inverse), the order of the
-/// 256-bit kernels' chunked planes: there plane `c` holds chunk `c` of all four groups, so the
-/// i16 lanes `4g .. 4g + 4` of every plane's `vpmaddubsw` hold group g, the four planes' pair
-/// sums add in i16 lane by lane, and one `vpmaddwd` by the groups' step multiples scales a
-/// whole super-block (`IntGroups`).
-fn chunk_order(q: &mut [i8]) {
-    for sb in q.chunks_exact_mut(SB) {
-        for g in 0..4 {
-            for c in g + 1..4 {
-                let (a, b) = (32 * g + 8 * c, 32 * c + 8 * g);
-                for r in 0..8 {
-                    sb.swap(a + r, b + r);
-                }
+/// How [`QuantizedRows`] lays out each super-block's 128 values (group g = values `32g ..
+/// 32g + 32`, in 8-byte chunks c), as the kernels reading them unpack the codes. In the chunk
+/// orders every lane of a kernel's integer dots holds one group, so one multiply applies all
+/// four groups' steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActOrder {
+    /// In order: AMX, NEON, the portable kernel, and every kernel with per-token steps.
+    Plain,
+    /// The 256-bit kernels (AVX2, AVX-VNNI) with per-32 steps: value `32g + 8c + r` at `32c +
+    /// 8g + r` (a 4 x 4 transpose of 8-byte chunks). Plane c (code chunk c broadcast, lane g
+    /// shifted by 2g) then holds group g in its i16 lanes `4g .. 4g + 4`, the four planes'
+    /// pair sums add lane by lane, and one `vpmaddwd` by the multiples scales the super-block.
+    Chunks256,
+    /// AVX-512 VNNI with per-32 steps: value `32g + 8c + r` at `64(c / 2) + 16g + 8(c % 2) +
+    /// r`. Code chunks (0, 1) and (2, 3) each broadcast as a 128-bit pair (a plain load) and
+    /// 64-bit lane `2g + h` shifted by 2g hold group g in i32 lanes `4g .. 4g + 4` of both
+    /// dots, which then add in integers before one multiply by the step lanes.
+    Chunks512,
+}
+
+impl ActOrder {
+    /// Where value `32g + 8c + r` of a super-block lies.
+    fn at(self, g: usize, c: usize, r: usize) -> usize {
+        match self {
+            ActOrder::Plain => 32 * g + 8 * c + r,
+            ActOrder::Chunks256 => 32 * c + 8 * g + r,
+            ActOrder::Chunks512 => 64 * (c / 2) + 16 * g + 8 * (c % 2) + r,
+        }
+    }
+
+    /// Moves every super-block of `q` (values in order) into this order.
+    fn apply(self, q: &mut [i8]) {
+        if self == ActOrder::Plain {
+            return;
+        }
+        for sb in q.chunks_exact_mut(SB) {
+            let plain: [i8; SB] = std::array::from_fn(|i| sb[i]);
+            for (g, c) in (0..4).flat_map(|g| (0..4).map(move |c| (g, c))) {
+                let (from, to) = (32 * g + 8 * c, self.at(g, c, 0));
+                sb[to..to + 8].copy_from_slice(&plain[from..from + 8]);
             }
         }
     }
@@ -1342,7 +1369,7 @@ mod x86 {
     }
 
     /// AVX2 and AVX-VNNI with a step per 32-group: the super-block read in chunk order
-    /// ([`chunk_order`](super::chunk_order)), so the i16 lanes `4g .. 4g + 4` of every plane's
+    /// ([`ActOrder::Chunks256`](super::ActOrder)), so the i16 lanes `4g .. 4g + 4` of every plane's
     /// `vpmaddubsw` hold group g. The four planes' pair sums add in i16 (at most 4 x 508), one
     /// `vpmaddwd` by the groups' step multiples (in units) widens and scales the whole
     /// super-block, and one convert and one FMA by the weight scales (lanes 0-3 hold the first
@@ -1525,12 +1552,23 @@ mod x86 {
         xs.first().is_some_and(|x| x.per_token)
     }
 
-    /// The per-32 path ([`IntGroups`]) reads the values in chunk order and the groups' step
-    /// multiples: the activations must carry them (`QuantizedRows::new(.., chunked: true, ..)`).
-    fn assert_chunked(x: &XRow) {
-        assert!(
-            x.mults.len() * 8 == x.q.len() && x.chunk_lanes.len() * 8 == x.q.len(),
-            "the per-32 vector kernels need chunked QuantizedRows"
+    /// The 256-bit per-32 path ([`IntGroups`]) reads the values in chunk order and the
+    /// groups' step multiples: the activations must carry them ([`ActOrder::Chunks256`]).
+    fn assert_chunks256(x: &XRow) {
+        assert_eq!(
+            x.mults.len() * 8,
+            x.q.len(),
+            "the 256-bit per-32 kernels need QuantizedRows in ActOrder::Chunks256"
+        );
+    }
+
+    /// The AVX-512 per-32 path reads the values in its chunk order and the step lanes
+    /// ([`ActOrder::Chunks512`]).
+    fn assert_chunks512(x: &XRow) {
+        assert_eq!(
+            x.chunk_lanes.len() * 8,
+            x.q.len(),
+            "the AVX-512 per-32 kernels need QuantizedRows in ActOrder::Chunks512"
         );
     }
 
@@ -1546,7 +1584,7 @@ mod x86 {
     /// [`IntGroups`] over rows, for both 256-bit ISAs (inlined into each one's features).
     #[inline(always)]
     unsafe fn rows_groups(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
-        assert_chunked(x);
+        assert_chunks256(x);
         match wide {
             true => rows256::<IntGroups, true>(codes, ws, x, out),
             false => rows256::<IntGroups, false>(codes, ws, x, out),
@@ -1573,7 +1611,7 @@ mod x86 {
         if per_token(xs) {
             by_tokens_8!(tile256[IntToken], xs.len(), wide, (codes, ws, xs, out))
         } else {
-            xs.iter().for_each(assert_chunked);
+            xs.iter().for_each(assert_chunks256);
             by_tokens!(tile256[IntGroups], xs.len(), wide, (codes, ws, xs, out))
         }
     }
@@ -1589,7 +1627,7 @@ mod x86 {
         if per_token(xs) {
             by_tokens!(tile256[TokenVnni], xs.len(), wide, (codes, ws, xs, out))
         } else {
-            xs.iter().for_each(assert_chunked);
+            xs.iter().for_each(assert_chunks256);
             by_tokens!(tile256[IntGroups], xs.len(), wide, (codes, ws, xs, out))
         }
     }
@@ -1674,7 +1712,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
     pub unsafe fn rows_avx512vnni(wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut [f32]) {
         if !x.per_token {
-            assert_chunked(x);
+            assert_chunks512(x);
         }
         match (x.per_token, wide) {
             (true, true) => z::rows::<z::Token, true>(codes, ws, x, out),
@@ -1695,7 +1733,7 @@ mod x86 {
         if per_token(xs) {
             by_tokens!(z::tile[z::Token], xs.len(), wide, (codes, ws, xs, out))
         } else {
-            xs.iter().for_each(assert_chunked);
+            xs.iter().for_each(assert_chunks512);
             by_tokens!(z::tile[z::Groups], xs.len(), wide, (codes, ws, xs, out))
         }
     }
@@ -1712,7 +1750,7 @@ mod x86 {
         if per_token(xs) {
             by_tokens!(z::tile2[z::Token], xs.len(), wide, (codes, ws, xs, out))
         } else {
-            xs.iter().for_each(assert_chunked);
+            xs.iter().for_each(assert_chunks512);
             by_tokens!(z::tile2[z::Groups], xs.len(), wide, (codes, ws, xs, out))
         }
     }
@@ -1721,10 +1759,10 @@ mod x86 {
     /// two per super-block and token. With one step per token a super-block's 32 code bytes
     /// are broadcast to both halves of a zmm and shifted per half (planes 0|1, then 2|3), the
     /// values in order. With a step per 32-group the values are in chunk order
-    /// ([`chunk_order`](super::super::chunk_order)): each 64-bit lane of a plane pair holds one
-    /// 8-byte code chunk shifted by its group, so every i32 lane of both dots holds one group
-    /// (lane `l`: group `(l / 2) % 4`), the two dots add in integers, and one multiply by the
-    /// step lanes scales all four groups.
+    /// ([`ActOrder::Chunks512`](super::super::ActOrder)): each 64-bit lane of a plane pair
+    /// holds one 8-byte code chunk shifted by its group, so every i32 lane of both dots holds
+    /// one group (lane `l`: group `l / 4`), the two dots add in integers, and one multiply by
+    /// the step lanes scales all four groups.
     pub(super) mod z {
         use super::{XPtr, LANES, SB};
         use crate::kernels::ternary_matmul::XRow;
@@ -1741,21 +1779,20 @@ mod x86 {
             }
         }
 
-        /// A super-block's codes in chunk order as two zmm of u8 in {0, 1, 2}: code chunks
-        /// 0|1 and 2|3, each broadcast to four 64-bit lanes, lane g shifted by 2g (so bytes
-        /// `8g .. 8g + 8` of chunk c's half hold values `32g + 8c ..`).
+        /// A super-block's codes in [`ActOrder::Chunks512`](super::super::ActOrder) as two zmm
+        /// of u8 in {0, 1, 2}: code chunks (0, 1) and (2, 3), each pair broadcast from memory
+        /// (a plain load, no shuffle), 64-bit lane `2g + h` shifted by 2g.
         #[inline(always)]
         unsafe fn chunk_planes(at: *const u8) -> (__m512i, __m512i) {
             let (mask, shifts) = (
                 _mm512_set1_epi8(3),
-                _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6),
+                _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6),
             );
-            let c = _mm512_castsi256_si512(_mm256_loadu_si256(at as *const __m256i));
-            let pair = |a: i64, b: i64| {
-                let v = _mm512_permutexvar_epi64(_mm512_setr_epi64(a, a, a, a, b, b, b, b), c);
+            let pair = |p: usize| {
+                let v = _mm512_broadcast_i32x4(_mm_loadu_si128(at.add(16 * p) as *const __m128i));
                 _mm512_and_si512(_mm512_srlv_epi64(v, shifts), mask)
             };
-            (pair(0, 1), pair(2, 3))
+            (pair(0), pair(1))
         }
 
         /// Planes (0|1) and (2|3) of 32 code bytes as two zmm of u8 in {0, 1, 2}.
@@ -1840,15 +1877,15 @@ mod x86 {
                 return;
             }
             // Chunk order: every lane of both dots holds one group, so they add in integers
-            // and one multiply applies the four groups' steps; lanes 4-7 and 12-15 hold the
-            // second 64-block (groups 2 and 3). 5 operations where the planes in order took 7.
+            // and one multiply applies the four groups' steps; lanes 8-15 hold the second
+            // 64-block (groups 2 and 3). 5 operations where the planes in order took 7.
             // The corrections are subtracted once per row and token (`corrected_lanes`).
             let d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, p.0, x.x01), p.1, x.x23);
             let f = _mm512_mul_ps(_mm512_cvtepi32_ps(d), x.l);
             let w = if WIDE {
                 _mm512_set1_ps(w.0)
             } else {
-                _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(w.0), _mm512_set1_ps(w.1))
+                _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(w.0), _mm512_set1_ps(w.1))
             };
             *acc = _mm512_fmadd_ps(f, w, *acc);
         }
@@ -2879,7 +2916,7 @@ mod tests {
             // 12); 17 and 40 leave partial AMX tiles of 16; 6 and 8 run AMX's paired tiles.
             for n in [1, 2, 3, 6, 8, 9, 12, 13, 15, 17, 40] {
                 let x = input(n, cols);
-                let xq = QuantizedRows::new(&x, n, cols, m.sbs, false, per_token);
+                let xq = QuantizedRows::new(&x, n, cols, m.sbs, ActOrder::Plain, per_token);
                 let reference = matmul_reference(m, &x, n);
                 let portable = m.matmul_with(Isa::Portable, &x, n);
                 // Each activation is off by at most half the step of its quantization block.
@@ -2954,20 +2991,34 @@ mod tests {
         }
     }
 
-    /// The chunk order moves value `32g + 8c + r` of every super-block to `32c + 8g + r` (the
-    /// layout `IntGroups`' planes read), and applying it twice restores the values.
+    /// Every order puts value `32g + 8c + r` of every super-block where [`ActOrder::at`] says,
+    /// each position once, and the chunk orders are the ones their kernels' planes read: 256-bit
+    /// plane c holds chunk c of every group (a 4 x 4 transpose of 8-byte chunks), and the
+    /// 512-bit pair p holds chunks 2p and 2p + 1 of group g in its 16-byte lane g.
     #[test]
-    fn chunk_order_transposes_8_byte_chunks() {
-        let natural: Vec<i8> = (0..2 * SB).map(|i| (i as i32 - 128) as i8).collect();
-        let mut q = natural.clone();
-        chunk_order(&mut q);
-        for at in [0, SB] {
+    fn act_orders_move_every_value_once() {
+        let plain: Vec<i8> = (0..2 * SB).map(|i| (i as i32 - 128) as i8).collect();
+        let at256 = |g: usize, c: usize, r: usize| 32 * c + 8 * g + r;
+        let at512 = |g: usize, c: usize, r: usize| 64 * (c / 2) + 16 * g + 8 * (c % 2) + r;
+        for order in [ActOrder::Plain, ActOrder::Chunks256, ActOrder::Chunks512] {
+            let mut q = plain.clone();
+            order.apply(&mut q);
+            let mut seen = [false; SB];
             for (g, c, r) in (0..SB).map(|i| (i / 32, i / 8 % 4, i % 8)) {
-                assert_eq!(q[at + 32 * c + 8 * g + r], natural[at + 32 * g + 8 * c + r]);
+                let to = order.at(g, c, r);
+                let want = match order {
+                    ActOrder::Plain => 32 * g + 8 * c + r,
+                    ActOrder::Chunks256 => at256(g, c, r),
+                    ActOrder::Chunks512 => at512(g, c, r),
+                };
+                assert_eq!(to, want, "{order:?}");
+                assert!(!seen[to], "{order:?}: position {to} twice");
+                seen[to] = true;
+                for sb in [0, SB] {
+                    assert_eq!(q[sb + to], plain[sb + 32 * g + 8 * c + r], "{order:?}");
+                }
             }
         }
-        chunk_order(&mut q);
-        assert_eq!(q, natural);
     }
 
     /// Per token: every nonzero finite group takes the row's one step `max / 127` (multiple 1,
@@ -3129,7 +3180,7 @@ mod tests {
         let m = m.with_act_quant(act);
         let x = input(n, cols);
         let per_token = act == ActQuant::PerToken;
-        let xq = QuantizedRows::new(&x, n, cols, m.sbs, false, per_token);
+        let xq = QuantizedRows::new(&x, n, cols, m.sbs, ActOrder::Plain, per_token);
         let y = m.matmul_with(isa, &x, n);
         for i in 0..n {
             let XRow { q, lanes: s, .. } = xq.row(i);
