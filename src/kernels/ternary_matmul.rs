@@ -1137,8 +1137,8 @@ fn dot_rows(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut 
 }
 
 /// One token's activations ([`QuantizedRows`]): int8 values, per-64-block step lanes and
-/// corrections, and (the 256-bit kernels' per-32 path only, else empty) every group's step as
-/// a multiple of `unit`.
+/// corrections, and for the x86 per-32 paths (else empty) every group's step as a multiple of
+/// `unit` ([`ActOrder::Chunks256`]) or the step lanes of [`ActOrder::Chunks512`].
 #[derive(Clone, Copy)]
 struct XRow<'a> {
     q: &'a [i8],
@@ -2991,28 +2991,19 @@ mod tests {
         }
     }
 
-    /// Every order puts value `32g + 8c + r` of every super-block where [`ActOrder::at`] says,
-    /// each position once, and the chunk orders are the ones their kernels' planes read: 256-bit
-    /// plane c holds chunk c of every group (a 4 x 4 transpose of 8-byte chunks), and the
-    /// 512-bit pair p holds chunks 2p and 2p + 1 of group g in its 16-byte lane g.
+    /// Every order moves each value of every super-block to the one position [`ActOrder::at`]
+    /// gives it, no two to the same place. (That these are the orders the kernels' planes
+    /// read is the kernel tests' part: a step lane or multiple in another order fails them.)
     #[test]
     fn act_orders_move_every_value_once() {
         let plain: Vec<i8> = (0..2 * SB).map(|i| (i as i32 - 128) as i8).collect();
-        let at256 = |g: usize, c: usize, r: usize| 32 * c + 8 * g + r;
-        let at512 = |g: usize, c: usize, r: usize| 64 * (c / 2) + 16 * g + 8 * (c % 2) + r;
         for order in [ActOrder::Plain, ActOrder::Chunks256, ActOrder::Chunks512] {
             let mut q = plain.clone();
             order.apply(&mut q);
             let mut seen = [false; SB];
             for (g, c, r) in (0..SB).map(|i| (i / 32, i / 8 % 4, i % 8)) {
                 let to = order.at(g, c, r);
-                let want = match order {
-                    ActOrder::Plain => 32 * g + 8 * c + r,
-                    ActOrder::Chunks256 => at256(g, c, r),
-                    ActOrder::Chunks512 => at512(g, c, r),
-                };
-                assert_eq!(to, want, "{order:?}");
-                assert!(!seen[to], "{order:?}: position {to} twice");
+                assert!(to < SB && !seen[to], "{order:?}: position {to}");
                 seen[to] = true;
                 for sb in [0, SB] {
                     assert_eq!(q[sb + to], plain[sb + 32 * g + 8 * c + r], "{order:?}");
@@ -3140,17 +3131,19 @@ mod tests {
             let (_, m) = packed(37, cols, p, group);
             for act in [ActQuant::None, ActQuant::PerToken] {
                 let m = m.clone().with_act_quant(act);
-                let n = 9;
-                let x = input(n, cols);
-                for isa in Isa::available().into_iter().filter(|&i| i != Isa::Amx) {
-                    let batch = m.matmul_with(isa, &x, n);
-                    for i in 0..n {
-                        let alone = m.matmul_with(isa, &x[i * cols..(i + 1) * cols], 1);
-                        assert_eq!(
-                            alone,
-                            batch[i * m.rows..(i + 1) * m.rows],
-                            "{isa:?} {act:?} {p:?} cols {cols} token {i}"
-                        );
+                // Every tile size (1-4 tokens; 1-8 on AVX2 per token) and parallel quantization.
+                for n in 2..=9 {
+                    let x = input(n, cols);
+                    for isa in Isa::available().into_iter().filter(|&i| i != Isa::Amx) {
+                        let batch = m.matmul_with(isa, &x, n);
+                        for i in 0..n {
+                            let alone = m.matmul_with(isa, &x[i * cols..(i + 1) * cols], 1);
+                            assert_eq!(
+                                alone,
+                                batch[i * m.rows..(i + 1) * m.rows],
+                                "{isa:?} {act:?} {p:?} cols {cols} n {n} token {i}"
+                            );
+                        }
                     }
                 }
             }
