@@ -942,6 +942,47 @@ fn record_group(g: usize, step: f32, sum: i32, lanes: &mut [f32], corr: &mut [f3
     corr[b] += step * sum as f32;
 }
 
+/// The vector quantizers' shared loop: each group's absmax (`absmax` of its 32 values), the
+/// steps from [`group_steps`], then each nonzero group quantized (`quantize` of its values and
+/// `1 / step`: writes the 32 codes, returns their sum), as [`quantize_row_body`] does. The last,
+/// partial group is read zero-padded: zeros change neither its max nor its sum. `q` must hold
+/// whole groups (it is padded to super-blocks).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn quantize_groups(
+    x: &[f32],
+    q: &mut [i8],
+    lanes: &mut [f32],
+    corr: &mut [f32],
+    mults: &mut [i16],
+    per_token: bool,
+    absmax: impl Fn(*const f32) -> f32,
+    quantize: impl Fn(*const f32, f32, *mut i8) -> i32,
+) -> f32 {
+    let groups = x.len().div_ceil(GROUP);
+    let mut tail = [0f32; GROUP];
+    let mut group = |g: usize| {
+        if (g + 1) * GROUP <= x.len() {
+            x.as_ptr().add(g * GROUP)
+        } else {
+            tail[..x.len() - g * GROUP].copy_from_slice(&x[g * GROUP..]);
+            tail.as_ptr()
+        }
+    };
+    let amax: Vec<f32> = (0..groups).map(|g| absmax(group(g))).collect();
+    let mut steps = vec![0f32; groups];
+    let unit = group_steps(&amax, &mut steps, &mut mults[..groups], per_token);
+    for (g, &step) in steps.iter().enumerate() {
+        if step == 0.0 {
+            continue; // as quantize_row_body
+        }
+        let sum = quantize(group(g), 1.0 / step, q.as_mut_ptr().add(g * GROUP));
+        record_group(g, step, sum, lanes, corr);
+    }
+    unit
+}
+
 /// [`quantize_row_body`] with AVX-512: one group of 32 in two registers, rounding half away
 /// from zero as `f32::round` does, so it quantizes exactly as the plain loop (a test checks).
 /// `q` must hold whole groups (it is padded to super-blocks).
@@ -964,43 +1005,24 @@ unsafe fn quantize_row_avx512(
         let one = _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(v, _mm512_set1_ps(-0.0)));
         _mm512_cvttps_epi32(_mm512_mask_add_ps(t, half, t, one))
     }
-    let groups = x.len().div_ceil(GROUP);
-    let mut tail = [0f32; GROUP];
-    // Group g's two registers (the last, partial group zero-padded: zeros change neither its
-    // max nor its sum).
-    let mut load = |g: usize| {
-        let src = if (g + 1) * GROUP <= x.len() {
-            x.as_ptr().add(g * GROUP)
-        } else {
-            tail[..x.len() - g * GROUP].copy_from_slice(&x[g * GROUP..]);
-            tail.as_ptr()
-        };
-        (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)))
+    let load = |src: *const f32| (_mm512_loadu_ps(src), _mm512_loadu_ps(src.add(16)));
+    let absmax = |src: *const f32| {
+        let (a, b) = load(src);
+        _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)))
     };
-    let mut amax = vec![0f32; groups];
-    for (g, m) in amax.iter_mut().enumerate() {
-        let (a, b) = load(g);
-        *m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    }
-    let mut steps = vec![0f32; groups];
-    let unit = group_steps(&amax, &mut steps, &mut mults[..groups], per_token);
-    for (g, &step) in steps.iter().enumerate() {
-        if step == 0.0 {
-            continue; // as quantize_row_body
-        }
-        let (a, b) = load(g);
-        let inv = _mm512_set1_ps(1.0 / step);
+    let quantize = |src: *const f32, inv: f32, dst: *mut i8| {
+        let (a, b) = load(src);
+        let inv = _mm512_set1_ps(inv);
         let (qa, qb) = (
             round_away(_mm512_mul_ps(a, inv)),
             round_away(_mm512_mul_ps(b, inv)),
         );
-        let dst = q.as_mut_ptr().add(g * GROUP) as *mut __m128i;
+        let dst = dst as *mut __m128i;
         _mm_storeu_si128(dst, _mm512_cvtepi32_epi8(qa));
         _mm_storeu_si128(dst.add(1), _mm512_cvtepi32_epi8(qb));
-        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-        record_group(g, step, sum, lanes, corr);
-    }
-    unit
+        _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb))
+    };
+    quantize_groups(x, q, lanes, corr, mults, per_token, absmax, quantize)
 }
 
 /// [`quantize_row_body`] with AVX2: a group of 32 in four registers, rounding half away from
@@ -1028,40 +1050,24 @@ unsafe fn quantize_row_avx2(
         let one = _mm256_or_ps(_mm256_set1_ps(1.0), _mm256_andnot_ps(abs_mask, v));
         _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(half, one)))
     }
-    let groups = x.len().div_ceil(GROUP);
-    let mut tail = [0f32; GROUP];
-    // Group g's four registers (the last, partial group zero-padded: zeros change neither its
-    // max nor its sum).
-    let mut load = |g: usize| -> [__m256; 4] {
-        let src = if (g + 1) * GROUP <= x.len() {
-            x.as_ptr().add(g * GROUP)
-        } else {
-            tail[..x.len() - g * GROUP].copy_from_slice(&x[g * GROUP..]);
-            tail.as_ptr()
-        };
+    let load = |src: *const f32| -> [__m256; 4] {
         std::array::from_fn(|k| _mm256_loadu_ps(src.add(8 * k)))
     };
-    let mut amax = vec![0f32; groups];
-    for (g, m) in amax.iter_mut().enumerate() {
-        let [a, b, c, d] = load(g).map(|v| _mm256_and_ps(v, abs_mask));
+    let absmax = |src: *const f32| {
+        let [a, b, c, d] = load(src).map(|v| _mm256_and_ps(v, abs_mask));
         let v = _mm256_max_ps(_mm256_max_ps(a, b), _mm256_max_ps(c, d));
         let v = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let v = _mm_max_ps(v, _mm_movehl_ps(v, v));
-        *m = _mm_cvtss_f32(_mm_max_ss(v, _mm_shuffle_ps::<1>(v, v)));
-    }
-    let mut steps = vec![0f32; groups];
-    let unit = group_steps(&amax, &mut steps, &mut mults[..groups], per_token);
+        _mm_cvtss_f32(_mm_max_ss(v, _mm_shuffle_ps::<1>(v, v)))
+    };
     // `packs` works within 128-bit lanes: this puts the four 8-value pieces back in order.
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (g, &step) in steps.iter().enumerate() {
-        if step == 0.0 {
-            continue; // as quantize_row_body
-        }
-        let inv = _mm256_set1_ps(1.0 / step);
-        let [a, b, c, d] = load(g).map(|v| round_away(_mm256_mul_ps(v, inv), abs_mask));
+    let quantize = |src: *const f32, inv: f32, dst: *mut i8| {
+        let inv = _mm256_set1_ps(inv);
+        let [a, b, c, d] = load(src).map(|v| round_away(_mm256_mul_ps(v, inv), abs_mask));
         let bytes = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
         let bytes = _mm256_permutevar8x32_epi32(bytes, order);
-        _mm256_storeu_si256(q.as_mut_ptr().add(g * GROUP) as *mut __m256i, bytes);
+        _mm256_storeu_si256(dst as *mut __m256i, bytes);
         let sum = _mm256_add_epi32(_mm256_add_epi32(a, b), _mm256_add_epi32(c, d));
         let sum = _mm_add_epi32(
             _mm256_castsi256_si128(sum),
@@ -1069,9 +1075,9 @@ unsafe fn quantize_row_avx2(
         );
         let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b01_00_11_10>(sum));
         let sum = _mm_add_epi32(sum, _mm_shuffle_epi32::<0b10_11_00_01>(sum));
-        record_group(g, step, _mm_cvtsi128_si32(sum), lanes, corr);
-    }
-    unit
+        _mm_cvtsi128_si32(sum)
+    };
+    quantize_groups(x, q, lanes, corr, mults, per_token, absmax, quantize)
 }
 
 #[inline(always)]
