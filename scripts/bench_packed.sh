@@ -13,7 +13,7 @@
 #      (ternary embedding), with and without its run-time repacking to the row-interleaved _R4
 #      layout (`-rtr 1`);
 #   5. results.md (the CPU model and flags, a table with the ratios) and the raw JSON in OUT_DIR.
-#   tern runs once per resident layout in SCALES (`tern --scales`: f32, the default, 2.5 bits per
+#   tern runs once per resident layout in SCALES (`tern --scales`: f32, the default, 2.25 bits per
 #   weight; byte, ~2.09 bits at this shape): the peers' ratios are against the first, and a second
 #   table sets every layout beside llama.cpp's TQ2_0 and the fastest ik_llama.cpp row. Each
 #   layout runs once per input scheme in ACTS (`tern --act-quant`: none, int8 per 32, the file's;

@@ -34,9 +34,10 @@ struct Cli {
     /// Worker threads for every command (default: one per core, or RAYON_NUM_THREADS).
     #[arg(long, short = 't', global = true, value_parser = cli::at_least_one)]
     threads: Option<usize>,
-    /// How packed GGUF weights keep their scales in memory: `f32` (2.5 bits per weight, the
-    /// file's values, fastest decode where measured) or `byte` (2.09 bits at 1024 columns,
-    /// scales rounded to 5-10 mantissa bits; NOTES.md). Default: TERN_SCALES, else f32.
+    /// How packed GGUF weights keep their scales in memory: `f32` (2.25 bits per weight for a
+    /// tern export, the file's values, fastest decode where measured) or `byte` (2.09 bits at
+    /// 1024 columns, scales rounded to 5-10 mantissa bits; NOTES.md). Default: TERN_SCALES, else
+    /// f32.
     #[arg(long, global = true, value_parser = ScaleStore::NAMES)]
     scales: Option<String>,
     /// How packed GGUF weights quantize their inputs, overriding the file's `tern.act_quant`:

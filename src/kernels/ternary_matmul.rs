@@ -9,8 +9,9 @@
 //!    `l, l + 32, l + 64, l + 96` at bits 0, 2, 4, 6. Shifting the 32 bytes by 2k and masking
 //!    with 3 then yields elements `32k .. 32k + 32` in order: one vector load and four shift/and
 //!    pairs unpack 128 weights, with no shuffles. The scales (one per 64 weights, or one per
-//!    super-block where a row's two 64-blocks share it: every tern export) stay f32 by default
-//!    (2.5 bits per weight, the file's values bit for bit). `tern --scales byte`
+//!    super-block where a row's two 64-blocks share it: every tern export) are kept once each,
+//!    f32 by default (the file's values bit for bit: 2.25 bits per weight for a tern export,
+//!    2.5 for a file with a scale per 64). `tern --scales byte`
 //!    (`TERN_SCALES=byte`) keeps one byte each instead ([`ByteScales`]: relative to the row's
 //!    smallest scale, the f32 bit pattern rounded to 5-10 mantissa bits), so a tern export is
 //!    resident in 2 + 8/128 + 32/cols bits per weight (2.09 at 1024 columns, against 2.06 for
@@ -168,7 +169,8 @@ impl Isa {
 /// How a [`PackedMatrix`] keeps its weight scales.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScaleStore {
-    /// f32, exactly the file's values: 2.5 bits per weight.
+    /// f32, exactly the file's values: 2.25 bits per weight with a scale per 128 (tern's
+    /// exports), 2.5 with one per 64.
     F32,
     /// One byte per scale ([`ByteScales`]), f32 where a row's scales span too many octaves:
     /// 2.09 bits per weight at 1024 columns with one scale per 128. Decode pays for expanding
@@ -206,8 +208,8 @@ impl ScaleStore {
 /// The stored scales: f32 in the kernels' layout, or bytes expanded per call.
 #[derive(Clone, Debug)]
 enum Scales {
-    /// `rows * 2 * sbs` (0 for the padding block of an odd block count; a wide row's one scale
-    /// twice).
+    /// `rows * per` ([`PackedMatrix::per`]: one per super-block where wide, else one per
+    /// 64-block, 0 for the padding block of an odd block count).
     F32(Vec<f32>),
     Byte(ByteScales),
 }
@@ -301,10 +303,10 @@ impl ByteScales {
         }
     }
 
-    /// Rows `rows` in the kernels' layout (two scales per super-block, a wide row's one twice),
-    /// before their factors. Decode expands every scale of the model once per token, so 16 at a
-    /// time on AVX-512 and 8 on AVX2 (the plain loop cost AVX2 decode a quarter: NOTES.md).
-    fn expand(&self, rows: std::ops::Range<usize>, wide: bool, out: &mut [f32]) {
+    /// Rows `rows` as f32 (the kernels' layout: `per` each), before their factors. Decode
+    /// expands every scale of the model once per token, so 16 at a time on AVX-512 and 8 on
+    /// AVX2 (the plain loop cost AVX2 decode a quarter: NOTES.md).
+    fn expand(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
         let codes = &self.codes[rows.start * self.per..rows.end * self.per];
         #[cfg(target_arch = "x86_64")]
         if crate::kernels::avx512f()
@@ -312,23 +314,20 @@ impl ByteScales {
             && is_x86_feature_detected!("avx512vl")
         {
             // SAFETY: the features were just detected; the function checks `out`'s length.
-            return unsafe { x86::expand_scales_avx512(codes, self.k(), self.shift, wide, out) };
+            return unsafe { x86::expand_scales_avx512(codes, self.k(), self.shift, out) };
         }
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") {
             // SAFETY: as above.
-            return unsafe { x86::expand_scales_avx2(codes, self.k(), self.shift, wide, out) };
+            return unsafe { x86::expand_scales_avx2(codes, self.k(), self.shift, out) };
         }
-        Self::expand_plain(codes, self.k(), self.shift, wide, out);
+        Self::expand_plain(codes, self.k(), self.shift, out);
     }
 
     /// The plain loop of [`ByteScales::expand`] (the reference for the AVX-512 and AVX2 ones).
-    fn expand_plain(codes: &[u8], k: u32, shift: u32, wide: bool, out: &mut [f32]) {
-        let step = 1 + wide as usize;
-        for (i, &c) in codes.iter().enumerate() {
-            let v = Self::value(c, k, shift);
-            out[step * i] = v;
-            out[step * i + step - 1] = v;
+    fn expand_plain(codes: &[u8], k: u32, shift: u32, out: &mut [f32]) {
+        for (o, &c) in out.iter_mut().zip(codes) {
+            *o = Self::value(c, k, shift);
         }
     }
 }
@@ -405,16 +404,19 @@ impl PackedMatrix {
             && scales
                 .chunks_exact(2)
                 .all(|p| p[0].to_bits() == p[1].to_bits());
+        // A wide row keeps its one scale per super-block once: 4 bytes per 128 weights, where
+        // keeping it twice (the kernels read two per super-block) cost a tern export 2.5 bits
+        // per weight instead of 2.25.
+        let kept: Vec<f32> = match wide {
+            true => scales.iter().step_by(2).copied().collect(),
+            false => scales,
+        };
         let scales = match store {
-            ScaleStore::F32 => Scales::F32(scales),
-            ScaleStore::Byte => {
-                // A wide row keeps its one scale per super-block once.
-                let kept: Vec<f32> = scales.iter().step_by(1 + wide as usize).copied().collect();
-                match ByteScales::encode(&kept, if wide { sbs } else { 2 * sbs }) {
-                    Some(b) => Scales::Byte(b),
-                    None => Scales::F32(scales),
-                }
-            }
+            ScaleStore::F32 => Scales::F32(kept),
+            ScaleStore::Byte => match ByteScales::encode(&kept, if wide { sbs } else { 2 * sbs }) {
+                Some(b) => Scales::Byte(b),
+                None => Scales::F32(kept),
+            },
         };
         Ok(Self {
             codes,
@@ -436,6 +438,24 @@ impl PackedMatrix {
             }
     }
 
+    /// Weight scales per row: one per super-block where wide, else one per 64-block.
+    fn per(&self) -> usize {
+        if self.wide {
+            self.sbs
+        } else {
+            2 * self.sbs
+        }
+    }
+
+    /// Which scale of its row weight `j` of a row is multiplied by.
+    fn scale_index(&self, j: usize) -> usize {
+        if self.wide {
+            j / SB
+        } else {
+            j / BLK
+        }
+    }
+
     /// How the scales are kept: `f32`, or `byte/M` (M mantissa bits kept).
     pub fn scale_format(&self) -> String {
         match &self.scales {
@@ -444,15 +464,15 @@ impl PackedMatrix {
         }
     }
 
-    /// The weight scales of `rows`, two per super-block (the kernels' layout), and each row's
-    /// factor the kernels' outputs are multiplied by (none with f32 scales): the stored f32
-    /// slice itself, or byte scales expanded into `buf`.
+    /// The weight scales of `rows`, [`PackedMatrix::per`] each (the kernels' layout), and each
+    /// row's factor the kernels' outputs are multiplied by (none with f32 scales): the stored
+    /// f32 slice itself, or byte scales expanded into `buf`.
     fn scales_of<'a>(
         &'a self,
         rows: std::ops::Range<usize>,
         buf: &'a mut Vec<f32>,
     ) -> (&'a [f32], Option<&'a [f32]>) {
-        let per = 2 * self.sbs;
+        let per = self.per();
         match &self.scales {
             Scales::F32(s) => (&s[rows.start * per..rows.end * per], None),
             Scales::Byte(b) => {
@@ -462,7 +482,7 @@ impl PackedMatrix {
                     buf.resize(need, 0.0);
                 }
                 let buf = &mut buf[..need];
-                b.expand(rows.clone(), self.wide, buf);
+                b.expand(rows.clone(), buf);
                 (buf, Some(&b.factor[rows]))
             }
         }
@@ -476,7 +496,7 @@ impl PackedMatrix {
         let codes = &self.codes[rows.start * cb..rows.end * cb];
         let scales: &[u8] = match &self.scales {
             Scales::F32(s) => {
-                let per = 2 * self.sbs;
+                let per = self.per();
                 let s = &s[rows.start * per..rows.end * per];
                 // SAFETY: any f32 slice is a valid byte slice of four times its length.
                 unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, 4 * s.len()) }
@@ -496,7 +516,7 @@ impl PackedMatrix {
             .map(|j| {
                 let (sb, e) = (j / SB, j % SB);
                 let q = (c[sb * 32 + e % 32] >> (2 * (e / 32))) & 3;
-                (q as f32 - 1.0) * (s[j / BLK] * f)
+                (q as f32 - 1.0) * (s[self.scale_index(j)] * f)
             })
             .collect()
     }
@@ -645,11 +665,11 @@ impl RowTask<'_> {
         })
     }
 
-    /// [`RowTask::run`] with the task's rows' scales `ws` (two per super-block and row), before
-    /// the rows' factors.
+    /// [`RowTask::run`] with the task's rows' scales `ws` ([`PackedMatrix::per`] per row),
+    /// before the rows' factors.
     unsafe fn run_with(&self, isa: Isa, xq: &QuantizedRows, n: usize, ws: &[f32]) {
         let m = self.m;
-        let (cb, per) = (m.sbs * 32, 2 * m.sbs);
+        let (cb, per) = (m.sbs * 32, m.per());
         if n == 1 {
             // Decode: the kernel walks the task's rows ROWS at a time (each load of the
             // activations serves ROWS rows) and writes the outputs in place.
@@ -702,6 +722,9 @@ pub struct QuantizedRows {
     /// Per 64-block: `sum over its two 32-groups of step * sum(q)`, the correction of
     /// `sum t*x = sum q*x - sum x` in the block's units.
     corr: Vec<f32>,
+    /// Per super-block: its two 64-blocks' corrections added, for rows with one weight scale
+    /// per super-block (`PackedMatrix::wide`).
+    corr_sb: Vec<f32>,
     /// Per row: the unit every group's step is an integer multiple of ([`group_steps`]).
     units: Vec<f32>,
     /// With [`ActOrder::Chunks256`] (empty otherwise): per super-block the i16 operand of one
@@ -761,6 +784,7 @@ impl QuantizedRows {
             ActOrder::Chunks256 => gm.iter().flat_map(|&m| [m; 4]).collect(),
             _ => Vec::new(),
         };
+        let corr_sb = corr.chunks_exact(2).map(|c| c[0] + c[1]).collect();
         let chunk_lanes = match order {
             ActOrder::Chunks512 => {
                 let of = |i: usize, sb: usize, g: usize| {
@@ -777,6 +801,7 @@ impl QuantizedRows {
             q,
             lanes,
             corr,
+            corr_sb,
             units,
             mults,
             chunk_lanes,
@@ -797,6 +822,7 @@ impl QuantizedRows {
             q: &self.q[i * w..(i + 1) * w],
             lanes: &self.lanes[i * l..(i + 1) * l],
             corr: &self.corr[i * c..(i + 1) * c],
+            corr_sb: &self.corr_sb[i * self.sbs..(i + 1) * self.sbs],
             mults: &self.mults[i * m..(i + 1) * m],
             chunk_lanes: &self.chunk_lanes[i * cl..(i + 1) * cl],
             unit: self.units[i],
@@ -1142,9 +1168,6 @@ fn dot_tile(
 }
 
 fn dot_tile_isa(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], rows: &[XRow], out: &mut [f32]) {
-    // Only the x86 kernels take the scale layout as a switch; elsewhere `ws` is always per 64.
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = wide;
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::available` listed this ISA only if the CPU has its features.
@@ -1157,8 +1180,8 @@ fn dot_tile_isa(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], rows: &[XRow], o
         Isa::Avx2 => unsafe { x86::dot_tile_avx2(wide, codes, ws, rows, out) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above.
-        Isa::NeonDot => unsafe { arm::dot_tile_neondot(codes, ws, rows, out) },
-        _ => dot_tile_portable(codes, ws, rows, out),
+        Isa::NeonDot => unsafe { arm::dot_tile_neondot(wide, codes, ws, rows, out) },
+        _ => dot_tile_portable(wide, codes, ws, rows, out),
     }
 }
 
@@ -1194,7 +1217,7 @@ fn dot_rows(isa: Isa, wide: bool, codes: &[u8], ws: &[f32], x: &XRow, out: &mut 
         let (c, w) = (&codes[j * cb..(j + 1) * cb], &ws[j * sb..(j + 1) * sb]);
         let (xs, o) = (std::slice::from_ref(x), std::slice::from_mut(o));
         match isa {
-            Isa::Portable => dot_tile_portable(c, w, xs, o),
+            Isa::Portable => dot_tile_portable(wide, c, w, xs, o),
             _ => dot_tile_isa(isa, wide, c, w, xs, o),
         }
     }
@@ -1208,6 +1231,9 @@ struct XRow<'a> {
     q: &'a [i8],
     lanes: &'a [f32],
     corr: &'a [f32],
+    /// Per super-block, its two blocks' `corr` added (wide rows).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    corr_sb: &'a [f32],
     // Read only by the x86 AVX2 kernel; on other targets they stay empty / zero.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     mults: &'a [i16],
@@ -1225,6 +1251,7 @@ impl XRow<'_> {
         q: &[],
         lanes: &[],
         corr: &[],
+        corr_sb: &[],
         mults: &[],
         chunk_lanes: &[],
         unit: 0.0,
@@ -1232,8 +1259,9 @@ impl XRow<'_> {
     };
 }
 
-/// The portable kernel: the same integer math in plain loops (they auto-vectorize).
-fn dot_tile_portable(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
+/// The portable kernel: the same integer math in plain loops (they auto-vectorize). `wide`:
+/// `ws` holds one scale per super-block, else one per 64-block.
+fn dot_tile_portable(wide: bool, codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
     for (
         o,
         &XRow {
@@ -1259,7 +1287,7 @@ fn dot_tile_portable(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
                     let dot: i32 = prod.iter().map(|&v| v as i32).sum();
                     f += dot as f32 * lanes[b * LANES + (k % 2) * 8];
                 }
-                acc += (f - corr[b]) * ws[b];
+                acc += (f - corr[b]) * ws[if wide { sb } else { b }];
             }
         }
         *o = acc;
@@ -1284,6 +1312,18 @@ mod x86 {
     #[inline(always)]
     pub(super) fn ahead(block: *const u8, sb: usize, j: usize, rows: usize) -> *const i8 {
         block.wrapping_add((sb * rows + j) * 32 + PREFETCH) as *const i8
+    }
+
+    /// The weight scales of super-block `sb` of a row whose scales start at `w`: its one scale
+    /// twice where `WIDE`, else its two 64-blocks'.
+    #[inline(always)]
+    pub(super) unsafe fn block_scales<const WIDE: bool>(w: *const f32, sb: usize) -> (f32, f32) {
+        if WIDE {
+            let s = *w.add(sb);
+            (s, s)
+        } else {
+            (*w.add(2 * sb), *w.add(2 * sb + 1))
+        }
     }
 
     /// `f(T, WIDE)` at a tile's token count (1..=4) and scale layout: the token loop of the
@@ -1326,16 +1366,29 @@ mod x86 {
     pub struct XPtr {
         q: *const i8,
         corr: *const f32,
+        corr_sb: *const f32,
         mults: *const i16,
         chunk_lanes: *const f32,
         unit: f32,
     }
 
     impl XPtr {
+        /// The corrections a row's weight scales pair with: one per super-block where `WIDE`
+        /// (one scale each), else one per 64-block.
+        #[inline(always)]
+        pub fn corr<const WIDE: bool>(&self) -> *const f32 {
+            if WIDE {
+                self.corr_sb
+            } else {
+                self.corr
+            }
+        }
+
         pub fn of(x: &XRow) -> Self {
             Self {
                 q: x.q.as_ptr(),
                 corr: x.corr.as_ptr(),
+                corr_sb: x.corr_sb.as_ptr(),
                 mults: x.mults.as_ptr(),
                 chunk_lanes: x.chunk_lanes.as_ptr(),
                 unit: x.unit,
@@ -1553,14 +1606,14 @@ mod x86 {
         let mut acc = [_mm256_setzero_ps(); T];
         for sb in 0..codes.len() / 32 {
             let p = K::planes(c.add(sb * 32));
-            let wsb = (*w.add(2 * sb), *w.add(2 * sb + 1));
+            let wsb = block_scales::<WIDE>(w, sb);
             for k in 0..T {
                 K::step::<WIDE>(&p, x[k], sb, wsb, &mut acc[k]);
             }
         }
         for k in 0..T {
             let a = _mm256_mul_ps(acc[k], _mm256_set1_ps(x[k].unit));
-            out[k] = corrected256(a, w, x[k].corr, ws.len());
+            out[k] = corrected256(a, w, x[k].corr::<WIDE>(), ws.len());
         }
     }
 
@@ -1600,13 +1653,18 @@ mod x86 {
                 let at = c.add(j * cb + sb * 32);
                 // The weights stream through once: ask for the next row groups' codes early.
                 _mm_prefetch::<_MM_HINT_T0>(ahead(c, sb, j, R));
-                let wsb = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
+                let wsb = block_scales::<WIDE>(w.add(j * sbw), sb);
                 K::step::<WIDE>(&K::planes(at), x, sb, wsb, a);
             }
         }
         let unit = _mm256_set1_ps(x.unit);
         for (j, (o, a)) in out.iter_mut().zip(acc).enumerate() {
-            *o = corrected256(_mm256_mul_ps(a, unit), w.add(j * sbw), x.corr, sbw);
+            *o = corrected256(
+                _mm256_mul_ps(a, unit),
+                w.add(j * sbw),
+                x.corr::<WIDE>(),
+                sbw,
+            );
         }
     }
 
@@ -1697,20 +1755,12 @@ mod x86 {
     }
 
     /// [`ByteScales::expand`] 16 codes at a time: widen, add `k`, shift into place (the zero
-    /// code masked to 0.0), and for wide rows store every value twice.
+    /// code masked to 0.0).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn expand_scales_avx512(
-        codes: &[u8],
-        k: u32,
-        shift: u32,
-        wide: bool,
-        out: &mut [f32],
-    ) {
+    pub unsafe fn expand_scales_avx512(codes: &[u8], k: u32, shift: u32, out: &mut [f32]) {
         let (b, sh) = (_mm512_set1_epi32(k as i32), _mm_cvtsi32_si128(shift as i32));
-        let lo = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-        let hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
         let (n, o) = (codes.len(), out.as_mut_ptr());
-        assert!(out.len() >= n << wide as usize, "scale buffer too short");
+        assert!(out.len() >= n, "scale buffer too short");
         for i in (0..n).step_by(16) {
             let left = n - i;
             let m: __mmask16 = if left >= 16 { 0xffff } else { (1 << left) - 1 };
@@ -1718,59 +1768,26 @@ mod x86 {
             let nonzero = _mm_cmpneq_epi8_mask(c8, _mm_set1_epi8(super::BYTE_ZERO as i8));
             let c = _mm512_add_epi32(_mm512_cvtepu8_epi32(c8), b);
             let v = _mm512_castsi512_ps(_mm512_maskz_sll_epi32(nonzero, c, sh));
-            if wide {
-                let (m_lo, m_hi) = (
-                    if left >= 8 {
-                        0xffff
-                    } else {
-                        (1u16 << (2 * left)) - 1
-                    },
-                    if left >= 16 {
-                        0xffff
-                    } else if left > 8 {
-                        (1u16 << (2 * (left - 8))) - 1
-                    } else {
-                        0
-                    },
-                );
-                _mm512_mask_storeu_ps(o.add(2 * i), m_lo, _mm512_permutexvar_ps(lo, v));
-                _mm512_mask_storeu_ps(o.add(2 * i + 16), m_hi, _mm512_permutexvar_ps(hi, v));
-            } else {
-                _mm512_mask_storeu_ps(o.add(i), m, v);
-            }
+            _mm512_mask_storeu_ps(o.add(i), m, v);
         }
     }
 
     /// [`ByteScales::expand`](super::ByteScales) 8 codes at a time in AVX2 (as the AVX-512 one;
     /// a tail of fewer than 8 codes takes the plain loop).
     #[target_feature(enable = "avx2")]
-    pub unsafe fn expand_scales_avx2(
-        codes: &[u8],
-        k: u32,
-        shift: u32,
-        wide: bool,
-        out: &mut [f32],
-    ) {
+    pub unsafe fn expand_scales_avx2(codes: &[u8], k: u32, shift: u32, out: &mut [f32]) {
         let (b, sh) = (_mm256_set1_epi32(k as i32), _mm_cvtsi32_si128(shift as i32));
         let zero = _mm256_set1_epi32(super::BYTE_ZERO as i32);
-        let lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-        let hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
         let (n, o) = (codes.len(), out.as_mut_ptr());
-        assert!(out.len() >= n << wide as usize, "scale buffer too short");
+        assert!(out.len() >= n, "scale buffer too short");
         let whole = n / 8 * 8;
         for i in (0..whole).step_by(8) {
             let c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.as_ptr().add(i) as *const __m128i));
             let v = _mm256_sll_epi32(_mm256_add_epi32(c, b), sh);
             let v = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpeq_epi32(c, zero), v));
-            if wide {
-                _mm256_storeu_ps(o.add(2 * i), _mm256_permutevar8x32_ps(v, lo));
-                _mm256_storeu_ps(o.add(2 * i + 8), _mm256_permutevar8x32_ps(v, hi));
-            } else {
-                _mm256_storeu_ps(o.add(i), v);
-            }
+            _mm256_storeu_ps(o.add(i), v);
         }
-        let at = whole << wide as usize;
-        super::ByteScales::expand_plain(&codes[whole..], k, shift, wide, &mut out[at..]);
+        super::ByteScales::expand_plain(&codes[whole..], k, shift, &mut out[whole..]);
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
@@ -1828,7 +1845,7 @@ mod x86 {
     /// one group (lane `l`: group `l / 4`), the two dots add in integers, and one multiply by
     /// the step lanes scales all four groups.
     pub(super) mod z {
-        use super::{XPtr, LANES, SB};
+        use super::{block_scales, XPtr, LANES, SB};
         use crate::kernels::ternary_matmul::XRow;
         use std::arch::x86_64::*;
 
@@ -2021,19 +2038,29 @@ mod x86 {
         /// A row's dot from its accumulator: per-token steps multiply it by the token's step
         /// first (its `unit`), then [`corrected_lanes`], then the horizontal sum.
         #[inline(always)]
-        pub unsafe fn finish<S: Steps>(acc: __m512, ws: *const f32, x: XPtr, n: usize) -> f32 {
-            _mm512_reduce_add_ps(finish_lanes::<S>(acc, ws, x, n))
+        pub unsafe fn finish<S: Steps, const WIDE: bool>(
+            acc: __m512,
+            ws: *const f32,
+            x: XPtr,
+            n: usize,
+        ) -> f32 {
+            _mm512_reduce_add_ps(finish_lanes::<S, WIDE>(acc, ws, x, n))
         }
 
         /// [`finish`] before its horizontal sum.
         #[inline(always)]
-        unsafe fn finish_lanes<S: Steps>(acc: __m512, ws: *const f32, x: XPtr, n: usize) -> __m512 {
+        unsafe fn finish_lanes<S: Steps, const WIDE: bool>(
+            acc: __m512,
+            ws: *const f32,
+            x: XPtr,
+            n: usize,
+        ) -> __m512 {
             let acc = if S::PER_TOKEN {
                 _mm512_mul_ps(acc, _mm512_set1_ps(x.unit))
             } else {
                 acc
             };
-            corrected_lanes(acc, ws, x.corr, n)
+            corrected_lanes(acc, ws, x.corr::<WIDE>(), n)
         }
 
         #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni,avx512vl")]
@@ -2048,13 +2075,13 @@ mod x86 {
             let mut acc = [_mm512_setzero_ps(); T];
             for sb in 0..codes.len() / 32 {
                 let p = planes_for::<S>(c.add(sb * 32));
-                let wsb = (*w.add(2 * sb), *w.add(2 * sb + 1));
+                let wsb = block_scales::<WIDE>(w, sb);
                 for k in 0..T {
                     apply::<S, WIDE>(p, &load::<S>(x[k], sb), wsb, &mut acc[k]);
                 }
             }
             for k in 0..T {
-                out[k] = finish::<S>(acc[k], w, x[k], ws.len());
+                out[k] = finish::<S, WIDE>(acc[k], w, x[k], ws.len());
             }
         }
 
@@ -2081,8 +2108,8 @@ mod x86 {
                     planes_for::<S>(ca.add(sb * 32)),
                     planes_for::<S>(cb_.add(sb * 32)),
                 );
-                let w_a = (*wa.add(2 * sb), *wa.add(2 * sb + 1));
-                let w_b = (*wb.add(2 * sb), *wb.add(2 * sb + 1));
+                let w_a = block_scales::<WIDE>(wa, sb);
+                let w_b = block_scales::<WIDE>(wb, sb);
                 for k in 0..T {
                     let xk = load::<S>(x[k], sb);
                     apply::<S, WIDE>(pa, &xk, w_a, &mut acc[0][k]);
@@ -2093,7 +2120,7 @@ mod x86 {
             let mut v = [_mm512_setzero_ps(); 8];
             for (i, v) in v.iter_mut().enumerate().take(2 * T) {
                 let (r, k) = (i / T, i % T);
-                *v = finish_lanes::<S>(acc[r][k], [wa, wb][r], x[k], sbw);
+                *v = finish_lanes::<S, WIDE>(acc[r][k], [wa, wb][r], x[k], sbw);
             }
             store_sums(&v, 2 * T, out);
         }
@@ -2135,14 +2162,14 @@ mod x86 {
                 for (j, a) in acc.iter_mut().enumerate() {
                     let at = c.add(j * cb + sb * 32);
                     _mm_prefetch::<_MM_HINT_T0>(super::ahead(c, sb, j, R));
-                    let wsb = (*w.add(j * sbw + 2 * sb), *w.add(j * sbw + 2 * sb + 1));
+                    let wsb = block_scales::<WIDE>(w.add(j * sbw), sb);
                     apply::<S, WIDE>(planes_for::<S>(at), &xsb, wsb, a);
                 }
             }
             // The block's rows' sums together (the rest of the joint reduction adds zeros).
             let mut v = [_mm512_setzero_ps(); 8];
             for (j, v) in v.iter_mut().enumerate().take(R) {
-                *v = finish_lanes::<S>(acc[j], w.add(j * sbw), x, sbw);
+                *v = finish_lanes::<S, WIDE>(acc[j], w.add(j * sbw), x, sbw);
             }
             store_sums(&v, R, out);
         }
@@ -2383,7 +2410,9 @@ mod x86 {
                 static BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
             }
             BUF.with_borrow_mut(|buf| {
-                let per = 2 * m.sbs;
+                // Stored `m.per()` per row (one per super-block where wide); spread to one
+                // per 64-block.
+                let (per, wide) = (m.per(), m.wide as usize);
                 let (s, factor) = m.scales_of(r0..r0 + nr, buf);
                 let mask = ((1u32 << nr) - 1) as u16;
                 let f = match factor {
@@ -2394,8 +2423,8 @@ mod x86 {
                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                     _mm512_set1_epi32(per as i32),
                 );
-                for b in 0..per {
-                    let at = s.as_ptr().add(b);
+                for b in 0..2 * m.sbs {
+                    let at = s.as_ptr().add(b >> wide);
                     let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, rows, at);
                     _mm512_storeu_ps(w.as_mut_ptr().add(b * M), _mm512_mul_ps(v, f));
                 }
@@ -2669,9 +2698,15 @@ mod arm {
     }
 
     /// One row against each token of `xs` (`out[k]`), every super-block's planes unpacked once
-    /// for all of them.
+    /// for all of them (`wide`: one weight scale per super-block, else per 64-block).
     #[target_feature(enable = "neon,dotprod")]
-    pub unsafe fn dot_tile_neondot(codes: &[u8], ws: &[f32], xs: &[XRow], out: &mut [f32]) {
+    pub unsafe fn dot_tile_neondot(
+        wide: bool,
+        codes: &[u8],
+        ws: &[f32],
+        xs: &[XRow],
+        out: &mut [f32],
+    ) {
         out.fill(0.0);
         for (sb, c) in codes.chunks_exact(32).enumerate() {
             let c = (vld1q_u8(c.as_ptr()), vld1q_u8(c.as_ptr().add(16)));
@@ -2687,7 +2722,7 @@ mod arm {
                         let acc = sdot(acc, t1, vld1q_s8(x.add(32 * k + 16)));
                         f += vaddvq_s32(acc) as f32 * lanes[b * LANES + (k % 2) * 8];
                     }
-                    *o += f * ws[b];
+                    *o += f * ws[if wide { sb } else { b }];
                 }
             }
         }
@@ -2845,39 +2880,33 @@ mod tests {
         let b = ByteScales::encode(&vals, 41).unwrap();
         let tol = (b.shift as f32 - 24.0).exp2();
         for n in [1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 41] {
-            for wide in [false, true] {
-                let len = n << wide as usize;
-                let mut want = vec![-1f32; len + 3];
-                ByteScales::expand_plain(&b.codes[..n], b.k(), b.shift, wide, &mut want);
-                assert_eq!(want[len..], [-1.0; 3], "the plain loop stays in bounds");
-                for (i, v) in vals[..n].iter().enumerate() {
-                    let got = want[i << wide as usize] * b.factor[0];
-                    assert!((got - v).abs() <= tol * v, "n {n} {i}: {got} vs {v}");
-                }
-                #[cfg(target_arch = "x86_64")]
-                if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
-                    let mut got = vec![-1f32; len + 3];
-                    unsafe {
-                        x86::expand_scales_avx512(&b.codes[..n], b.k(), b.shift, wide, &mut got)
-                    };
-                    assert_eq!(got, want, "n {n}, wide {wide}");
-                }
-                #[cfg(target_arch = "x86_64")]
-                if is_x86_feature_detected!("avx2") {
-                    let mut got = vec![-1f32; len + 3];
-                    // SAFETY: the CPU has AVX2 (checked above).
-                    unsafe {
-                        x86::expand_scales_avx2(&b.codes[..n], b.k(), b.shift, wide, &mut got)
-                    };
-                    assert_eq!(got, want, "AVX2, n {n}, wide {wide}");
-                }
+            let mut want = vec![-1f32; n + 3];
+            ByteScales::expand_plain(&b.codes[..n], b.k(), b.shift, &mut want);
+            assert_eq!(want[n..], [-1.0; 3], "the plain loop stays in bounds");
+            for (i, v) in vals[..n].iter().enumerate() {
+                let got = want[i] * b.factor[0];
+                assert!((got - v).abs() <= tol * v, "n {n} {i}: {got} vs {v}");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+                let mut got = vec![-1f32; n + 3];
+                // SAFETY: the CPU has AVX-512 BW and VL (checked above).
+                unsafe { x86::expand_scales_avx512(&b.codes[..n], b.k(), b.shift, &mut got) };
+                assert_eq!(got, want, "n {n}");
+            }
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") {
+                let mut got = vec![-1f32; n + 3];
+                // SAFETY: the CPU has AVX2 (checked above).
+                unsafe { x86::expand_scales_avx2(&b.codes[..n], b.k(), b.shift, &mut got) };
+                assert_eq!(got, want, "AVX2, n {n}");
             }
         }
     }
 
     /// The resident layout: 2 bits of code per weight plus one byte per scale and an f32 base
     /// per row (2.09 bits at 1024 columns, groups of 128); with `ScaleStore::F32` one f32 per
-    /// 64-block (odd counts padded): 2.5 bits.
+    /// scale: 2.25 bits with groups of 128, 2.5 with groups of 64 (odd counts padded).
     #[test]
     fn resident_bytes_are_codes_plus_scales() {
         for (p, rows, cols, group, scales_per_row) in [
@@ -2892,9 +2921,10 @@ mod tests {
             let f32s = PackedMatrix::with_scales(&buf, rows, cols, p, ScaleStore::F32).unwrap();
             assert_eq!(
                 f32s.bytes(),
-                codes + 4 * rows * 2 * sbs,
+                codes + 4 * rows * scales_per_row,
                 "{p:?} {cols} {group}"
             );
+            assert_eq!(scales_per_row, if group == SB { sbs } else { 2 * sbs });
             let bytes = PackedMatrix::with_scales(&buf, rows, cols, p, ScaleStore::Byte).unwrap();
             assert_eq!(
                 bytes.bytes(),
