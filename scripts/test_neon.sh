@@ -2,7 +2,8 @@
 # The AArch64 NEON (`sdot`) packed kernel, tested on this x86 machine: the library's kernel tests
 # cross-compiled for aarch64-unknown-linux-gnu and run under qemu-user with a CPU model that has
 # the dot-product extension (QEMU_CPU=max). TERN_REQUIRE_ISA=neondot makes the run fail if the
-# kernel was not offered (the tests would otherwise pass on the portable kernel alone).
+# kernel was not offered (the tests would otherwise pass on the portable kernel alone). The paged
+# attention tests run there too (its plain loops, fused multiply-adds on AArch64).
 # Installs what it needs when missing: the rustup target, and (Debian, as root) qemu-user and the
 # aarch64 cross C toolchain (the linker; C code of dependencies). Also clippy on that target (the
 # x86 run never compiles the aarch64-only code). Part of scripts/check.sh.
@@ -27,4 +28,4 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch
 export QEMU_CPU=max TERN_REQUIRE_ISA=neondot
 # Lints of the aarch64-only code (the x86 clippy run never sees it), then the kernel tests.
 cargo clippy --release --target "$target" --lib -- -D warnings
-cargo test --release --target "$target" --lib kernels::ternary_matmul
+cargo test --release --target "$target" --lib -- kernels::ternary_matmul decode::paged

@@ -1,8 +1,9 @@
 //! Paged KV cache: fixed-size blocks from one pool, a block table per sequence.
 //!
-//! Data layout: per layer, K and V are each one growable pool of blocks
-//! `[block][kv_head][slot][head_dim]` (f32, or f16 with [`KvType::F16`]: values rounded when
-//! written, widened block by block when read); a block id means the same block in every layer. A
+//! Data layout: per layer, K and V are each one growable pool of blocks, V
+//! `[block][kv_head][slot][head_dim]` and K transposed within each page, `[block][kv_head]
+//! [head_dim][slot]` (f32, or f16 with [`KvType::F16`]: values rounded when written, widened as
+//! they are loaded); a block id means the same block in every layer. A
 //! sequence is a block table (`Vec<block id>`) and a length; position p lives in block
 //! `table[p / B]`, slot `p % B`. Blocks carry a reference count: `fork` copies only the table
 //! (prefix sharing, e.g. for beams), and the first write into a shared block copies it
@@ -10,9 +11,14 @@
 //! to a free list and are reused. Fresh blocks are filled with NaN on purpose: attention reads
 //! only slots below each sequence's length, and the tests prove unused slots never leak in.
 //!
-//! Attention reads the table block by block with the online softmax (running max and sum, as in
-//! `kernels::flash_attention`), so no contiguous copy of a sequence's K/V is ever made; GQA maps
-//! query head h to KV head h / (H / KV).
+//! Attention reads the table about 64 keys (whole pages) at a time with the online softmax
+//! (running max and sum, as in `kernels::flash_attention`), so no contiguous copy of a
+//! sequence's K/V is ever made; GQA maps query head h to KV head h / (H / KV). With K transposed,
+//! one vector of a page's dimension `d` holds 16 keys: a query scores 16 keys per FMA with no
+//! horizontal sums, and every row of a prompt chunk reuses each page from cache (before, each
+//! key was one dot product and its reduction: a 1536-token prompt ran at llama.cpp's speed on
+//! one thread, NOTES.md). The price: writing one token's K touches every 32-byte row of its
+//! page's tile (64 cache lines per KV head where a row took 4).
 //!
 //! Complexity: appending a token writes O(layers * kv_heads * head_dim), independent of the
 //! sequence length (the contiguous cache's `cat` copies the whole past every step); attention
@@ -21,9 +27,7 @@
 //! PagedAttention: one thread block per (sequence, head), the block table in shared memory.
 
 use crate::error::{Error, Result};
-#[cfg(target_arch = "x86_64")]
-use crate::kernels::flash_attention::AttnFloat;
-use crate::kernels::flash_attention::{add_weighted_rows, dot, exp_in_place};
+use crate::kernels::flash_attention::exp_in_place;
 use crate::kernels::Kernels;
 use crate::model::cache::{Cache, Positions, StepInfo};
 use crate::model::HostAttention;
@@ -137,6 +141,36 @@ impl Pool {
         }
     }
 
+    /// `src[d]` into value `at + d * stride` (a K row into its block's transposed tile).
+    fn put_strided(&mut self, at: usize, stride: usize, src: &[f32]) {
+        match self {
+            Pool::F32(p) => src
+                .iter()
+                .enumerate()
+                .for_each(|(d, &x)| p[at + d * stride] = x),
+            Pool::F16(p) => {
+                // Rounded by the slice conversion (F16C where the CPU has it: one scalar
+                // conversion per value was 0.5% of decode), then scattered.
+                use half::slice::HalfFloatSliceExt;
+                let mut h = [half::f16::ZERO; 64];
+                for (c, xs) in src.chunks(64).enumerate() {
+                    h[..xs.len()].convert_from_f32_slice(xs);
+                    for (i, &v) in h[..xs.len()].iter().enumerate() {
+                        p[at + (64 * c + i) * stride] = v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Value `i` as f32.
+    fn value(&self, i: usize) -> f32 {
+        match self {
+            Pool::F32(p) => p[i],
+            Pool::F16(p) => p[i].to_f32(),
+        }
+    }
+
     fn put(&mut self, at: usize, src: &[f32]) {
         let r = at..at + src.len();
         match self {
@@ -161,105 +195,421 @@ impl Pool {
     }
 }
 
-/// Which loops [`PagedKvCache::attend_rows`] runs: the plain ones (the build's baseline, f32
-/// rows only), or the explicit 256-bit (`flash_attention::ymm`: AVX2, FMA, F16C) or 512-bit
-/// (`zmm`: AVX-512F) ones.
-const PLAIN: u8 = 0;
-#[cfg(target_arch = "x86_64")]
-const YMM: u8 = 1;
-#[cfg(target_arch = "x86_64")]
-const ZMM: u8 = 2;
+/// Keys scored per vector of lanes (one 512-bit register of f32): a K tile's rows are padded
+/// to a multiple of it.
+const LB: usize = 16;
+/// Keys per online-softmax update in [`PagedKvCache::attend_rows`] (whole pages of at least
+/// this many keys where a page is smaller).
+const SPAN: usize = 64;
+/// Head dimensions one pass of [`add_pv`] keeps in registers per query.
+const DB: usize = 64;
 
-/// How [`PagedKvCache::attend_rows`] reads a block of K or V rows: as f32 (borrowed from an
-/// f32 pool, or an f16 pool's values widened into a buffer), or as f16 straight from an f16
-/// pool, for the explicit SIMD loops that widen as they load (a batched decode step spent 6% of
-/// its time widening pages into buffers). Widening is exact, so both give the same sums.
+/// 16 f32 lanes, the unit [`scores`] and [`add_pv`] compute in: one 512-bit register, two
+/// 256-bit ones, or a plain array (the compiler does not vectorize those loops by itself: its
+/// accumulators went to the stack, one scalar FMA each).
+trait V16: Copy {
+    /// Two registers per value (AVX2's 16 registers): the loops keep half as many
+    /// accumulators, so they do not spill.
+    const NARROW: bool = false;
+    /// # Safety
+    /// `p` points to 16 readable f32.
+    unsafe fn load(p: *const f32) -> Self;
+    /// 16 f16 widened (exactly).
+    ///
+    /// # Safety
+    /// `p` points to 16 readable f16.
+    unsafe fn load_f16(p: *const half::f16) -> Self;
+    /// # Safety
+    /// `p` points to 16 writable f32.
+    unsafe fn store(self, p: *mut f32);
+    fn splat(x: f32) -> Self;
+    /// `a * b + self` per lane, fused where the type's instructions have FMA.
+    fn fma(self, a: Self, b: Self) -> Self;
+    fn add(self, b: Self) -> Self;
+    fn mul(self, b: Self) -> Self;
+    /// Per lane, the larger (the other where one is NaN, as `f32::max`).
+    fn max(self, b: Self) -> Self;
+    /// The largest lane.
+    fn reduce_max(self) -> f32;
+}
+
+/// The baseline's lanes: a multiply and an add (baseline x86-64 would call libm's `fma`),
+/// fused on AArch64 where it is one instruction.
+#[derive(Clone, Copy)]
+struct Plain([f32; LB]);
+
+impl V16 for Plain {
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Plain(std::ptr::read_unaligned(p as *const [f32; LB]))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const half::f16) -> Self {
+        Plain(std::array::from_fn(|i| (*p.add(i)).to_f32()))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        std::ptr::write_unaligned(p as *mut [f32; LB], self.0)
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        Plain([x; LB])
+    }
+    #[inline(always)]
+    fn fma(mut self, a: Self, b: Self) -> Self {
+        for ((c, a), b) in self.0.iter_mut().zip(a.0).zip(b.0) {
+            *c = if cfg!(target_arch = "aarch64") {
+                a.mul_add(b, *c)
+            } else {
+                a * b + *c
+            };
+        }
+        self
+    }
+    #[inline(always)]
+    fn add(mut self, b: Self) -> Self {
+        self.0.iter_mut().zip(b.0).for_each(|(a, b)| *a += b);
+        self
+    }
+    #[inline(always)]
+    fn mul(mut self, b: Self) -> Self {
+        self.0.iter_mut().zip(b.0).for_each(|(a, b)| *a *= b);
+        self
+    }
+    #[inline(always)]
+    fn max(mut self, b: Self) -> Self {
+        self.0.iter_mut().zip(b.0).for_each(|(a, b)| *a = a.max(b));
+        self
+    }
+    #[inline(always)]
+    fn reduce_max(self) -> f32 {
+        self.0.into_iter().fold(f32::NEG_INFINITY, f32::max)
+    }
+}
+
+/// AVX-512F: one register. Only inside functions compiled with it ([`PagedKvCache::rows_zmm`]).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Zmm(std::arch::x86_64::__m512);
+
+#[cfg(target_arch = "x86_64")]
+impl V16 for Zmm {
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Zmm(std::arch::x86_64::_mm512_loadu_ps(p))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const half::f16) -> Self {
+        use std::arch::x86_64::*;
+        Zmm(_mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        std::arch::x86_64::_mm512_storeu_ps(p, self.0)
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        // SAFETY: only reached from code compiled with AVX-512F (the type's contract).
+        Zmm(unsafe { std::arch::x86_64::_mm512_set1_ps(x) })
+    }
+    #[inline(always)]
+    fn fma(self, a: Self, b: Self) -> Self {
+        // SAFETY: as above.
+        Zmm(unsafe { std::arch::x86_64::_mm512_fmadd_ps(a.0, b.0, self.0) })
+    }
+    #[inline(always)]
+    fn add(self, b: Self) -> Self {
+        // SAFETY: as above.
+        Zmm(unsafe { std::arch::x86_64::_mm512_add_ps(self.0, b.0) })
+    }
+    #[inline(always)]
+    fn mul(self, b: Self) -> Self {
+        // SAFETY: as above.
+        Zmm(unsafe { std::arch::x86_64::_mm512_mul_ps(self.0, b.0) })
+    }
+    #[inline(always)]
+    fn max(self, b: Self) -> Self {
+        // `vmaxps` returns its second operand where either is NaN: NaN lanes of `b` lose.
+        // SAFETY: as above.
+        Zmm(unsafe { std::arch::x86_64::_mm512_max_ps(b.0, self.0) })
+    }
+    #[inline(always)]
+    fn reduce_max(self) -> f32 {
+        // SAFETY: as above.
+        unsafe { std::arch::x86_64::_mm512_reduce_max_ps(self.0) }
+    }
+}
+
+/// AVX2 + FMA: two registers. Only inside functions compiled with them
+/// ([`PagedKvCache::rows_ymm`]).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct Ymm2(std::arch::x86_64::__m256, std::arch::x86_64::__m256);
+
+#[cfg(target_arch = "x86_64")]
+impl V16 for Ymm2 {
+    const NARROW: bool = true;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        use std::arch::x86_64::_mm256_loadu_ps as ld;
+        Ymm2(ld(p), ld(p.add(8)))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const half::f16) -> Self {
+        use std::arch::x86_64::*;
+        let h = |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(p.add(at) as *const __m128i));
+        Ymm2(h(0), h(8))
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        use std::arch::x86_64::_mm256_storeu_ps as st;
+        st(p, self.0);
+        st(p.add(8), self.1);
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        // SAFETY: only reached from code compiled with AVX2 and FMA (the type's contract).
+        let v = unsafe { std::arch::x86_64::_mm256_set1_ps(x) };
+        Ymm2(v, v)
+    }
+    #[inline(always)]
+    fn fma(self, a: Self, b: Self) -> Self {
+        use std::arch::x86_64::_mm256_fmadd_ps as f;
+        // SAFETY: as above.
+        unsafe { Ymm2(f(a.0, b.0, self.0), f(a.1, b.1, self.1)) }
+    }
+    #[inline(always)]
+    fn add(self, b: Self) -> Self {
+        use std::arch::x86_64::_mm256_add_ps as f;
+        // SAFETY: as above.
+        unsafe { Ymm2(f(self.0, b.0), f(self.1, b.1)) }
+    }
+    #[inline(always)]
+    fn mul(self, b: Self) -> Self {
+        use std::arch::x86_64::_mm256_mul_ps as f;
+        // SAFETY: as above.
+        unsafe { Ymm2(f(self.0, b.0), f(self.1, b.1)) }
+    }
+    #[inline(always)]
+    fn max(self, b: Self) -> Self {
+        use std::arch::x86_64::_mm256_max_ps as f;
+        // `vmaxps` returns its second operand where either is NaN: NaN lanes of `b` lose.
+        // SAFETY: as above.
+        unsafe { Ymm2(f(b.0, self.0), f(b.1, self.1)) }
+    }
+    #[inline(always)]
+    fn reduce_max(self) -> f32 {
+        let mut out = [0f32; LB];
+        // SAFETY: `out` holds 16 f32.
+        unsafe { self.store(out.as_mut_ptr()) };
+        out.into_iter().fold(f32::NEG_INFINITY, f32::max)
+    }
+}
+
+/// [`PagedKvCache::attend_rows`]'s buffers, kept per thread: a widened K tile of small pages,
+/// a pair's scores, a span's K and V offsets.
+type SpanBufs = (Vec<f32>, Vec<f32>, Vec<usize>, Vec<usize>);
+
+/// What the cache stores K and V as, read in place by [`scores`] and [`add_pv`].
 trait KvElem: Copy {
-    fn block<'a>(pool: &'a Pool, r: std::ops::Range<usize>, buf: &'a mut Vec<f32>) -> &'a [Self];
-
-    /// `k . q`.
+    /// 16 values as f32 lanes.
     ///
     /// # Safety
-    /// `SIMD` [`ZMM`] only on a CPU with AVX-512F, [`YMM`] only with AVX2, FMA and F16C.
-    unsafe fn dot<const SIMD: u8>(k: &[Self], q: &[f32]) -> f32;
-
-    /// `o += sum_j p[j] v[j]`.
-    ///
-    /// # Safety
-    /// As [`KvElem::dot`].
-    unsafe fn add_weighted_rows<const SIMD: u8>(o: &mut [f32], p: &[f32], v: &[Self]);
+    /// `p` points to 16 readable values; `V`'s contract (the features its type needs).
+    unsafe fn load<V: V16>(p: *const Self) -> V;
+    fn f32(self) -> f32;
 }
 
 impl KvElem for f32 {
-    fn block<'a>(pool: &'a Pool, r: std::ops::Range<usize>, buf: &'a mut Vec<f32>) -> &'a [f32] {
-        pool.get(r, buf)
-    }
-
     #[inline(always)]
-    unsafe fn dot<const SIMD: u8>(k: &[f32], q: &[f32]) -> f32 {
-        match SIMD {
-            #[cfg(target_arch = "x86_64")]
-            ZMM => f32::dot_avx512(k, q),
-            #[cfg(target_arch = "x86_64")]
-            YMM => crate::kernels::flash_attention::ymm::dot(k, q),
-            _ => dot(k, q),
+    unsafe fn load<V: V16>(p: *const f32) -> V {
+        V::load(p)
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for half::f16 {
+    #[inline(always)]
+    unsafe fn load<V: V16>(p: *const half::f16) -> V {
+        V::load_f16(p)
+    }
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// The largest of the first `n` of `ps` (`-inf` for none; NaN ignored), 16 lanes at a time: the
+/// lanes of the last vector past `n` are set to `-inf` first.
+#[inline(always)]
+fn max_of<V: V16>(ps: &mut [f32], n: usize) -> f32 {
+    let end = n.next_multiple_of(LB);
+    assert!(ps.len() >= end, "scores buffer");
+    ps[n..end].fill(f32::NEG_INFINITY);
+    let mut m = V::splat(f32::NEG_INFINITY);
+    for c in (0..end).step_by(LB) {
+        // SAFETY: `c + LB <= end <= ps.len()`.
+        m = m.max(unsafe { V::load(ps.as_ptr().add(c)) });
+    }
+    m.reduce_max()
+}
+
+/// The scores of `R` queries (`qs`: `[R][head_dim]`) against the first `n` keys of a span,
+/// times `scale`, into `ps` (`[R][bp]`; lanes from `n` up to the next multiple of [`LB`] hold
+/// scores of padding). Keys `16c .. 16c + 16` lie side by side at `k + koffs[c]`, dimension
+/// `d` of them `d * pitch` further (a transposed K tile). Per 16 keys, each query broadcasts
+/// its value of dimension `d` against the 16 keys' values of `d` (an FMA over 16 keys, no
+/// horizontal sum), into four partial sums by `d % 4` (two on AVX2; independent chains) added in a fixed
+/// order: a query's scores are the same bits whatever `R` is.
+///
+/// # Safety
+/// Every `k + koffs[c] + d * pitch` for `c < n.div_ceil(16)`, `d < head_dim` starts 16 readable
+/// values; `ps` holds `R * bp` values, `n <= bp`, `bp` a multiple of 16; `V`'s contract.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores<V: V16, E: KvElem, const R: usize>(
+    qs: &[f32],
+    k: *const E,
+    koffs: &[usize],
+    pitch: usize,
+    bp: usize,
+    n: usize,
+    scale: f32,
+    ps: &mut [f32],
+) {
+    let hd = qs.len() / R;
+    assert!(
+        ps.len() >= R * bp && n <= bp && bp.is_multiple_of(LB) && koffs.len() >= n.div_ceil(LB),
+        "attention tile shapes"
+    );
+    let (q, p) = (qs.as_ptr(), ps.as_mut_ptr());
+    // Partial sums per query: 4, or 2 where a value takes two registers.
+    let parts = if V::NARROW { 2 } else { 4 };
+    let whole = hd / parts * parts;
+    for c0 in (0..n).step_by(LB) {
+        let k = k.add(koffs[c0 / LB]);
+        let mut acc = [[V::splat(0.0); 4]; R];
+        for d0 in (0..whole).step_by(parts) {
+            for u in 0..parts {
+                let kd = E::load::<V>(k.add((d0 + u) * pitch));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    a[u] = a[u].fma(V::splat(*q.add(r * hd + d0 + u)), kd);
+                }
+            }
         }
-    }
-
-    #[inline(always)]
-    unsafe fn add_weighted_rows<const SIMD: u8>(o: &mut [f32], p: &[f32], v: &[f32]) {
-        match SIMD {
-            #[cfg(target_arch = "x86_64")]
-            ZMM => f32::add_weighted_rows_avx512(o, p, v),
-            #[cfg(target_arch = "x86_64")]
-            YMM => crate::kernels::flash_attention::ymm::add_weighted_rows(o, p, v),
-            _ => add_weighted_rows(o, p, v),
+        for d in whole..hd {
+            let kd = E::load::<V>(k.add(d * pitch));
+            for (r, a) in acc.iter_mut().enumerate() {
+                a[d - whole] = a[d - whole].fma(V::splat(*q.add(r * hd + d)), kd);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let s = match parts {
+                4 => a[0].add(a[1]).add(a[2].add(a[3])),
+                _ => a[0].add(a[1]),
+            };
+            s.mul(V::splat(scale)).store(p.add(r * bp + c0));
         }
     }
 }
 
-/// f16 rows are read in place only by the explicit SIMD loops (`SIMD` [`YMM`] or [`ZMM`]).
-impl KvElem for half::f16 {
-    fn block<'a>(
-        pool: &'a Pool,
-        r: std::ops::Range<usize>,
-        _buf: &'a mut Vec<f32>,
-    ) -> &'a [half::f16] {
-        match pool {
-            Pool::F16(p) => &p[r],
-            Pool::F32(_) => panic!("paged cache: f16 rows asked of an f32 pool"),
+/// `os[r] += sum_k ps[r][k] * v_k` over the first `n` keys of a span for `R` queries (`os`:
+/// `[R][head_dim]`, `ps`: `[R][bp]`; key `k`'s V row at `v + voffs[k]`), each output value
+/// summed over the keys in order with one FMA per key: the same bits whatever `R` is. [`DB`]
+/// dimensions at a time (a pass's accumulators stay in registers); a head dimension that is
+/// not a multiple of 16 takes one lane at a time for its last values.
+///
+/// # Safety
+/// Every `v + voffs[k]`, `k < n`, starts `head_dim` readable values; `V`'s contract.
+#[inline(always)]
+unsafe fn add_pv<V: V16, E: KvElem, const R: usize>(
+    ps: &[f32],
+    bp: usize,
+    v: *const E,
+    voffs: &[usize],
+    n: usize,
+    os: &mut [f32],
+) {
+    let hd = os.len() / R;
+    assert!(
+        ps.len() >= R * bp && n <= bp && voffs.len() >= n,
+        "attention tile shapes"
+    );
+    let whole = hd / LB * LB;
+    let mut d0 = 0;
+    while d0 + DB <= whole {
+        if V::NARROW {
+            pv_pass::<V, E, R, { DB / LB / 2 }>(ps, bp, v, voffs, n, os, d0);
+            pv_pass::<V, E, R, { DB / LB / 2 }>(ps, bp, v, voffs, n, os, d0 + DB / 2);
+        } else {
+            pv_pass::<V, E, R, { DB / LB }>(ps, bp, v, voffs, n, os, d0);
         }
+        d0 += DB;
     }
-
-    #[inline(always)]
-    unsafe fn dot<const SIMD: u8>(k: &[half::f16], q: &[f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use crate::kernels::flash_attention::{ymm, zmm};
-            match SIMD {
-                ZMM => return zmm::dot(k, q),
-                YMM => return ymm::dot(k, q),
-                _ => {}
+    while d0 < whole {
+        pv_pass::<V, E, R, 1>(ps, bp, v, voffs, n, os, d0);
+        d0 += LB;
+    }
+    for r in 0..R {
+        for (k, &at) in voffs.iter().enumerate().take(n) {
+            let pk = ps[r * bp + k];
+            for d in whole..hd {
+                // One lane of V16::fma (fused where the vector loops are).
+                os[r * hd + d] = fma_lane::<V>(pk, (*v.add(at + d)).f32(), os[r * hd + d]);
             }
         }
-        let _ = (k, q);
-        unreachable!("f16 rows are widened into f32 for the plain loops")
     }
+}
 
-    #[inline(always)]
-    unsafe fn add_weighted_rows<const SIMD: u8>(o: &mut [f32], p: &[f32], v: &[half::f16]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use crate::kernels::flash_attention::{ymm, zmm};
-            match SIMD {
-                ZMM => return zmm::add_weighted_rows(o, p, v),
-                YMM => return ymm::add_weighted_rows(o, p, v),
-                _ => {}
+/// [`add_pv`] for dimensions `d0 .. d0 + 16 * C`, their `R x C` accumulators in registers.
+///
+/// # Safety
+/// `d0 + 16 * C <= head_dim`, and [`add_pv`]'s contract.
+#[inline(always)]
+unsafe fn pv_pass<V: V16, E: KvElem, const R: usize, const C: usize>(
+    ps: &[f32],
+    bp: usize,
+    v: *const E,
+    voffs: &[usize],
+    n: usize,
+    os: &mut [f32],
+    d0: usize,
+) {
+    let hd = os.len() / R;
+    let (o, p) = (os.as_mut_ptr(), ps.as_ptr());
+    let mut acc = [[V::splat(0.0); C]; R];
+    for (r, a) in acc.iter_mut().enumerate() {
+        for (c, a) in a.iter_mut().enumerate() {
+            *a = V::load(o.add(r * hd + d0 + LB * c));
+        }
+    }
+    for (k, &at) in voffs.iter().enumerate().take(n) {
+        let vk: [V; C] = std::array::from_fn(|c| E::load::<V>(v.add(at + d0 + LB * c)));
+        for (r, a) in acc.iter_mut().enumerate() {
+            let pk = V::splat(*p.add(r * bp + k));
+            for (a, &vk) in a.iter_mut().zip(&vk) {
+                *a = a.fma(pk, vk);
             }
         }
-        let _ = (o, p, v);
-        unreachable!("f16 rows are widened into f32 for the plain loops")
     }
+    for (r, a) in acc.iter().enumerate() {
+        for (c, a) in a.iter().enumerate() {
+            a.store(o.add(r * hd + d0 + LB * c));
+        }
+    }
+}
+
+/// `a * b + c` exactly as one lane of `V`'s [`V16::fma`].
+#[inline(always)]
+fn fma_lane<V: V16>(a: f32, b: f32, c: f32) -> f32 {
+    let mut out = [0f32; LB];
+    let v = V::splat(c).fma(V::splat(a), V::splat(b));
+    // SAFETY: `out` holds 16 f32.
+    unsafe { v.store(out.as_mut_ptr()) };
+    out[0]
 }
 
 /// `src` widened into `dst` (same length). `half`'s slice conversion calls an out-of-line
@@ -481,9 +831,17 @@ impl PagedKvCache {
         self.slot_in(s.blocks[pos / self.block_size], pos, head)
     }
 
-    /// The offset of `head`'s row for position `pos` in block `b`.
+    /// The offset of `head`'s V row for position `pos` in block `b`.
     fn slot_in(&self, b: usize, pos: usize, head: usize) -> usize {
-        ((b * self.kv_heads + head) * self.block_size + pos % self.block_size) * self.head_dim
+        self.tile(b, head) + pos % self.block_size * self.head_dim
+    }
+
+    /// The offset of `head`'s tile in block `b`: its V rows `[slot][head_dim]`, or its K
+    /// values transposed, `[head_dim][slot]` (a K tile's `block_size` values of one dimension
+    /// lie side by side, so attention multiplies a query by 16 keys per vector instruction
+    /// with no horizontal sums).
+    fn tile(&self, b: usize, head: usize) -> usize {
+        (b * self.kv_heads + head) * self.block_size * self.head_dim
     }
 
     /// Writes K and V (`[kv_heads, head_dim]` each) of position `pos` of `s` in `layer`.
@@ -508,10 +866,11 @@ impl PagedKvCache {
                 "paged cache: write into a shared block (reserve first)".into(),
             ));
         }
-        let hd = self.head_dim;
+        let (hd, bs) = (self.head_dim, self.block_size);
         for h in 0..self.kv_heads {
             let o = self.slot_in(b, pos, h);
-            self.k[layer].put(o, &k[h * hd..(h + 1) * hd]);
+            let kt = self.tile(b, h) + pos % bs;
+            self.k[layer].put_strided(kt, bs, &k[h * hd..(h + 1) * hd]);
             self.v[layer].put(o, &v[h * hd..(h + 1) * hd]);
         }
         Ok(())
@@ -590,39 +949,42 @@ impl PagedKvCache {
                 seq.len
             )));
         }
-        // The dots and updates in explicit 512-bit (AVX-512F) or 256-bit (AVX2) SIMD: attention
-        // is a sixth of a batched step at a few hundred positions, and the plain loops compiled
-        // for AVX2 were a seventh of 1-thread decode under TERN_ISA=avx2. An f16 cache is read
-        // as f16 there, widened as the loops load it.
+        // The loops in 512-bit (AVX-512F) or 256-bit (AVX2 + FMA) registers, else plain
+        // ([`V16`]).
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            let f16 = matches!(self.k[layer], Pool::F16(_));
-            // SAFETY (all four): the CPU has the features each function is compiled for
-            // (checked here); f16 rows only from f16 pools.
+            // SAFETY (both): the CPU has the features each function is compiled for.
             if crate::kernels::avx512f() {
-                match f16 {
-                    true => unsafe { self.rows_zmm::<half::f16>(layer, seq, pos0, q, kvh, out) },
-                    false => unsafe { self.rows_zmm::<f32>(layer, seq, pos0, q, kvh, out) },
-                }
+                unsafe { self.rows_zmm(layer, seq, pos0, q, kvh, out) };
                 return Ok(());
             }
             if has!("avx2") && has!("fma") && has!("f16c") {
-                match f16 {
-                    true => unsafe { self.rows_ymm::<half::f16>(layer, seq, pos0, q, kvh, out) },
-                    false => unsafe { self.rows_ymm::<f32>(layer, seq, pos0, q, kvh, out) },
-                }
+                unsafe { self.rows_ymm(layer, seq, pos0, q, kvh, out) };
                 return Ok(());
             }
         }
-        // SAFETY: the plain loops, and f32 rows read any pool.
-        unsafe { self.rows::<PLAIN, f32>(layer, seq, pos0, q, kvh, out) };
+        self.rows::<Plain>(layer, seq, pos0, q, kvh, out);
         Ok(())
+    }
+
+    /// [`Self::attend_rows`] in the plain loops whatever the CPU (their test on x86-64).
+    #[cfg(test)]
+    fn attend_rows_plain(
+        &self,
+        layer: usize,
+        s: SeqId,
+        pos0: usize,
+        q: Queries,
+        kvh: usize,
+        out: &mut [f32],
+    ) {
+        self.rows::<Plain>(layer, self.seq(s).unwrap(), pos0, q, kvh, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows_ymm<E: KvElem>(
+    unsafe fn rows_ymm(
         &self,
         layer: usize,
         seq: &Seq,
@@ -631,12 +993,12 @@ impl PagedKvCache {
         kvh: usize,
         out: &mut [f32],
     ) {
-        self.rows::<YMM, E>(layer, seq, pos0, q, kvh, out)
+        self.rows::<Ymm2>(layer, seq, pos0, q, kvh, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn rows_zmm<E: KvElem>(
+    unsafe fn rows_zmm(
         &self,
         layer: usize,
         seq: &Seq,
@@ -645,18 +1007,44 @@ impl PagedKvCache {
         kvh: usize,
         out: &mut [f32],
     ) {
-        self.rows::<ZMM, E>(layer, seq, pos0, q, kvh, out)
+        self.rows::<Zmm>(layer, seq, pos0, q, kvh, out)
     }
 
-    /// [`Self::attend_rows`]'s work, its shapes already checked, reading K and V as `E`.
-    ///
-    /// # Safety
-    /// `SIMD` other than [`PLAIN`] only from [`Self::rows_ymm`] / [`Self::rows_zmm`]; `E = f16` only
-    /// with f16 pools.
+    /// [`Self::attend_rows`]'s work, its shapes already checked, on the pools' element type.
     #[inline(always)]
-    unsafe fn rows<const SIMD: u8, E: KvElem>(
+    fn rows<V: V16>(
         &self,
         layer: usize,
+        seq: &Seq,
+        pos0: usize,
+        q: Queries,
+        kvh: usize,
+        out: &mut [f32],
+    ) {
+        match (&self.k[layer], &self.v[layer]) {
+            (Pool::F16(k), Pool::F16(v)) => {
+                self.rows_in::<V, _>(layer, k, v, seq, pos0, q, kvh, out)
+            }
+            (Pool::F32(k), Pool::F32(v)) => {
+                self.rows_in::<V, _>(layer, k, v, seq, pos0, q, kvh, out)
+            }
+            _ => unreachable!("a layer's K and V pools have one type"),
+        }
+    }
+
+    /// [`Self::rows`] over the K and V pools `kp`, `vp`. Per span of about [`SPAN`] keys (whole
+    /// pages), for every row that sees it, its query heads two at a time: [`scores`], the online
+    /// softmax, [`add_pv`]. K and V are read in place (f16 widened as loaded), except that K
+    /// pages smaller than 16 keys are first widened side by side into one tile per span. Each
+    /// query's arithmetic is the same whichever rows and heads share its span, so a row's
+    /// result does not depend on its run.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn rows_in<V: V16, E: KvElem>(
+        &self,
+        layer: usize,
+        kp: &[E],
+        vp: &[E],
         seq: &Seq,
         pos0: usize,
         q: Queries,
@@ -664,62 +1052,121 @@ impl PagedKvCache {
         out: &mut [f32],
     ) {
         let (hd, bs, g) = (self.head_dim, self.block_size, q.g);
+        // Keys per softmax update: whole pages, about SPAN keys (the update's max, rescale and
+        // bookkeeping cost about as much as scoring 16 keys).
+        let span = bs * (SPAN / bs).max(1);
+        let bp = span.next_multiple_of(LB);
+        let direct = bs.is_multiple_of(LB);
         let rows = out.len() / (g * hd);
         let last = pos0 + rows - 1;
         let scale = 1.0 / (hd as f32).sqrt();
-        // Per row and head: running max, running sum; per head this block's scores (then
-        // probabilities) for the row being updated.
+        // Per row and head: running max and sum.
         let (mut m, mut l) = (vec![f32::NEG_INFINITY; rows * g], vec![0f32; rows * g]);
-        let mut p = vec![0f32; g * bs];
-        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
-        out.fill(0.0);
-        for p0 in (0..=last).step_by(bs) {
-            let base = self.slot(seq, p0, kvh);
-            let nb = (last + 1 - p0).min(bs);
-            // Each block's K and V are a page apart from the last block's: the hardware
-            // prefetchers start cold on every one. This block's V is fetched while its scores
-            // are computed, the next block's K while its values are added.
-            self.v[layer].prefetch(base..base + nb * hd);
-            if p0 + bs <= last {
-                let next = self.slot(seq, p0 + bs, kvh);
-                self.k[layer].prefetch(next..next + (last + 1 - p0 - bs).min(bs) * hd);
+        // Per thread, kept between calls (a decode step makes one per KV head and layer):
+        // the widened K tile of small pages, a pair's scores, the span's key offsets.
+        thread_local! {
+            static BUFS: std::cell::Cell<SpanBufs> = const {
+                std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new(), Vec::new()))
+            };
+        }
+        let (mut kt, mut p, mut koffs, mut voffs) = BUFS.take();
+        let kt_len = if direct { 0 } else { hd * bp };
+        for (buf, len) in [(&mut kt, kt_len), (&mut p, 2 * bp)] {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
             }
-            let kb = E::block(&self.k[layer], base..base + nb * hd, &mut kbuf);
-            let vb = E::block(&self.v[layer], base..base + nb * hd, &mut vbuf);
-            // Rows before this block's first position see none of it.
-            for i in p0.saturating_sub(pos0)..rows {
-                let n = (pos0 + i + 1 - p0).min(nb);
-                let qi = &q.q[i * q.stride..i * q.stride + g * hd];
-                let (mi, li) = (&mut m[i * g..(i + 1) * g], &mut l[i * g..(i + 1) * g]);
-                let oi = &mut out[i * g * hd..(i + 1) * g * hd];
-                for (r, kr) in kb[..n * hd].chunks_exact(hd).enumerate() {
-                    for (j, q) in qi.chunks_exact(hd).enumerate() {
-                        // SAFETY: SIMD only where the CPU has its features (`rows_*mm`).
-                        p[j * bs + r] = E::dot::<SIMD>(kr, q) * scale;
+        }
+        out.fill(0.0);
+        for p0 in (0..=last).step_by(span) {
+            let ns = (last + 1 - p0).min(span);
+            koffs.clear();
+            voffs.clear();
+            for (j, b0) in (p0..p0 + ns).step_by(bs).enumerate() {
+                let base = self.tile(seq.blocks[b0 / bs], kvh);
+                let nb = (p0 + ns - b0).min(bs);
+                if direct {
+                    koffs.extend((0..nb).step_by(LB).map(|c| base + c));
+                } else {
+                    for d in 0..hd {
+                        let (src, dst) = (base + d * bs, d * bp + j * bs);
+                        for (o, x) in kt[dst..dst + bs].iter_mut().zip(&kp[src..src + bs]) {
+                            *o = x.f32();
+                        }
                     }
                 }
-                for j in 0..g {
-                    let ps = &mut p[j * bs..j * bs + n];
-                    let m_new = ps.iter().copied().fold(mi[j], f32::max);
-                    let f = if mi[j] == f32::NEG_INFINITY {
-                        0.0
-                    } else {
-                        (mi[j] - m_new).exp()
-                    };
-                    li[j] *= f;
-                    oi[j * hd..(j + 1) * hd].iter_mut().for_each(|x| *x *= f);
-                    li[j] += exp_in_place(ps, m_new);
-                    mi[j] = m_new;
+                voffs.extend((0..nb).map(|r| base + r * hd));
+                // Each page is apart from the last one: the hardware prefetchers start cold
+                // on every one, so the next span's pages are fetched while this one is used.
+                if b0 + span <= last {
+                    let next = self.tile(seq.blocks[(b0 + span) / bs], kvh);
+                    self.k[layer].prefetch(next..next + bs * hd);
+                    self.v[layer].prefetch(next..next + bs * hd);
                 }
-                for (j, o) in oi.chunks_exact_mut(hd).enumerate() {
+            }
+            if !direct {
+                koffs.extend((0..ns).step_by(LB));
+            }
+            // Rows before this span's first position see none of it.
+            for i in p0.saturating_sub(pos0)..rows {
+                let n = (pos0 + i + 1 - p0).min(ns);
+                let qi = &q.q[i * q.stride..i * q.stride + g * hd];
+                let oi = &mut out[i * g * hd..(i + 1) * g * hd];
+                for j0 in (0..g).step_by(2) {
+                    let pair = j0 + 1 < g;
+                    let (ps, _) = p.split_at_mut(if pair { 2 * bp } else { bp });
+                    let qs = &qi[j0 * hd..(j0 + 1 + pair as usize) * hd];
+                    let os = &mut oi[j0 * hd..(j0 + 1 + pair as usize) * hd];
+                    // SAFETY: every offset starts a page's keys (or the widened tile's) with
+                    // `head_dim` rows of at least 16 keys behind it (`pitch` apart), and every
+                    // V offset a row of `head_dim`: all inside the pools and `kt`; `V` is the
+                    // type the caller's features allow.
+                    unsafe {
+                        let (kb, pitch) = (kp.as_ptr(), bs);
+                        match (pair, direct) {
+                            (true, true) => {
+                                scores::<V, E, 2>(qs, kb, &koffs, pitch, bp, n, scale, ps)
+                            }
+                            (false, true) => {
+                                scores::<V, E, 1>(qs, kb, &koffs, pitch, bp, n, scale, ps)
+                            }
+                            (true, false) => {
+                                scores::<V, f32, 2>(qs, kt.as_ptr(), &koffs, bp, bp, n, scale, ps)
+                            }
+                            (false, false) => {
+                                scores::<V, f32, 1>(qs, kt.as_ptr(), &koffs, bp, bp, n, scale, ps)
+                            }
+                        }
+                    }
+                    let at = i * g + j0;
+                    let heads = os.chunks_exact_mut(hd).zip(ps.chunks_exact_mut(bp));
+                    for (r, (o, ps)) in heads.enumerate() {
+                        let (mi, li) = (&mut m[at + r], &mut l[at + r]);
+                        let m_new = max_of::<V>(ps, n).max(*mi);
+                        let ps = &mut ps[..n];
+                        let f = if *mi == f32::NEG_INFINITY {
+                            0.0
+                        } else {
+                            (*mi - m_new).exp()
+                        };
+                        *li *= f;
+                        o.iter_mut().for_each(|x| *x *= f);
+                        *li += exp_in_place(ps, m_new);
+                        *mi = m_new;
+                    }
                     // SAFETY: as above.
-                    E::add_weighted_rows::<SIMD>(o, &p[j * bs..j * bs + n], &vb[..n * hd]);
+                    unsafe {
+                        match pair {
+                            true => add_pv::<V, E, 2>(ps, bp, vp.as_ptr(), &voffs, n, os),
+                            false => add_pv::<V, E, 1>(ps, bp, vp.as_ptr(), &voffs, n, os),
+                        }
+                    }
                 }
             }
         }
         for (o, l) in out.chunks_exact_mut(hd).zip(&l) {
             o.iter_mut().for_each(|x| *x /= l);
         }
+        BUFS.set((kt, p, koffs, voffs));
     }
 
     /// K and V of `s` in `layer` gathered contiguously `[kv_heads, len, head_dim]` (for tests
@@ -731,10 +1178,12 @@ impl PagedKvCache {
             Vec::with_capacity(self.kv_heads * seq.len * hd),
             Vec::with_capacity(self.kv_heads * seq.len * hd),
         );
+        let bs = self.block_size;
         for h in 0..self.kv_heads {
             for p in 0..seq.len {
+                let kt = self.tile(seq.blocks[p / bs], h) + p % bs;
+                k.extend((0..hd).map(|d| self.k[layer].value(kt + d * bs)));
                 let o = self.slot(seq, p, h);
-                k.extend_from_slice(self.k[layer].get(o..o + hd, &mut Vec::new()));
                 v.extend_from_slice(self.v[layer].get(o..o + hd, &mut Vec::new()));
             }
         }
@@ -976,13 +1425,24 @@ mod tests {
     #[test]
     fn attention_over_pages_equals_contiguous_with_nan_in_unused_slots() {
         // f16 storage: the same, against the contiguous attention of the f16-rounded values.
+        // Shapes (layers, kv heads, head_dim, heads, page size) for every path of the loops:
+        // pages of 4 (K interleaved into one tile per span) and of 16 (whole pages); three
+        // query heads per KV head (a pair and one alone); head_dim 80 (a 64-wide pass and a
+        // 16-wide one) and 38 (a 16-wide pass, a tail, and dimensions past the last four);
+        // sequences over several 64-key spans.
         for t in [KvType::F32, KvType::F16] {
-            attention_over_pages(t);
+            attention_over_pages(t, (2, 2, 8, 4, 4), &[1, 5, 8, 13]);
+            attention_over_pages(t, (1, 2, 80, 6, 16), &[1, 17, 64, 150]);
+            attention_over_pages(t, (1, 1, 38, 2, 16), &[3, 70]);
+            attention_over_pages(t, (1, 1, 16, 3, 5), &[131]);
         }
     }
 
-    fn attention_over_pages(t: KvType) {
-        let (layers, kv, hd, heads, bs) = (2, 2, 8, 4, 4);
+    fn attention_over_pages(
+        t: KvType,
+        (layers, kv, hd, heads, bs): (usize, usize, usize, usize, usize),
+        lens: &[usize],
+    ) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let mut cache = PagedKvCache::with_type(layers, kv, hd, bs, t);
         let stored = |x: Vec<f32>| -> Vec<f32> {
@@ -991,11 +1451,10 @@ mod tests {
                 KvType::F16 => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
             }
         };
-        let lens = [1usize, 5, 8, 13];
         let seqs: Vec<SeqId> = lens.iter().map(|_| cache.add_seq()).collect();
         let mut truth = vec![];
         // Interleave appends (one or several tokens at a time) across sequences.
-        for (&s, &len) in seqs.iter().zip(&lens) {
+        for (&s, &len) in seqs.iter().zip(lens) {
             // Per layer, the K (and V) rows appended so far.
             let mut ks: Vec<Vec<Vec<f32>>> = vec![vec![]; layers];
             let mut vs: Vec<Vec<Vec<f32>>> = vec![vec![]; layers];
@@ -1056,6 +1515,15 @@ mod tests {
                         g,
                     };
                     cache.attend_rows(l, s, pos0, q, kvh, &mut run).unwrap();
+                    // The plain loops: the same up to rounding (fused or not).
+                    let mut plain = vec![0f32; rows * g * hd];
+                    cache.attend_rows_plain(l, s, pos0, q, kvh, &mut plain);
+                    let err = run
+                        .iter()
+                        .zip(&plain)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(err < 1e-5, "{t:?} plain loops, seq {i} layer {l}: {err}");
                     for r in 0..rows {
                         let at = (r * heads + kvh * g) * hd;
                         let mut alone = vec![0f32; g * hd];

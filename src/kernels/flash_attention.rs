@@ -385,126 +385,6 @@ pub(crate) mod zmm {
     }
 }
 
-/// [`zmm`]'s two loops on 256-bit vectors (AVX2 + FMA, F16C for f16 rows), for CPUs without
-/// AVX-512 (paged attention's decode step). Tails shorter than 8 values take the plain loops'
-/// arithmetic (head sizes are multiples of 8 in practice).
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod ymm {
-    use std::arch::x86_64::*;
-
-    /// What the loops read K and V rows as: f32, or f16 widened as it is loaded (exact, so the
-    /// sums are bit for bit those over the widened rows).
-    pub trait Lanes: Copy {
-        /// 8 values from `p`.
-        unsafe fn load(p: *const Self) -> __m256;
-        fn get(self) -> f32;
-    }
-
-    impl Lanes for f32 {
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
-        }
-        #[inline(always)]
-        fn get(self) -> f32 {
-            self
-        }
-    }
-
-    impl Lanes for half::f16 {
-        #[inline(always)]
-        unsafe fn load(p: *const half::f16) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-        }
-        #[inline(always)]
-        fn get(self) -> f32 {
-            self.to_f32()
-        }
-    }
-
-    /// Sum of 8 lanes.
-    #[inline(always)]
-    unsafe fn reduce(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-    }
-
-    /// `a . b`: two chains of FMAs, one reduction.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C; `a` and `b` of one length.
-    #[inline(always)]
-    pub unsafe fn dot<E: Lanes>(a: &[E], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            s0 = _mm256_fmadd_ps(E::load(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            let (x, y) = (pa.add(i + 8), pb.add(i + 8));
-            s1 = _mm256_fmadd_ps(E::load(x), _mm256_loadu_ps(y), s1);
-            i += 16;
-        }
-        if i + 8 <= n {
-            s0 = _mm256_fmadd_ps(E::load(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            i += 8;
-        }
-        let mut s = reduce(_mm256_add_ps(s0, s1));
-        for j in i..n {
-            s += a[j].get() * b[j];
-        }
-        s
-    }
-
-    /// `acc += sum_j p[j] * v[j]`: the output in chunks of 64 columns held in eight registers
-    /// across all the rows, so `acc` is not loaded and stored per key.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C; `v` holds `p.len()` rows of `acc.len()`.
-    #[inline(always)]
-    pub unsafe fn add_weighted_rows<E: Lanes>(acc: &mut [f32], p: &[f32], v: &[E]) {
-        let d = acc.len();
-        assert!(v.len() >= p.len() * d, "add_weighted_rows: v too short");
-        let (o, pv) = (acc.as_mut_ptr(), v.as_ptr());
-        let mut c = 0;
-        while c + 64 <= d {
-            chunk::<8, E>(o, p, pv, d, c);
-            c += 64;
-        }
-        while c + 8 <= d {
-            chunk::<1, E>(o, p, pv, d, c);
-            c += 8;
-        }
-        for (j, &pj) in p.iter().enumerate() {
-            for k in c..d {
-                acc[k] += pj * v[j * d + k].get();
-            }
-        }
-    }
-
-    /// Columns `c .. c + 8 R` of [`add_weighted_rows`] (rows `d` apart) in `R` registers.
-    #[inline(always)]
-    unsafe fn chunk<const R: usize, E: Lanes>(
-        o: *mut f32,
-        p: &[f32],
-        pv: *const E,
-        d: usize,
-        c: usize,
-    ) {
-        let mut a: [__m256; R] = std::array::from_fn(|k| _mm256_loadu_ps(o.add(c + 8 * k)));
-        for (j, &pj) in p.iter().enumerate() {
-            let (w, row) = (_mm256_set1_ps(pj), pv.add(j * d + c));
-            for (k, a) in a.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(w, E::load(row.add(8 * k)), *a);
-            }
-        }
-        for (k, a) in a.iter().enumerate() {
-            _mm256_storeu_ps(o.add(c + 8 * k), *a);
-        }
-    }
-}
-
 /// Forward on contiguous slices: returns O `[B, H, T, d]` and L `[B, H, T]`.
 pub fn forward<T: AttnFloat + Send + Sync>(
     q: &[T],
@@ -1191,7 +1071,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// The explicit SIMD loops of module `$m` ([`zmm`], [`ymm`]) equal the plain ones on
+    /// The explicit SIMD loops of module `$m` ([`zmm`]) equal the plain ones on
     /// lengths around every chunk edge (tails, 64- and 128-column register chunks), to f32
     /// rounding, and read f16 rows bit for bit as their widened f32 values.
     #[cfg(target_arch = "x86_64")]
@@ -1259,21 +1139,6 @@ mod tests {
             return;
         }
         loops_match_the_plain_loops!(zmm);
-    }
-
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn ymm_loops_match_the_plain_loops() {
-        let features = [
-            is_x86_feature_detected!("avx2"),
-            is_x86_feature_detected!("fma"),
-            is_x86_feature_detected!("f16c"),
-        ];
-        if !features.iter().all(|&f| f) {
-            eprintln!("skipped: this CPU lacks AVX2, FMA or F16C");
-            return;
-        }
-        loops_match_the_plain_loops!(ymm);
     }
 
     fn randn(shape: &[usize], seed: u64, dt: DType) -> Tensor {
