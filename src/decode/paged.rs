@@ -918,10 +918,10 @@ impl PagedKvCache {
     /// heads of KV head `kvh` each: every row attends causally over the K/V of `s` up to its own
     /// position in `layer`, and row `i`'s outputs go to `out[i * g * head_dim ..]` (`[rows][g,
     /// head_dim]`, `rows = out.len() / (g * head_dim)`). One pass over the pages with an online
-    /// softmax per row and head: each K/V block is fetched once for all the run's rows and the
-    /// group's heads, not once per query (grouped-query attention, and a prompt chunk's rows,
-    /// share it; an f16 block is widened as the AVX-512 loops load it, elsewhere into a buffer
-    /// once per block). A row's result does not depend on which rows share its run.
+    /// softmax per row and head: each span of pages is fetched once for all the run's rows and
+    /// the group's heads, not once per query (grouped-query attention, and a prompt chunk's
+    /// rows, share it; f16 values are widened as they are loaded). A row's result does not
+    /// depend on which rows share its run.
     pub fn attend_rows(
         &self,
         layer: usize,
@@ -966,20 +966,6 @@ impl PagedKvCache {
         }
         self.rows::<Plain>(layer, seq, pos0, q, kvh, out);
         Ok(())
-    }
-
-    /// [`Self::attend_rows`] in the plain loops whatever the CPU (their test on x86-64).
-    #[cfg(test)]
-    fn attend_rows_plain(
-        &self,
-        layer: usize,
-        s: SeqId,
-        pos0: usize,
-        q: Queries,
-        kvh: usize,
-        out: &mut [f32],
-    ) {
-        self.rows::<Plain>(layer, self.seq(s).unwrap(), pos0, q, kvh, out)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -1517,7 +1503,7 @@ mod tests {
                     cache.attend_rows(l, s, pos0, q, kvh, &mut run).unwrap();
                     // The plain loops: the same up to rounding (fused or not).
                     let mut plain = vec![0f32; rows * g * hd];
-                    cache.attend_rows_plain(l, s, pos0, q, kvh, &mut plain);
+                    cache.rows::<Plain>(l, cache.seq(s).unwrap(), pos0, q, kvh, &mut plain);
                     let err = run
                         .iter()
                         .zip(&plain)
