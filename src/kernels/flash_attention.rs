@@ -254,7 +254,7 @@ pub(crate) fn exp_in_place<T: AttnFloat>(x: &mut [T], m: T) -> T {
 /// `#[inline(always)]` without a target feature of their own: they are inlined into callers
 /// compiled with AVX-512F (as `ternary_matmul`'s kernels are).
 #[cfg(target_arch = "x86_64")]
-pub(crate) mod zmm {
+mod zmm {
     use std::arch::x86_64::*;
 
     /// Mask of the first `n` (at most 16) lanes.
@@ -263,69 +263,28 @@ pub(crate) mod zmm {
         ((1u32 << n) - 1) as __mmask16
     }
 
-    /// What the loops below read K and V rows as: f32, or f16 widened as it is loaded (an f16
-    /// KV cache then needs no widened copy of its pages; the widening is exact, so the sums are
-    /// bit for bit those over the widened rows).
-    pub trait Lanes: Copy {
-        /// 16 values from `p`.
-        unsafe fn load(p: *const Self) -> __m512;
-        /// The first `n` (at most 16) values from `p`, the other lanes zero.
-        unsafe fn load_head(p: *const Self, n: usize) -> __m512;
-    }
-
-    impl Lanes for f32 {
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m512 {
-            _mm512_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn load_head(p: *const f32, n: usize) -> __m512 {
-            _mm512_maskz_loadu_ps(head(n), p)
-        }
-    }
-
-    impl Lanes for half::f16 {
-        #[inline(always)]
-        unsafe fn load(p: *const half::f16) -> __m512 {
-            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
-        }
-        #[inline(always)]
-        unsafe fn load_head(p: *const half::f16, n: usize) -> __m512 {
-            // A tail (head sizes are multiples of 16 in practice): widened one by one, as the
-            // masked 16-bit load would need AVX-512BW.
-            let mut w = [0f32; 16];
-            for (i, w) in w.iter_mut().enumerate().take(n) {
-                *w = (*p.add(i)).to_f32();
-            }
-            _mm512_loadu_ps(w.as_ptr())
-        }
-    }
-
     /// `a . b`: two chains of FMAs, one tree reduction.
     ///
     /// # Safety
     /// AVX-512F; `a` and `b` of one length.
     #[inline(always)]
-    pub unsafe fn dot<E: Lanes>(a: &[E], b: &[f32]) -> f32 {
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut i = 0;
         while i + 32 <= n {
-            s0 = _mm512_fmadd_ps(E::load(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
             let (x, y) = (pa.add(i + 16), pb.add(i + 16));
-            s1 = _mm512_fmadd_ps(E::load(x), _mm512_loadu_ps(y), s1);
+            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(y), s1);
             i += 32;
         }
         while i < n {
-            let (x, y) = if n - i >= 16 {
-                (E::load(pa.add(i)), _mm512_loadu_ps(pb.add(i)))
-            } else {
-                (
-                    E::load_head(pa.add(i), n - i),
-                    f32::load_head(pb.add(i), n - i),
-                )
-            };
+            let m = if n - i >= 16 { 0xffff } else { head(n - i) };
+            let (x, y) = (
+                _mm512_maskz_loadu_ps(m, pa.add(i)),
+                _mm512_maskz_loadu_ps(m, pb.add(i)),
+            );
             s0 = _mm512_fmadd_ps(x, y, s0);
             i += 16;
         }
@@ -339,28 +298,24 @@ pub(crate) mod zmm {
     /// # Safety
     /// AVX-512F; `v` holds `p.len()` rows of `acc.len()`.
     #[inline(always)]
-    pub unsafe fn add_weighted_rows<E: Lanes>(acc: &mut [f32], p: &[f32], v: &[E]) {
+    pub unsafe fn add_weighted_rows(acc: &mut [f32], p: &[f32], v: &[f32]) {
         let d = acc.len();
         assert!(v.len() >= p.len() * d, "add_weighted_rows: v too short");
         let mut c = 0;
         while c + 128 <= d {
-            chunk::<8, E>(acc, p, v, c);
+            chunk::<8>(acc, p, v, c);
             c += 128;
         }
         while c + 64 <= d {
-            chunk::<4, E>(acc, p, v, c);
+            chunk::<4>(acc, p, v, c);
             c += 64;
         }
         let (o, pv) = (acc.as_mut_ptr(), v.as_ptr());
         while c < d {
-            let (m, n) = if d - c >= 16 {
-                (0xffff, 16)
-            } else {
-                (head(d - c), d - c)
-            };
+            let m = if d - c >= 16 { 0xffff } else { head(d - c) };
             let mut a = _mm512_maskz_loadu_ps(m, o.add(c));
             for (j, &pj) in p.iter().enumerate() {
-                let x = E::load_head(pv.add(j * d + c), n);
+                let x = _mm512_maskz_loadu_ps(m, pv.add(j * d + c));
                 a = _mm512_fmadd_ps(_mm512_set1_ps(pj), x, a);
             }
             _mm512_mask_storeu_ps(o.add(c), m, a);
@@ -370,13 +325,13 @@ pub(crate) mod zmm {
 
     /// Columns `c .. c + 16 R` of [`add_weighted_rows`] in `R` registers.
     #[inline(always)]
-    unsafe fn chunk<const R: usize, E: Lanes>(acc: &mut [f32], p: &[f32], v: &[E], c: usize) {
+    unsafe fn chunk<const R: usize>(acc: &mut [f32], p: &[f32], v: &[f32], c: usize) {
         let (d, o, pv) = (acc.len(), acc.as_mut_ptr(), v.as_ptr());
         let mut a: [__m512; R] = std::array::from_fn(|k| _mm512_loadu_ps(o.add(c + 16 * k)));
         for (j, &pj) in p.iter().enumerate() {
             let (w, row) = (_mm512_set1_ps(pj), pv.add(j * d + c));
             for (k, a) in a.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(w, E::load(row.add(16 * k)), *a);
+                *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(row.add(16 * k)), *a);
             }
         }
         for (k, a) in a.iter().enumerate() {
@@ -1071,66 +1026,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// The explicit SIMD loops of module `$m` ([`zmm`]) equal the plain ones on
-    /// lengths around every chunk edge (tails, 64- and 128-column register chunks), to f32
-    /// rounding, and read f16 rows bit for bit as their widened f32 values.
-    #[cfg(target_arch = "x86_64")]
-    macro_rules! loops_match_the_plain_loops {
-        ($m:ident) => {{
-            let vals = |n: usize, seed: u32| -> Vec<f32> {
-                (0..n)
-                    .map(|i| {
-                        (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0
-                    })
-                    .collect()
-            };
-            for d in [
-                1, 7, 16, 17, 33, 63, 64, 65, 100, 127, 128, 129, 192, 200, 256,
-            ] {
-                let (a, b) = (vals(d, 1), vals(d, 2));
-                // SAFETY: the CPU has the module's features (the caller checked).
-                let (fast, plain) = (unsafe { $m::dot(&a, &b) }, dot(&a, &b));
-                assert!(
-                    (fast - plain).abs() <= 1e-5 * (1.0 + plain.abs()),
-                    "dot d={d}"
-                );
-                // f16 rows (an f16 KV cache) widened as loaded: bit for bit the f32 loops over the
-                // widened values.
-                let half = |x: &[f32]| -> Vec<half::f16> {
-                    x.iter().map(|&v| half::f16::from_f32(v)).collect()
-                };
-                let widened =
-                    |x: &[half::f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
-                let a16 = half(&a);
-                // SAFETY: as above.
-                let (f16_dot, f32_dot) =
-                    unsafe { ($m::dot(&a16, &b), $m::dot(&widened(&a16), &b)) };
-                assert_eq!(f16_dot.to_bits(), f32_dot.to_bits(), "f16 dot d={d}");
-                for keys in [0, 1, 5, 16, 64] {
-                    let (p, v) = (vals(keys, 3), vals(keys * d, 4));
-                    let (mut fast, mut plain) = (vals(d, 5), vals(d, 5));
-                    // SAFETY: as above.
-                    unsafe { $m::add_weighted_rows(&mut fast, &p, &v) };
-                    add_weighted_rows(&mut plain, &p, &v);
-                    for (x, y) in fast.iter().zip(&plain) {
-                        assert!(
-                            (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
-                            "rows d={d} keys={keys}"
-                        );
-                    }
-                    let v16 = half(&v);
-                    let (mut from16, mut from32) = (vals(d, 5), vals(d, 5));
-                    // SAFETY: as above.
-                    unsafe {
-                        $m::add_weighted_rows(&mut from16, &p, &v16);
-                        $m::add_weighted_rows(&mut from32, &p, &widened(&v16));
-                    }
-                    assert_eq!(from16, from32, "f16 rows d={d} keys={keys}");
-                }
-            }
-        }};
-    }
-
+    /// The AVX-512 loops ([`zmm`]) equal the plain ones on lengths around every chunk edge
+    /// (tails, 64- and 128-column register chunks), to f32 rounding.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn zmm_loops_match_the_plain_loops() {
@@ -1138,7 +1035,37 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX-512F");
             return;
         }
-        loops_match_the_plain_loops!(zmm);
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2654435761) ^ seed) % 2001) as f32 / 1000.0 - 1.0
+                })
+                .collect()
+        };
+        for d in [
+            1, 7, 16, 17, 33, 63, 64, 65, 100, 127, 128, 129, 192, 200, 256,
+        ] {
+            let (a, b) = (vals(d, 1), vals(d, 2));
+            // SAFETY: the CPU has AVX-512F (checked above).
+            let (fast, plain) = (unsafe { zmm::dot(&a, &b) }, dot(&a, &b));
+            assert!(
+                (fast - plain).abs() <= 1e-5 * (1.0 + plain.abs()),
+                "dot d={d}"
+            );
+            for keys in [0, 1, 5, 16, 64] {
+                let (p, v) = (vals(keys, 3), vals(keys * d, 4));
+                let (mut fast, mut plain) = (vals(d, 5), vals(d, 5));
+                // SAFETY: as above.
+                unsafe { zmm::add_weighted_rows(&mut fast, &p, &v) };
+                add_weighted_rows(&mut plain, &p, &v);
+                for (x, y) in fast.iter().zip(&plain) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                        "rows d={d} keys={keys}"
+                    );
+                }
+            }
+        }
     }
 
     fn randn(shape: &[usize], seed: u64, dt: DType) -> Tensor {
